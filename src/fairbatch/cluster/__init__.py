@@ -1,0 +1,1 @@
+"""Multi-instance serving: routing policies (shared by the simulator and the HTTP router)."""

@@ -1,0 +1,90 @@
+"""Paged KV-cache accounting shared by the simulator and the engine.
+
+Block ids are real: the engine indexes its KV tensors with exactly the blocks handed
+out here, so the simulator's memory pressure is the engine's.
+"""
+
+from __future__ import annotations
+
+
+class BlockAllocator:
+    """Fixed pool of ``num_blocks`` blocks of ``block_size`` token slots each."""
+
+    __slots__ = ("num_blocks", "block_size", "_free", "_tables")
+
+    def __init__(self, num_blocks: int, block_size: int = 16) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        # A stack: recently freed blocks are reused first (warm in cache on the engine).
+        self._free: list[int] = list(range(num_blocks - 1, -1, -1))
+        self._tables: dict[str, list[int]] = {}
+
+    # --- queries --------------------------------------------------------------------------
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - len(self._free) / self.num_blocks
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def block_table(self, request_id: str) -> list[int]:
+        return self._tables.get(request_id, [])
+
+    def num_allocated(self, request_id: str) -> int:
+        t = self._tables.get(request_id)
+        return len(t) if t is not None else 0
+
+    def extra_blocks_needed(self, request_id: str, num_tokens: int) -> int:
+        """Blocks still to allocate for the request to hold ``num_tokens`` tokens."""
+        need = -(-num_tokens // self.block_size) - self.num_allocated(request_id)
+        return need if need > 0 else 0
+
+    def can_fit(self, request_id: str, num_tokens: int) -> bool:
+        return self.extra_blocks_needed(request_id, num_tokens) <= len(self._free)
+
+    # --- mutations ------------------------------------------------------------------------
+    def allocate(self, request_id: str, num_tokens: int) -> bool:
+        """Grow the request's table to hold ``num_tokens`` tokens. All or nothing."""
+        table = self._tables.get(request_id)
+        if table is None:
+            table = self._tables[request_id] = []
+        need = -(-num_tokens // self.block_size) - len(table)
+        if need <= 0:
+            return True
+        free = self._free
+        if need > len(free):
+            if not table:
+                del self._tables[request_id]
+            return False
+        if need == 1:
+            table.append(free.pop())
+        else:
+            cut = len(free) - need
+            table.extend(reversed(free[cut:]))
+            del free[cut:]
+        return True
+
+    def free(self, request_id: str) -> int:
+        """Return all of the request's blocks to the pool; returns how many."""
+        table = self._tables.pop(request_id, None)
+        if not table:
+            return 0
+        self._free.extend(reversed(table))
+        return len(table)
+
+    def check_invariants(self) -> None:
+        """Every block is either free or owned by exactly one request (tests use this)."""
+        owned = [b for t in self._tables.values() for b in t]
+        seen = set(owned) | set(self._free)
+        if len(owned) + len(self._free) != self.num_blocks or len(seen) != self.num_blocks:
+            raise AssertionError("block allocator lost or duplicated blocks")

@@ -1,0 +1,132 @@
+"""Per-request measurement records: the one shape every substrate reports in.
+
+The simulator converts its ``Request`` objects with :func:`record_from_request`; the HTTP
+benchmark client builds records from streamed responses. Both then go through the same
+:func:`fairbatch.metrics.summarize`, so one trace through both gives comparable JSON.
+
+Definitions follow ``vllm bench serve`` (vllm/benchmarks/serve.py, ``calculate_metrics``):
+TTFT = first token - arrival; E2E = finish - arrival; TPOT = (E2E - TTFT) / (output_len - 1)
+only when output_len > 1; ITL = gaps between consecutive output tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from fairbatch.request import Request, RequestState
+
+FloatArray = npt.NDArray[np.float64]
+
+
+def _empty() -> FloatArray:
+    return np.zeros(0, dtype=np.float64)
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """What happened to one request. Times are absolute seconds on one clock."""
+
+    request_id: str
+    arrival: float
+    prompt_len: int
+    output_len: int                       # output tokens actually produced
+    ttft_slo: float                       # seconds
+    tpot_slo: float                       # seconds
+    slo_class: str = "default"
+    first_token_time: float | None = None
+    token_times: FloatArray = field(default_factory=_empty)  # every output token's time
+    finish_time: float | None = None
+    success: bool = True
+    error: str | None = None
+    num_preemptions: int = 0
+
+    @property
+    def ttft(self) -> float | None:
+        if self.first_token_time is None:
+            return None
+        return self.first_token_time - self.arrival
+
+    @property
+    def end_time(self) -> float | None:
+        """Finish time; falls back to the last token's time when the source gave none."""
+        if self.finish_time is not None:
+            return self.finish_time
+        if len(self.token_times):
+            return float(self.token_times[-1])
+        return None
+
+    @property
+    def e2e(self) -> float | None:
+        end = self.end_time
+        return None if end is None else end - self.arrival
+
+    @property
+    def tpot(self) -> float | None:
+        """vLLM's TPOT: mean time per output token after the first; None if <= 1 token."""
+        ttft, e2e = self.ttft, self.e2e
+        if self.output_len <= 1 or ttft is None or e2e is None:
+            return None
+        return (e2e - ttft) / (self.output_len - 1)
+
+    @property
+    def itls(self) -> FloatArray:
+        return np.diff(np.asarray(self.token_times, dtype=np.float64))
+
+    @property
+    def meets_ttft(self) -> bool:
+        ttft = self.ttft
+        return self.success and ttft is not None and ttft <= self.ttft_slo
+
+    @property
+    def meets_tpot(self) -> bool:
+        # vLLM counts tpot as 0 (always good) for single-token outputs.
+        tpot = self.tpot
+        return self.success and (tpot is None or tpot <= self.tpot_slo)
+
+    @property
+    def meets_slo(self) -> bool:
+        """Both TTFT and vLLM-style mean TPOT within the SLO, and the request succeeded."""
+        return self.meets_ttft and self.meets_tpot
+
+    @property
+    def meets_envelope(self) -> bool:
+        """Every token j arrived by arrival + ttft_slo + tpot_slo * j (FairBatching's
+        per-token deadlines). Stricter per token, but not implied by meets_slo nor vice
+        versa: an early first token lets later tokens run late on mean TPOT yet stay
+        inside the envelope, and one late token breaks the envelope while the mean holds.
+        """
+        t = np.asarray(self.token_times, dtype=np.float64)
+        if not self.success or len(t) == 0:
+            return False
+        deadlines = self.arrival + self.ttft_slo + self.tpot_slo * np.arange(len(t))
+        return bool(np.all(t <= deadlines))
+
+
+def record_from_request(req: Request) -> RequestRecord:
+    """Snapshot a scheduler ``Request`` (finished, aborted or still in flight)."""
+    times = np.array(np.frombuffer(req.token_times, dtype=np.float64))  # copy off the buffer
+    finished = req.state is RequestState.FINISHED and req.finish_reason != "abort"
+    if finished:
+        error = None
+    elif req.state is RequestState.ABORTED or req.finish_reason == "abort":
+        error = "aborted"
+    else:
+        error = f"unfinished ({req.state.value})"
+    return RequestRecord(
+        request_id=req.request_id,
+        arrival=req.arrival,
+        prompt_len=req.prompt_len,
+        output_len=req.generated,
+        ttft_slo=req.slo.ttft,
+        tpot_slo=req.slo.tpot,
+        slo_class=req.slo.name,
+        first_token_time=req.first_token_time,
+        token_times=times,
+        finish_time=req.finish_time,
+        success=finished,
+        error=error,
+        num_preemptions=req.num_preemptions,
+    )

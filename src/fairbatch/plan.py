@@ -1,0 +1,94 @@
+"""What one forward pass computes (StepPlan), what it cost (StepResult), and the batch
+features that latency models are functions of (StepFeatures). No dependencies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fairbatch.request import Request
+
+
+@dataclass(slots=True)
+class StepFeatures:
+    """Sums over the chunks of a step; every latency model is a function of these.
+
+    For a chunk of ``k`` new tokens of a request with ``c`` tokens already cached:
+    ``new_tokens += k``; ``context_tokens += c + k`` (KV entries the chunk attends, i.e.
+    bytes of KV read); ``attention_pairs += k*c + k*(k+1)/2`` (query-key products, i.e.
+    attention FLOPs); ``num_seqs += 1``.
+    """
+
+    num_seqs: int = 0
+    new_tokens: int = 0
+    context_tokens: int = 0
+    attention_pairs: float = 0.0
+
+    def add(self, cached: int, k: int) -> None:
+        self.num_seqs += 1
+        self.new_tokens += k
+        self.context_tokens += cached + k
+        self.attention_pairs += k * cached + k * (k + 1) * 0.5
+
+    def with_chunk(self, cached: int, k: int) -> "StepFeatures":
+        return StepFeatures(
+            self.num_seqs + 1,
+            self.new_tokens + k,
+            self.context_tokens + cached + k,
+            self.attention_pairs + k * cached + k * (k + 1) * 0.5,
+        )
+
+    def copy(self) -> "StepFeatures":
+        return StepFeatures(self.num_seqs, self.new_tokens, self.context_tokens, self.attention_pairs)
+
+    @staticmethod
+    def of_chunks(chunks: list[tuple[Request, int]]) -> "StepFeatures":
+        f = StepFeatures()
+        for req, k in chunks:
+            f.add(req.num_computed, k)
+        return f
+
+
+@dataclass(slots=True)
+class StepPlan:
+    """The chunks one step computes, in batch order, and whom the scheduler preempted.
+
+    ``chunks`` holds ``(request, k)``: compute ``k`` tokens starting at
+    ``request.num_computed``; a decode is ``k == 1``. ``features`` is kept up to date by
+    the policy that built the plan. ``token_budget`` / ``time_budget`` are the limits the
+    policy formed the step under (for tests and logs); ``predicted_time`` is the policy's
+    own estimate of the step's duration, when it made one.
+    """
+
+    chunks: list[tuple[Request, int]] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+    features: StepFeatures = field(default_factory=StepFeatures)
+    token_budget: int | None = None
+    time_budget: float | None = None
+    predicted_time: float | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.features.new_tokens
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+    def add(self, req: Request, k: int) -> None:
+        self.chunks.append((req, k))
+        self.features.add(req.num_computed, k)
+
+
+@dataclass(slots=True)
+class StepResult:
+    """What the executor reports after running a plan.
+
+    ``duration``: seconds the step took (measured by the engine, predicted by the
+    simulator). ``token_ids``: the token sampled for each request that reached the end of
+    its known tokens (engine only; the simulator samples nothing). ``stopped``: requests
+    that hit EOS or a stop condition with that token (engine only).
+    """
+
+    duration: float
+    token_ids: dict[str, int] = field(default_factory=dict)
+    stopped: set[str] = field(default_factory=set)

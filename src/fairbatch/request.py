@@ -1,0 +1,170 @@
+"""Request state, per-request SLO and per-token deadlines (no dependencies).
+
+Token accounting follows vLLM V1: a request owns ``num_tokens = prompt_len + generated``
+known tokens, of which ``num_computed`` already have KV in the cache. A step that
+computes ``k`` more tokens and reaches ``num_tokens`` samples one new output token;
+otherwise it was a partial (chunked) prefill. Decodes, chunked prefills and the
+recompute after a preemption are therefore one mechanism.
+"""
+
+from __future__ import annotations
+
+from array import array
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class SLO:
+    """Latency objectives of one request, in seconds. ``name`` is its SLO class."""
+
+    ttft: float
+    tpot: float
+    name: str = "default"
+
+    def __post_init__(self) -> None:
+        if not (self.ttft > 0 and self.tpot > 0):
+            raise ValueError(f"SLO needs positive ttft and tpot, got ttft={self.ttft} tpot={self.tpot}")
+
+
+class DeadlineRule(str, Enum):
+    """How the deadline of output token ``j`` (0 = first token) is set.
+
+    ``envelope``: the paper's ``arrival + ttft + tpot * j``. A request whose first token
+    came early earns slack that the scheduler may spend by deferring its decodes, and its
+    mean TPOT (vLLM's definition, measured from the first token) can then exceed the SLO.
+
+    ``tpot-safe`` (default): ``min(envelope, first_token_time + tpot * j)``: meeting every
+    deadline then also guarantees vLLM-style TPOT <= tpot.
+    """
+
+    ENVELOPE = "envelope"
+    TPOT_SAFE = "tpot-safe"
+
+
+class RequestState(str, Enum):
+    WAITING = "waiting"      # queued, never admitted or preempted back to the queue
+    RUNNING = "running"      # admitted: holds KV blocks
+    FINISHED = "finished"
+    ABORTED = "aborted"
+
+
+class Request:
+    """One generation request as the scheduler sees it.
+
+    Slotted and free of properties on the hot path: the simulator touches every
+    running request every step.
+    """
+
+    __slots__ = (
+        "request_id", "arrival", "prompt_len", "max_new_tokens", "slo", "deadline_rule",
+        "prompt_token_ids", "output_token_ids", "sampling", "priority",
+        "state", "num_computed", "generated", "first_token_time", "token_times",
+        "finish_time", "finish_reason", "num_preemptions", "max_lateness", "_safe",
+        "admitted_at", "user_data",
+    )
+
+    def __init__(
+        self,
+        request_id: str,
+        arrival: float,
+        prompt_len: int,
+        max_new_tokens: int,
+        slo: SLO,
+        *,
+        deadline_rule: DeadlineRule = DeadlineRule.TPOT_SAFE,
+        prompt_token_ids: list[int] | None = None,
+        sampling: Any = None,
+        priority: int = 0,
+    ) -> None:
+        if prompt_len < 1:
+            raise ValueError(f"request {request_id}: prompt must have at least one token")
+        if max_new_tokens < 1:
+            raise ValueError(f"request {request_id}: max_new_tokens must be >= 1")
+        if prompt_token_ids is not None and len(prompt_token_ids) != prompt_len:
+            raise ValueError(f"request {request_id}: prompt_len != len(prompt_token_ids)")
+        self.request_id = request_id
+        self.arrival = float(arrival)
+        self.prompt_len = int(prompt_len)
+        self.max_new_tokens = int(max_new_tokens)
+        self.slo = slo
+        self.deadline_rule = DeadlineRule(deadline_rule)
+        self._safe = self.deadline_rule is DeadlineRule.TPOT_SAFE
+        self.prompt_token_ids = prompt_token_ids
+        self.output_token_ids: list[int] = []
+        self.sampling = sampling          # engine-side sampling parameters (opaque here)
+        self.priority = priority
+        self.state = RequestState.WAITING
+        self.num_computed = 0             # tokens whose KV is in the cache
+        self.generated = 0                # output tokens produced so far
+        self.first_token_time: float | None = None
+        self.token_times = array("d")     # time of every output token, in order
+        self.finish_time: float | None = None
+        self.finish_reason: str | None = None   # "length" | "stop" | "abort"
+        self.num_preemptions = 0
+        self.max_lateness = float("-inf") # max over tokens of (time - envelope deadline)
+        self.admitted_at = -1             # admission sequence number (policies' FCFS order)
+        self.user_data: Any = None        # whatever the substrate wants to attach
+
+    # --- token accounting -------------------------------------------------------------
+    @property
+    def num_tokens(self) -> int:
+        return self.prompt_len + self.generated
+
+    @property
+    def pending_tokens(self) -> int:
+        """Tokens that must be computed before the next output token can be sampled."""
+        return self.prompt_len + self.generated - self.num_computed
+
+    @property
+    def is_prefilling(self) -> bool:
+        """True until the first output token exists, and again while recomputing."""
+        return self.prompt_len + self.generated - self.num_computed > 1 or self.generated == 0
+
+    @property
+    def finished(self) -> bool:
+        return self.state is RequestState.FINISHED or self.state is RequestState.ABORTED
+
+    # --- deadlines ----------------------------------------------------------------------
+    def envelope_deadline(self, j: int) -> float:
+        """The paper's deadline of output token j (0-based): arrival + ttft + tpot * j."""
+        return self.arrival + self.slo.ttft + self.slo.tpot * j
+
+    def token_deadline(self, j: int) -> float:
+        """Deadline of output token j under this request's rule."""
+        d = self.arrival + self.slo.ttft + self.slo.tpot * j
+        if self._safe and self.first_token_time is not None:
+            safe = self.first_token_time + self.slo.tpot * j
+            if safe < d:
+                return safe
+        return d
+
+    def next_deadline(self) -> float:
+        return self.token_deadline(self.generated)
+
+    # --- events -------------------------------------------------------------------------
+    def record_token(self, now: float, token_id: int | None = None) -> None:
+        """An output token was produced at ``now``."""
+        j = self.generated
+        if j == 0:
+            self.first_token_time = now
+        late = now - (self.arrival + self.slo.ttft + self.slo.tpot * j)
+        if late > self.max_lateness:
+            self.max_lateness = late
+        self.generated = j + 1
+        self.token_times.append(now)
+        if token_id is not None:
+            self.output_token_ids.append(token_id)
+
+    def reset_for_recompute(self) -> None:
+        """Preempted: KV is dropped; prompt and generated tokens will be recomputed."""
+        self.num_computed = 0
+        self.num_preemptions += 1
+        self.state = RequestState.WAITING
+
+    def __repr__(self) -> str:
+        return (
+            f"Request({self.request_id!r}, state={self.state.value}, prompt={self.prompt_len}, "
+            f"computed={self.num_computed}, generated={self.generated}/{self.max_new_tokens})"
+        )

@@ -1,0 +1,230 @@
+"""The Scheduler interface, the mechanics every policy shares, and the policy registry.
+
+Shared mechanics: the waiting queue and running list, KV allocation through the
+BlockAllocator, recompute preemption, and the bookkeeping after a step. A policy only
+decides which tokens run this step (``schedule``). Nothing here reads a clock: ``now``
+is always given, so the simulator and the engine drive the same objects.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import deque
+from dataclasses import dataclass, field, asdict
+from typing import Callable, ClassVar
+
+from fairbatch.kv import BlockAllocator
+from fairbatch.latency.base import LatencyModel
+from fairbatch.plan import StepPlan, StepResult
+from fairbatch.request import Request, RequestState
+
+
+@dataclass
+class SchedulerConfig:
+    """Knobs of every policy (each policy reads the ones it uses)."""
+
+    max_num_batched_tokens: int = 8192   # vllm: token budget per step (vLLM's H100 default)
+    max_num_seqs: int = 1024             # requests running at once
+    max_model_len: int = 8192            # context limit (prompt + output)
+    # sarathi: fixed token budget; None = Sarathi-Serve's recipe (largest step meeting TPOT)
+    chunk_size: int | None = None
+    chunk_recipe_context: int = 1024     # cached context assumed by that recipe's probe step
+    # fairbatching
+    time_budget_min: float = 0.010       # T_min, seconds
+    time_budget_max: float = 0.250       # T_max, seconds
+    time_budget_rule: str = "min-slack"  # or "max-slack-tpot" (DESIGN.md 5.3 as first written)
+    urgency_horizon: str = "next-step"   # or "tpot" (DESIGN.md 5.4 as first written)
+    min_chunk: int = 16                  # smallest prefill chunk worth a step
+    chunk_align: int = 16                # round prefill chunks down to a multiple of this
+    # default SLO for requests that carry none (seconds)
+    ttft_slo: float = 1.0
+    tpot_slo: float = 0.05
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(slots=True)
+class Load:
+    """What a router knows of an instance."""
+
+    running: int
+    waiting: int
+    kv_usage: float                      # fraction of KV blocks in use
+    free_blocks: int
+    num_blocks: int
+    queued_prefill_tokens: int           # prompt tokens not yet computed (waiting + partial)
+    admission_budget: float              # prompt tokens it can still start within TTFT
+    time: float = 0.0                    # when it was measured
+
+    @property
+    def num_requests(self) -> int:
+        return self.running + self.waiting
+
+
+@dataclass
+class SchedulerStats:
+    steps: int = 0
+    preemptions: int = 0
+    finished: int = 0
+    aborted: int = 0
+
+
+class Scheduler(ABC):
+    """Base of every policy. Subclasses implement ``schedule``."""
+
+    name: ClassVar[str] = "abstract"
+
+    def __init__(self, config: SchedulerConfig, allocator: BlockAllocator, latency_model: LatencyModel) -> None:
+        self.config = config
+        self.allocator = allocator
+        self.latency = latency_model
+        self.waiting: deque[Request] = deque()   # FCFS; preempted requests go to the front
+        self.running: list[Request] = []         # in admission order
+        self.stats = SchedulerStats()
+        self._by_id: dict[str, Request] = {}
+        self._admissions = 0
+
+    # --- interface -------------------------------------------------------------------------
+    def add(self, req: Request, now: float) -> None:
+        if req.request_id in self._by_id:
+            raise ValueError(f"duplicate request id {req.request_id!r}")
+        total = req.prompt_len + req.max_new_tokens
+        if req.prompt_len > self.config.max_model_len - 1:
+            raise ValueError(
+                f"request {req.request_id}: prompt of {req.prompt_len} tokens exceeds the "
+                f"context limit of {self.config.max_model_len} tokens (leaving room for one output token)")
+        if total > self.config.max_model_len:
+            req.max_new_tokens = self.config.max_model_len - req.prompt_len
+        if self.allocator.blocks_for(total) > self.allocator.num_blocks:
+            raise ValueError(
+                f"request {req.request_id}: {total} tokens need more KV blocks than the cache has "
+                f"({self.allocator.num_blocks} blocks of {self.allocator.block_size})")
+        req.state = RequestState.WAITING
+        self._by_id[req.request_id] = req
+        self.waiting.append(req)
+
+    def abort(self, request_id: str, now: float) -> Request | None:
+        """Drop a request wherever it is and free its blocks at once."""
+        req = self._by_id.pop(request_id, None)
+        if req is None:
+            return None
+        if req.state is RequestState.RUNNING:
+            self.running.remove(req)
+        else:
+            try:
+                self.waiting.remove(req)
+            except ValueError:
+                pass
+        self.allocator.free(request_id)
+        req.state = RequestState.ABORTED
+        req.finish_reason = "abort"
+        req.finish_time = now
+        self.stats.aborted += 1
+        return req
+
+    @abstractmethod
+    def schedule(self, now: float) -> StepPlan:
+        """Choose the chunks of the next step. Allocates their KV blocks."""
+
+    def on_step_end(self, plan: StepPlan, result: StepResult, now: float) -> list[Request]:
+        """Advance every scheduled request; returns those that finished (blocks freed)."""
+        finished: list[Request] = []
+        token_ids = result.token_ids
+        stopped = result.stopped
+        for req, k in plan.chunks:
+            if req.state is not RequestState.RUNNING:
+                continue  # aborted while the step ran
+            c = req.num_computed + k
+            req.num_computed = c
+            if c == req.prompt_len + req.generated:
+                rid = req.request_id
+                req.record_token(now, token_ids.get(rid) if token_ids else None)
+                if req.generated >= req.max_new_tokens or (stopped and rid in stopped):
+                    req.finish_reason = "stop" if (stopped and rid in stopped) else "length"
+                    finished.append(req)
+        if finished:
+            for req in finished:
+                self._finish(req, now)
+        self.stats.steps += 1
+        return finished
+
+    def load(self, now: float) -> Load:
+        queued = sum(r.prompt_len + r.generated - r.num_computed for r in self.waiting)
+        queued += sum(r.prompt_len - r.num_computed for r in self.running if r.num_computed < r.prompt_len)
+        a = self.allocator
+        return Load(
+            running=len(self.running), waiting=len(self.waiting), kv_usage=a.usage,
+            free_blocks=a.num_free, num_blocks=a.num_blocks, queued_prefill_tokens=queued,
+            admission_budget=self.admission_budget(now, queued), time=now)
+
+    def admission_budget(self, now: float, queued_prefill_tokens: int) -> float:
+        """Prompt tokens this instance can still take (policies with a better estimate
+        override this). Default: free KV token slots minus queued prompt tokens."""
+        a = self.allocator
+        return float(a.num_free * a.block_size - queued_prefill_tokens)
+
+    # --- queries ---------------------------------------------------------------------------
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def get(self, request_id: str) -> Request | None:
+        return self._by_id.get(request_id)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._by_id)
+
+    # --- shared mechanics ------------------------------------------------------------------
+    def _admit(self, req: Request) -> None:
+        """Move the head of the waiting queue into the running list."""
+        req.state = RequestState.RUNNING
+        req.admitted_at = self._admissions
+        self._admissions += 1
+        self.running.append(req)
+
+    def _preempt(self, req: Request, plan: StepPlan) -> None:
+        """Recompute preemption: drop the KV, requeue at the front of the waiting queue."""
+        self.running.remove(req)
+        self.allocator.free(req.request_id)
+        req.reset_for_recompute()
+        self.waiting.appendleft(req)
+        plan.preempted.append(req)
+        self.stats.preemptions += 1
+
+    def _finish(self, req: Request, now: float) -> None:
+        req.state = RequestState.FINISHED
+        req.finish_time = now
+        self.running.remove(req)
+        self.allocator.free(req.request_id)
+        self._by_id.pop(req.request_id, None)
+        self.stats.finished += 1
+
+
+# --- registry -------------------------------------------------------------------------------
+_POLICIES: dict[str, type[Scheduler]] = {}
+
+
+def register_policy(cls: type[Scheduler]) -> type[Scheduler]:
+    _POLICIES[cls.name] = cls
+    return cls
+
+
+def policy_names() -> list[str]:
+    _load_builtin()
+    return sorted(_POLICIES)
+
+
+def make_scheduler(name: str, config: SchedulerConfig, allocator: BlockAllocator,
+                   latency_model: LatencyModel) -> Scheduler:
+    _load_builtin()
+    try:
+        cls = _POLICIES[name]
+    except KeyError:
+        raise ValueError(f"unknown policy {name!r}; choose from {', '.join(sorted(_POLICIES))}") from None
+    return cls(config, allocator, latency_model)
+
+
+def _load_builtin() -> None:
+    # Import for the side effect of registration; kept lazy so base has no cycles.
+    from fairbatch.scheduler import vllm, sarathi, fairbatching, prefill_first  # noqa: F401

@@ -1,0 +1,51 @@
+"""Prefill-first batching (vLLM V0 / Orca order), an extra baseline.
+
+Waiting prompts are admitted FCFS and prefilled whole (as many as fit the token budget)
+in steps of their own; only when no prompt can be admitted do running requests decode.
+Best throughput for new prompts, worst stalls for running ones.
+"""
+
+from __future__ import annotations
+
+from fairbatch.plan import StepPlan
+from fairbatch.scheduler.base import Scheduler, register_policy
+
+
+@register_policy
+class PrefillFirstScheduler(Scheduler):
+    name = "prefill-first"
+
+    def schedule(self, now: float) -> StepPlan:
+        cfg = self.config
+        alloc = self.allocator
+        budget = cfg.max_num_batched_tokens
+        plan = StepPlan(token_budget=budget)
+        waiting = self.waiting
+        while waiting and len(self.running) < cfg.max_num_seqs:
+            req = waiting[0]
+            k = req.prompt_len + req.generated - req.num_computed
+            # A prompt larger than the whole budget still runs, alone, or it would never start.
+            if k > budget and not (plan.is_empty and k > cfg.max_num_batched_tokens):
+                break
+            if not alloc.allocate(req.request_id, req.num_computed + k):
+                break
+            waiting.popleft()
+            self._admit(req)
+            plan.add(req, k)
+            budget -= k
+        if not plan.is_empty:
+            return plan
+        # Decode step: every running request, preempting the newest when KV runs out.
+        running = self.running
+        i = 0
+        while i < len(running):
+            req = running[i]
+            c = req.num_computed
+            k = req.prompt_len + req.generated - c
+            if not alloc.allocate(req.request_id, c + k):
+                victim = running[-1]
+                self._preempt(victim, plan)
+                continue
+            plan.add(req, k)
+            i += 1
+        return plan

@@ -1,0 +1,77 @@
+"""``load_trace``: the one entry point from a trace name or file to timed requests.
+
+Bundled traces (in ``fairbatch/workload/data/``): the Azure LLM inference traces 2023
+(Azure/AzurePublicDataset, CC-BY-4.0; cite Patel et al., "Splitwise", ISCA 2024).
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+
+from .arrivals import ArrivalProcess, retime
+from .readers import read_trace
+from .trace import TraceEntry, TraceError
+
+# name -> (file in data/, description)
+_BUNDLED: dict[str, tuple[str, str]] = {
+    "azure-conv": (
+        "AzureLLMInferenceTrace_conv.csv",
+        "Azure LLM inference 2023, conversation service: 19,366 requests over ~1 h "
+        "(5.5 req/s), prompt mean 1155 tokens, output mean 211",
+    ),
+    "azure-code": (
+        "AzureLLMInferenceTrace_code.csv",
+        "Azure LLM inference 2023, coding service: 8,819 requests over ~1 h (2.6 req/s, "
+        "very bursty: inter-arrival CV 13), prompt mean 2048 tokens, output mean 28",
+    ),
+}
+
+
+def bundled_traces() -> dict[str, str]:
+    """Names ``load_trace`` accepts without a path, with a one-line description."""
+    return {name: description for name, (_, description) in _BUNDLED.items()}
+
+
+def load_trace(
+    source: str | os.PathLike[str],
+    *,
+    arrival: ArrivalProcess | None = None,
+    num_requests: int | None = None,
+    seed: int = 0,
+) -> list[TraceEntry]:
+    """Read a trace (a bundled name or a file path) into entries sorted by arrival.
+
+    ``num_requests`` keeps the first n requests (in file order). ``arrival`` re-times them
+    with that process (seeded by ``seed``); lengths-only traces need one. A ``str`` that is
+    a bundled name means the bundled trace; pass a ``Path`` for a local file of that name.
+    """
+    if isinstance(source, str) and source in _BUNDLED:
+        filename = _BUNDLED[source][0]
+        data = resources.files("fairbatch.workload").joinpath("data", filename)
+        with resources.as_file(data) as path:
+            trace = read_trace(path, label=filename)
+        label = filename
+    else:
+        label = os.fspath(source)
+        if not Path(source).exists() and not isinstance(source, Path) and os.sep not in label:
+            # Probably a mistyped bundled name rather than a path.
+            raise TraceError(label, None, f"no such file, and not a bundled trace "
+                                          f"({', '.join(_BUNDLED)})")
+        trace = read_trace(source, label=label)
+
+    entries = trace.entries
+    if num_requests is not None:
+        if num_requests < 1:
+            raise ValueError(f"num_requests must be >= 1, got {num_requests}")
+        if num_requests > len(entries):
+            raise TraceError(label, None, f"asked for {num_requests} requests but the trace "
+                                          f"has only {len(entries)}")
+        entries = entries[:num_requests]
+    if arrival is not None:
+        return retime(entries, arrival, seed)
+    if not trace.timed:
+        raise TraceError(label, None, "has request lengths but no arrival times: give an "
+                                      "arrival process, e.g. PoissonArrivals(rate=5.0)")
+    return entries

@@ -27,7 +27,12 @@ def _empty() -> FloatArray:
 
 @dataclass(slots=True)
 class RequestRecord:
-    """What happened to one request. Times are absolute seconds on one clock."""
+    """What happened to one request. Times are absolute seconds on one clock.
+
+    ``token_times`` holds one entry per output token; a client whose stream chunks carry
+    several tokens repeats the chunk's time for each (zero ITLs, as vLLM would count
+    them only if it saw them). ``output_len`` (TPOT's denominator) is the produced count.
+    """
 
     request_id: str
     arrival: float

@@ -8,11 +8,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from rich import box
 from rich.table import Table
 
 from fairbatch.metrics.summary import LATENCY_METRICS
 
-# (attribute, printed name, section header) as vLLM prints them.
+# metric attribute -> (printed name, section header), as vLLM prints them.
 _SECTIONS = {
     "ttft": ("TTFT", "Time to First Token"),
     "tpot": ("TPOT", "Time per Output Token (excl. 1st token)"),
@@ -35,7 +36,9 @@ def _percentiles(summary: Mapping[str, Any], metric: str) -> list[tuple[float, s
     return sorted(found)
 
 
-def format_summary_block(summary: Mapping[str, Any], title: str = "Serving Benchmark Result") -> str:
+def format_summary_block(
+    summary: Mapping[str, Any], title: str = "Serving Benchmark Result"
+) -> str:
     """The block `vllm bench serve` prints, same labels and widths, plus our SLO lines."""
     s = summary
     out = [f"{' ' + title + ' ':=^50}"]
@@ -82,7 +85,7 @@ def format_summary_block(summary: Mapping[str, Any], title: str = "Serving Bench
 
 
 def _num(fmt: str) -> Callable[[Any], str]:
-    return lambda v: "-" if v is None else format(v, fmt)
+    return lambda v: format(v, fmt)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,16 +96,16 @@ class Column:
     numeric: bool = True
 
 
-DEFAULT_COLUMNS: tuple[Column, ...] = (
+DEFAULT_COLUMNS: tuple[Column, ...] = (  # short two-line headers: fits 80 columns
     Column("Policy", "policy", str, numeric=False),
-    Column("Rate (req/s)", "request_rate", _num(".2f")),
-    Column("TTFT p50 (ms)", "median_ttft_ms", _num(".1f")),
-    Column("TTFT p99 (ms)", "p99_ttft_ms", _num(".1f")),
-    Column("TPOT p50 (ms)", "median_tpot_ms", _num(".1f")),
-    Column("TPOT p99 (ms)", "p99_tpot_ms", _num(".1f")),
-    Column("SLO att.", "slo_attainment", _num(".1%")),
-    Column("Envelope att.", "envelope_attainment", _num(".1%")),
-    Column("Goodput (req/s)", "request_goodput", _num(".2f")),
+    Column("Rate\nreq/s", "request_rate", _num(".2f")),
+    Column("TTFT p50\nms", "median_ttft_ms", _num(".0f")),
+    Column("TTFT p99\nms", "p99_ttft_ms", _num(".0f")),
+    Column("TPOT p50\nms", "median_tpot_ms", _num(".1f")),
+    Column("TPOT p99\nms", "p99_tpot_ms", _num(".1f")),
+    Column("SLO\natt.", "slo_attainment", _num(".1%")),
+    Column("Env.\natt.", "envelope_attainment", _num(".1%")),
+    Column("Goodput\nreq/s", "request_goodput", _num(".2f")),
 )
 
 
@@ -113,9 +116,10 @@ def summary_table(
 ) -> Table:
     """A rich Table; each row is a summary dict plus ``policy`` / ``request_rate``.
     A missing key shows as '-'."""
-    table = Table(title=title)
+    table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 0))
     for col in columns:
-        table.add_column(col.header, justify="right" if col.numeric else "left")
+        table.add_column(col.header, justify="right" if col.numeric else "left",
+                         no_wrap=True)
     for row in rows:
         table.add_row(*(
             "-" if row.get(col.key) is None else col.render(row[col.key]) for col in columns

@@ -192,8 +192,13 @@ def _summarize_sel(
     ttft_ok = ok & (c.ttft <= c.ttft_slo)                 # NaN compares False
     tpot_ok = ok & ~(c.tpot > c.tpot_slo)                 # no TPOT (<=1 token) counts as met
     good = ttft_ok & tpot_ok
-    rate = (lambda x: x / duration) if duration > 0 else (lambda x: 0.0)
-    frac = (lambda m: float(m.sum()) / n) if n else (lambda m: 0.0)
+
+    def rate(x: int) -> float:
+        return x / duration if duration > 0 else 0.0
+
+    def frac(m: B) -> float:
+        return float(m.sum()) / n if n else 0.0
+
     peak_tok, peak_conc = _peaks(c, ok)
 
     out: dict[str, Any] = {
@@ -202,10 +207,10 @@ def _summarize_sel(
         "failed": n - completed,
         "total_input_tokens": total_in,
         "total_output_tokens": total_out,
-        "request_throughput": float(rate(completed)),
-        "request_goodput": float(rate(int(good.sum()))),
-        "output_throughput": float(rate(total_out)),
-        "total_token_throughput": float(rate(total_in + total_out)),
+        "request_throughput": rate(completed),
+        "request_goodput": rate(int(good.sum())),
+        "output_throughput": rate(total_out),
+        "total_token_throughput": rate(total_in + total_out),
         "max_output_tokens_per_s": peak_tok,
         "max_concurrent_requests": peak_conc,
     }

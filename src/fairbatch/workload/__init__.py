@@ -46,5 +46,5 @@ def make_requests(
     return [
         Request(f"{id_prefix}-{i}", e.arrival, e.prompt_len, e.output_len, slo,
                 deadline_rule=deadline_rule)
-        for i, (e, slo) in enumerate(zip(entries, slos))
+        for i, (e, slo) in enumerate(zip(entries, slos, strict=True))
     ]

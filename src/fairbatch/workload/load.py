@@ -18,13 +18,13 @@ from .trace import TraceEntry, TraceError
 _BUNDLED: dict[str, tuple[str, str]] = {
     "azure-conv": (
         "AzureLLMInferenceTrace_conv.csv",
-        "Azure LLM inference 2023, conversation service: 19,366 requests over ~1 h "
-        "(5.5 req/s), prompt mean 1155 tokens, output mean 211",
+        ("Azure LLM inference 2023, conversation service: 19,366 requests over ~1 h "
+         "(5.5 req/s), prompt mean 1155 tokens, output mean 211"),
     ),
     "azure-code": (
         "AzureLLMInferenceTrace_code.csv",
-        "Azure LLM inference 2023, coding service: 8,819 requests over ~1 h (2.6 req/s, "
-        "very bursty: inter-arrival CV 13), prompt mean 2048 tokens, output mean 28",
+        ("Azure LLM inference 2023, coding service: 8,819 requests over ~1 h (2.6 req/s, "
+         "very bursty: inter-arrival CV 13), prompt mean 2048 tokens, output mean 28"),
     ),
 }
 

@@ -27,7 +27,7 @@ import math
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -239,7 +239,7 @@ def _timestamp_ns(text: str, column: str, label: str, line: int) -> int:
     except ValueError:
         raise TraceError(label, line, f"{column} is not a timestamp: {text!r}") from None
     if dt.tzinfo is not None:
-        dt = dt.astimezone(timezone.utc)
+        dt = dt.astimezone(UTC)
     seconds = dt.toordinal() * 86400 + dt.hour * 3600 + dt.minute * 60 + dt.second
     return seconds * 1_000_000_000 + ns
 

@@ -50,7 +50,7 @@ def parse_slo_classes(spec: str) -> list[SLOClass]:
                              f"(e.g. interactive:0.5:0.03:0.3)")
         name, *numbers = parts
         values: list[float] = []
-        for field, text in zip(("TTFT", "TPOT", "share"), numbers):
+        for field, text in zip(("TTFT", "TPOT", "share"), numbers, strict=True):
             try:
                 values.append(float(text))
             except ValueError:

@@ -1,0 +1,306 @@
+"""``LLM``: offline generation in the spirit of vLLM's ``LLM.generate``, on the same
+``Instance`` + scheduler policy objects the simulator runs, driven by a real clock.
+
+``Engine`` owns the pieces (model, tokenizer, paged KV cache, block allocator,
+executor); ``LLM`` adds a scheduler policy and the step loop. KV capacity: on CUDA, the
+blocks that fit in ``gpu_memory_utilization`` of the GPU after the weights and an
+activation reserve; on the CPU a configurable count. The cache has exactly as many
+blocks as the scheduler's allocator.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from fairbatch.engine.attention import make_backend
+from fairbatch.engine.config import ModelConfig, ModelConfigError
+from fairbatch.engine.executor import EngineExecutor
+from fairbatch.engine.kv_cache import KVCache
+from fairbatch.engine.model import TORCH_DTYPES, CausalLM
+from fairbatch.engine.ops import make_ops
+from fairbatch.engine.params import RequestOutput, SamplingParams
+from fairbatch.engine.sampler import Sampler
+from fairbatch.engine.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
+from fairbatch.engine.weights import WeightsError, init_dummy, load_safetensors
+from fairbatch.instance import Instance
+from fairbatch.kv import BlockAllocator
+from fairbatch.latency.base import LatencyModel
+from fairbatch.request import SLO, Request
+from fairbatch.scheduler.base import SchedulerConfig, make_scheduler
+
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+CPU_DEFAULT_KV_BLOCKS = 1024
+
+
+class EngineError(ValueError):
+    """A user-facing configuration problem (bad model path, format, dtype, sizes)."""
+
+
+@dataclass
+class EngineArgs:
+    model: str                                  # preset name (dummy weights) or HF directory
+    load_format: str = "auto"                   # auto | safetensors | dummy
+    dtype: str = "auto"                         # auto (the checkpoint's) | bfloat16 | float16 | float32
+    device: str | None = None                   # default: cuda if available, else cpu
+    attention_backend: str | None = None        # torch | triton; default by device
+    num_kv_blocks: int | None = None            # default: from GPU memory; 1024 on CPU
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int | None = None
+    block_size: int = 16
+    seed: int = 0
+    cuda_graphs: bool = True                    # decode-only steps replay captured graphs (triton)
+    tokenizer: str | None = None                # directory with tokenizer.json; default: the model's
+    max_num_batched_tokens: int = 8192
+    max_num_seqs: int = 256
+
+
+def _resolve_model(args: EngineArgs) -> tuple[ModelConfig, Path | None, str]:
+    """-> (config, weights directory or None for dummy, a name for profiles)."""
+    p = Path(args.model).expanduser()
+    if args.load_format not in LOAD_FORMATS:
+        raise EngineError(f"unknown load format {args.load_format!r}; choose from {', '.join(LOAD_FORMATS)}")
+    if p.is_dir():
+        cfg = ModelConfig.from_dir(p)
+        return cfg, (None if args.load_format == "dummy" else p), p.name
+    if args.load_format == "dummy":
+        return ModelConfig.from_preset(args.model), None, args.model
+    if "/" in args.model or p.exists():
+        raise EngineError(f"model directory {args.model!r} not found")
+    ModelConfig.from_preset(args.model)       # an unknown name fails here, listing the presets
+    raise EngineError(f"{args.model!r} is a preset without weights: pass --load-format dummy for "
+                      f"random weights, or a Hugging Face model directory")
+
+
+class Engine:
+    def __init__(self, args: EngineArgs) -> None:
+        self.args = args
+        try:
+            cfg, weights_dir, name = _resolve_model(args)
+        except ModelConfigError as e:
+            raise EngineError(str(e)) from None
+        self.config = cfg
+        self.name = name
+        self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise EngineError("device cuda requested but torch.cuda is not available")
+        dtype_name = cfg.dtype if args.dtype == "auto" else args.dtype
+        if dtype_name not in TORCH_DTYPES:
+            raise EngineError(f"unknown dtype {args.dtype!r}; choose auto, bfloat16, float16 or float32")
+        self.dtype = TORCH_DTYPES[dtype_name]
+        limit = cfg.max_position_embeddings
+        self.max_model_len = min(args.max_model_len or limit, limit)
+        if args.max_model_len and args.max_model_len > limit:
+            raise EngineError(f"max_model_len {args.max_model_len} exceeds the model's context of {limit} tokens")
+
+        self.model = CausalLM(cfg, self.dtype, self.device, max_positions=self.max_model_len)
+        if weights_dir is None:
+            init_dummy(self.model, seed=args.seed)
+        else:
+            try:
+                load_safetensors(self.model, weights_dir)
+            except WeightsError as e:
+                raise EngineError(str(e)) from None
+        tok_dir = args.tokenizer or (str(weights_dir) if weights_dir is not None else
+                                     (args.model if Path(args.model).is_dir() else None))
+        self.tokenizer: Tokenizer = load_tokenizer(tok_dir, cfg.vocab_size, cfg.eos_token_ids)
+        eos = tuple(sorted(set(cfg.eos_token_ids) | set(self.tokenizer.eos_token_ids)))
+        if isinstance(self.tokenizer, ByteTokenizer):
+            eos = self.tokenizer.eos_token_ids   # a dummy model's EOS is the byte tokenizer's
+        self.eos_token_ids = eos
+
+        num_blocks = args.num_kv_blocks or self._auto_kv_blocks()
+        if num_blocks < 1:
+            raise EngineError("no memory left for the KV cache; lower max_num_batched_tokens or use a larger GPU")
+        self.kv = KVCache.for_model(cfg, num_blocks, args.block_size, self.dtype, self.device)
+        self.allocator = BlockAllocator(num_blocks, args.block_size)
+        try:
+            self.backend = make_backend(args.attention_backend, self.device, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        except ValueError as e:
+            raise EngineError(str(e)) from None
+        self.ops = make_ops(self.device, "triton" if self.backend.name == "triton" else "torch")
+        self.executor = EngineExecutor(
+            self.model, self.kv, self.allocator, self.backend, self.ops, Sampler(self.device, args.seed),
+            self.eos_token_ids, cuda_graphs=args.cuda_graphs,
+            graph_max_batch=min(256, args.max_num_seqs), max_model_len=self.max_model_len)
+
+    def _auto_kv_blocks(self) -> int:
+        per_block = KVCache.bytes_per_block(self.config, self.args.block_size, self.dtype)
+        if self.device.type != "cuda":
+            return CPU_DEFAULT_KV_BLOCKS
+        torch.cuda.synchronize(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        cfg = self.config
+        elem = self.model.lm_head_weight.element_size()
+        # Peak activations of a max_num_batched_tokens step (gate+up output and a few
+        # hidden-size buffers), float32 logits with sampling temporaries, graphs, slack.
+        tokens = self.args.max_num_batched_tokens
+        act = tokens * (4 * cfg.intermediate_size + 6 * cfg.hidden_size + cfg.q_size + 2 * cfg.kv_size) * elem
+        logits = self.args.max_num_seqs * cfg.vocab_size * 4 * 4
+        reserve = act + logits + (1 << 30)
+        budget = min(free, total * self.args.gpu_memory_utilization - torch.cuda.memory_allocated(self.device))
+        return int((budget - reserve) // per_block)
+
+    @property
+    def gpu_name(self) -> str:
+        """GPU preset name for latency models (``h100``, ``h200``, ``a100``); ``h100`` off-GPU."""
+        if self.device.type == "cuda":
+            n = torch.cuda.get_device_name(self.device).lower()
+            for g in ("h200", "h100", "a100"):
+                if g in n:
+                    return g
+        return "h100"
+
+    def default_latency_model(self) -> LatencyModel:
+        from fairbatch.latency.profiles import load_latency_model, shipped_profile
+        from fairbatch.latency.roofline import RooflineLatencyModel
+        from fairbatch.specs import ModelSpec, get_gpu, model_names
+
+        gpu = self.gpu_name
+        if self.name in model_names() or shipped_profile(self.name, gpu) is not None:
+            return load_latency_model(self.name, gpu)
+        spec = ModelSpec.from_hf_config(self.config.hf_config, self.name)
+        return RooflineLatencyModel(spec, get_gpu(gpu))
+
+
+class LLM:
+    """``LLM("tiny-llama", load_format="dummy").generate(["Hello"], SamplingParams(max_tokens=8))``"""
+
+    def __init__(self, model: str, *, policy: str = "vllm", scheduler_config: SchedulerConfig | None = None,
+                 latency_model: LatencyModel | None = None, **engine_kwargs) -> None:
+        self.engine = Engine(EngineArgs(model, **engine_kwargs))
+        e = self.engine
+        cfg = scheduler_config or SchedulerConfig(
+            max_num_batched_tokens=e.args.max_num_batched_tokens, max_num_seqs=e.args.max_num_seqs)
+        cfg.max_model_len = min(cfg.max_model_len, e.max_model_len) if scheduler_config else e.max_model_len
+        self.scheduler_config = cfg
+        self.latency_model = latency_model or e.default_latency_model()
+        try:
+            self.scheduler = make_scheduler(policy, cfg, e.allocator, self.latency_model)
+        except ValueError as err:
+            raise EngineError(str(err)) from None
+        self.instance = Instance(self.scheduler, e.executor, name="engine-0")
+        self.policy = policy
+        self._next_id = 0
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
+
+    # --- public API ------------------------------------------------------------------------
+    def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 *, progress: bool = False) -> list[RequestOutput]:
+        """Generate for every prompt (strings, or lists of token ids), all arriving now.
+        Outputs come back in prompt order. Raises ``ValueError`` before running anything
+        if a prompt is empty or longer than the context."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            sps = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            sps = list(sampling_params)
+            if len(sps) != len(prompts):
+                raise ValueError(f"{len(sps)} sampling params for {len(prompts)} prompts")
+        reqs = [self.make_request(p, sp) for p, sp in zip(prompts, sps)]
+        return self.run([(0.0, r) for r in reqs], progress=progress)
+
+    def make_request(self, prompt: str | Sequence[int], sp: SamplingParams, *, slo: SLO | None = None,
+                     request_id: str | None = None) -> Request:
+        """A scheduler ``Request`` for ``prompt`` (validated; ``arrival`` is set on submission)."""
+        if isinstance(prompt, str):
+            text: str | None = prompt
+            ids = self.tokenizer.encode(prompt)
+        else:
+            text, ids = None, [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("empty prompt: it must have at least one token")
+        vocab = self.engine.config.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad} is outside the vocabulary (0..{vocab - 1})")
+        limit = self.scheduler_config.max_model_len
+        if len(ids) > limit - 1:
+            raise ValueError(f"prompt of {len(ids)} tokens exceeds the context limit of {limit} tokens "
+                             f"(leaving room for one output token)")
+        blocks_needed = self.engine.allocator.blocks_for(min(len(ids) + sp.max_tokens, limit))
+        if blocks_needed > self.engine.allocator.num_blocks:
+            raise ValueError(f"a request of {len(ids)} + {sp.max_tokens} tokens needs {blocks_needed} KV blocks, "
+                             f"the cache has {self.engine.allocator.num_blocks}")
+        rid = request_id or f"req-{self._next_id}"
+        self._next_id += 1
+        cfg = self.scheduler_config
+        req = Request(rid, 0.0, len(ids), sp.max_tokens, slo or SLO(cfg.ttft_slo, cfg.tpot_slo),
+                      prompt_token_ids=ids, sampling=sp)
+        req.user_data = text
+        return req
+
+    def run(self, arrivals: Iterable[tuple[float, Request]], *, progress: bool = False,
+            on_finish: Callable[[Request], None] | None = None) -> list[RequestOutput]:
+        """Drive the instance with a wall clock: each request is submitted at its offset
+        (seconds after the start; its ``arrival`` becomes the submission time) and the
+        instance steps until all finish. Outputs come back in submission order."""
+        pending = sorted(arrivals, key=lambda a: a[0])
+        order = [r for _, r in pending]
+        clock = time.perf_counter
+        t0 = clock()
+        inst = self.instance
+        bar = _Progress(len(order)) if progress else None
+        i = 0
+        idle_steps = 0
+        try:
+            while i < len(pending) or inst.has_work():
+                now = clock() - t0
+                while i < len(pending) and pending[i][0] <= now:
+                    req = pending[i][1]
+                    req.arrival = now
+                    inst.add(req, now)
+                    i += 1
+                if not inst.has_work():
+                    time.sleep(max(0.0, min(pending[i][0] - now, 0.05)))
+                    continue
+                plan, _, finished = inst.step(now)
+                if plan.is_empty:
+                    idle_steps += 1
+                    if idle_steps > 10000 and not self.scheduler.running:
+                        raise RuntimeError(f"the {self.policy} scheduler makes no progress "
+                                           f"({len(self.scheduler.waiting)} requests waiting)")
+                    continue
+                idle_steps = 0
+                for req in finished:
+                    if on_finish is not None:
+                        on_finish(req)
+                    if bar is not None:
+                        bar.advance()
+        finally:
+            if bar is not None:
+                bar.close()
+        return [self.output_of(r, t0) for r in order]
+
+    def output_of(self, req: Request, t0: float = 0.0) -> RequestOutput:
+        return RequestOutput(
+            request_id=req.request_id, prompt=req.user_data if isinstance(req.user_data, str) else None,
+            prompt_token_ids=list(req.prompt_token_ids or []), text=self.tokenizer.decode(req.output_token_ids),
+            token_ids=list(req.output_token_ids), finish_reason=req.finish_reason, arrival=req.arrival,
+            first_token_time=req.first_token_time, finish_time=req.finish_time,
+            num_preemptions=req.num_preemptions)
+
+
+class _Progress:
+    def __init__(self, total: int) -> None:
+        from rich.progress import Progress
+
+        self._p = Progress(transient=False)
+        self._p.start()
+        self._task = self._p.add_task("generating", total=total)
+
+    def advance(self) -> None:
+        self._p.advance(self._task)
+
+    def close(self) -> None:
+        self._p.stop()

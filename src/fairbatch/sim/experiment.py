@@ -1,0 +1,162 @@
+"""Simulation experiments: a Scenario (trace x model x GPU x SLOs x cluster) run under a
+policy at a rate scale, and the capacity search over rate scales.
+
+The trace is read, truncated and given its SLOs once (``prepare``); each run then only
+re-times arrivals and builds fresh Request objects, so a capacity search costs little
+beyond the simulations themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable
+
+from fairbatch.cluster.routing import make_router
+from fairbatch.instance import Instance
+from fairbatch.kv import BlockAllocator
+from fairbatch.latency.base import LatencyModel
+from fairbatch.latency.profiles import load_latency_model
+from fairbatch.metrics import CapacityResult, find_capacity, record_from_request, summarize
+from fairbatch.request import SLO, DeadlineRule
+from fairbatch.scheduler.base import SchedulerConfig, make_scheduler
+from fairbatch.sim.executor import SimExecutor
+from fairbatch.sim.loop import SimOutcome, simulate
+from fairbatch.specs import get_gpu, get_model, kv_cache_blocks
+from fairbatch.workload import (
+    TraceEntry,
+    assign_slos,
+    load_trace,
+    make_requests,
+    mean_rate,
+    parse_slo_classes,
+    scale_rate,
+    truncate_to_context,
+)
+
+DEFAULT_TTFT_SLO = 1.0    # seconds; see docs/RESULTS.md for the tighter/looser pairs
+DEFAULT_TPOT_SLO = 0.05
+
+
+@dataclass
+class Scenario:
+    """Everything about a simulation except the policy and the rate scale."""
+
+    trace: str = "azure-conv"
+    num_requests: int | None = None
+    model: str = "llama-3-8b"
+    gpu: str = "h100"
+    profile: str | None = None              # latency profile JSON; default: shipped or roofline
+    ttft_slo: float = DEFAULT_TTFT_SLO
+    tpot_slo: float = DEFAULT_TPOT_SLO
+    slo_classes: str | None = None          # "name:ttft:tpot:share,..."
+    slo_by_tag: str | None = None           # "TAG=name:ttft:tpot,...": SLO class from the trace's tag
+    deadline_rule: str = DeadlineRule.TPOT_SAFE.value
+    instances: int = 1
+    router: str = "round_robin"
+    load_interval: float = 0.0              # how stale the router's loads may be (s)
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int | None = None        # default: the model's context, at most 8192
+    seed: int = 0
+    scheduler: dict[str, Any] = field(default_factory=dict)   # SchedulerConfig overrides
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Prepared:
+    scenario: Scenario
+    entries: list[TraceEntry]
+    slos: list[SLO]
+    latency: LatencyModel
+    num_blocks: int
+    config: SchedulerConfig
+    base_rate: float                         # the trace's mean request rate at scale 1
+    truncated: int
+
+
+@dataclass
+class RunResult:
+    policy: str
+    rate_scale: float
+    summary: dict[str, Any]
+    outcome: SimOutcome
+
+    def row(self) -> dict[str, Any]:
+        """The JSON row of this run: policy, rates, and every summary key."""
+        return {"policy": self.policy, "rate_scale": self.rate_scale, **self.summary}
+
+
+def _parse_tag_map(spec: str) -> dict[str, SLO]:
+    out: dict[str, SLO] = {}
+    for part in spec.split(","):
+        tag, sep, cls = part.partition("=")
+        fields = cls.split(":")
+        if not sep or len(fields) != 3:
+            raise ValueError(f"bad SLO tag mapping {part!r}: expected TAG=name:TTFT_s:TPOT_s")
+        try:
+            out[tag.strip()] = SLO(float(fields[1]), float(fields[2]), fields[0].strip())
+        except ValueError as e:
+            raise ValueError(f"bad SLO tag mapping {part!r}: {e}") from None
+    return out
+
+
+def prepare(sc: Scenario) -> Prepared:
+    """Read the trace and resolve model, GPU, KV capacity and SLOs once."""
+    model = get_model(sc.model)
+    gpu = get_gpu(sc.gpu)
+    max_len = sc.max_model_len or min(model.max_position_embeddings, 8192)
+    entries = load_trace(sc.trace, num_requests=sc.num_requests, seed=sc.seed)
+    entries, truncated = truncate_to_context(entries, max_len)
+    default = SLO(sc.ttft_slo, sc.tpot_slo, "default")
+    if sc.slo_classes and sc.slo_by_tag:
+        raise ValueError("give --slo-classes or --slo-by-tag, not both")
+    if sc.slo_classes:
+        slos = assign_slos(entries, default=default, classes=parse_slo_classes(sc.slo_classes), seed=sc.seed)
+    elif sc.slo_by_tag:
+        slos = assign_slos(entries, default=default, tag_map=_parse_tag_map(sc.slo_by_tag))
+    else:
+        slos = assign_slos(entries, default=default)
+    latency = load_latency_model(sc.model, sc.gpu, sc.profile)
+    num_blocks = kv_cache_blocks(model, gpu, gpu_memory_utilization=sc.gpu_memory_utilization)
+    # The tightest class sets the SLO-derived knobs (Sarathi's budget recipe, horizons).
+    tight = min(slos, key=lambda s: s.tpot) if slos else default
+    cfg = SchedulerConfig(max_model_len=max_len, ttft_slo=min(s.ttft for s in slos) if slos else sc.ttft_slo,
+                          tpot_slo=tight.tpot)
+    for k, v in sc.scheduler.items():
+        if not hasattr(cfg, k):
+            raise ValueError(f"unknown scheduler option {k!r}")
+        setattr(cfg, k, v)
+    if sc.instances < 1:
+        raise ValueError("instances must be >= 1")
+    make_router(sc.router)   # validate early
+    return Prepared(sc, entries, slos, latency, num_blocks, cfg, mean_rate(entries), truncated)
+
+
+def run_policy(prep: Prepared, policy: str, rate_scale: float = 1.0,
+               progress: Callable[[int], None] | None = None) -> RunResult:
+    sc = prep.scenario
+    entries = scale_rate(prep.entries, rate_scale) if rate_scale != 1.0 else prep.entries
+    requests = make_requests(entries, prep.slos, deadline_rule=DeadlineRule(sc.deadline_rule))
+    instances = []
+    for k in range(sc.instances):
+        cfg = replace(prep.config)
+        sched = make_scheduler(policy, cfg, BlockAllocator(prep.num_blocks, 16), prep.latency)
+        instances.append(Instance(sched, SimExecutor(prep.latency), name=f"instance-{k}"))
+    router = make_router(sc.router) if sc.instances > 1 else None
+    outcome = simulate(requests, instances, router, load_interval=sc.load_interval, progress=progress)
+    summary = summarize([record_from_request(r) for r in outcome.requests])
+    summary["request_rate"] = prep.base_rate * rate_scale
+    summary["num_preemptions"] = outcome.preemptions
+    summary["sim_wall_time_s"] = outcome.wall_time
+    if sc.instances > 1:
+        summary["requests_per_instance"] = outcome.assigned
+    return RunResult(policy, rate_scale, summary, outcome)
+
+
+def capacity(prep: Prepared, policy: str, *, target: float = 0.9, lo: float = 1.0,
+             hi: float | None = None, rel_tol: float = 0.02,
+             on_point: Callable[[float, float, dict], None] | None = None) -> CapacityResult:
+    """Highest rate scale whose SLO attainment is at least ``target``."""
+    return find_capacity(lambda s: run_policy(prep, policy, s).summary, lo=lo, hi=hi,
+                         target=target, rel_tol=rel_tol, on_point=on_point)

@@ -1,0 +1,119 @@
+"""The `fairbatch` command line: simulate | generate | profile | serve | bench | route ...
+
+Each substrate registers its own commands; a user error anywhere prints one line and
+exits with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="FairBatching: SLO-aware LLM serving — simulator, engine, server, benchmark client.")
+console = Console()
+err_console = Console(stderr=True)
+
+# Packages that add commands; one missing (its extra not installed) just adds none.
+_COMMAND_MODULES = ("fairbatch.engine.commands", "fairbatch.server.commands", "fairbatch.bench.commands",
+                    "fairbatch.cluster.commands")
+
+
+@app.callback()
+def _root() -> None:
+    """FairBatching: SLO-aware LLM serving."""
+
+
+def fail(message: str) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(2)
+
+
+@app.command()
+def simulate(
+    trace: Annotated[str, typer.Option(help="Bundled trace name (azure-conv, azure-code) or a trace file.")] = "azure-conv",
+    policy: Annotated[Optional[list[str]], typer.Option("--policy", "-p", help="Policy to run; repeat for several. Default: vllm, sarathi, fairbatching.")] = None,
+    rate_scale: Annotated[Optional[float], typer.Option(help="Multiply the trace's request rate by this. Default: near the baselines' capacity for the bundled traces, else 1.")] = None,
+    search_capacity: Annotated[bool, typer.Option("--capacity", help="Bisect for each policy's capacity (highest rate with SLO attainment >= target).")] = False,
+    target: Annotated[float, typer.Option(help="SLO attainment that defines capacity.")] = 0.9,
+    sweep: Annotated[bool, typer.Option(help="Also run 0.8x and 1.2x the rate, for the attainment-vs-rate plot.")] = True,
+    ttft_slo: Annotated[float, typer.Option(help="TTFT SLO, seconds.")] = 1.0,
+    tpot_slo: Annotated[float, typer.Option(help="TPOT SLO, seconds.")] = 0.05,
+    slo_classes: Annotated[Optional[str], typer.Option(help='SLO class mix "name:TTFT_s:TPOT_s:share,...".')] = None,
+    slo_by_tag: Annotated[Optional[str], typer.Option(help='SLO class from the trace\'s tag, e.g. "API log=batch:5:0.15,Conversation log=chat:1:0.05".')] = None,
+    deadline_rule: Annotated[str, typer.Option(help="Per-token deadlines: tpot-safe or envelope.")] = "tpot-safe",
+    num_requests: Annotated[Optional[int], typer.Option(help="Use only the first N requests of the trace.")] = None,
+    instances: Annotated[int, typer.Option(help="Number of instances behind a router.")] = 1,
+    router: Annotated[str, typer.Option(help="round_robin, least_requests, llumnix or admission.")] = "round_robin",
+    load_interval: Annotated[float, typer.Option(help="How stale the router's view of instance loads may be, seconds.")] = 0.0,
+    model: Annotated[str, typer.Option(help="Model preset.")] = "llama-3-8b",
+    gpu: Annotated[str, typer.Option(help="GPU preset.")] = "h100",
+    profile: Annotated[Optional[Path], typer.Option(help="Latency profile JSON (from `fairbatch profile`).")] = None,
+    max_model_len: Annotated[Optional[int], typer.Option(help="Context limit; longer requests are truncated.")] = None,
+    set_option: Annotated[Optional[list[str]], typer.Option("--set", help="Scheduler option KEY=VALUE, e.g. chunk_size=512; repeatable.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for SLO class draws and arrival processes.")] = 0,
+    jobs: Annotated[int, typer.Option(help="Parallel simulation processes.")] = 0,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the JSON report here.")] = None,
+    out: Annotated[Path, typer.Option(help="Directory for the JSON report and plots.")] = Path("fairbatch-out"),
+) -> None:
+    """Simulate policies on a trace: TTFT/TPOT percentiles, SLO and envelope attainment, goodput, capacity."""
+    from fairbatch.sim.command import DEFAULT_POLICIES, default_jobs, run_simulate
+    from fairbatch.sim.experiment import Scenario
+    from fairbatch.scheduler import policy_names
+
+    policies = list(policy or DEFAULT_POLICIES)
+    for p in policies:
+        if p not in policy_names():
+            raise fail(f"unknown policy {p!r}; choose from {', '.join(policy_names())}")
+    try:
+        sc = Scenario(trace=trace, num_requests=num_requests, model=model, gpu=gpu,
+                      profile=str(profile) if profile else None, ttft_slo=ttft_slo, tpot_slo=tpot_slo,
+                      slo_classes=slo_classes, slo_by_tag=slo_by_tag, deadline_rule=deadline_rule,
+                      instances=instances, router=router, load_interval=load_interval,
+                      max_model_len=max_model_len, seed=seed, scheduler=parse_options(set_option or []))
+        run_simulate(sc, policies, rate_scale, search_capacity=search_capacity, sweep=sweep, target=target,
+                     jobs=jobs or default_jobs(), out=out, json_path=json_path, console=console)
+    except (ValueError, OSError) as e:
+        raise fail(str(e)) from None
+
+
+def parse_options(items: list[str]) -> dict[str, object]:
+    """``KEY=VALUE`` scheduler overrides; values are parsed as JSON when they can be."""
+    import json
+
+    opts: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"bad --set {item!r}: expected KEY=VALUE")
+        try:
+            opts[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            opts[key.strip()] = value
+    return opts
+
+
+def _register_commands() -> None:
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name and (e.name == name or name.startswith(e.name + ".") or e.name.split(".")[0] != "fairbatch"):
+                continue   # not written yet, or its optional dependencies are not installed
+            raise
+        module.register(app)
+
+
+_register_commands()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

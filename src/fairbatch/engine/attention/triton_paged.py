@@ -1,0 +1,179 @@
+"""Paged attention for mixed batches in Triton (prefill chunks and decodes, one step).
+
+One kernel, two launch shapes. Each program owns ``BLOCK_Q`` consecutive query tokens of
+one sequence and *all* ``GROUP`` query heads that share one KV head (GQA), so every K/V
+tile read from the cache serves ``BLOCK_Q * GROUP`` query rows. Decodes (one new token)
+launch with ``BLOCK_Q = 1`` (a program per sequence x KV head: the KV read is the cost);
+prefill chunks launch with ``BLOCK_Q = 128 // GROUP`` rows (tensor-core tiles).
+
+The context of a sequence is ``seq_lens[s]`` tokens, all in the cache (the step's new
+K/V were written first); a query at absolute position ``p`` attends positions ``0..p``.
+Key tiles entirely at or before a program's first query position need no mask; only the
+diagonal tiles are masked, so a long cached context costs plain streaming.
+Online softmax in float32 with exp2 (the scale folded with log2(e)).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from fairbatch.engine.attention import AttentionMetadata
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _paged_attention_kernel(
+    Q, K, V, O,
+    block_tables, seq_lens, query_start_loc, prog_seq, prog_qoff,
+    qk_scale,
+    stride_qt, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ot, stride_oh,
+    stride_bt,
+    GROUP: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_P: tl.constexpr, PAGE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    kvh = tl.program_id(1)
+    seq = tl.load(prog_seq + pid)
+    qoff = tl.load(prog_qoff + pid)
+    q_begin = tl.load(query_start_loc + seq)
+    q_len = tl.load(query_start_loc + seq + 1) - q_begin
+    ctx = tl.load(seq_lens + seq)
+    first_pos = ctx - q_len                       # absolute position of the seq's first new token
+
+    offs_m = tl.arange(0, BLOCK_M)
+    t = offs_m // GROUP_P
+    g = offs_m % GROUP_P
+    tok = qoff + t
+    row_ok = (t < BLOCK_Q) & (tok < q_len) & (g < GROUP)
+    q_pos = first_pos + tok
+    head = kvh * GROUP + g
+    offs_d = tl.arange(0, D_P)
+    d_ok = offs_d < HEAD_DIM
+    q_rows = (q_begin + tok).to(tl.int64)
+    q = tl.load(Q + q_rows[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_P], tl.float32)
+
+    blk_first = first_pos + qoff                             # earliest query position here
+    kv_end = tl.minimum(first_pos + qoff + BLOCK_Q, ctx)     # keys any row here may see
+    full_end = ((blk_first + 1) // BLOCK_N) * BLOCK_N        # tiles every row sees in full
+    bt_row = block_tables + seq.to(tl.int64) * stride_bt
+    offs_n = tl.arange(0, BLOCK_N)
+    k_base = K + kvh * stride_kh
+    v_base = V + kvh * stride_vh
+
+    for start in range(0, full_end, BLOCK_N):
+        n = start + offs_n
+        page = tl.load(bt_row + n // PAGE).to(tl.int64)
+        slot = n % PAGE
+        k = tl.load(k_base + page[:, None] * stride_kb + slot[:, None] * stride_ks + offs_d[None, :],
+                    mask=d_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + page[:, None] * stride_vb + slot[:, None] * stride_vs + offs_d[None, :],
+                    mask=d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    for start in range(full_end, kv_end, BLOCK_N):
+        n = start + offs_n
+        n_ok = n < kv_end
+        page = tl.load(bt_row + n // PAGE, mask=n_ok, other=0).to(tl.int64)
+        slot = n % PAGE
+        k = tl.load(k_base + page[:, None] * stride_kb + slot[:, None] * stride_ks + offs_d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.where((n[None, :] <= q_pos[:, None]) & n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + page[:, None] * stride_vb + slot[:, None] * stride_vs + offs_d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    l_i = tl.where(row_ok, l_i, 1.0)
+    out = acc / l_i[:, None]
+    tl.store(O + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+# Launch configurations: (BLOCK_N, num_warps, num_stages). Decode streams KV (bandwidth);
+# prefill is a tensor-core tile loop. Overridable for tuning (benchmarks/engine_roofline.py).
+DECODE_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+PREFILL_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << (max(1, x) - 1).bit_length()
+
+
+class TritonPagedAttention:
+    name = "triton"
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.group = num_heads // num_kv_heads
+        self.group_p = _next_pow2(self.group)
+        self.head_dim = head_dim
+        self.d_p = max(16, _next_pow2(head_dim))
+        self.qk_scale = head_dim ** -0.5 * LOG2E
+        self.prefill_block_q = max(1, PREFILL_CONFIG["BLOCK_M"] // self.group_p)
+
+    # The launch maps: one entry per program, (sequence, first query token offset).
+    def launch_arrays(self, q_lens: np.ndarray, seq_lens: np.ndarray) -> dict[str, np.ndarray]:
+        q_lens = np.asarray(q_lens, dtype=np.int32)
+        dec = np.nonzero(q_lens == 1)[0].astype(np.int32)
+        pre = np.nonzero(q_lens > 1)[0]
+        bq = self.prefill_block_q
+        nblk = -(-q_lens[pre] // bq)
+        pre_seq = np.repeat(pre, nblk).astype(np.int32)
+        starts = np.concatenate([np.arange(n, dtype=np.int32) * bq for n in nblk]) if len(pre) else np.zeros(0, np.int32)
+        return {"dec_seq": dec, "dec_off": np.zeros(len(dec), np.int32), "pre_seq": pre_seq, "pre_off": starts}
+
+    def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        out = torch.empty_like(q)
+        x = meta.extra
+        n_dec = meta.extra_host.get("dec_seq", 0)
+        n_pre = meta.extra_host.get("pre_seq", 0)
+        if n_dec:
+            self._launch(q, k_cache, v_cache, out, meta, x["dec_seq"], x["dec_off"], n_dec, 1,
+                         max(16, self.group_p), DECODE_CONFIG)
+        if n_pre:
+            bq = self.prefill_block_q
+            self._launch(q, k_cache, v_cache, out, meta, x["pre_seq"], x["pre_off"], n_pre, bq,
+                         max(16, bq * self.group_p), PREFILL_CONFIG)
+        return out
+
+    def _launch(self, q, k_cache, v_cache, out, meta, prog_seq, prog_off, n_progs, block_q, block_m, cfg):
+        _paged_attention_kernel[(n_progs, self.num_kv_heads)](
+            q, k_cache, v_cache, out,
+            meta.block_tables, meta.seq_lens, meta.query_start_loc, prog_seq, prog_off,
+            self.qk_scale,
+            q.stride(0), q.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            out.stride(0), out.stride(1),
+            meta.block_tables.stride(0),
+            GROUP=self.group, GROUP_P=self.group_p, BLOCK_Q=block_q, BLOCK_M=block_m,
+            BLOCK_N=cfg["BLOCK_N"], HEAD_DIM=self.head_dim, D_P=self.d_p, PAGE=meta.block_size,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )

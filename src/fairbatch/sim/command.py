@@ -1,0 +1,143 @@
+"""`fairbatch simulate`: policies x rates (or capacity search) on a trace, in parallel
+processes, with a table, a JSON report and plots."""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fairbatch.metrics import summary_table
+from fairbatch.sim.experiment import Scenario, capacity, prepare, run_policy
+
+DEFAULT_POLICIES = ("vllm", "sarathi", "fairbatching")
+# Near the baselines' capacity on the bundled conversation trace at the default SLOs
+# (llama-3-8b / h100 roofline; see docs/RESULTS.md), so the default run is informative.
+DEFAULT_RATE_SCALE = {"azure-conv": 3.4, "azure-code": 1.0}
+SWEEP = (0.8, 1.0, 1.2)   # rate multipliers of the default attainment-vs-rate sweep
+
+
+@dataclass(frozen=True)
+class Job:
+    scenario: str          # JSON of the Scenario (hashable, cheap to send)
+    policy: str
+    rate_scale: float | None   # None: capacity search
+    target: float = 0.9
+
+
+@lru_cache(maxsize=4)
+def _prepared(scenario_json: str):
+    return prepare(Scenario(**json.loads(scenario_json)))
+
+
+def _run(job: Job) -> dict[str, Any]:
+    """Runs in a worker process: returns only what the report needs (no Request objects)."""
+    prep = _prepared(job.scenario)
+    if job.rate_scale is None:
+        res = capacity(prep, job.policy, target=job.target, lo=1.0)
+        return {"policy": job.policy, "capacity": res.to_dict()}
+    r = run_policy(prep, job.policy, job.rate_scale)
+    ttft = [q.first_token_time - q.arrival for q in r.outcome.requests if q.first_token_time is not None]
+    return {"policy": job.policy, "row": r.row(), "ttft": ttft}
+
+
+def run_simulate(sc: Scenario, policies: list[str], rate_scale: float | None, *, search_capacity: bool,
+                 sweep: bool, target: float, jobs: int, out: Path | None, json_path: Path | None,
+                 console: Console) -> dict[str, Any]:
+    prep = prepare(sc)   # validates everything up front, in this process
+    if rate_scale is None:
+        rate_scale = DEFAULT_RATE_SCALE.get(sc.trace, 1.0) if sc.trace in DEFAULT_RATE_SCALE else 1.0
+    sc_json = json.dumps(sc.to_dict(), sort_keys=True)
+    scales = [round(rate_scale * m, 4) for m in SWEEP] if sweep else [rate_scale]
+    job_list = [Job(sc_json, p, s) for s in scales for p in policies]
+    if search_capacity:
+        job_list += [Job(sc_json, p, None, target) for p in policies]
+
+    console.print(f"[bold]{sc.trace}[/]: {len(prep.entries)} requests at {prep.base_rate:.2f} req/s "
+                  f"(x{rate_scale} = {prep.base_rate * rate_scale:.2f} req/s), {sc.model} on {sc.gpu} "
+                  f"({prep.latency.kind} latency model, {prep.num_blocks} KV blocks), "
+                  f"{sc.instances} instance(s), SLO {describe_slos(sc)}")
+    results: list[dict[str, Any]] = []
+    workers = max(1, min(jobs, len(job_list)))
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("simulating", total=len(job_list))
+        if workers == 1:
+            for j in job_list:
+                results.append(_run(j))
+                bar.advance(task)
+        else:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                for res in pool.map(_run, job_list):
+                    results.append(res)
+                    bar.advance(task)
+
+    runs = [r["row"] for r in results if "row" in r]
+    caps = {r["policy"]: r["capacity"] for r in results if "capacity" in r}
+    main_rows = [row for row in runs if row["rate_scale"] == rate_scale]
+    console.print(summary_table(main_rows, title=f"rate scale x{rate_scale}"))
+    for row in main_rows:
+        if "per_class" in row:
+            for name, cls in row["per_class"].items():
+                console.print(f"  {row['policy']:>13s} / {name}: SLO attainment {cls['slo_attainment']:.1%}, "
+                              f"p99 TTFT {cls['p99_ttft_ms']:.0f} ms, p99 TPOT {cls['p99_tpot_ms']:.1f} ms")
+    if caps:
+        console.print(f"[bold]capacity[/] (highest rate with SLO attainment >= {target:.0%}):")
+        for p in policies:
+            c = caps[p]
+            console.print(f"  {p:>13s}: {c['request_rate']:.2f} req/s (rate scale x{c['rate_scale']:.3f}, {c['status']})")
+
+    report: dict[str, Any] = {"scenario": sc.to_dict(), "runs": runs}
+    if caps:
+        report["capacity"] = {p: caps[p]["request_rate"] for p in policies}
+        report["capacity_search"] = caps
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=1) + "\n")
+        console.print(f"wrote {json_path}")
+    if out is not None:
+        _write_outputs(out, report, results, policies, rate_scale, sc, target, console)
+    return report
+
+
+def describe_slos(sc: Scenario) -> str:
+    if sc.slo_classes:
+        return f"classes {sc.slo_classes}"
+    if sc.slo_by_tag:
+        return f"by trace tag {sc.slo_by_tag}"
+    return f"TTFT {sc.ttft_slo:g}s / TPOT {sc.tpot_slo * 1e3:g}ms"
+
+
+def _write_outputs(out: Path, report: dict, results: list[dict], policies: list[str], rate_scale: float,
+                   sc: Scenario, target: float, console: Console) -> None:
+    from fairbatch.metrics import plot_attainment_vs_rate, plot_ttft_cdf
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "simulate.json").write_text(json.dumps(report, indent=1) + "\n")
+    ttfts = {r["policy"]: r["ttft"] for r in results if "row" in r and r["row"]["rate_scale"] == rate_scale}
+    rate = next((r["row"]["request_rate"] for r in results if "row" in r and r["row"]["rate_scale"] == rate_scale), 0)
+    written = [plot_ttft_cdf(ttfts, out / "ttft_cdf.png", f"TTFT CDF, {sc.trace} at {rate:.2f} req/s",
+                             slo=sc.ttft_slo if not (sc.slo_classes or sc.slo_by_tag) else None)]
+    curves: dict[str, list[tuple[float, float]]] = {p: [] for p in policies}
+    for r in results:
+        if "row" in r:
+            curves[r["policy"]].append((r["row"]["request_rate"], r["row"]["slo_attainment"]))
+        else:
+            for pt in r["capacity"]["points"]:
+                curves[r["policy"]].append((pt["request_rate"], pt["summary"]["slo_attainment"]))
+    curves = {p: sorted(set(v)) for p, v in curves.items()}
+    if any(len(v) > 1 for v in curves.values()):
+        written.append(plot_attainment_vs_rate(curves, out / "attainment_vs_rate.png", target,
+                                               f"SLO attainment vs rate, {sc.trace}"))
+    console.print("wrote " + ", ".join(str(p) for p in [out / "simulate.json", *written]))
+
+
+def default_jobs() -> int:
+    return max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8))

@@ -76,7 +76,12 @@ class StepPlan:
 
     def add(self, req: Request, k: int) -> None:
         self.chunks.append((req, k))
-        self.features.add(req.num_computed, k)
+        f = self.features          # StepFeatures.add, inlined: this runs per token
+        c = req.num_computed
+        f.num_seqs += 1
+        f.new_tokens += k
+        f.context_tokens += c + k
+        f.attention_pairs += k * c + k * (k + 1) * 0.5
 
 
 @dataclass(slots=True)

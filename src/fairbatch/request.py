@@ -61,7 +61,7 @@ class Request:
         "request_id", "arrival", "prompt_len", "max_new_tokens", "slo", "deadline_rule",
         "prompt_token_ids", "output_token_ids", "sampling", "priority",
         "state", "num_computed", "generated", "first_token_time", "token_times",
-        "finish_time", "finish_reason", "num_preemptions", "max_lateness", "_safe",
+        "finish_time", "finish_reason", "num_preemptions", "max_lateness", "_safe", "deadline", "kv_slots", "ttft_missed",
         "admitted_at", "user_data",
     )
 
@@ -104,6 +104,9 @@ class Request:
         self.finish_reason: str | None = None   # "length" | "stop" | "abort"
         self.num_preemptions = 0
         self.max_lateness = float("-inf") # max over tokens of (time - envelope deadline)
+        self.deadline = self.arrival + slo.ttft   # of the next output token (kept current)
+        self.kv_slots = 0                 # tokens its KV blocks can hold (kept by the scheduler)
+        self.ttft_missed = False          # first token came after arrival + ttft
         self.admitted_at = -1             # admission sequence number (policies' FCFS order)
         self.user_data: Any = None        # whatever the substrate wants to attach
 
@@ -141,25 +144,35 @@ class Request:
         return d
 
     def next_deadline(self) -> float:
-        return self.token_deadline(self.generated)
+        return self.deadline
 
     # --- events -------------------------------------------------------------------------
     def record_token(self, now: float, token_id: int | None = None) -> None:
         """An output token was produced at ``now``."""
         j = self.generated
+        slo = self.slo
+        env = self.arrival + slo.ttft + slo.tpot * j
         if j == 0:
             self.first_token_time = now
-        late = now - (self.arrival + self.slo.ttft + self.slo.tpot * j)
-        if late > self.max_lateness:
-            self.max_lateness = late
+            self.ttft_missed = now > env
+        if now - env > self.max_lateness:
+            self.max_lateness = now - env
         self.generated = j + 1
         self.token_times.append(now)
         if token_id is not None:
             self.output_token_ids.append(token_id)
+        # Next token's deadline (token_deadline(j + 1), inlined: this runs per token).
+        d = env + slo.tpot
+        if self._safe:
+            safe = self.first_token_time + slo.tpot * (j + 1)
+            if safe < d:
+                d = safe
+        self.deadline = d
 
     def reset_for_recompute(self) -> None:
         """Preempted: KV is dropped; prompt and generated tokens will be recomputed."""
         self.num_computed = 0
+        self.kv_slots = 0
         self.num_preemptions += 1
         self.state = RequestState.WAITING
 

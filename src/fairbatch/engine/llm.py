@@ -264,7 +264,9 @@ class LLM:
                 if not inst.has_work():
                     time.sleep(max(0.0, min(pending[i][0] - now, 0.05)))
                     continue
-                plan, _, finished = inst.step(now)
+                plan, result = inst.begin_step(now)
+                # tokens are stamped at the real end of the step (scheduling included)
+                finished = inst.end_step(plan, result, clock() - t0)
                 if plan.is_empty:
                     idle_steps += 1
                     if idle_steps > 10000 and not self.scheduler.running:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import deque
-from dataclasses import dataclass, field, asdict
-from typing import Callable, ClassVar
+from dataclasses import dataclass, asdict
+from typing import ClassVar
 
 from fairbatch.kv import BlockAllocator
 from fairbatch.latency.base import LatencyModel
@@ -32,8 +32,9 @@ class SchedulerConfig:
     # fairbatching
     time_budget_min: float = 0.010       # T_min, seconds
     time_budget_max: float = 0.250       # T_max, seconds
-    time_budget_rule: str = "min-slack"  # or "max-slack-tpot" (DESIGN.md 5.3 as first written)
-    urgency_horizon: str = "next-step"   # or "tpot" (DESIGN.md 5.4 as first written)
+    time_budget_rule: str = "max-slack-tpot"  # T = max(min slack, min tpot); or "min-slack"
+    triage: bool = True                  # requests that already missed their SLO go last
+    failed_decode_gap: float = 4.0       # ...but get a token at least every this many TPOTs
     min_chunk: int = 16                  # smallest prefill chunk worth a step
     chunk_align: int = 16                # round prefill chunks down to a multiple of this
     # default SLO for requests that carry none (seconds)
@@ -117,6 +118,7 @@ class Scheduler(ABC):
             except ValueError:
                 pass
         self.allocator.free(request_id)
+        req.kv_slots = 0
         req.state = RequestState.ABORTED
         req.finish_reason = "abort"
         req.finish_time = now
@@ -176,6 +178,17 @@ class Scheduler(ABC):
         return len(self._by_id)
 
     # --- shared mechanics ------------------------------------------------------------------
+    def _grow(self, req: Request, num_tokens: int) -> bool:
+        """Make ``req``'s KV blocks hold ``num_tokens`` tokens. ``req.kv_slots`` caches the
+        capacity so the common case (room left in its last block) costs one comparison."""
+        if num_tokens <= req.kv_slots:
+            return True
+        alloc = self.allocator
+        if not alloc.allocate(req.request_id, num_tokens):
+            return False
+        req.kv_slots = alloc.num_allocated(req.request_id) * alloc.block_size
+        return True
+
     def _admit(self, req: Request) -> None:
         """Move the head of the waiting queue into the running list."""
         req.state = RequestState.RUNNING
@@ -197,6 +210,7 @@ class Scheduler(ABC):
         req.finish_time = now
         self.running.remove(req)
         self.allocator.free(req.request_id)
+        req.kv_slots = 0
         self._by_id.pop(req.request_id, None)
         self.stats.finished += 1
 

@@ -30,6 +30,7 @@ while they wait, so selecting prefills by slack costs O(log n), not a sort of th
 from __future__ import annotations
 
 import heapq
+from collections import deque
 from itertools import count
 
 from fairbatch.plan import StepFeatures, StepPlan
@@ -37,6 +38,14 @@ from fairbatch.request import Request, RequestState
 from fairbatch.scheduler.base import Scheduler, register_policy
 
 _INF = float("inf")
+
+
+def _by_deadline(r: Request) -> float:
+    return r.deadline
+
+
+def _last_token_time(r: Request) -> float:
+    return r.token_times[-1]
 
 
 @register_policy
@@ -47,6 +56,7 @@ class FairBatchingScheduler(Scheduler):
         super().__init__(config, allocator, latency_model)
         self._heap: list[tuple[float, int, Request]] = []   # (next deadline, seq, request)
         self._seq = count()
+        self._late: deque[Request] = deque()   # waiting prompts that can no longer meet TTFT
         self._step_now = 0.0
         # Prefill throughput for the load estimate: tokens per second of T_max-long
         # pure-prefill steps, per the latency model.
@@ -70,97 +80,143 @@ class FairBatchingScheduler(Scheduler):
     def schedule(self, now: float) -> StepPlan:
         cfg = self.config
         model = self.latency
-        running = self.running
+        triage = cfg.triage
+        self._step_now = now
 
-        # Classify running requests and take the slack of each (one pass).
-        decodes: list[tuple[float, int, Request]] = []
-        partials: list[tuple[float, int, Request]] = []
-        min_slack = min_tpot = _INF
-        dec_ctx = 0
-        for i, req in enumerate(running):
+        # Classify running requests in one pass (this loop is the hot path).
+        decodes: list[Request] = []
+        partials: list[Request] = []
+        failed: list[Request] = []
+        min_deadline = min_tpot = _INF
+        max_tpot = 0.0
+        stale = now - cfg.failed_decode_gap * cfg.tpot_slo
+        for req in self.running:
             g = req.generated
-            slack = req.token_deadline(g) - now
-            if g > 0 and req.prompt_len + g - req.num_computed == 1:
-                decodes.append((slack, i, req))
-                dec_ctx += req.num_computed
-                if slack < min_slack:
-                    min_slack = slack
-                if req.slo.tpot < min_tpot:
-                    min_tpot = req.slo.tpot
+            if g and req.prompt_len + g - req.num_computed == 1:
+                if triage and req.ttft_missed and req.token_times[-1] >= stale:
+                    # Its SLO is already missed: best effort, after everyone who can still
+                    # make theirs; once its last token is failed_decode_gap TPOTs old it is
+                    # served like any decode, so it never starves.
+                    failed.append(req)
+                    continue
+                decodes.append(req)
+                if req.deadline < min_deadline:
+                    min_deadline = req.deadline
+                tpot = req.slo.tpot
+                if tpot < min_tpot:
+                    min_tpot = tpot
+                if tpot > max_tpot:
+                    max_tpot = tpot
             else:
-                partials.append((slack, i, req))
+                partials.append(req)
 
-        # Time budget: the tightest decode's slack (see docs/ALGORITHM.md for the
-        # paper-style max(slack, tpot) variant and why it is not the default).
-        nd = len(decodes)
-        if nd:
-            T = min_slack
+        # Time budget: the tightest decode's slack, but at least its TPOT (a step shorter
+        # than that buys little and costs the weight read of a whole extra step).
+        if decodes:
+            T = min_deadline - now
             if cfg.time_budget_rule == "max-slack-tpot" and min_tpot > T:
                 T = min_tpot
             T = min(max(T, cfg.time_budget_min), cfg.time_budget_max)
         else:
             T = cfg.time_budget_max
-        # A decode may wait for the next step only if that step, at its shortest (all
-        # decodes, nothing else), still ends before its deadline.
-        if cfg.urgency_horizon == "tpot":
-            horizon = None
-        else:
-            t_dec = model.predict(StepFeatures(nd, nd, dec_ctx + nd, dec_ctx + nd)) if nd else 0.0
-            horizon = T + max(cfg.time_budget_min, t_dec)
         token_cap = cfg.max_num_batched_tokens
         plan = StepPlan(time_budget=T, token_budget=token_cap)
-        feats = plan.features
-        self._step_now = now
 
-        # (a) urgent decodes: always, KV permitting
-        decodes.sort()
-        rest: list[Request] = []
-        for slack, _, req in decodes:
-            if slack >= (horizon if horizon is not None else T + req.slo.tpot):
-                rest.append(req)
-            elif req.state is RequestState.RUNNING and feats.new_tokens < token_cap:
-                if self._reserve(req, req.num_computed + 1, slack, plan):
-                    plan.add(req, 1)
+        # (a) urgent decodes: their deadline passes before the step after this one can
+        # end (slack < T + tpot). Always scheduled, KV permitting.
+        if min_tpot == max_tpot:
+            lim = now + T + min_tpot
+            urgent = [r for r in decodes if r.deadline < lim]
+            rest = [r for r in decodes if r.deadline >= lim] if len(urgent) < len(decodes) else []
+        else:
+            lim = now + T
+            urgent = [r for r in decodes if r.deadline < lim + r.slo.tpot]
+            rest = [r for r in decodes if r.deadline >= lim + r.slo.tpot]
+        if urgent:
+            urgent.sort(key=_by_deadline)
+            self._add_decodes(urgent, plan, _INF, token_cap)
 
-        # (b) prefills: partial (running) first, then waiting, each by slack
-        partials.sort()
-        for slack, _, req in partials:
-            if req.state is not RequestState.RUNNING:
-                continue
-            k = self._chunk(req, feats, T, token_cap, plan)
-            if k and self._reserve(req, req.num_computed + k, slack, plan):
-                plan.add(req, k)
+        # (b) prefills: partial (running) first, then waiting, each by deadline; prompts
+        # that can no longer make their first-token deadline go after all others.
+        late_partials: list[Request] = []
+        if partials:
+            partials.sort(key=_by_deadline)
+            for req in partials:
+                if triage and req.generated == 0 and req.deadline < now:
+                    late_partials.append(req)
+                else:
+                    self._add_partial(req, T, token_cap, plan)
         if not plan.preempted:
             self._admit_prefills(T, token_cap, plan)
+        for req in late_partials:
+            self._add_partial(req, T, token_cap, plan)
+        if not plan.preempted and self._late:
+            self._admit_late(T, token_cap, plan)
 
-        # (c) remaining decodes, by slack, while the step stays within T
+        # (c) the remaining decodes, by deadline, while the step stays within T; then
+        # those of requests that already missed their SLO
         if rest:
+            rest.sort(key=_by_deadline)
             self._add_decodes(rest, plan, T, token_cap)
+        if failed:
+            failed.sort(key=_last_token_time)
+            self._add_decodes(failed, plan, T, token_cap)
 
-        plan.predicted_time = model.predict(feats) if plan.chunks else 0.0
+        plan.predicted_time = model.predict(plan.features) if plan.chunks else 0.0
         return plan
 
-    def _add_decodes(self, rest: list[Request], plan: StepPlan, T: float, token_cap: int) -> None:
+    def _add_partial(self, req: Request, T: float, token_cap: int, plan: StepPlan) -> None:
+        if req.state is not RequestState.RUNNING:
+            return
+        k = self._chunk(req, plan.features, T, token_cap, plan)
+        if k and self._reserve(req, req.num_computed + k, req.deadline - self._step_now, plan):
+            plan.add(req, k)
+
+    def _add_decodes(self, reqs: list[Request], plan: StepPlan, T: float, token_cap: int) -> None:
+        """Add the longest prefix of ``reqs`` (in order) that keeps the step within ``T``
+        (``inf``: all of them, the urgent group) and the token cap. The prefix length is
+        found by bisection over prefix sums of the contexts, so it costs O(log n)
+        latency-model calls, and each decode added costs a comparison and an append."""
         feats = plan.features
-        model = self.latency
-        alloc = self.allocator
-        # Common case first: all of them fit (a decode adds one token and its context).
-        n = len(rest)
-        ctx = 0
-        for r in rest:
-            ctx += r.num_computed
-        whole = StepFeatures(feats.num_seqs + n, feats.new_tokens + n,
-                             feats.context_tokens + ctx + n, feats.attention_pairs + ctx + n)
-        fits_all = model.predict(whole) <= T and whole.new_tokens <= token_cap
-        for req in rest:
+        n = len(reqs)
+        m = n if feats.new_tokens + n <= token_cap else max(0, token_cap - feats.new_tokens)
+        if T < _INF and m:
+            prefix = [0]
+            acc = 0
+            for r in reqs:
+                acc += r.num_computed
+                prefix.append(acc)
+            predict = self.latency.predict
+            base = (feats.num_seqs, feats.new_tokens, feats.context_tokens, feats.attention_pairs)
+
+            def fits(j: int) -> bool:
+                c = prefix[j] + j
+                return predict(StepFeatures(base[0] + j, base[1] + j, base[2] + c, base[3] + c)) <= T
+
+            if not fits(m):
+                lo, hi = 0, m      # fits(lo) holds (adding nothing), fits(hi) does not
+                while hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    if fits(mid):
+                        lo = mid
+                    else:
+                        hi = mid
+                m = lo
+        chunks = plan.chunks
+        added = added_ctx = 0
+        now = self._step_now
+        for req in reqs[:m]:
             if req.state is not RequestState.RUNNING:
                 continue   # preempted earlier in this step
-            if not fits_all and (feats.new_tokens >= token_cap
-                                 or model.predict(feats.with_chunk(req.num_computed, 1)) > T):
-                break
-            if alloc.allocate(req.request_id, req.num_computed + 1) or \
-                    self._reserve(req, req.num_computed + 1, self._slack(req), plan):
-                plan.add(req, 1)
+            c = req.num_computed
+            if c < req.kv_slots or self._reserve(req, c + 1, req.deadline - now, plan):
+                chunks.append((req, 1))
+                added += 1
+                added_ctx += c
+        feats.num_seqs += added
+        feats.new_tokens += added
+        feats.context_tokens += added_ctx + added
+        feats.attention_pairs += added_ctx + added
 
     def _chunk(self, req: Request, feats: StepFeatures, T: float, token_cap: int, plan: StepPlan) -> int:
         """Largest chunk of ``req``'s pending tokens that keeps the step within ``T``."""
@@ -180,29 +236,48 @@ class FairBatchingScheduler(Scheduler):
 
     def _admit_prefills(self, T: float, token_cap: int, plan: StepPlan) -> None:
         heap = self._heap
-        alloc = self.allocator
         feats = plan.features
-        max_seqs = self.config.max_num_seqs
+        cfg = self.config
+        max_seqs = cfg.max_num_seqs
+        now = self._step_now
         while heap and len(self.running) < max_seqs and feats.new_tokens < token_cap:
             deadline, seq, req = heap[0]
             if req.state is not RequestState.WAITING:
                 heapq.heappop(heap)       # admitted or aborted since it was pushed
                 continue
+            if cfg.triage and req.generated == 0 and deadline < now:
+                heapq.heappop(heap)       # can no longer meet its TTFT: served after the rest
+                self._late.append(req)
+                continue
             k = self._chunk(req, feats, T, token_cap, plan)
-            if k == 0 or not alloc.allocate(req.request_id, req.num_computed + k):
+            if k == 0 or not self._grow(req, req.num_computed + k):
                 break
             heapq.heappop(heap)
             self._admit_waiting(req)
             plan.add(req, k)
 
+    def _admit_late(self, T: float, token_cap: int, plan: StepPlan) -> None:
+        late = self._late
+        feats = plan.features
+        while late and len(self.running) < self.config.max_num_seqs and feats.new_tokens < token_cap:
+            req = late[0]
+            if req.state is not RequestState.WAITING:
+                late.popleft()
+                continue
+            k = self._chunk(req, feats, T, token_cap, plan)
+            if k == 0 or not self._grow(req, req.num_computed + k):
+                break
+            late.popleft()
+            self._admit_waiting(req)
+            plan.add(req, k)
+
     def _slack(self, req: Request) -> float:
-        return req.token_deadline(req.generated) - self._step_now
+        return req.deadline - self._step_now
 
     def _reserve(self, req: Request, num_tokens: int, slack: float, plan: StepPlan) -> bool:
         """Allocate KV for ``req``; when short, preempt the running request with the most
         slack that is not in this step, if it has more slack than ``req``."""
-        alloc = self.allocator
-        while not alloc.allocate(req.request_id, num_tokens):
+        while not self._grow(req, num_tokens):
             in_plan = {id(r) for r, _ in plan.chunks}
             victim = None
             best = slack

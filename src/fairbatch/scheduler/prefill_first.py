@@ -17,7 +17,6 @@ class PrefillFirstScheduler(Scheduler):
 
     def schedule(self, now: float) -> StepPlan:
         cfg = self.config
-        alloc = self.allocator
         budget = cfg.max_num_batched_tokens
         plan = StepPlan(token_budget=budget)
         waiting = self.waiting
@@ -27,7 +26,7 @@ class PrefillFirstScheduler(Scheduler):
             # A prompt larger than the whole budget still runs, alone, or it would never start.
             if k > budget and not (plan.is_empty and k > cfg.max_num_batched_tokens):
                 break
-            if not alloc.allocate(req.request_id, req.num_computed + k):
+            if not self._grow(req, req.num_computed + k):
                 break
             waiting.popleft()
             self._admit(req)
@@ -42,7 +41,7 @@ class PrefillFirstScheduler(Scheduler):
             req = running[i]
             c = req.num_computed
             k = req.prompt_len + req.generated - c
-            if not alloc.allocate(req.request_id, c + k):
+            if not self._grow(req, c + k):
                 victim = running[-1]
                 self._preempt(victim, plan)
                 continue

@@ -35,7 +35,6 @@ class SarathiScheduler(Scheduler):
 
     def schedule(self, now: float) -> StepPlan:
         cfg = self.config
-        alloc = self.allocator
         budget = self.token_budget
         plan = StepPlan(token_budget=budget)
         running = self.running
@@ -53,7 +52,7 @@ class SarathiScheduler(Scheduler):
             if budget <= 0:
                 break
             ok = True
-            while not alloc.allocate(req.request_id, c + 1):
+            while not self._grow(req, c + 1):
                 victim = running[-1]
                 self._preempt(victim, plan)
                 if victim in prefills:
@@ -75,7 +74,7 @@ class SarathiScheduler(Scheduler):
                 break
             c = req.num_computed
             k = min(req.prompt_len + req.generated - c, budget)
-            if not alloc.allocate(req.request_id, c + k):
+            if not self._grow(req, c + k):
                 break
             plan.add(req, k)
             budget -= k
@@ -85,7 +84,7 @@ class SarathiScheduler(Scheduler):
                 req = waiting[0]
                 c = req.num_computed
                 k = min(req.prompt_len + req.generated - c, budget)
-                if not alloc.allocate(req.request_id, c + k):
+                if not self._grow(req, c + k):
                     break
                 waiting.popleft()
                 self._admit(req)

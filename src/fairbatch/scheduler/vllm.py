@@ -20,7 +20,6 @@ class VLLMScheduler(Scheduler):
 
     def schedule(self, now: float) -> StepPlan:
         cfg = self.config
-        alloc = self.allocator
         budget = cfg.max_num_batched_tokens
         plan = StepPlan(token_budget=budget)
         running = self.running
@@ -39,7 +38,7 @@ class VLLMScheduler(Scheduler):
                 i += 1
                 continue
             scheduled = True
-            while not alloc.allocate(req.request_id, c + k):
+            while not self._grow(req, c + k):
                 victim = running[-1]
                 self._preempt(victim, plan)
                 if victim is req:
@@ -57,7 +56,7 @@ class VLLMScheduler(Scheduler):
                 req = waiting[0]
                 c = req.num_computed
                 k = min(req.prompt_len + req.generated - c, budget)
-                if not alloc.allocate(req.request_id, c + k):
+                if not self._grow(req, c + k):
                     break
                 waiting.popleft()
                 self._admit(req)

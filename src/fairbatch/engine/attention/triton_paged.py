@@ -39,6 +39,7 @@ def _paged_attention_kernel(
     stride_bt,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_P: tl.constexpr, PAGE: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -80,14 +81,14 @@ def _paged_attention_kernel(
         slot = n % PAGE
         k = tl.load(k_base + page[:, None] * stride_kb + slot[:, None] * stride_ks + offs_d[None, :],
                     mask=d_ok[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + page[:, None] * stride_vb + slot[:, None] * stride_vs + offs_d[None, :],
                     mask=d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
     for start in range(full_end, kv_end, BLOCK_N):
@@ -97,7 +98,7 @@ def _paged_attention_kernel(
         slot = n % PAGE
         k = tl.load(k_base + page[:, None] * stride_kb + slot[:, None] * stride_ks + offs_d[None, :],
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s = tl.where((n[None, :] <= q_pos[:, None]) & n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
@@ -105,7 +106,7 @@ def _paged_attention_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + page[:, None] * stride_vb + slot[:, None] * stride_vs + offs_d[None, :],
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
     l_i = tl.where(row_ok, l_i, 1.0)
@@ -175,5 +176,7 @@ class TritonPagedAttention:
             meta.block_tables.stride(0),
             GROUP=self.group, GROUP_P=self.group_p, BLOCK_Q=block_q, BLOCK_M=block_m,
             BLOCK_N=cfg["BLOCK_N"], HEAD_DIM=self.head_dim, D_P=self.d_p, PAGE=meta.block_size,
+            # float32 models get exact products (the reference tests); 16-bit ones tensor cores
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )

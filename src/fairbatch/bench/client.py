@@ -1,0 +1,160 @@
+"""One benchmark request against an OpenAI-compatible ``/v1/completions``: stream it, time
+every token's arrival, and turn it into a ``metrics.RequestRecord``.
+
+Timing follows ``vllm bench serve`` (``async_request_openai_completions``): the clock
+starts right before the POST; every SSE event that carries ``choices`` is a token
+arrival (its time is when the client read it); TTFT is the first, the end is the last.
+The output length is the server's ``usage.completion_tokens`` (``stream_options.
+include_usage``), falling back to the number of events. Where a server packs several
+tokens into one event, the missing arrival times repeat the last event's time (the
+records module's convention); where it sends a final event without a token, the extra
+time is dropped.
+
+A request fails, with its reason, on: an HTTP error status, a transport error or
+timeout, an ``error`` event in the stream, a stream that ends without ``[DONE]``, or
+(``ignore_eos``) fewer tokens than asked for. Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import numpy as np
+
+from fairbatch.metrics import RequestRecord
+from fairbatch.request import SLO
+
+clock = time.perf_counter
+
+
+@dataclass(slots=True)
+class BenchRequest:
+    """One request to send: token-id prompt, exact output length, its SLO (class)."""
+
+    request_id: str
+    arrival: float                 # seconds after the benchmark start
+    prompt_ids: list[int]
+    output_len: int
+    slo: SLO
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+
+def make_payload(req: BenchRequest, model: str, *, send_slo: bool = True, ignore_eos: bool = True,
+                 extra_body: dict[str, Any] | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": model,
+        "prompt": req.prompt_ids,
+        "max_tokens": req.output_len,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if ignore_eos:
+        body["ignore_eos"] = True
+    if send_slo:
+        body["slo"] = {"ttft_ms": req.slo.ttft * 1e3, "tpot_ms": req.slo.tpot * 1e3, "class": req.slo.name}
+    if extra_body:
+        body.update(extra_body)
+    return body
+
+
+def _error_text(resp_body: bytes) -> str:
+    try:
+        obj = json.loads(resp_body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        text = resp_body.decode("utf-8", "replace").strip()
+        return text[:200] or "(empty body)"
+    if isinstance(obj, dict):
+        err = obj.get("error", obj)
+        if isinstance(err, dict):
+            return str(err.get("message") or err)[:200]
+        return str(err)[:200]
+    return str(obj)[:200]
+
+
+async def send_request(client: httpx.AsyncClient, url: str, req: BenchRequest, payload: dict[str, Any],
+                       *, check_length: bool = True) -> RequestRecord:
+    """POST ``payload`` to ``url`` and stream the answer into a RequestRecord."""
+    times: list[float] = []
+    usage_tokens: int | None = None
+    done = False
+    error: str | None = None
+    start = clock()
+    try:
+        async with client.stream("POST", url, json=payload) as resp:
+            if resp.status_code != 200:
+                body = await resp.aread()
+                error = f"HTTP {resp.status_code}: {_error_text(body)}"
+            else:
+                async for line in resp.aiter_lines():
+                    now = clock()
+                    if not line.startswith("data:"):
+                        continue          # blank separators, comments, event: lines
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        done = True
+                        break
+                    try:
+                        obj = json.loads(data)
+                    except json.JSONDecodeError:
+                        error = f"bad SSE data: {data[:80]!r}"
+                        break
+                    if not isinstance(obj, dict):
+                        continue
+                    if obj.get("error") is not None:
+                        err = obj["error"]
+                        msg = err.get("message") if isinstance(err, dict) else err
+                        error = f"server error in stream: {str(msg)[:200]}"
+                        break
+                    if obj.get("choices"):
+                        times.append(now)
+                    usage = obj.get("usage")
+                    if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
+                        usage_tokens = usage["completion_tokens"]
+                if error is None and not done:
+                    error = "stream ended without [DONE]"
+    except httpx.TimeoutException as e:
+        error = f"timeout: {type(e).__name__}"
+    except httpx.HTTPError as e:
+        error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    except OSError as e:
+        error = f"{type(e).__name__}: {e}"
+
+    produced = usage_tokens if usage_tokens is not None else len(times)
+    if error is None and produced == 0:
+        error = "no tokens received"
+    if error is None and check_length and produced < req.output_len:
+        error = f"short output: {produced} of {req.output_len} tokens"
+    token_times = _token_times(times, produced)
+    return RequestRecord(
+        request_id=req.request_id,
+        arrival=start,
+        prompt_len=req.prompt_len,
+        output_len=produced,
+        ttft_slo=req.slo.ttft,
+        tpot_slo=req.slo.tpot,
+        slo_class=req.slo.name,
+        first_token_time=times[0] if times else None,
+        token_times=token_times,
+        finish_time=times[-1] if times else None,
+        success=error is None,
+        error=error,
+    )
+
+
+def _token_times(event_times: list[float], n_tokens: int) -> np.ndarray:
+    """One time per token: event times, the last repeated if the server sent fewer events
+    than tokens, cut if it sent more (a closing event with no token)."""
+    t = np.asarray(event_times, dtype=np.float64)
+    if n_tokens <= 0 or len(t) == 0:
+        return np.zeros(0)
+    if len(t) >= n_tokens:
+        return t[:n_tokens].copy()
+    return np.concatenate([t, np.full(n_tokens - len(t), t[-1])])

@@ -1,0 +1,274 @@
+"""Trace replay against an OpenAI-compatible server: build the requests, send each at its
+arrival time, collect records, summarise with the simulator's metrics module.
+
+The JSON a run writes is ``vllm bench serve``'s result (same keys, same meanings: the
+summary comes from ``fairbatch.metrics.summarize``, which is matched against vLLM), plus
+``slo_attainment`` / ``envelope_attainment`` / ``per_class``, plus the simulator report's
+``scenario`` / ``runs`` / ``capacity`` layout so that a bench report and a ``fairbatch
+simulate`` report of the same trace can be read by the same code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+import httpx
+import numpy as np
+
+from fairbatch.bench.client import BenchRequest, make_payload, send_request
+from fairbatch.metrics import RequestRecord, find_capacity, summarize
+from fairbatch.request import SLO
+from fairbatch.workload import (
+    GammaArrivals,
+    TraceEntry,
+    assign_slos,
+    load_trace,
+    mean_rate,
+    parse_slo_classes,
+    retime,
+    scale_rate,
+    truncate_to_context,
+)
+
+PROMPT_ID_LOW, PROMPT_ID_HIGH = 1, 100     # token ids drawn from [1, 100]: inside any vocabulary
+
+
+class BenchError(ValueError):
+    """A user-facing problem (unreachable server, unknown model, bad option)."""
+
+
+@dataclass
+class BenchConfig:
+    base_url: str = "http://127.0.0.1:8000"
+    endpoint: str = "/v1/completions"
+    model: str | None = None                    # None: the server's first model
+    trace: str = "azure-conv"
+    num_prompts: int | None = 1000              # None: the whole trace
+    rate_scale: float = 1.0                     # trace arrivals compressed by this
+    request_rate: float | None = None           # re-time with a gamma process at this rate
+    burstiness: float = 1.0
+    ttft_slo: float = 1.0                       # seconds
+    tpot_slo: float = 0.05
+    slo_classes: str | None = None
+    max_model_len: int | None = None            # default: the server's (from /v1/models), if it says
+    max_concurrency: int | None = None
+    send_slo: bool = True                       # put each request's SLO in its body (our server reads it)
+    ignore_eos: bool = True
+    seed: int = 0
+    timeout: float = 6 * 3600.0
+    label: str | None = None
+    extra_body: dict[str, Any] = field(default_factory=dict)
+    warmup: bool = True                          # one request before the run (checks the server, too)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Workload:
+    entries: list[TraceEntry]                   # arrivals at scale 1
+    requests: list[BenchRequest]
+    base_rate: float                            # request rate at scale 1
+    truncated: int
+    model: str
+    server_info: dict[str, Any]
+
+
+@dataclass
+class RunOutcome:
+    rate_scale: float
+    summary: dict[str, Any]
+    records: list[RequestRecord]
+
+
+def _url(base: str, path: str) -> str:
+    return base.rstrip("/") + "/" + path.lstrip("/")
+
+
+def server_models(cfg: BenchConfig) -> list[dict[str, Any]]:
+    try:
+        r = httpx.get(_url(cfg.base_url, "/v1/models"), timeout=30.0)
+    except httpx.HTTPError as e:
+        raise BenchError(f"cannot reach the server at {cfg.base_url}: {type(e).__name__}: {e}") from None
+    if r.status_code != 200:
+        raise BenchError(f"{cfg.base_url}/v1/models answered HTTP {r.status_code}")
+    try:
+        data = r.json().get("data") or []
+    except (ValueError, AttributeError):
+        raise BenchError(f"{cfg.base_url}/v1/models did not answer a model list") from None
+    return [m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
+
+
+def prepare(cfg: BenchConfig) -> Workload:
+    """Read the trace, resolve the model and context limit from the server, draw prompts."""
+    if cfg.num_prompts is not None and cfg.num_prompts < 1:
+        raise BenchError("--num-prompts must be >= 1")
+    if cfg.request_rate is not None and not cfg.request_rate > 0:
+        raise BenchError("--request-rate must be positive (inf: all at once)")
+    if not (cfg.rate_scale > 0 and math.isfinite(cfg.rate_scale)):
+        raise BenchError("--rate-scale must be a positive number")
+    if cfg.max_concurrency is not None and cfg.max_concurrency < 1:
+        raise BenchError("--max-concurrency must be >= 1")
+    if not (cfg.ttft_slo > 0 and cfg.tpot_slo > 0):
+        raise BenchError("SLOs must be positive")
+
+    models = server_models(cfg)
+    info: dict[str, Any] = {}
+    model = cfg.model
+    if model is None:
+        if not models:
+            raise BenchError(f"{cfg.base_url} lists no models; pass --model")
+        info = models[0]
+        model = info["id"]
+    else:
+        info = next((m for m in models if m["id"] == model), {})
+        if models and not info:
+            raise BenchError(f"the server does not serve {model!r} (it lists {', '.join(m['id'] for m in models)})")
+
+    entries = load_trace(cfg.trace, seed=cfg.seed)
+    n = len(entries) if cfg.num_prompts is None else min(cfg.num_prompts, len(entries))
+    entries = entries[:n]
+    if cfg.request_rate is not None:
+        entries = retime(entries, GammaArrivals(cfg.request_rate, cfg.burstiness), seed=cfg.seed)
+    limit = cfg.max_model_len or info.get("max_model_len")
+    truncated = 0
+    if isinstance(limit, int) and limit >= 2:
+        entries, truncated = truncate_to_context(entries, limit)
+    base_rate = _rate(entries)
+
+    default = SLO(cfg.ttft_slo, cfg.tpot_slo, "default")
+    if cfg.slo_classes:
+        slos = assign_slos(entries, default=default, classes=parse_slo_classes(cfg.slo_classes), seed=cfg.seed)
+    else:
+        slos = assign_slos(entries, default=default)
+    rng = np.random.default_rng(cfg.seed)
+    requests = []
+    for i, (e, slo) in enumerate(zip(entries, slos, strict=True)):
+        ids = rng.integers(PROMPT_ID_LOW, PROMPT_ID_HIGH + 1, size=e.prompt_len).tolist()
+        requests.append(BenchRequest(f"bench-{i}", e.arrival, ids, e.output_len, slo))
+    return Workload(entries, requests, base_rate, truncated, model, info)
+
+
+def _rate(entries: list[TraceEntry]) -> float:
+    if len(entries) < 2:
+        return math.inf
+    return mean_rate(entries)
+
+
+async def _run_async(cfg: BenchConfig, wl: Workload, rate_scale: float,
+                     on_done: Callable[[RequestRecord], None] | None) -> tuple[list[RequestRecord], float]:
+    url = _url(cfg.base_url, cfg.endpoint)
+    limits = httpx.Limits(max_connections=cfg.max_concurrency, max_keepalive_connections=cfg.max_concurrency or 512)
+    timeout = httpx.Timeout(cfg.timeout, connect=min(60.0, cfg.timeout))
+    sem = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
+    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+        if cfg.warmup:
+            w = wl.requests[0]
+            probe = BenchRequest("warmup", 0.0, w.prompt_ids[:16] or [1], 2, w.slo)
+            rec = await send_request(client, url, probe, make_payload(probe, wl.model, send_slo=cfg.send_slo,
+                                                                      ignore_eos=cfg.ignore_eos,
+                                                                      extra_body=cfg.extra_body))
+            if not rec.success:
+                raise BenchError(f"the test request to {url} failed: {rec.error}")
+
+        async def one(req: BenchRequest) -> RequestRecord:
+            payload = make_payload(req, wl.model, send_slo=cfg.send_slo, ignore_eos=cfg.ignore_eos,
+                                   extra_body=cfg.extra_body)
+            if sem is not None:
+                async with sem:
+                    rec = await send_request(client, url, req, payload, check_length=cfg.ignore_eos)
+            else:
+                rec = await send_request(client, url, req, payload, check_length=cfg.ignore_eos)
+            if on_done is not None:
+                on_done(rec)
+            return rec
+
+        tasks = []
+        start = time.perf_counter()
+        for req in wl.requests:
+            due = start + req.arrival / rate_scale
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(req)))
+        records = list(await asyncio.gather(*tasks))
+        duration = time.perf_counter() - start
+    return records, duration
+
+
+def run_once(cfg: BenchConfig, wl: Workload, rate_scale: float = 1.0,
+             on_done: Callable[[RequestRecord], None] | None = None) -> RunOutcome:
+    """Replay the workload once with arrivals compressed by ``rate_scale``."""
+    records, duration = asyncio.run(_run_async(cfg, wl, rate_scale, on_done))
+    summary = summarize(records, duration=duration)
+    rate = wl.base_rate * rate_scale
+    summary["request_rate"] = rate if math.isfinite(rate) else "inf"
+    summary["rate_scale"] = rate_scale
+    reasons = Counter(r.error for r in records if not r.success)
+    summary["failure_reasons"] = dict(reasons.most_common())
+    return RunOutcome(rate_scale, summary, records)
+
+
+def result_json(cfg: BenchConfig, wl: Workload, outcome: RunOutcome, *, detailed: bool = False,
+                runs: list[dict[str, Any]] | None = None, capacity: dict[str, Any] | None = None) -> dict[str, Any]:
+    """vLLM's result layout (metadata + summary) with our SLO keys and the simulator's
+    ``scenario`` / ``runs`` / ``capacity`` keys."""
+    label = cfg.label or (wl.server_info.get("fairbatch") or {}).get("policy") or "server"
+    s = outcome.summary
+    out: dict[str, Any] = {
+        "date": datetime.now().strftime("%Y%m%d-%H%M%S"),
+        "endpoint_type": "openai",
+        "backend": "openai",
+        "label": label,
+        "model_id": wl.model,
+        "tokenizer_id": wl.model,
+        "num_prompts": len(wl.requests),
+        "request_rate": s.get("request_rate"),
+        "burstiness": cfg.burstiness if cfg.request_rate is not None else None,
+        "max_concurrency": cfg.max_concurrency,
+    }
+    out.update(s)
+    out["policy"] = label
+    out["trace"] = cfg.trace
+    out["truncated_requests"] = wl.truncated
+    scenario = {k: v for k, v in cfg.to_dict().items() if k not in ("extra_body",)}
+    scenario["model"] = wl.model
+    out["scenario"] = scenario
+    out["runs"] = runs if runs is not None else [{"policy": label, **s}]
+    if capacity is not None:
+        out["capacity"] = {label: capacity["request_rate"]}
+        out["capacity_search"] = {label: capacity}
+    if detailed:
+        recs = outcome.records
+        out["input_lens"] = [r.prompt_len for r in recs]
+        out["output_lens"] = [r.output_len for r in recs]
+        out["ttfts"] = [r.ttft if r.ttft is not None else 0.0 for r in recs]
+        out["itls"] = [r.itls.tolist() for r in recs]
+        out["slo_classes"] = [r.slo_class for r in recs]
+        out["errors"] = [r.error or "" for r in recs]
+    return out
+
+
+def run_capacity(cfg: BenchConfig, wl: Workload, *, target: float = 0.9, lo: float = 1.0, hi: float | None = None,
+                 rel_tol: float = 0.05, max_iter: int = 8,
+                 on_point: Callable[[float, float, dict[str, Any]], None] | None = None,
+                 on_done: Callable[[RequestRecord], None] | None = None) -> tuple[Any, dict[float, RunOutcome]]:
+    """Bisect the rate scale for the highest one with SLO attainment >= target."""
+    if not math.isfinite(wl.base_rate):
+        raise BenchError("--capacity needs finite arrival times (not --request-rate inf)")
+    outcomes: dict[float, RunOutcome] = {}
+
+    def run(scale: float) -> dict[str, Any]:
+        o = run_once(cfg, wl, scale, on_done)
+        outcomes[scale] = o
+        return o.summary
+
+    res = find_capacity(run, lo=lo, hi=hi, target=target, rel_tol=rel_tol, max_iter=max_iter, on_point=on_point)
+    return res, outcomes

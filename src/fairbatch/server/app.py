@@ -1,0 +1,415 @@
+"""The OpenAI-compatible FastAPI app: ``build_app(model)``.
+
+Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with SSE
+streaming and ``stream_options.include_usage``), ``GET /v1/models``, ``GET /health``,
+``GET /metrics`` (Prometheus), ``GET /load`` (the scheduler's load estimate, for routers).
+
+Robustness rules: every request is validated before it reaches the engine (bad body,
+unknown model, over-long prompt -> 400/404 in OpenAI's error format); a full server
+answers 503 with ``Retry-After``; a client that goes away has its requests aborted at
+once (their KV blocks freed at the engine's next step boundary); any unexpected error
+in a handler is one request's 500, never the server's end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import asdict
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from fairbatch.engine.params import SamplingParams
+from fairbatch.request import SLO
+from fairbatch.server.async_engine import AsyncEngine, EngineDead, QueueFull, RequestGroup, clock
+from fairbatch.server.errors import APIError, bad_request, error_body, error_response, format_validation_errors
+from fairbatch.server.metrics import CONTENT_TYPE, ServerMetrics
+from fairbatch.server.model import ServedModel
+from fairbatch.server.output import OutputProcessor
+from fairbatch.server.protocol import MAX_CHOICES, ChatCompletionRequest, CompletionRequest, SLOField, _Sampling
+
+log = logging.getLogger("fairbatch.server")
+
+DEFAULT_COMPLETION_MAX_TOKENS = 16      # OpenAI's default for /v1/completions
+
+
+def build_app(model: ServedModel, *, max_pending: int = 4096, retry_after: int = 1,
+              metrics_prefix: str = "fairbatch") -> FastAPI:
+    """An app serving ``model``; the engine thread starts and stops with the app's lifespan.
+
+    ``max_pending``: requests (choices) the server holds at once, running or queued; one
+    more is answered 503 with ``Retry-After: retry_after``."""
+    metrics = ServerMetrics(model.name, prefix=metrics_prefix)
+    engine = AsyncEngine(model, max_pending=max_pending, metrics=metrics)
+    metrics.engine = engine
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        try:
+            yield
+        finally:
+            engine.stop()
+
+    app = FastAPI(title="fairbatch", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible server on the FairBatching scheduler.")
+    app.state.model = model
+    app.state.engine = engine
+    app.state.metrics = metrics
+    created = int(time.time())
+
+    # --- errors ----------------------------------------------------------------------------
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, e: APIError) -> JSONResponse:
+        return error_response(e.status, e.message, e.param, e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+        message, param = format_validation_errors(list(e.errors()))
+        return error_response(400, message, param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        return error_response(e.status_code, str(e.detail), None, getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, e: Exception) -> JSONResponse:
+        log.exception("unexpected error in a handler")
+        return error_response(500, f"internal error: {type(e).__name__}")
+
+    # --- helpers ---------------------------------------------------------------------------
+    def check_model(name: str | None) -> None:
+        if name is not None and name not in model.names:
+            raise APIError(404, f"The model `{name}` does not exist.", param="model")
+
+    def submit(reqs: list[Any]) -> RequestGroup:
+        try:
+            return engine.add(reqs)
+        except QueueFull as e:
+            metrics.on_reject(len(reqs))
+            raise APIError(503, f"server is at capacity: {e}; retry later",
+                           headers={"Retry-After": str(retry_after)}) from None
+        except EngineDead as e:
+            raise APIError(503, f"engine unavailable: {e}", headers={"Retry-After": str(retry_after)}) from None
+
+    def request_slo(field: SLOField | None) -> SLO:
+        d = model.default_slo
+        if field is None:
+            return d
+        ttft = field.ttft_ms / 1000.0 if field.ttft_ms is not None else d.ttft
+        tpot = field.tpot_ms / 1000.0 if field.tpot_ms is not None else d.tpot
+        name = field.slo_class or ("custom" if (field.ttft_ms or field.tpot_ms) else d.name)
+        return SLO(ttft, tpot, name)
+
+    def sampling(body: _Sampling, max_tokens: int) -> SamplingParams:
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens,
+                temperature=1.0 if body.temperature is None else body.temperature,
+                top_p=1.0 if body.top_p is None else body.top_p,
+                top_k=0 if body.top_k is None else body.top_k,
+                seed=body.seed,
+                stop_token_ids=[t for t in (body.stop_token_ids or [])],
+                ignore_eos=body.ignore_eos)
+        except ValueError as e:
+            raise bad_request(str(e)) from None
+
+    def check_tokens(ids: Sequence[int], param: str) -> None:
+        bad = next((t for t in ids if not 0 <= t < model.vocab_size), None)
+        if bad is not None:
+            raise bad_request(f"token id {bad} is outside the vocabulary (0..{model.vocab_size - 1})", param)
+
+    def build_requests(body: _Sampling, prompts: list[list[int]], limit: int | None, default_limit: int | None,
+                       arrival: float, prefix: str) -> list[Any]:
+        if msg := body.unsupported():
+            raise bad_request(msg)
+        if len(prompts) * body.n > MAX_CHOICES:
+            raise bad_request(f"{len(prompts)} prompts x n={body.n} exceeds {MAX_CHOICES} choices per request", "n")
+        if body.stop_token_ids:
+            check_tokens(body.stop_token_ids, "stop_token_ids")
+        slo = request_slo(body.slo)
+        reqs = []
+        for p, ids in enumerate(prompts):
+            check_tokens(ids, "prompt")
+            try:
+                max_tokens = model.check_length(len(ids), limit if limit is not None else default_limit)
+            except ValueError as e:
+                raise bad_request(str(e), "max_tokens" if ids and limit else "prompt") from None
+            sp = sampling(body, max_tokens)
+            for j in range(body.n):
+                try:
+                    reqs.append(model.make_request(f"{prefix}-{p * body.n + j}", ids, sp, slo=slo,
+                                                   priority=body.priority, arrival=arrival))
+                except ValueError as e:
+                    raise bad_request(str(e), "prompt") from None
+        return reqs
+
+    # --- endpoints ---------------------------------------------------------------------------
+    @app.get("/health")
+    async def health() -> Response:
+        if not engine.alive:
+            return error_response(503, engine.error or "engine not running")
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        return JSONResponse({"object": "list", "data": [{
+            "id": model.name, "object": "model", "created": created, "owned_by": "fairbatch",
+            "root": model.name, "parent": None, "max_model_len": model.max_model_len,
+            "fairbatch": {"policy": model.policy, "vocab_size": model.vocab_size, "device": model.device,
+                          "default_slo": {"ttft_ms": model.default_slo.ttft * 1e3,
+                                          "tpot_ms": model.default_slo.tpot * 1e3}},
+        }]})
+
+    @app.get("/load")
+    async def load() -> JSONResponse:
+        try:
+            ld = await engine.load()
+        except EngineDead as e:
+            raise APIError(503, f"engine unavailable: {e}") from None
+        except asyncio.TimeoutError:
+            raise APIError(503, "the engine did not answer in time") from None
+        out = asdict(ld)
+        out["num_requests"] = ld.num_requests
+        out["policy"] = model.policy
+        out["model"] = model.name
+        out["max_pending"] = engine.max_pending
+        out["num_requests_in_server"] = engine.num_active
+        return JSONResponse(out)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, raw: Request) -> Response:
+        arrival = clock()
+        check_model(body.model)
+        prompt = body.prompt
+        if isinstance(prompt, str):
+            texts: list[str | None] = [prompt]
+            prompts = [model.encode(prompt)]
+        elif not prompt:
+            raise bad_request("prompt must not be empty", "prompt")
+        elif isinstance(prompt[0], int):
+            texts, prompts = [None], [list(prompt)]            # type: ignore[list-item]
+        elif isinstance(prompt[0], str):
+            texts = list(prompt)                                # type: ignore[arg-type]
+            prompts = [model.encode(t) for t in prompt]         # type: ignore[arg-type]
+        else:
+            texts = [None] * len(prompt)
+            prompts = [list(p) for p in prompt]                 # type: ignore[arg-type]
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        reqs = build_requests(body, prompts, body.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, arrival, rid)
+        echo = [None] * len(reqs)
+        if body.echo:
+            echo = [texts[i // body.n] if texts[i // body.n] is not None else model.decode(prompts[i // body.n])
+                    for i in range(len(reqs))]
+        group = submit(reqs)
+        usage_prompt = sum(len(p) for p in prompts)
+        stops = body.stop_strings()
+        base = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model.name}
+
+        def choice(i: int, text: str, reason: str | None) -> dict[str, Any]:
+            return {"index": i, "text": text, "logprobs": None, "finish_reason": reason, "stop_reason": None}
+
+        if body.stream:
+            usage_opts = body.stream_options
+
+            async def events() -> AsyncIterator[str]:
+                if body.echo:
+                    for i, t in enumerate(echo):
+                        yield _sse({**base, "choices": [choice(i, t or "", None)]})
+                async for ev in _choices(group, model, stops):
+                    if isinstance(ev, str):
+                        yield _sse(error_body(500, ev))
+                        break
+                    i, text, reason, procs = ev
+                    chunk = {**base, "choices": [choice(i, text, reason)]}
+                    if usage_opts and usage_opts.continuous_usage_stats:
+                        chunk["usage"] = _usage(usage_prompt, procs)
+                    yield _sse(chunk)
+                else:
+                    if usage_opts and usage_opts.include_usage:
+                        yield _sse({**base, "choices": [], "usage": _usage(usage_prompt, procs_of(group))})
+                yield "data: [DONE]\n\n"
+
+            return _SSEResponse(events(), group)
+
+        results = await _collect(group, model, stops, raw)
+        choices = [choice(i, (echo[i] or "") + text, reason) for i, (text, reason) in enumerate(results)]
+        return JSONResponse({**base, "choices": choices, "usage": _usage(usage_prompt, procs_of(group))})
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest, raw: Request) -> Response:
+        arrival = clock()
+        check_model(body.model)
+        if msg := body.unsupported():
+            raise bad_request(msg)
+        messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+                    for m in body.messages]
+        try:
+            _, ids = model.chat_prompt(messages, add_generation_prompt=body.add_generation_prompt,
+                                       extra=body.chat_template_kwargs)
+        except ValueError as e:
+            raise bad_request(str(e), "messages") from None
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        reqs = build_requests(body, [ids], body.token_limit, None, arrival, rid)
+        group = submit(reqs)
+        stops = body.stop_strings()
+        base = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model.name}
+
+        if body.stream:
+            usage_opts = body.stream_options
+
+            async def events() -> AsyncIterator[str]:
+                for i in range(len(reqs)):
+                    yield _sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                     "logprobs": None, "finish_reason": None}]})
+                async for ev in _choices(group, model, stops):
+                    if isinstance(ev, str):
+                        yield _sse(error_body(500, ev))
+                        break
+                    i, text, reason, procs = ev
+                    delta = {"content": text} if (text or reason is None) else {}
+                    chunk = {**base, "choices": [{"index": i, "delta": delta, "logprobs": None,
+                                                  "finish_reason": reason}]}
+                    if usage_opts and usage_opts.continuous_usage_stats:
+                        chunk["usage"] = _usage(len(ids), procs)
+                    yield _sse(chunk)
+                else:
+                    if usage_opts and usage_opts.include_usage:
+                        yield _sse({**base, "choices": [], "usage": _usage(len(ids), procs_of(group))})
+                yield "data: [DONE]\n\n"
+
+            return _SSEResponse(events(), group)
+
+        results = await _collect(group, model, stops, raw)
+        return JSONResponse({
+            "id": rid, "object": "chat.completion", "created": base["created"], "model": model.name,
+            "choices": [{"index": i, "message": {"role": "assistant", "content": text},
+                         "logprobs": None, "finish_reason": reason, "stop_reason": None}
+                        for i, (text, reason) in enumerate(results)],
+            "usage": _usage(len(ids), procs_of(group))})
+
+    return app
+
+
+# --- streaming machinery (event loop) --------------------------------------------------------
+def _sse(obj: dict[str, Any]) -> str:
+    return "data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False) + "\n\n"
+
+
+def _usage(prompt_tokens: int, procs: Sequence[OutputProcessor]) -> dict[str, int]:
+    out = sum(p.num_tokens for p in procs)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": out, "total_tokens": prompt_tokens + out}
+
+
+def procs_of(group: RequestGroup) -> list[OutputProcessor]:
+    return getattr(group, "processors", [])
+
+
+async def _choices(group: RequestGroup, model: ServedModel, stops: Sequence[str]
+                   ) -> AsyncIterator[tuple[int, str, str | None, list[OutputProcessor]] | str]:
+    """Every delta of every choice as ``(index, text, finish_reason, processors)``; one item
+    per engine step per choice (also when its text is held back and empty), so a client
+    sees one event per generated token. Yields an error string and stops if the engine
+    failed a request. Aborts whatever is left when it ends, however it ends."""
+    n = len(group.requests)
+    procs = [OutputProcessor(model.decode, stops) for _ in range(n)]
+    group.processors = procs   # type: ignore[attr-defined]
+    closed: set[int] = set()
+    try:
+        while len(closed) < n:
+            idx, d = await group.queue.get()
+            if idx in closed:
+                continue
+            if d.error is not None:
+                yield f"request failed: {d.error}"
+                return
+            text = procs[idx].feed(d.token_ids, final=d.finish_reason is not None)
+            reason = d.finish_reason
+            if procs[idx].finish_reason == "stop":
+                reason = "stop"
+                group.abort(idx)
+            if reason is not None:
+                closed.add(idx)
+            yield idx, text, reason, procs
+    finally:
+        group.abort()
+
+
+async def _wait_disconnect(raw: Request) -> None:
+    while True:
+        message = await raw.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _collect(group: RequestGroup, model: ServedModel, stops: Sequence[str], raw: Request
+                   ) -> list[tuple[str, str | None]]:
+    """Run a non-streaming request to the end; abort it if the client disconnects first."""
+    texts = [""] * len(group.requests)
+    reasons: list[str | None] = [None] * len(group.requests)
+
+    async def consume() -> str | None:
+        async for ev in _choices(group, model, stops):
+            if isinstance(ev, str):
+                return ev
+            i, text, reason, _ = ev
+            texts[i] += text
+            if reason is not None:
+                reasons[i] = reason
+        return None
+
+    work = asyncio.ensure_future(consume())
+    watch = asyncio.ensure_future(_wait_disconnect(raw))
+    try:
+        done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if work not in done:
+            group.abort()
+            raise APIError(499, "client disconnected")
+        error = work.result()
+    finally:
+        for t in (work, watch):
+            if not t.done():
+                t.cancel()
+        group.abort()
+    if error is not None:
+        raise APIError(500, error)
+    return list(zip(texts, reasons))
+
+
+class _SSEResponse(StreamingResponse):
+    """An SSE stream that always closes its generator and aborts its requests, whether the
+    stream ended, the client disconnected, or the send failed."""
+
+    def __init__(self, content: AsyncIterator[str], group: RequestGroup) -> None:
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._gen = content
+        self._group = group
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except OSError:
+            pass   # the client went away mid-send
+        finally:
+            self._group.abort()
+            aclose = getattr(self._gen, "aclose", None)
+            if aclose is not None:
+                try:
+                    await aclose()
+                except Exception:   # noqa: BLE001
+                    pass
+

@@ -1,0 +1,108 @@
+"""`fairbatch serve`: the OpenAI-compatible server on the engine."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+
+def load_served_model(model: str, *, policy: str = "fairbatching", ttft_slo: float = 1.0, tpot_slo: float = 0.05,
+                      served_model_name: str | None = None, scheduler_options: dict[str, Any] | None = None,
+                      max_num_batched_tokens: int = 8192, max_num_seqs: int = 256, max_model_len: int | None = None,
+                      profile: str | None = None, **engine_kwargs: Any) -> "ServedModel":  # noqa: F821
+    """Build the engine (``fairbatch.engine.LLM``) and wrap it for the server.
+
+    Raises ``ValueError`` (``EngineError`` is one) with a one-line message for anything a
+    user got wrong: unknown preset or policy, bad model directory, bad option."""
+    from fairbatch.engine import LLM
+    from fairbatch.scheduler import SchedulerConfig, policy_names
+    from fairbatch.server.model import ServedModel
+
+    if policy not in policy_names():
+        raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(policy_names())}")
+    if not (ttft_slo > 0 and tpot_slo > 0):
+        raise ValueError("--ttft-slo and --tpot-slo must be positive (seconds)")
+    cfg = SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+                          ttft_slo=ttft_slo, tpot_slo=tpot_slo)
+    if max_model_len is not None:
+        cfg.max_model_len = max_model_len
+    else:
+        cfg.max_model_len = 1 << 30      # the engine clips it to the model's context
+    for k, v in (scheduler_options or {}).items():
+        if not hasattr(cfg, k):
+            raise ValueError(f"unknown scheduler option {k!r}")
+        setattr(cfg, k, v)
+    latency = None
+    if profile is not None:
+        from fairbatch.latency.profiles import load_profile
+
+        latency = load_profile(profile)
+    llm = LLM(model, policy=policy, scheduler_config=cfg, latency_model=latency,
+              max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+              max_model_len=max_model_len, **engine_kwargs)
+    return ServedModel(llm, served_model_name)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def serve(
+        model: Annotated[str, typer.Option(help="Model preset (e.g. llama-3-8b, tiny-llama) or Hugging Face model directory.")],
+        load_format: Annotated[str, typer.Option(help="auto, safetensors, or dummy (random weights).")] = "auto",
+        policy: Annotated[str, typer.Option(help="Scheduling policy: fairbatching, sarathi, vllm, prefill-first.")] = "fairbatching",
+        ttft_slo: Annotated[float, typer.Option(help="Default TTFT SLO, seconds (a request may override it with its `slo` field).")] = 1.0,
+        tpot_slo: Annotated[float, typer.Option(help="Default TPOT SLO, seconds.")] = 0.05,
+        host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+        port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8000,
+        served_model_name: Annotated[Optional[str], typer.Option(help="Model id clients use; default: --model.")] = None,
+        dtype: Annotated[str, typer.Option(help="auto, bfloat16, float16 or float32.")] = "auto",
+        device: Annotated[Optional[str], typer.Option(help="cuda or cpu; default: cuda when available.")] = None,
+        attention_backend: Annotated[Optional[str], typer.Option(help="torch or triton; default by device.")] = None,
+        max_model_len: Annotated[Optional[int], typer.Option(help="Context limit; default: the model's.")] = None,
+        max_num_seqs: Annotated[int, typer.Option(help="Requests running at once.")] = 256,
+        max_num_batched_tokens: Annotated[int, typer.Option(help="Token budget per step (vllm policy).")] = 8192,
+        num_kv_blocks: Annotated[Optional[int], typer.Option(help="KV-cache blocks; default: from GPU memory (1024 on CPU).")] = None,
+        gpu_memory_utilization: Annotated[float, typer.Option(help="Fraction of GPU memory for weights + KV cache.")] = 0.9,
+        max_pending: Annotated[int, typer.Option(help="Requests held at once (running + queued); beyond it 503 + Retry-After.")] = 4096,
+        profile: Annotated[Optional[Path], typer.Option(help="Latency profile JSON for the scheduler (from `fairbatch profile`).")] = None,
+        set_option: Annotated[Optional[list[str]], typer.Option("--set", help="Scheduler option KEY=VALUE; repeatable.")] = None,
+        seed: Annotated[int, typer.Option(help="Seed for dummy weights and sampling.")] = 0,
+        log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+        access_log: Annotated[bool, typer.Option(help="Log every HTTP request.")] = False,
+    ) -> None:
+        """Serve a model with an OpenAI-compatible API (completions, chat, /metrics, /load)."""
+        from fairbatch.cli import console, fail, parse_options
+        from fairbatch.server.app import build_app
+        from fairbatch.server.runner import bind_socket, serve_forever
+
+        if max_pending < 1:
+            raise fail("--max-pending must be >= 1")
+        try:
+            options = parse_options(set_option or [])
+        except ValueError as e:
+            raise fail(str(e)) from None
+        try:
+            sock = bind_socket(host, port)
+        except OSError as e:
+            raise fail(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
+                            format="%(levelname)s %(name)s: %(message)s")
+        try:
+            served = load_served_model(
+                model, policy=policy, ttft_slo=ttft_slo, tpot_slo=tpot_slo, served_model_name=served_model_name,
+                scheduler_options=options, max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+                max_model_len=max_model_len, profile=str(profile) if profile else None, load_format=load_format,
+                dtype=dtype, device=device, attention_backend=attention_backend, num_kv_blocks=num_kv_blocks,
+                gpu_memory_utilization=gpu_memory_utilization, seed=seed)
+        except (ValueError, OSError) as e:
+            sock.close()
+            raise fail(str(e)) from None
+        app_ = build_app(served, max_pending=max_pending)
+        bound = sock.getsockname()
+        console.print(f"serving [bold]{served.name}[/] ({served.device}, policy {policy}, "
+                      f"{served.allocator.num_blocks} KV blocks, context {served.max_model_len}, "
+                      f"SLO TTFT {ttft_slo:g}s / TPOT {tpot_slo * 1e3:g}ms) on http://{host}:{bound[1]}",
+                      highlight=False)
+        serve_forever(app_, sock, log_level=log_level, access_log=access_log)

@@ -1,0 +1,182 @@
+"""Prometheus metrics of one server, in its own ``CollectorRegistry``.
+
+Names follow vLLM's (``vllm:num_requests_running`` -> ``fairbatch:num_requests_running``,
+same suffixes, units and histogram buckets), so dashboards carry over by changing the
+prefix. Ours on top: SLO attainment per SLO class (TTFT, vLLM-style mean TPOT, both, and
+FairBatching's per-token envelope), the scheduler's admission budget, and queued prefill
+tokens. Request-level series are observed by the engine thread as tokens are produced
+(prometheus-client is thread-safe); gauges are read from the engine's snapshot at scrape
+time.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from fairbatch.request import Request
+
+if TYPE_CHECKING:
+    from fairbatch.server.async_engine import AsyncEngine
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# vLLM's buckets (vllm/v1/metrics/loggers.py), with a few sub-10 ms ones for small models.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
+               2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+               120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+OBJECTIVES = ("ttft", "tpot", "both", "envelope")
+
+
+class ServerMetrics:
+    def __init__(self, model_name: str, prefix: str = "fairbatch") -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.prefix = prefix
+        self.model_name = model_name
+        p = prefix + ":"
+        lab = ["model_name"]
+        r = self.registry
+        self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens of admitted requests.", lab, registry=r)
+        self.generation_tokens = Counter(p + "generation_tokens", "Generated tokens.", lab, registry=r)
+        self.request_success = Counter(p + "request_success", "Finished requests, by finish reason.",
+                                       lab + ["finished_reason"], registry=r)
+        self.request_aborted = Counter(p + "request_aborted", "Requests aborted (client gone, stop string, error).",
+                                       lab, registry=r)
+        self.request_rejected = Counter(p + "request_rejected", "Requests refused with 503 (queue full).",
+                                        lab, registry=r)
+        self.ttft = Histogram(p + "time_to_first_token_seconds", "Time to first token.", lab,
+                              buckets=TTFT_BUCKETS, registry=r)
+        self.itl = Histogram(p + "inter_token_latency_seconds", "Time between consecutive output tokens.", lab,
+                             buckets=ITL_BUCKETS, registry=r)
+        self.tpot = Histogram(p + "request_time_per_output_token_seconds",
+                              "Per request: (e2e - ttft) / (output tokens - 1), as vllm bench serve's TPOT.", lab,
+                              buckets=ITL_BUCKETS, registry=r)
+        self.e2e = Histogram(p + "e2e_request_latency_seconds", "End-to-end request latency.", lab,
+                             buckets=E2E_BUCKETS, registry=r)
+        self.slo_requests = Counter(p + "slo_requests", "Finished requests counted for SLO attainment.",
+                                    lab + ["slo_class"], registry=r)
+        self.slo_met = Counter(p + "slo_met", "Finished requests that met an objective "
+                               "(ttft, tpot, both, envelope = every token by its deadline).",
+                               lab + ["slo_class", "objective"], registry=r)
+        self._lock = threading.Lock()
+        self._attain: dict[str, list[int]] = {}      # class -> [requests, met both, met envelope]
+        self.engine: AsyncEngine | None = None
+        self.registry.register(_StateCollector(self))
+
+    # --- events (engine thread) ------------------------------------------------------------
+    def on_arrival(self, req: Request) -> None:
+        self.prompt_tokens.labels(self.model_name).inc(req.prompt_len)
+
+    def on_tokens(self, req: Request, start: int, end: int) -> None:
+        """Output tokens ``start..end-1`` of ``req`` were just produced."""
+        times = req.token_times
+        m = self.model_name
+        self.generation_tokens.labels(m).inc(end - start)
+        itl = self.itl.labels(m)
+        for j in range(start, end):
+            if j == 0:
+                self.ttft.labels(m).observe(times[0] - req.arrival)
+            else:
+                itl.observe(times[j] - times[j - 1])
+
+    def on_finish(self, req: Request) -> None:
+        m = self.model_name
+        self.request_success.labels(m, req.finish_reason or "length").inc()
+        first = req.first_token_time
+        end = req.finish_time if req.finish_time is not None else (req.token_times[-1] if req.token_times else None)
+        if end is not None:
+            self.e2e.labels(m).observe(end - req.arrival)
+        tpot = None
+        if req.generated > 1 and first is not None and end is not None:
+            tpot = (end - first) / (req.generated - 1)
+            self.tpot.labels(m).observe(tpot)
+        cls = req.slo.name
+        ttft_ok = first is not None and first - req.arrival <= req.slo.ttft
+        tpot_ok = tpot is None or tpot <= req.slo.tpot
+        env_ok = req.generated > 0 and req.max_lateness <= 0.0
+        self.slo_requests.labels(m, cls).inc()
+        for name, ok in (("ttft", ttft_ok), ("tpot", tpot_ok), ("both", ttft_ok and tpot_ok), ("envelope", env_ok)):
+            if ok:
+                self.slo_met.labels(m, cls, name).inc()
+        with self._lock:
+            a = self._attain.setdefault(cls, [0, 0, 0])
+            a[0] += 1
+            a[1] += int(ttft_ok and tpot_ok)
+            a[2] += int(env_ok)
+
+    def on_abort(self, req: Request) -> None:
+        self.request_aborted.labels(self.model_name).inc()
+
+    def on_reject(self, n: int = 1) -> None:
+        self.request_rejected.labels(self.model_name).inc(n)
+
+    # --- exposition ------------------------------------------------------------------------
+    def attainment(self) -> dict[str, tuple[int, float, float]]:
+        """slo_class -> (finished requests, SLO attainment, envelope attainment)."""
+        with self._lock:
+            return {k: (n, both / n if n else 0.0, env / n if n else 0.0) for k, (n, both, env) in self._attain.items()}
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _StateCollector(Collector):
+    """Gauges read at scrape time from the engine's latest snapshot."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self.m = metrics
+
+    def describe(self) -> list[Any]:
+        return []   # dynamic: never registered by name, so no clash checks needed
+
+    def collect(self) -> Iterator[Any]:
+        m = self.m
+        p = m.prefix + ":"
+        eng = m.engine
+        lab = ["model_name"]
+        snap = eng.snapshot if eng is not None else None
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            g = GaugeMetricFamily(p + name, doc, labels=lab)
+            g.add_metric([m.model_name], value)
+            return g
+
+        if snap is not None:
+            yield gauge("num_requests_running", "Requests holding KV blocks (admitted).", snap.running)
+            yield gauge("num_requests_waiting", "Requests queued for admission (incl. preempted).", snap.waiting)
+            yield gauge("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (1 = full).", snap.kv_usage)
+            yield gauge("gpu_cache_usage_perc", "Same as kv_cache_usage_perc (vLLM V0 name).", snap.kv_usage)
+            yield gauge("num_kv_blocks_free", "Free KV-cache blocks.", snap.free_blocks)
+            yield gauge("admission_budget_tokens", "Prompt tokens the instance can still start within TTFT "
+                        "(the scheduler's load estimate for routers).", snap.admission_budget)
+            yield gauge("queued_prefill_tokens", "Prompt tokens not yet computed.", snap.queued_prefill_tokens)
+            c = CounterMetricFamily(p + "num_preemptions", "Recompute preemptions.", labels=lab)
+            c.add_metric([m.model_name], snap.preemptions)
+            yield c
+            c = CounterMetricFamily(p + "engine_steps", "Engine steps run.", labels=lab)
+            c.add_metric([m.model_name], snap.steps)
+            yield c
+        if eng is not None:
+            yield gauge("num_requests_in_server", "Requests accepted and not finished (running, waiting, "
+                        "or on their way to the engine).", eng.num_active)
+            c = CounterMetricFamily(p + "engine_step_errors", "Engine steps that raised.", labels=lab)
+            c.add_metric([m.model_name], eng.step_errors)
+            yield c
+        att = m.attainment()
+        g = GaugeMetricFamily(p + "slo_attainment", "Fraction of finished requests that met both TTFT and TPOT "
+                              "objectives, by SLO class.", labels=lab + ["slo_class"])
+        e = GaugeMetricFamily(p + "envelope_attainment", "Fraction of finished requests whose every token met "
+                              "its per-token deadline, by SLO class.", labels=lab + ["slo_class"])
+        for cls, (_, slo, env) in sorted(att.items()):
+            g.add_metric([m.model_name, cls], slo)
+            e.add_metric([m.model_name, cls], env)
+        yield g
+        yield e

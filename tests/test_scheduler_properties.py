@@ -134,3 +134,20 @@ def test_prompt_longer_than_context_is_rejected_clearly() -> None:
 def test_unknown_policy_names_the_choices() -> None:
     with pytest.raises(ValueError, match="fairbatching"):
         make_scheduler("nope", SchedulerConfig(), BlockAllocator(10), MODEL)
+
+
+@pytest.mark.parametrize("policy", policy_names())
+def test_kv_pressure_preempts_and_recomputes(policy: str) -> None:
+    """More concurrent demand than KV: requests are preempted, recomputed, and all finish
+    with exactly their output length and no leaked blocks."""
+    alloc = BlockAllocator(40, 16)     # 640 token slots
+    cfg = SchedulerConfig(max_num_batched_tokens=512, max_model_len=1024,
+                          chunk_size=256 if policy == "sarathi" else None)
+    sched = make_scheduler(policy, cfg, alloc, MODEL)
+    reqs = [Request(f"r{i}", 0.01 * i, 100 + 20 * i, 150, SLO(1.0, 0.05)) for i in range(8)]
+    out = simulate(reqs, [Instance(sched, CheckingExecutor(MODEL, sched))])
+    assert out.unfinished == 0
+    assert out.preemptions > 0
+    assert sum(r.num_preemptions for r in reqs) == out.preemptions
+    assert all(r.generated == 150 for r in reqs)
+    assert alloc.num_free == 40

@@ -34,6 +34,7 @@ class SchedulerConfig:
     time_budget_max: float = 0.250       # T_max, seconds
     time_budget_rule: str = "max-slack-tpot"  # T = max(min slack, min tpot); or "min-slack"
     triage: bool = True                  # requests that already missed their SLO go last
+    triage_lookahead: bool = True        # ...and prompts that cannot finish prefill in time
     failed_decode_gap: float = 4.0       # ...but get a token at least every this many TPOTs
     min_chunk: int = 16                  # smallest prefill chunk worth a step
     chunk_align: int = 16                # round prefill chunks down to a multiple of this

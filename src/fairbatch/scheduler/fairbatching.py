@@ -141,17 +141,12 @@ class FairBatchingScheduler(Scheduler):
         late_partials: list[Request] = []
         if partials:
             partials.sort(key=_by_deadline)
-            for req in partials:
-                if triage and req.generated == 0 and req.deadline < now:
-                    late_partials.append(req)
-                else:
-                    self._add_partial(req, T, token_cap, plan)
-        if not plan.preempted:
-            self._admit_prefills(T, token_cap, plan)
-        for req in late_partials:
-            self._add_partial(req, T, token_cap, plan)
-        if not plan.preempted and self._late:
-            self._admit_late(T, token_cap, plan)
+            if triage:
+                late_partials = [r for r in partials if r.generated == 0 and r.deadline < now]
+                if late_partials:
+                    partials = [r for r in partials if not (r.generated == 0 and r.deadline < now)]
+        self._prefill_group(partials, T, token_cap, plan, late=False)
+        self._prefill_group(late_partials, T, token_cap, plan, late=True)
 
         # (c) the remaining decodes, by deadline, while the step stays within T; then
         # those of requests that already missed their SLO
@@ -164,6 +159,18 @@ class FairBatchingScheduler(Scheduler):
 
         plan.predicted_time = model.predict(plan.features) if plan.chunks else 0.0
         return plan
+
+    def _prefill_group(self, partials: list[Request], T: float, token_cap: int, plan: StepPlan,
+                       late: bool) -> None:
+        """Running partial prefills, then admissions from the matching waiting queue."""
+        for req in partials:
+            self._add_partial(req, T, token_cap, plan)
+        if not plan.preempted:   # like vLLM: no admissions in a step that had to preempt
+            if late:
+                if self._late:
+                    self._admit_late(T, token_cap, plan)
+            else:
+                self._admit_prefills(T, token_cap, plan)
 
     def _add_partial(self, req: Request, T: float, token_cap: int, plan: StepPlan) -> None:
         if req.state is not RequestState.RUNNING:
@@ -245,7 +252,8 @@ class FairBatchingScheduler(Scheduler):
             if req.state is not RequestState.WAITING:
                 heapq.heappop(heap)       # admitted or aborted since it was pushed
                 continue
-            if cfg.triage and req.generated == 0 and deadline < now:
+            if cfg.triage and req.generated == 0 and (
+                    deadline < now or (cfg.triage_lookahead and deadline < now + self._prefill_time(req))):
                 heapq.heappop(heap)       # can no longer meet its TTFT: served after the rest
                 self._late.append(req)
                 continue
@@ -255,6 +263,12 @@ class FairBatchingScheduler(Scheduler):
             heapq.heappop(heap)
             self._admit_waiting(req)
             plan.add(req, k)
+
+    def _prefill_time(self, req: Request) -> float:
+        """Lower bound on the time to finish ``req``'s prompt: one step doing only that."""
+        c = req.num_computed
+        k = req.prompt_len - c
+        return self.latency.predict(StepFeatures(1, k, c + k, k * c + k * (k + 1) * 0.5))
 
     def _admit_late(self, T: float, token_cap: int, plan: StepPlan) -> None:
         late = self._late
@@ -276,17 +290,19 @@ class FairBatchingScheduler(Scheduler):
 
     def _reserve(self, req: Request, num_tokens: int, slack: float, plan: StepPlan) -> bool:
         """Allocate KV for ``req``; when short, preempt the running request with the most
-        slack that is not in this step, if it has more slack than ``req``."""
+        slack that is not in this step, if it ranks after ``req`` by (slack, admission):
+        a strict order, so the first-ranked request can always get its blocks and the
+        instance never stalls with every request waiting for another's."""
         while not self._grow(req, num_tokens):
             in_plan = {id(r) for r, _ in plan.chunks}
             victim = None
-            best = slack
+            best = (slack, req.admitted_at)
             for r in self.running:
                 if r is req or id(r) in in_plan:
                     continue
-                s = self._slack(r)
-                if s > best:
-                    best, victim = s, r
+                key = (self._slack(r), r.admitted_at)
+                if key > best:
+                    best, victim = key, r
             if victim is None:
                 return False
             self._preempt(victim, plan)

@@ -153,6 +153,18 @@ def build_app(model: ServedModel, *, max_pending: int = 4096, retry_after: int =
                     raise bad_request(str(e), "prompt") from None
         return reqs
 
+    def split_prompt(prompt: Any) -> tuple[list[str | None], list[list[int]]]:
+        """The four shapes of ``prompt`` -> (texts or None, token ids) per prompt."""
+        if isinstance(prompt, str):
+            return [prompt], [model.encode(prompt)]
+        if not prompt:
+            raise ValueError("prompt must not be empty")
+        if isinstance(prompt[0], int):
+            return [None], [list(prompt)]
+        if isinstance(prompt[0], str):
+            return list(prompt), [model.encode(t) for t in prompt]
+        return [None] * len(prompt), [list(p) for p in prompt]
+
     # --- endpoints ---------------------------------------------------------------------------
     @app.get("/health")
     async def health() -> Response:
@@ -194,20 +206,10 @@ def build_app(model: ServedModel, *, max_pending: int = 4096, retry_after: int =
     async def completions(body: CompletionRequest, raw: Request) -> Response:
         arrival = clock()
         check_model(body.model)
-        prompt = body.prompt
-        if isinstance(prompt, str):
-            texts: list[str | None] = [prompt]
-            prompts = [model.encode(prompt)]
-        elif not prompt:
-            raise bad_request("prompt must not be empty", "prompt")
-        elif isinstance(prompt[0], int):
-            texts, prompts = [None], [list(prompt)]            # type: ignore[list-item]
-        elif isinstance(prompt[0], str):
-            texts = list(prompt)                                # type: ignore[arg-type]
-            prompts = [model.encode(t) for t in prompt]         # type: ignore[arg-type]
-        else:
-            texts = [None] * len(prompt)
-            prompts = [list(p) for p in prompt]                 # type: ignore[arg-type]
+        try:
+            texts, prompts = split_prompt(body.prompt)
+        except ValueError as e:
+            raise bad_request(str(e), "prompt") from None
         rid = f"cmpl-{uuid.uuid4().hex}"
         reqs = build_requests(body, prompts, body.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, arrival, rid)
         echo = [None] * len(reqs)

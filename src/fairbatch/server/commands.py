@@ -12,7 +12,7 @@ import typer
 def load_served_model(model: str, *, policy: str = "fairbatching", ttft_slo: float = 1.0, tpot_slo: float = 0.05,
                       served_model_name: str | None = None, scheduler_options: dict[str, Any] | None = None,
                       max_num_batched_tokens: int = 8192, max_num_seqs: int = 256, max_model_len: int | None = None,
-                      profile: str | None = None, **engine_kwargs: Any) -> "ServedModel":  # noqa: F821
+                      profile: str | None = None, cpu_threads: int | None = None, **engine_kwargs: Any) -> "ServedModel":  # noqa: F821
     """Build the engine (``fairbatch.engine.LLM``) and wrap it for the server.
 
     Raises ``ValueError`` (``EngineError`` is one) with a one-line message for anything a
@@ -21,6 +21,14 @@ def load_served_model(model: str, *, policy: str = "fairbatching", ttft_slo: flo
     from fairbatch.scheduler import SchedulerConfig, policy_names
     from fairbatch.server.model import ServedModel
 
+    if cpu_threads is not None:
+        import torch
+
+        if cpu_threads < 1:
+            raise ValueError("--cpu-threads must be >= 1")
+        # Small CPU models are much faster on one intra-op thread: torch's thread pool costs
+        # milliseconds per tiny op (softmax of a few scores) on small machines.
+        torch.set_num_threads(cpu_threads)
     if policy not in policy_names():
         raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(policy_names())}")
     if not (ttft_slo > 0 and tpot_slo > 0):
@@ -69,6 +77,7 @@ def register(app: typer.Typer) -> None:
         profile: Annotated[Optional[Path], typer.Option(help="Latency profile JSON for the scheduler (from `fairbatch profile`).")] = None,
         set_option: Annotated[Optional[list[str]], typer.Option("--set", help="Scheduler option KEY=VALUE; repeatable.")] = None,
         seed: Annotated[int, typer.Option(help="Seed for dummy weights and sampling.")] = 0,
+        cpu_threads: Annotated[Optional[int], typer.Option(help="torch intra-op threads (CPU engine); 1 is fastest for tiny models.")] = None,
         log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
         access_log: Annotated[bool, typer.Option(help="Log every HTTP request.")] = False,
     ) -> None:
@@ -95,7 +104,7 @@ def register(app: typer.Typer) -> None:
                 scheduler_options=options, max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                 max_model_len=max_model_len, profile=str(profile) if profile else None, load_format=load_format,
                 dtype=dtype, device=device, attention_backend=attention_backend, num_kv_blocks=num_kv_blocks,
-                gpu_memory_utilization=gpu_memory_utilization, seed=seed)
+                gpu_memory_utilization=gpu_memory_utilization, seed=seed, cpu_threads=cpu_threads)
         except (ValueError, OSError) as e:
             sock.close()
             raise fail(str(e)) from None

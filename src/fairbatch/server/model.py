@@ -117,6 +117,11 @@ class ServedModel:
 
     # --- tokenizer -----------------------------------------------------------------------
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``; ValueError for text no tokenizer can take (lone surrogates)."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"the text is not valid Unicode: {e.reason} at position {e.start}") from None
         if not add_special_tokens:
             raw = getattr(self.tokenizer, "_tok", None)   # HFTokenizer wraps tokenizers.Tokenizer
             if raw is not None:

@@ -58,53 +58,49 @@ json_scalars = (st.none() | st.booleans() | st.integers(-(2**70), 2**70)
                 | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12))
 json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=4)
                            | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
-token_ids = st.integers(-3, 600)
-prompts = (st.text(max_size=40) | st.lists(token_ids, max_size=30) | st.lists(st.text(max_size=6), max_size=3)
-           | st.lists(st.lists(token_ids, max_size=8), max_size=3))
-
-
-def either(valid):
-    return valid | json_values
-
-
+# Valid values (mostly inside the limits, sometimes just outside them), then bodies that are
+# valid, valid with one or two fields replaced by arbitrary JSON, or arbitrary JSON.
+token_ids = st.integers(0, 511) | st.integers(-3, 600)
+prompts = (st.text(max_size=40) | st.lists(token_ids, min_size=1, max_size=30)
+           | st.lists(st.text(max_size=6), min_size=1, max_size=3)
+           | st.lists(st.lists(token_ids, min_size=1, max_size=8), min_size=1, max_size=3))
+slo = st.fixed_dictionaries({}, optional={"ttft_ms": st.floats(-10, 1e10, allow_nan=False),
+                                          "tpot_ms": st.floats(0.001, 1e4), "class": st.text(max_size=70)})
 sampling_fields = {
-    "model": either(st.sampled_from([MODEL, "other-model", ""])),
-    "max_tokens": either(st.integers(-2, 70)),
-    "temperature": either(st.floats(-1, 3, allow_nan=False)),
-    "top_p": either(st.floats(-0.5, 1.5, allow_nan=False)),
-    "top_k": either(st.integers(-3, 1000)),
-    "seed": either(st.integers(-(2**65), 2**65)),
-    "n": either(st.integers(-1, 4)),
-    "stop": either(st.text(max_size=3) | st.lists(st.text(max_size=3), max_size=20)),
-    "stop_token_ids": either(st.lists(token_ids, max_size=4)),
-    "ignore_eos": either(st.booleans()),
-    "stream": either(st.booleans()),
-    "stream_options": either(st.fixed_dictionaries({}, optional={
-        "include_usage": either(st.booleans()), "continuous_usage_stats": either(st.booleans())})),
-    "priority": either(st.integers(-(2**40), 2**40)),
-    "slo": either(st.fixed_dictionaries({}, optional={
-        "ttft_ms": either(st.floats(-10, 1e10, allow_nan=False)), "tpot_ms": either(st.floats(-10, 1e4)),
-        "class": either(st.text(max_size=70))})),
-    "presence_penalty": either(st.floats(-3, 3)),
-    "best_of": either(st.integers(0, 5)),
-    "user": json_values,
+    "model": st.sampled_from([MODEL, MODEL, "other-model"]),
+    "max_tokens": st.integers(1, 30) | st.integers(-2, 80),
+    "temperature": st.floats(0, 2) | st.floats(-1, 1e7, allow_nan=False),
+    "top_p": st.floats(0.01, 1) | st.floats(-0.5, 1.5),
+    "top_k": st.integers(-1, 600),
+    "seed": st.integers(0, 2**31) | st.integers(-(2**65), 2**65),
+    "n": st.integers(1, 3) | st.integers(-1, 300),
+    "stop": st.text(max_size=3) | st.lists(st.text(max_size=3), max_size=20),
+    "stop_token_ids": st.lists(token_ids, max_size=4),
+    "ignore_eos": st.booleans(),
+    "stream": st.booleans(),
+    "stream_options": st.fixed_dictionaries({}, optional={"include_usage": st.booleans(),
+                                                          "continuous_usage_stats": st.booleans()}),
+    "priority": st.integers(-(2**40), 2**40),
+    "slo": slo,
+    "presence_penalty": st.floats(-3, 3) | st.just(0.0),
+    "best_of": st.integers(0, 5),
+    "user": st.text(max_size=8),
 }
-completion_fields = {**sampling_fields, "prompt": either(prompts), "echo": either(st.booleans()),
-                     "logprobs": either(st.none() | st.integers(-1, 3)), "suffix": json_values}
-message = st.fixed_dictionaries({"role": either(st.sampled_from(["system", "user", "assistant", "tool"])),
-                                 "content": either(st.text(max_size=30) | st.lists(st.fixed_dictionaries(
-                                     {"type": either(st.just("text")), "text": either(st.text(max_size=10))}),
-                                     max_size=3))},
-                                optional={"name": json_values})
-chat_fields = {**sampling_fields, "messages": either(st.lists(message, max_size=4)),
-               "max_completion_tokens": either(st.integers(-1, 70)), "logprobs": either(st.booleans()),
-               "tools": json_values, "response_format": json_values, "chat_template_kwargs": json_values}
+completion_fields = {**sampling_fields, "echo": st.booleans(), "logprobs": st.none() | st.integers(-1, 3)}
+message = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "tool"]) | st.text(max_size=70),
+                                 "content": st.text(max_size=30) | st.none() | st.lists(st.fixed_dictionaries(
+                                     {"type": st.just("text"), "text": st.text(max_size=10)}), max_size=3)},
+                                optional={"name": st.text(max_size=5)})
+chat_fields = {**sampling_fields, "max_completion_tokens": st.integers(-1, 40), "logprobs": st.booleans(),
+               "add_generation_prompt": st.booleans()}
 
 
-def bodies(fields):
-    typed = st.fixed_dictionaries({}, optional=fields)
-    extra = st.dictionaries(st.text(max_size=10), json_values, max_size=3)
-    return st.one_of(typed, st.builds(lambda a, b: {**b, **a}, typed, extra), json_values)
+def bodies(required, fields):
+    valid = st.fixed_dictionaries(required, optional=fields)
+    keys = sorted({*required, *fields, "tools", "response_format", "chat_template_kwargs", "suffix", "extra"})
+    broken = st.dictionaries(st.sampled_from(keys) | st.text(max_size=8), json_values, min_size=1, max_size=2)
+    mutated = st.builds(lambda a, b: {**a, **b}, valid, broken)
+    return st.one_of(valid, valid, mutated, json_values)
 
 
 def post(http, path: str, body) -> None:
@@ -130,13 +126,13 @@ FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=list(Heal
 
 
 @FUZZ
-@given(body=bodies(completion_fields))
+@given(body=bodies({"prompt": prompts}, completion_fields))
 def test_fuzz_completions(http, body):
     post(http, "/v1/completions", body)
 
 
 @FUZZ
-@given(body=bodies(chat_fields))
+@given(body=bodies({"messages": st.lists(message, min_size=1, max_size=4)}, chat_fields))
 def test_fuzz_chat(http, body):
     post(http, "/v1/chat/completions", body)
 

@@ -61,7 +61,7 @@ class Request:
         "request_id", "arrival", "prompt_len", "max_new_tokens", "slo", "deadline_rule",
         "prompt_token_ids", "output_token_ids", "sampling", "priority",
         "state", "num_computed", "generated", "first_token_time", "token_times",
-        "finish_time", "finish_reason", "num_preemptions", "max_lateness", "_safe", "deadline", "kv_slots", "ttft_missed",
+        "finish_time", "finish_reason", "num_preemptions", "_safe", "_tpot", "deadline", "kv_slots", "ttft_missed",
         "admitted_at", "user_data",
     )
 
@@ -91,6 +91,7 @@ class Request:
         self.slo = slo
         self.deadline_rule = DeadlineRule(deadline_rule)
         self._safe = self.deadline_rule is DeadlineRule.TPOT_SAFE
+        self._tpot = slo.tpot
         self.prompt_token_ids = prompt_token_ids
         self.output_token_ids: list[int] = []
         self.sampling = sampling          # engine-side sampling parameters (opaque here)
@@ -103,7 +104,6 @@ class Request:
         self.finish_time: float | None = None
         self.finish_reason: str | None = None   # "length" | "stop" | "abort"
         self.num_preemptions = 0
-        self.max_lateness = float("-inf") # max over tokens of (time - envelope deadline)
         self.deadline = self.arrival + slo.ttft   # of the next output token (kept current)
         self.kv_slots = 0                 # tokens its KV blocks can hold (kept by the scheduler)
         self.ttft_missed = False          # first token came after arrival + ttft
@@ -148,26 +148,29 @@ class Request:
 
     # --- events -------------------------------------------------------------------------
     def record_token(self, now: float, token_id: int | None = None) -> None:
-        """An output token was produced at ``now``."""
-        j = self.generated
-        slo = self.slo
-        env = self.arrival + slo.ttft + slo.tpot * j
-        if j == 0:
+        """An output token was produced at ``now``. Runs once per token in every substrate,
+        so it keeps the next deadline incrementally: ``d(j) = base + tpot*j`` where
+        ``base`` is ``arrival + ttft`` (envelope), or ``min(arrival + ttft,
+        first_token_time)`` (TPOT-safe), fixed once the first token exists."""
+        if self.generated == 0:
             self.first_token_time = now
-            self.ttft_missed = now > env
-        if now - env > self.max_lateness:
-            self.max_lateness = now - env
-        self.generated = j + 1
+            env0 = self.deadline                     # arrival + ttft
+            self.ttft_missed = now > env0
+            base = now if (self._safe and now < env0) else env0
+            self.deadline = base + self._tpot
+        else:
+            self.deadline += self._tpot
+        self.generated += 1
         self.token_times.append(now)
         if token_id is not None:
             self.output_token_ids.append(token_id)
-        # Next token's deadline (token_deadline(j + 1), inlined: this runs per token).
-        d = env + slo.tpot
-        if self._safe:
-            safe = self.first_token_time + slo.tpot * (j + 1)
-            if safe < d:
-                d = safe
-        self.deadline = d
+
+    @property
+    def max_lateness(self) -> float:
+        """Max over produced tokens of (time - envelope deadline); <= 0 means the request
+        met its whole envelope. Computed from the token times (not on the hot path)."""
+        env0, tpot = self.arrival + self.slo.ttft, self.slo.tpot
+        return max((t - env0 - tpot * j for j, t in enumerate(self.token_times)), default=float("-inf"))
 
     def reset_for_recompute(self) -> None:
         """Preempted: KV is dropped; prompt and generated tokens will be recomputed."""

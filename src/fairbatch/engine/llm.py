@@ -127,6 +127,8 @@ class Engine:
             self.model, self.kv, self.allocator, self.backend, self.ops, Sampler(self.device, args.seed),
             self.eos_token_ids, cuda_graphs=args.cuda_graphs,
             graph_max_batch=min(256, args.max_num_seqs), max_model_len=self.max_model_len)
+        if self.executor.graphs is not None:
+            self.executor.graphs.capture_all()   # now, not inside a timed serving step
 
     def _auto_kv_blocks(self) -> int:
         per_block = KVCache.bytes_per_block(self.config, self.args.block_size, self.dtype)

@@ -32,7 +32,6 @@ encoder-decoder, hybrid (Mamba) and pooling models.
 from __future__ import annotations
 
 import inspect
-import logging
 import time
 from dataclasses import asdict
 from typing import Any
@@ -52,6 +51,7 @@ try:
     from vllm.v1.engine import EngineCoreEventType
     from vllm.v1.request import Request as VllmRequest
     from vllm.v1.request import RequestStatus
+    from vllm.logger import init_logger
 except ImportError as _e:  # pragma: no cover - depends on the environment
     raise ImportError(
         f"fairbatch.integrations.vllm needs vLLM {_SUPPORTED_TEXT} (pip install 'vllm==0.32.*', or "
@@ -59,6 +59,7 @@ except ImportError as _e:  # pragma: no cover - depends on the environment
 
 from fairbatch.integrations.load_server import LoadServer
 from fairbatch.integrations.online_latency import OnlineLatencyModel
+import fairbatch.integrations.vllm_config as _plugin_config_module
 from fairbatch.integrations.vllm_config import PluginConfig, load_plugin_config, request_slo
 from fairbatch.latency.base import LatencyModel
 from fairbatch.latency.linear import LinearLatencyModel
@@ -67,7 +68,9 @@ from fairbatch.request import DeadlineRule, Request, RequestState
 from fairbatch.scheduler.base import Scheduler as PolicyScheduler
 from fairbatch.scheduler.base import make_scheduler
 
-log = logging.getLogger("fairbatch.integrations.vllm")
+# Log through vLLM's logging setup (its format, its VLLM_LOGGING_LEVEL), config warnings too.
+log = init_logger("vllm.fairbatch")
+_plugin_config_module.log = log
 
 # --- interface check ------------------------------------------------------------------------
 

@@ -135,16 +135,24 @@ class Scheduler(ABC):
         finished: list[Request] = []
         token_ids = result.token_ids
         stopped = result.stopped
+        running = RequestState.RUNNING
         for req, k in plan.chunks:
-            if req.state is not RequestState.RUNNING:
+            if req.state is not running:
                 continue  # aborted while the step ran
             c = req.num_computed + k
             req.num_computed = c
             if c == req.prompt_len + req.generated:
-                rid = req.request_id
-                req.record_token(now, token_ids.get(rid) if token_ids else None)
-                if req.generated >= req.max_new_tokens or (stopped and rid in stopped):
-                    req.finish_reason = "stop" if (stopped and rid in stopped) else "length"
+                if token_ids:
+                    rid = req.request_id
+                    req.record_token(now, token_ids.get(rid))
+                    if stopped and rid in stopped:
+                        req.finish_reason = "stop"
+                        finished.append(req)
+                        continue
+                else:
+                    req.record_token(now)
+                if req.generated >= req.max_new_tokens:
+                    req.finish_reason = "length"
                     finished.append(req)
         if finished:
             for req in finished:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from itertools import count
+from operator import attrgetter
 
 from fairbatch.plan import StepFeatures, StepPlan
 from fairbatch.request import Request, RequestState
@@ -40,8 +41,7 @@ from fairbatch.scheduler.base import Scheduler, register_policy
 _INF = float("inf")
 
 
-def _by_deadline(r: Request) -> float:
-    return r.deadline
+_by_deadline = attrgetter("deadline")
 
 
 def _last_token_time(r: Request) -> float:

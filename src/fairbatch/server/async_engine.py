@@ -49,6 +49,7 @@ class Delta:
     finish_reason: str | None = None      # "stop" | "length" when the request finished
     error: str | None = None              # the engine failed this request
     time: float = 0.0                     # end of the step that produced the tokens
+    start: int = 0                        # index of the first of token_ids in the output
 
     @property
     def done(self) -> bool:
@@ -159,6 +160,9 @@ class AsyncEngine:
         for i, r in enumerate(requests):
             self._groups[r.request_id] = (group, i)
         self.num_active += len(requests)
+        if self.metrics is not None:
+            for r in requests:
+                self.metrics.on_arrival(r)
         self._send("add", list(requests))
         return group
 
@@ -168,9 +172,12 @@ class AsyncEngine:
         for rid in request_ids:
             entry = self._groups.pop(rid, None)
             if entry is not None:
-                entry[0].live.discard(rid)
+                group, idx = entry
+                group.live.discard(rid)
                 self.num_active -= 1
                 ids.append(rid)
+                if self.metrics is not None:
+                    self.metrics.on_abort(group.requests[idx])
         if ids:
             self._send("abort", ids)
 
@@ -188,14 +195,24 @@ class AsyncEngine:
         self._wake.set()
 
     def _dispatch(self, deltas: list[tuple[str, Delta]]) -> None:
-        """On the loop: hand each request's delta to its group."""
+        """On the loop: hand each request's delta to its group; observe metrics here, off
+        the engine thread's critical path (a Request's past token times and, once it is
+        finished, its final state are no longer written by the engine thread)."""
         groups = self._groups
+        metrics = self.metrics
         for rid, delta in deltas:
             entry = groups.get(rid)
             if entry is None:
                 continue            # aborted meanwhile
             group, idx = entry
             group.queue.put_nowait((idx, delta))
+            if metrics is not None and delta.error is None:
+                req = group.requests[idx]
+                n = len(delta.token_ids)
+                if n:
+                    metrics.on_tokens(req, delta.start, delta.start + n)
+                if delta.finish_reason is not None:
+                    metrics.on_finish(req)
             if delta.done:
                 del groups[rid]
                 group.live.discard(rid)
@@ -212,6 +229,9 @@ class AsyncEngine:
     # --- the engine thread ---------------------------------------------------------------------
     def _run(self) -> None:
         try:
+            init = getattr(self.model, "thread_init", None)
+            if init is not None:
+                init()          # e.g. make the model's CUDA device current in this thread
             self._loop_body()
         except BaseException as e:   # noqa: BLE001 - record why, fail everything, never hang clients
             self.error = f"engine thread died: {type(e).__name__}: {e}"
@@ -222,7 +242,6 @@ class AsyncEngine:
     def _loop_body(self) -> None:
         inst = self.instance
         tracked = self._tracked
-        metrics = self.metrics
         loop = self._loop
         assert loop is not None
         last_snapshot = 0.0
@@ -242,15 +261,10 @@ class AsyncEngine:
                             early.append((req.request_id, Delta([], error=str(e), time=now)))
                             continue
                         tracked[req.request_id] = _Track(req)
-                        if metrics is not None:
-                            metrics.on_arrival(req)
                 elif kind == "abort":
                     for rid in payload:
-                        t = tracked.pop(rid, None)
-                        if t is not None:
+                        if tracked.pop(rid, None) is not None:
                             inst.abort(rid, now)
-                            if metrics is not None:
-                                metrics.on_abort(t.req)
                 elif kind == "load":
                     try:
                         load = inst.load(now)
@@ -286,17 +300,14 @@ class AsyncEngine:
                         continue
                     gen = req.generated
                     if gen > t.sent or req.request_id in fin:
-                        toks = req.output_token_ids[t.sent:gen]
-                        if metrics is not None and gen > t.sent:
-                            metrics.on_tokens(req, t.sent, gen)
+                        start = t.sent
+                        toks = req.output_token_ids[start:gen]
                         t.sent = gen
                         reason = None
                         if req.request_id in fin:
                             reason = req.finish_reason or "length"
                             del tracked[req.request_id]
-                            if metrics is not None:
-                                metrics.on_finish(req)
-                        deltas.append((req.request_id, Delta(list(toks), reason, time=end)))
+                        deltas.append((req.request_id, Delta(toks, reason, time=end, start=start)))
                 if deltas:
                     loop.call_soon_threadsafe(self._dispatch, deltas)
             t_now = clock()

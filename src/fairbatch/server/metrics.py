@@ -70,20 +70,29 @@ class ServerMetrics:
         self._attain: dict[str, list[int]] = {}      # class -> [requests, met both, met envelope]
         self.engine: AsyncEngine | None = None
         self.registry.register(_StateCollector(self))
+        # label children resolved once: observe() is on the per-token path
+        m = model_name
+        self._prompt_tokens = self.prompt_tokens.labels(m)
+        self._generation_tokens = self.generation_tokens.labels(m)
+        self._ttft = self.ttft.labels(m)
+        self._itl = self.itl.labels(m)
+        self._tpot = self.tpot.labels(m)
+        self._e2e = self.e2e.labels(m)
+        self._aborted = self.request_aborted.labels(m)
+        self._rejected = self.request_rejected.labels(m)
 
-    # --- events (engine thread) ------------------------------------------------------------
+    # --- events (event loop thread) --------------------------------------------------------
     def on_arrival(self, req: Request) -> None:
-        self.prompt_tokens.labels(self.model_name).inc(req.prompt_len)
+        self._prompt_tokens.inc(req.prompt_len)
 
     def on_tokens(self, req: Request, start: int, end: int) -> None:
         """Output tokens ``start..end-1`` of ``req`` were just produced."""
         times = req.token_times
-        m = self.model_name
-        self.generation_tokens.labels(m).inc(end - start)
-        itl = self.itl.labels(m)
+        self._generation_tokens.inc(end - start)
+        itl = self._itl
         for j in range(start, end):
             if j == 0:
-                self.ttft.labels(m).observe(times[0] - req.arrival)
+                self._ttft.observe(times[0] - req.arrival)
             else:
                 itl.observe(times[j] - times[j - 1])
 
@@ -91,17 +100,18 @@ class ServerMetrics:
         m = self.model_name
         self.request_success.labels(m, req.finish_reason or "length").inc()
         first = req.first_token_time
-        end = req.finish_time if req.finish_time is not None else (req.token_times[-1] if req.token_times else None)
+        n = len(req.token_times)
+        end = req.finish_time if req.finish_time is not None else (req.token_times[-1] if n else None)
         if end is not None:
-            self.e2e.labels(m).observe(end - req.arrival)
+            self._e2e.observe(end - req.arrival)
         tpot = None
-        if req.generated > 1 and first is not None and end is not None:
-            tpot = (end - first) / (req.generated - 1)
-            self.tpot.labels(m).observe(tpot)
+        if n > 1 and first is not None and end is not None:
+            tpot = (end - first) / (n - 1)
+            self._tpot.observe(tpot)
         cls = req.slo.name
         ttft_ok = first is not None and first - req.arrival <= req.slo.ttft
         tpot_ok = tpot is None or tpot <= req.slo.tpot
-        env_ok = req.generated > 0 and req.max_lateness <= 0.0
+        env_ok = n > 0 and req.max_lateness <= 0.0
         self.slo_requests.labels(m, cls).inc()
         for name, ok in (("ttft", ttft_ok), ("tpot", tpot_ok), ("both", ttft_ok and tpot_ok), ("envelope", env_ok)):
             if ok:
@@ -113,10 +123,10 @@ class ServerMetrics:
             a[2] += int(env_ok)
 
     def on_abort(self, req: Request) -> None:
-        self.request_aborted.labels(self.model_name).inc()
+        self._aborted.inc()
 
     def on_reject(self, n: int = 1) -> None:
-        self.request_rejected.labels(self.model_name).inc(n)
+        self._rejected.inc(n)
 
     # --- exposition ------------------------------------------------------------------------
     def attainment(self) -> dict[str, tuple[int, float, float]]:

@@ -115,6 +115,15 @@ class ServedModel:
         self.chat_template = ChatTemplate.from_dir(tok_dir)
         self.device = str(engine.device)
 
+    def thread_init(self) -> None:
+        """Called first thing in the engine thread: CUDA's current device is per thread, and
+        Triton launches on the current device."""
+        dev = self.llm.engine.device
+        if getattr(dev, "type", None) == "cuda":
+            import torch
+
+            torch.cuda.set_device(dev)
+
     # --- tokenizer -----------------------------------------------------------------------
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``; ValueError for text no tokenizer can take (lone surrogates)."""

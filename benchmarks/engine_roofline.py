@@ -1,0 +1,226 @@
+"""Engine step times vs their roofline on one GPU (Llama-3-8B shape, dummy bf16 weights).
+
+For each step shape: the measured step time (median of timed ``EngineExecutor.execute``
+calls, i.e. what the scheduler sees: host batch building, forward, sampling, sync), its
+roofline ``max(bytes / BW, FLOPs / F)`` with ``BW`` the measured device-to-device copy
+bandwidth (read + write bytes) and ``F`` the measured bf16 8192^3 matmul rate, and the
+ratio. Bytes = weights streamed (all but the embedding table) + KV read; FLOPs = linear
+layers (2 per weight per token) + lm_head per sampled row + attention (4 * layers * heads *
+head_dim per query-key pair).
+
+Also tunes the Triton attention launch configs on kernel-only microbenchmarks first.
+
+    PYTHONPATH=src python benchmarks/engine_roofline.py --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import statistics
+import time
+
+import torch
+
+
+def measure_ceilings() -> tuple[float, float]:
+    """(copy bandwidth bytes/s counting read + write, bf16 matmul FLOP/s) on this GPU."""
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device="cuda").random_(0, 255)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(10):
+        st.record(); b.copy_(a); en.record(); en.synchronize()
+        times.append(st.elapsed_time(en) / 1e3)
+    bw = 2 * n / statistics.median(times)
+    del a, b
+    m = 8192
+    x = torch.randn(m, m, dtype=torch.bfloat16, device="cuda")
+    y = torch.randn(m, m, dtype=torch.bfloat16, device="cuda")
+    for _ in range(3):
+        x @ y
+    times = []
+    for _ in range(10):
+        st.record(); x @ y; en.record(); en.synchronize()
+        times.append(st.elapsed_time(en) / 1e3)
+    flops = 2 * m ** 3 / statistics.median(times)
+    del x, y
+    torch.cuda.empty_cache()
+    return bw, flops
+
+
+def tune_attention(report: list) -> None:
+    """Kernel-only timings of launch configs; the fastest becomes the module default."""
+    import numpy as np
+
+    from fairbatch.engine.attention import AttentionMetadata
+    from fairbatch.engine.attention import triton_paged as tp
+
+    H, KVH, D, B = 32, 8, 128, 16
+
+    def bench(q_lens, ctx0, configs, which):
+        S = len(q_lens)
+        seq_lens = np.array([c + q for c, q in zip(ctx0, q_lens)], np.int32)
+        nb = sum(-(-int(s) // B) for s in seq_lens)
+        kc = torch.randn(nb, B, KVH, D, dtype=torch.bfloat16, device="cuda")
+        vc = torch.randn_like(kc)
+        W = max(-(-int(s) // B) for s in seq_lens)
+        perm = np.random.default_rng(0).permutation(nb).astype(np.int32)
+        bt = np.zeros((S, W), np.int32)
+        o = 0
+        for i, s in enumerate(seq_lens):
+            n = -(-int(s) // B)
+            bt[i, :n] = perm[o:o + n]
+            o += n
+        qsl = np.zeros(S + 1, np.int32)
+        qsl[1:] = np.cumsum(q_lens)
+        T = int(qsl[-1])
+        q = torch.randn(T, H, D, dtype=torch.bfloat16, device="cuda")
+        att = tp.TritonPagedAttention(H, KVH, D)
+        dev = lambda a: torch.from_numpy(a).cuda()  # noqa: E731
+        best = None
+        kv_bytes = float(seq_lens.sum()) * KVH * D * 2 * 2
+        pairs = sum(q * c + q * (q + 1) / 2 for q, c in zip(q_lens, ctx0))
+        flops = 4 * pairs * H * D
+        for cfg in configs:
+            saved = dict(tp.DECODE_CONFIG), dict(tp.PREFILL_CONFIG)
+            (tp.DECODE_CONFIG if which == "decode" else tp.PREFILL_CONFIG).update(cfg)
+            try:
+                att = tp.TritonPagedAttention(H, KVH, D)
+                ex = att.launch_arrays(np.array(q_lens), seq_lens)
+                meta = AttentionMetadata(torch.zeros(T, dtype=torch.int32, device="cuda"), dev(qsl), dev(seq_lens),
+                                         dev(bt), T, S, max(q_lens), int(seq_lens.max()), qsl, seq_lens, B,
+                                         {k: dev(v) for k, v in ex.items()}, {k: int(v.size) for k, v in ex.items()})
+                import triton.testing
+                ms = triton.testing.do_bench(lambda: att.forward(q, kc, vc, meta), warmup=25, rep=100,
+                                             return_mode="median")
+            except Exception as e:  # a config that does not compile (shared memory) is skipped
+                report.append({"which": which, "config": cfg, "error": str(e)[:200]})
+                tp.DECODE_CONFIG.clear(); tp.DECODE_CONFIG.update(saved[0])
+                tp.PREFILL_CONFIG.clear(); tp.PREFILL_CONFIG.update(saved[1])
+                continue
+            tp.DECODE_CONFIG.clear(); tp.DECODE_CONFIG.update(saved[0])
+            tp.PREFILL_CONFIG.clear(); tp.PREFILL_CONFIG.update(saved[1])
+            row = {"which": which, "config": cfg, "ms": ms, "TB/s": kv_bytes / ms / 1e9, "TFLOP/s": flops / ms / 1e9}
+            report.append(row)
+            print(f"  attn {which:7s} {cfg} {ms:.3f} ms  {row['TB/s']:.2f} TB/s  {row['TFLOP/s']:.0f} TFLOP/s", flush=True)
+            if best is None or ms < best[0]:
+                best = (ms, cfg)
+        return best
+
+    dec_cfgs = [{"BLOCK_N": n, "num_warps": w, "num_stages": s}
+                for n in (32, 64, 128) for w in (2, 4, 8) for s in (2, 3, 4) if not (n == 128 and w == 2)]
+    best = bench([1] * 128, [2047] * 128, dec_cfgs, "decode")
+    if best:
+        tp.DECODE_CONFIG.update(best[1])
+    pre_cfgs = [{"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
+                for m in (64, 128) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3)
+                if not (m == 128 and n == 128 and s == 3)]
+    best = bench([4096], [0], pre_cfgs, "prefill")
+    if best:
+        tp.PREFILL_CONFIG.update(best[1])
+    print("chosen:", tp.DECODE_CONFIG, tp.PREFILL_CONFIG, flush=True)
+
+
+def cases(cap_tokens: int):
+    out = []
+    for b in (1, 32, 128, 256):
+        for c in (512, 2048):
+            out.append((f"decode b={b} ctx={c}", [(c - 1, 1)] * b))
+    for k in (512, 2048, 4096):
+        out.append((f"prefill {k}", [(0, k)]))
+    out.append(("prefill 4096 x2", [(0, 4096), (0, 4096)]))
+    out.append(("mixed 128 dec@2048 + 512 chunk", [(2047, 1)] * 128 + [(0, 512)]))
+    out.append(("mixed 32 dec@512 + 2048 chunk", [(511, 1)] * 32 + [(0, 2048)]))
+    out.append(("mixed 64 dec@1024 + 1024 chunk@2048", [(1023, 1)] * 64 + [(2048, 1024)]))
+    fits = []
+    for name, comp in out:
+        need = sum(-(-(c + k) // 16) * 16 for c, k in comp)
+        fits.append((name, comp, need <= cap_tokens))
+    return fits
+
+
+def roofline(spec, comp, bw, flops_rate):
+    kv_tok = spec.kv_bytes_per_token
+    new = sum(k for _, k in comp)
+    ctx = sum(c + k for c, k in comp)
+    pairs = sum(k * c + k * (k + 1) / 2 for c, k in comp)
+    nbytes = spec.streamed_weight_bytes + ctx * kv_tok
+    flops = new * spec.layer_flops_per_token + len(comp) * spec.lm_head_flops_per_token + pairs * spec.attn_flops_per_pair
+    return nbytes, flops, max(nbytes / bw, flops / flops_rate)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="llama-3-8b")
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--out", default="engine_roofline.json")
+    ap.add_argument("--no-tune", action="store_true")
+    args = ap.parse_args()
+
+    from fairbatch.engine.llm import Engine, EngineArgs
+    from fairbatch.engine.profile import measure
+    from fairbatch.specs import get_model
+
+    bw, fl = measure_ceilings()
+    print(f"{torch.cuda.get_device_name()}: copy {bw / 1e12:.2f} TB/s (read+write), bf16 matmul {fl / 1e12:.0f} TFLOP/s",
+          flush=True)
+    tuning: list = []
+    if not args.no_tune:
+        tune_attention(tuning)
+    t = time.time()
+    engine = Engine(EngineArgs(args.model, load_format="dummy", dtype="bfloat16", max_num_seqs=256))
+    engine.kv.data.normal_()
+    engine.executor.graphs.capture_all()
+    print(f"engine ready in {time.time() - t:.1f}s: {engine.allocator.num_blocks} KV blocks", flush=True)
+    spec = get_model(args.model)
+    cap = engine.allocator.num_blocks * engine.allocator.block_size
+    rows = []
+    for name, comp, fits in cases(cap):
+        if not fits:
+            rows.append({"case": name, "skipped": f"needs more KV than the {cap}-token cache"})
+            print(f"{name:40s} skipped (KV does not fit)", flush=True)
+            continue
+        variants = [("graph", True)]
+        if all(k == 1 for _, k in comp):
+            variants.append(("eager", False))
+        for label, use_graph in variants:
+            saved = engine.executor.graphs
+            if not use_graph:
+                engine.executor.graphs = None
+            try:
+                sec = measure(engine, comp, repeats=args.repeats)
+            finally:
+                engine.executor.graphs = saved
+            nbytes, flops, roof = roofline(spec, comp, bw, fl)
+            row = {"case": name, "mode": label if all(k == 1 for _, k in comp) else "eager",
+                   "ms": sec * 1e3, "roofline_ms": roof * 1e3, "ratio": sec / roof,
+                   "GB": nbytes / 1e9, "TFLOP": flops / 1e12,
+                   "achieved_TBps": nbytes / sec / 1e12, "achieved_TFLOPs": flops / sec / 1e12,
+                   "frac_of_matmul_rate": flops / sec / fl}
+            rows.append(row)
+            print(f"{name:40s} {row['mode']:5s} {row['ms']:8.2f} ms  roof {row['roofline_ms']:8.2f} ms  "
+                  f"x{row['ratio']:.2f}  {row['achieved_TBps']:.2f} TB/s  {row['achieved_TFLOPs']:.0f} TFLOP/s",
+                  flush=True)
+            if not all(k == 1 for _, k in comp):
+                break
+    from fairbatch.engine.attention import triton_paged as tp
+
+    result = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
+              "torch": torch.__version__, "model": args.model, "copy_bw_Bps": bw, "matmul_flops": fl,
+              "kv_blocks": engine.allocator.num_blocks, "decode_config": tp.DECODE_CONFIG,
+              "prefill_config": tp.PREFILL_CONFIG, "rows": rows, "attention_tuning": tuning}
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -155,24 +155,29 @@ def test_sampling_options(client):
 
 
 def test_stop_string_and_stop_token(client, http):
-    # Find what greedy decoding produces, then stop on a piece of it.
-    base = client.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=16, temperature=0,
-                                     extra_body={"ignore_eos": True})
-    text = base.choices[0].text
-    stop = next((text[i:i + 1] for i in range(2, len(text)) if text[i:i + 1].isprintable()
-                 and text[i:i + 1] not in text[:i]), None)
-    if stop is not None:
-        r = client.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=16, temperature=0, stop=[stop],
-                                      extra_body={"ignore_eos": True})
+    # Find what greedy decoding produces, then stop on pieces of it (single and multi-char,
+    # the latter spanning two tokens: the stream must never send half of it).
+    kw = dict(model=MODEL, prompt=[5, 6, 7], max_tokens=16, temperature=0, extra_body={"ignore_eos": True})
+    text = client.completions.create(**kw).choices[0].text
+    ascii_at = [i for i in range(2, len(text) - 1) if text[i].isascii() and text[i].isprintable()
+                and text[i + 1].isascii() and text[i + 1].isprintable() and text[i] not in text[:i]]
+    assert ascii_at, repr(text)      # the dummy model's greedy output has printable ASCII pieces
+    i = ascii_at[0]
+    for stop in (text[i], text[i:i + 2]):
+        r = client.completions.create(stop=[stop, "\x00never"], **kw)
         assert r.choices[0].finish_reason == "stop"
-        assert stop not in r.choices[0].text and text.startswith(r.choices[0].text)
-    ids = http.post("/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0,
-                                             "ignore_eos": True}).json()
-    assert ids["usage"]["completion_tokens"] == 4
-    # the byte tokenizer's EOS (257) as a stop token id: greedy output stops at most there
+        assert r.choices[0].text == text[:text.index(stop)]
+        chunks = list(client.completions.create(stop=stop, stream=True, **kw))
+        streamed = "".join(c.choices[0].text for c in chunks if c.choices)
+        assert streamed == r.choices[0].text
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    # stop token ids end the request with "stop" when sampled
+    first_ids = http.post("/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 3, "temperature": 0,
+                                                   "ignore_eos": True}).json()
+    assert first_ids["usage"]["completion_tokens"] == 3
     r = http.post("/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 16, "temperature": 0,
-                                           "stop_token_ids": [257, 258, 259, 260]})
-    assert r.status_code == 200
+                                           "stop_token_ids": list(range(0, 512))}).json()
+    assert r["choices"][0]["finish_reason"] == "stop" and r["usage"]["completion_tokens"] == 1
 
 
 def test_per_request_slo_counts_in_metrics(http, server):

@@ -47,6 +47,8 @@ def simulate(
     slo_by_tag: Annotated[Optional[str], typer.Option(help='SLO class from the trace\'s tag, e.g. "API log=batch:5:0.15,Conversation log=chat:1:0.05".')] = None,
     deadline_rule: Annotated[str, typer.Option(help="Per-token deadlines: tpot-safe or envelope.")] = "tpot-safe",
     num_requests: Annotated[Optional[int], typer.Option(help="Use only the first N requests of the trace.")] = None,
+    request_rate: Annotated[Optional[float], typer.Option(help="Re-time arrivals at this mean rate (req/s); needed for lengths-only traces.")] = None,
+    burstiness: Annotated[float, typer.Option(help="Gamma shape of re-timed arrivals: 1 = Poisson, < 1 burstier.")] = 1.0,
     instances: Annotated[int, typer.Option(help="Number of instances behind a router.")] = 1,
     router: Annotated[str, typer.Option(help="round_robin, least_requests, llumnix or admission.")] = "round_robin",
     load_interval: Annotated[float, typer.Option(help="How stale the router's view of instance loads may be, seconds.")] = 0.0,
@@ -70,7 +72,8 @@ def simulate(
         if p not in policy_names():
             raise fail(f"unknown policy {p!r}; choose from {', '.join(policy_names())}")
     try:
-        sc = Scenario(trace=trace, num_requests=num_requests, model=model, gpu=gpu,
+        sc = Scenario(trace=trace, num_requests=num_requests, request_rate=request_rate, burstiness=burstiness,
+                      model=model, gpu=gpu,
                       profile=str(profile) if profile else None, ttft_slo=ttft_slo, tpot_slo=tpot_slo,
                       slo_classes=slo_classes, slo_by_tag=slo_by_tag, deadline_rule=deadline_rule,
                       instances=instances, router=router, load_interval=load_interval,

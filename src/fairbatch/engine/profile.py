@@ -41,7 +41,7 @@ class Sample:
                 "attention_pairs": f.attention_pairs}
 
 
-def sweep(max_tokens: int, capacity_tokens: int, max_seqs: int, quick: bool = False,
+def sweep(max_tokens: int, capacity_tokens: int, max_seqs: int, max_model_len: int, quick: bool = False,
           seed: int = 0) -> list[tuple[str, Composition]]:
     """Batch compositions to time: decode grids, prefill chunks over cached contexts,
     mixes, and random compositions (which make the held-out set representative)."""
@@ -70,7 +70,8 @@ def sweep(max_tokens: int, capacity_tokens: int, max_seqs: int, quick: bool = Fa
     for kind, comp in pts:
         tokens = sum(k for _, k in comp)
         ctx = sum(-(-(c + k) // 16) * 16 for c, k in comp)
-        if tokens <= max_tokens and ctx <= capacity_tokens and len(comp) <= max_seqs:
+        longest = max(c + k for c, k in comp)
+        if tokens <= max_tokens and ctx <= capacity_tokens and len(comp) <= max_seqs and longest <= max_model_len:
             ok.append((kind, comp))
     return ok
 
@@ -120,7 +121,10 @@ def profile(engine: Engine, *, quick: bool = False, repeats: int = 3, seed: int 
         engine.kv.data.normal_()       # time over realistic KV values, not zeros
     args = engine.args
     cap = engine.allocator.num_blocks * engine.allocator.block_size
-    points = sweep(args.max_num_batched_tokens, cap, args.max_num_seqs, quick=quick, seed=seed)
+    points = sweep(args.max_num_batched_tokens, cap, args.max_num_seqs, engine.max_model_len, quick=quick, seed=seed)
+    if len(points) < 10:
+        raise ValueError(f"only {len(points)} step compositions fit this engine's limits; raise --num-kv-blocks "
+                         f"or --max-num-batched-tokens")
     samples: list[Sample] = []
     for i, (kind, comp) in enumerate(points):
         plan_feats = StepFeatures()

@@ -677,7 +677,7 @@ class _FairBatchMixin:
             m = mirrors.get(rid)
             if m is not None and m.first_token_time is None and m.user_data.num_output_tokens > 0:
                 m.first_token_time = now
-        if self._fb_server is not None and now - self._fb_snapshot_t > 0.05:
+        if self._fb_server is not None and (now - self._fb_snapshot_t > 0.05 or not self.running):
             self._fb_snapshot = self._fb_compute_load(now)
             self._fb_snapshot_t = now
         return outputs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -17,9 +18,7 @@ def load_served_model(model: str, *, policy: str = "fairbatching", ttft_slo: flo
 
     Raises ``ValueError`` (``EngineError`` is one) with a one-line message for anything a
     user got wrong: unknown preset or policy, bad model directory, bad option."""
-    from fairbatch.engine import LLM
     from fairbatch.scheduler import SchedulerConfig, policy_names
-    from fairbatch.server.model import ServedModel
 
     if cpu_threads is not None:
         import torch
@@ -43,6 +42,9 @@ def load_served_model(model: str, *, policy: str = "fairbatching", ttft_slo: flo
         if not hasattr(cfg, k):
             raise ValueError(f"unknown scheduler option {k!r}")
         setattr(cfg, k, v)
+    from fairbatch.engine import LLM          # torch: only once the options are known to be good
+    from fairbatch.server.model import ServedModel
+
     latency = None
     if profile is not None:
         from fairbatch.latency.profiles import load_profile
@@ -96,8 +98,6 @@ def register(app: typer.Typer) -> None:
             sock = bind_socket(host, port)
         except OSError as e:
             raise fail(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-        logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
-                            format="%(levelname)s %(name)s: %(message)s")
         try:
             served = load_served_model(
                 model, policy=policy, ttft_slo=ttft_slo, tpot_slo=tpot_slo, served_model_name=served_model_name,
@@ -108,7 +108,12 @@ def register(app: typer.Typer) -> None:
         except (ValueError, OSError) as e:
             sock.close()
             raise fail(str(e)) from None
+        logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
+                            format="%(levelname)s %(name)s: %(message)s")
         app_ = build_app(served, max_pending=max_pending)
+        # The engine thread and the event loop share the GIL: a 1 ms switch interval (the
+        # default is 5 ms) bounds how long a finished GPU step waits for the loop to yield.
+        sys.setswitchinterval(0.001)
         bound = sock.getsockname()
         console.print(f"serving [bold]{served.name}[/] ({served.device}, policy {policy}, "
                       f"{served.allocator.num_blocks} KV blocks, context {served.max_model_len}, "

@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_v
 
 I64_MAX = 2**63 - 1
 MAX_CHOICES = 256          # prompts x n in one request
-MAX_STOP = 16              # stop strings / stop token ids
+MAX_STOP = 16              # stop strings
+MAX_STOP_IDS = 1024        # stop token ids
 
 
 class _Body(BaseModel):
@@ -50,7 +51,7 @@ class _Sampling(_Body):
     seed: Optional[StrictInt] = Field(default=None, ge=-I64_MAX, le=I64_MAX)
     n: StrictInt = Field(default=1, ge=1, le=MAX_CHOICES)
     stop: Optional[Union[StrictStr, list[StrictStr]]] = None
-    stop_token_ids: Optional[list[TokenId]] = Field(default=None, max_length=MAX_STOP)
+    stop_token_ids: Optional[list[TokenId]] = Field(default=None, max_length=MAX_STOP_IDS)
     ignore_eos: bool = False
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None

@@ -23,6 +23,7 @@ from fairbatch.sim.executor import SimExecutor
 from fairbatch.sim.loop import SimOutcome, simulate
 from fairbatch.specs import get_gpu, get_model, kv_cache_blocks
 from fairbatch.workload import (
+    GammaArrivals,
     TraceEntry,
     assign_slos,
     load_trace,
@@ -43,6 +44,8 @@ class Scenario:
 
     trace: str = "azure-conv"
     num_requests: int | None = None
+    request_rate: float | None = None       # re-time arrivals (needed for lengths-only traces)
+    burstiness: float = 1.0                 # gamma shape of those arrivals; 1 = Poisson
     model: str = "llama-3-8b"
     gpu: str = "h100"
     profile: str | None = None              # latency profile JSON; default: shipped or roofline
@@ -106,7 +109,8 @@ def prepare(sc: Scenario) -> Prepared:
     model = get_model(sc.model)
     gpu = get_gpu(sc.gpu)
     max_len = sc.max_model_len or min(model.max_position_embeddings, 8192)
-    entries = load_trace(sc.trace, num_requests=sc.num_requests, seed=sc.seed)
+    arrival = GammaArrivals(sc.request_rate, sc.burstiness) if sc.request_rate else None
+    entries = load_trace(sc.trace, arrival=arrival, num_requests=sc.num_requests, seed=sc.seed)
     entries, truncated = truncate_to_context(entries, max_len)
     default = SLO(sc.ttft_slo, sc.tpot_slo, "default")
     if sc.slo_classes and sc.slo_by_tag:

@@ -73,5 +73,6 @@ def load_trace(
         return retime(entries, arrival, seed)
     if not trace.timed:
         raise TraceError(label, None, "has request lengths but no arrival times: give an "
-                                      "arrival process, e.g. PoissonArrivals(rate=5.0)")
+                                      "arrival process (--request-rate R [--burstiness B] on "
+                                      "the command line, or arrival=PoissonArrivals(R))")
     return entries

@@ -26,11 +26,11 @@ def main() -> None:
     prep = prepare(Scenario(trace=args.trace, instances=args.instances, router=args.router))
     print(f"prepare: {time.perf_counter() - t0:.2f} s; {len(prep.entries)} requests; "
           f"python {platform.python_version()} on {platform.processor() or platform.machine()}")
-    print(f"{'policy':14s} {'rate x':>7s} {'sim wall s':>10s} {'steps':>8s} {'tokens':>9s} {'sim s':>8s} {'SLO att':>8s}")
+    print(f"{'policy':14s} {'rate x':>7s} {'wall s':>7s} {'cpu s':>7s} {'steps':>8s} {'tokens':>9s} {'sim s':>8s} {'SLO att':>8s}")
     for p in policies:
         r = run_policy(prep, p, args.rate_scale)
         o = r.outcome
-        print(f"{p:14s} {args.rate_scale:7.2f} {o.wall_time:10.2f} {sum(o.steps):8d} "
+        print(f"{p:14s} {args.rate_scale:7.2f} {o.wall_time:7.2f} {o.cpu_time:7.2f} {sum(o.steps):8d} "
               f"{r.summary['total_output_tokens']:9d} {o.end_time:8.0f} {r.summary['slo_attainment']:8.3f}")
 
 

@@ -231,3 +231,23 @@ def test_200_streams_a_third_disconnecting(server, http):
     assert http.get("/health").status_code == 200
     load = http.get("/load").json()
     assert load["free_blocks"] == load["num_blocks"] and load["running"] == 0 and load["waiting"] == 0
+
+
+def test_oversized_body_is_413(server):
+    app = build_app(server.app.state.model, max_body_bytes=1000)
+    # the app is not started: the limit answers before any handler (or the engine) runs
+    transport = httpx.ASGITransport(app=app)
+
+    async def go():
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            big = await c.post("/v1/completions", content=b"x" * 5000, headers={"content-type": "application/json"})
+
+            async def chunks():
+                for _ in range(10):
+                    yield b"y" * 500
+            streamed = await c.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+            return big, streamed
+
+    big, streamed = asyncio.run(go())
+    assert big.status_code == 413 and big.json()["error"]["code"] == 413
+    assert streamed.status_code == 413

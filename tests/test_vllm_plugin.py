@@ -531,6 +531,39 @@ def _post(url, body, timeout=60):
         return json.load(r)
 
 
+def _benchmark(base: str, model: str) -> int:
+    """``fairbatch bench``'s client (trace replay, all at once, 4 in flight), else a plain
+    loop; asserts 0 failures and exact output lengths. Returns the requests the server got."""
+    try:
+        from fairbatch.bench.run import BenchConfig, prepare, run_once
+    except ImportError:
+        BenchConfig = None
+    if BenchConfig is not None:
+        cfg = BenchConfig(base_url=base, model=model, trace="azure-conv", num_prompts=24, request_rate=float("inf"),
+                          max_concurrency=4, send_slo=False, seed=3,
+                          extra_body={"vllm_xargs": {"slo_class": "chat", "tpot_slo_ms": 80}})
+        wl = prepare(cfg)
+        outcome = run_once(cfg, wl)
+        s = outcome.summary
+        assert s["failed"] == 0 and s["completed"] == 24, s.get("failure_reasons")
+        assert [r.output_len for r in outcome.records] == [q.output_len for q in wl.requests]
+        return 24 + int(cfg.warmup)
+    rng = random.Random(2)
+    jobs = [([rng.randint(3, 500) for _ in range(rng.randint(4, 250))], rng.randint(1, 32),
+             rng.choice(["chat", "batch"])) for _ in range(24)]
+
+    def one(job):
+        prompt, n, cls = job
+        r = _post(base + "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0,
+                                             "ignore_eos": True, "vllm_xargs": {"slo_class": cls}})
+        return r["usage"]["completion_tokens"], r["choices"][0]["finish_reason"]
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(one, jobs))
+    assert results == [(j[1], "length") for j in jobs]
+    return len(jobs)
+
+
 def test_openai_server_with_plugin_answers_benchmark(vllm_mod, tiny_model, tmp_path):
     """An OpenAI-compatible vLLM server on the CPU with our scheduler answers a small
     benchmark (ragged prompts, mixed SLO classes, 4 concurrent clients) with 0 failures.
@@ -559,25 +592,10 @@ def test_openai_server_with_plugin_answers_benchmark(vllm_mod, tiny_model, tmp_p
                 if time.monotonic() > deadline:
                     pytest.fail(f"server not up in 240 s:\n{log.read_text()[-4000:]}")
                 time.sleep(1)
-        rng = random.Random(2)
-        jobs = [([rng.randint(3, 500) for _ in range(rng.randint(4, 250))], rng.randint(1, 32),
-                 rng.choice(["chat", "batch"])) for _ in range(24)]
-
-        def one(job):
-            prompt, n, cls = job
-            t0 = time.monotonic()
-            r = _post(base + "/v1/completions", {"model": tiny_model, "prompt": prompt, "max_tokens": n,
-                                                 "temperature": 0, "ignore_eos": True,
-                                                 "vllm_xargs": {"slo_class": cls}})
-            return r["usage"]["completion_tokens"], r["choices"][0]["finish_reason"], time.monotonic() - t0
-
-        with ThreadPoolExecutor(4) as pool:
-            results = list(pool.map(one, jobs))
-        assert [r[0] for r in results] == [j[1] for j in jobs]
-        assert all(r[1] == "length" for r in results)
+        sent = _benchmark(base, tiny_model)
         with urllib.request.urlopen(f"http://127.0.0.1:{load_port}/load", timeout=5) as r:
             load = json.load(r)
-        assert load["policy"] == "fairbatching" and load["attainment"]["finished"] == len(jobs)
+        assert load["policy"] == "fairbatching" and load["attainment"]["finished"] == sent
         assert load["steps"] > 0 and load["latency_model"]["observed_steps"] > 0
         assert "admission_budget" in load
     finally:

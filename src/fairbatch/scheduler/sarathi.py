@@ -52,11 +52,9 @@ class SarathiScheduler(Scheduler):
             if budget <= 0:
                 break
             ok = True
-            while not self._grow(req, c + 1):
+            while c + 1 > req.kv_slots and not self._grow(req, c + 1):
                 victim = running[-1]
                 self._preempt(victim, plan)
-                if victim in prefills:
-                    prefills.remove(victim)
                 if victim is req:
                     ok = False
                     break

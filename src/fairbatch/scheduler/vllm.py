@@ -23,7 +23,6 @@ class VLLMScheduler(Scheduler):
         budget = cfg.max_num_batched_tokens
         plan = StepPlan(token_budget=budget)
         running = self.running
-        max_ctx = cfg.max_model_len
 
         i = 0
         while i < len(running) and budget > 0:
@@ -32,13 +31,11 @@ class VLLMScheduler(Scheduler):
             k = req.prompt_len + req.generated - c
             if k > budget:
                 k = budget
-            if c + k > max_ctx - 1 and req.generated == 0:
-                k = max(0, max_ctx - 1 - c)
             if k <= 0:
                 i += 1
                 continue
             scheduled = True
-            while not self._grow(req, c + k):
+            while c + k > req.kv_slots and not self._grow(req, c + k):
                 victim = running[-1]
                 self._preempt(victim, plan)
                 if victim is req:

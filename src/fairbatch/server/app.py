@@ -42,12 +42,16 @@ log = logging.getLogger("fairbatch.server")
 DEFAULT_COMPLETION_MAX_TOKENS = 16      # OpenAI's default for /v1/completions
 
 
+MAX_BODY_BYTES = 64 << 20               # a 128k-token prompt as JSON ids is ~1 MB
+
+
 def build_app(model: ServedModel, *, max_pending: int = 4096, retry_after: int = 1,
-              metrics_prefix: str = "fairbatch") -> FastAPI:
+              metrics_prefix: str = "fairbatch", max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """An app serving ``model``; the engine thread starts and stops with the app's lifespan.
 
     ``max_pending``: requests (choices) the server holds at once, running or queued; one
-    more is answered 503 with ``Retry-After: retry_after``."""
+    more is answered 503 with ``Retry-After: retry_after``. Bodies over ``max_body_bytes``
+    are refused with 413 before they are buffered."""
     metrics = ServerMetrics(model.name, prefix=metrics_prefix)
     engine = AsyncEngine(model, max_pending=max_pending, metrics=metrics)
     metrics.engine = engine
@@ -62,6 +66,7 @@ def build_app(model: ServedModel, *, max_pending: int = 4096, retry_after: int =
 
     app = FastAPI(title="fairbatch", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible server on the FairBatching scheduler.")
+    app.add_middleware(_BodyLimit, max_bytes=max_body_bytes)
     app.state.model = model
     app.state.engine = engine
     app.state.metrics = metrics
@@ -415,3 +420,48 @@ class _SSEResponse(StreamingResponse):
                 except Exception:   # noqa: BLE001
                     pass
 
+
+
+class _BodyLimit:
+    """Pure ASGI middleware: 413 for a body over ``max_bytes``, declared or streamed. The
+    body is read here (FastAPI buffers it whole anyway) and replayed to the app, whose
+    later ``receive`` calls go to the server (disconnect detection)."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_bytes
+        too_big = error_response(413, f"request body larger than {limit} bytes")
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                await too_big(scope, receive, send)
+                return
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":      # gone before the body arrived
+                return
+            body = message.get("body", b"")
+            size += len(body)
+            if size > limit:
+                await too_big(scope, receive, send)
+                return
+            parts.append(body)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Any:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(parts), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)

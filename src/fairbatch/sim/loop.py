@@ -26,6 +26,7 @@ class SimOutcome:
     requests: list[Request]                 # every request, in arrival order
     end_time: float                         # virtual time the last step ended
     wall_time: float                        # seconds the simulation took
+    cpu_time: float = 0.0                   # CPU seconds of this process (robust to a busy machine)
     steps: list[int] = field(default_factory=list)          # per instance
     busy_time: list[float] = field(default_factory=list)    # per instance, virtual seconds
     assigned: list[int] = field(default_factory=list)       # requests routed to each instance
@@ -71,6 +72,7 @@ def simulate(
     if len(instances) > 1 and router is None:
         raise ValueError("several instances need a router")
     t0 = time.perf_counter()
+    c0 = time.process_time()
     reqs = sorted(requests, key=lambda r: r.arrival)
     n = len(reqs)
     n_inst = len(instances)
@@ -139,6 +141,7 @@ def simulate(
         requests=reqs,
         end_time=end_time,
         wall_time=time.perf_counter() - t0,
+        cpu_time=time.process_time() - c0,
         steps=[inst.scheduler.stats.steps for inst in instances],
         busy_time=[getattr(inst.executor, "busy_time", 0.0) for inst in instances],
         assigned=assigned,

@@ -30,7 +30,7 @@ runner = CliRunner()
 
 def write_trace(path, arrivals, prompts, outputs) -> None:
     lines = ["arrived_at,num_prefill_tokens,num_decode_tokens"]
-    lines += [f"{a:.6f},{p},{o}" for a, p, o in zip(arrivals, prompts, outputs)]
+    lines += [f"{a:.6f},{p},{o}" for a, p, o in zip(arrivals, prompts, outputs, strict=True)]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -98,7 +98,8 @@ def test_bench_50_requests_end_to_end(server, trace50, tmp_path):
 
 
 def test_bench_json_comparable_with_simulator(server, trace50, tmp_path):
-    from fairbatch.sim.experiment import Scenario, prepare as sim_prepare, run_policy
+    from fairbatch.sim.experiment import Scenario, run_policy
+    from fairbatch.sim.experiment import prepare as sim_prepare
 
     path, _, _ = trace50
     out = tmp_path / "r.json"

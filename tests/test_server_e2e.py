@@ -270,3 +270,30 @@ def test_non_streaming_client_disconnect_frees_kv(server):
     assert time.monotonic() - t0 < 5.0
     assert app.state.metrics.request_aborted.labels(MODEL)._value.get() >= aborted_before + 1
     assert engine.alive
+
+
+def test_engine_step_failure_fails_only_requests_in_flight():
+    model = load_served_model(MODEL, load_format="dummy", policy="fairbatching", cpu_threads=1)
+    app = build_app(model)
+    executor = model.instance.executor
+    real = executor.execute
+    calls = {"n": 0}
+
+    def flaky(plan):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected fault")
+        return real(plan)
+
+    executor.execute = flaky
+    with ServerThread(app) as s, httpx.Client(base_url=s.url, timeout=60) as c:
+        r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 10, "ignore_eos": True})
+        assert r.status_code == 500 and "injected fault" in r.json()["error"]["message"]
+        with c.stream("POST", "/v1/completions", json={"prompt": "y", "max_tokens": 5, "ignore_eos": True,
+                                                       "stream": True}) as st:
+            events = sse_events(st)
+        assert events[-1] == "[DONE]" and all("error" not in e for e in events[:-1])
+        assert sum(1 for e in events[:-1] if e["choices"]) == 5
+        wait_idle(app)
+        assert app.state.engine.step_errors == 1 and c.get("/health").status_code == 200
+        assert "fairbatch:engine_step_errors_total" in c.get("/metrics").text

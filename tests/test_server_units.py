@@ -91,7 +91,7 @@ def test_hf_tokenizer_directory_chat_template_end_to_end(tmp_path):
     """A model directory with config.json, tokenizer.json and a chat template (dummy weights):
     chat prompts are rendered by the template and tokenised without a second BOS."""
     pytest.importorskip("torch")
-    tokenizers = pytest.importorskip("tokenizers")
+    pytest.importorskip("tokenizers")
     httpx = pytest.importorskip("httpx")
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 

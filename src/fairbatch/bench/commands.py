@@ -68,8 +68,8 @@ def register(app: typer.Typer) -> None:
         save_detailed: Annotated[bool, typer.Option(help="Also save per-request lists (ttfts, itls, errors...).")] = False,
     ) -> None:
         """Replay a trace against an OpenAI-compatible server: vLLM's result block and JSON, SLO attainment, capacity."""
-        from fairbatch.cli import console, fail
         from fairbatch.bench.run import BenchConfig, BenchError, prepare
+        from fairbatch.cli import console, fail
         from fairbatch.workload import TraceError
 
         extra = list(ctx.args)
@@ -150,7 +150,7 @@ def run_bench(cfg, wl, *, search_capacity: bool, target: float, lo: float, hi: f
             def on_point(scale: float, r: float, summary: dict) -> None:
                 bar.console.print(f"  rate x{scale:.3f} ({r:.2f} req/s): SLO attainment {summary['slo_attainment']:.1%}, "
                                   f"failed {summary['failed']}", highlight=False)
-                reset(f"requests (next point)")
+                reset("requests (next point)")
 
             reset(f"requests at x{lo:g}")
             res, outcomes = run_capacity(cfg, wl, target=target, lo=lo, hi=hi, rel_tol=rel_tol,

@@ -28,12 +28,11 @@ from fairbatch.request import SLO
 from fairbatch.workload import (
     GammaArrivals,
     TraceEntry,
+    TraceError,
     assign_slos,
     load_trace,
     mean_rate,
     parse_slo_classes,
-    retime,
-    scale_rate,
     truncate_to_context,
 )
 
@@ -132,11 +131,17 @@ def prepare(cfg: BenchConfig) -> Workload:
         if models and not info:
             raise BenchError(f"the server does not serve {model!r} (it lists {', '.join(m['id'] for m in models)})")
 
-    entries = load_trace(cfg.trace, seed=cfg.seed)
-    n = len(entries) if cfg.num_prompts is None else min(cfg.num_prompts, len(entries))
-    entries = entries[:n]
-    if cfg.request_rate is not None:
-        entries = retime(entries, GammaArrivals(cfg.request_rate, cfg.burstiness), seed=cfg.seed)
+    # Arrivals exactly as `fairbatch simulate` draws them (same trace, n, rate, seed: same times).
+    arrival = GammaArrivals(cfg.request_rate, cfg.burstiness) if cfg.request_rate is not None else None
+    try:
+        available = len(load_trace(cfg.trace, arrival=arrival or GammaArrivals(1.0), seed=cfg.seed))
+        n = available if cfg.num_prompts is None else min(cfg.num_prompts, available)
+        entries = load_trace(cfg.trace, arrival=arrival, num_requests=n, seed=cfg.seed)
+    except TraceError as e:
+        if arrival is None and "no arrival times" in str(e):
+            raise BenchError(f"{cfg.trace} has request lengths but no arrival times: time it with "
+                             f"--request-rate R (and --burstiness B)") from None
+        raise
     limit = cfg.max_model_len or info.get("max_model_len")
     truncated = 0
     if isinstance(limit, int) and limit >= 2:

@@ -26,7 +26,8 @@ from fairbatch.request import Request
 class EngineExecutor:
     def __init__(self, model: CausalLM, kv: KVCache, allocator: BlockAllocator, backend: AttentionBackend,
                  ops: TorchOps, sampler: Sampler, eos_token_ids: tuple[int, ...] = (), *,
-                 cuda_graphs: bool = False, graph_max_batch: int = 256, max_model_len: int | None = None) -> None:
+                 cuda_graphs: bool = False, graph_max_batch: int = 256, max_model_len: int | None = None,
+                 max_num_batched_tokens: int = 8192) -> None:
         if kv.num_blocks != allocator.num_blocks or kv.block_size != allocator.block_size:
             raise ValueError(f"KV cache ({kv.num_blocks} x {kv.block_size}) and block allocator "
                              f"({allocator.num_blocks} x {allocator.block_size}) disagree")
@@ -40,11 +41,12 @@ class EngineExecutor:
         self.device = model.device
         self.builder = BatchBuilder(allocator, backend, self.device)
         self._stops: dict[str, frozenset[int]] = {}
+        self.max_num_batched_tokens = max_num_batched_tokens
         self.graphs = None
         if cuda_graphs and self.device.type == "cuda" and backend.name == "triton":
-            from fairbatch.engine.cuda_graph import DecodeGraphs
+            from fairbatch.engine.cuda_graph import StepGraphs
 
-            self.graphs = DecodeGraphs(self, graph_max_batch, max_model_len or model.config.max_position_embeddings)
+            self.graphs = StepGraphs(self, graph_max_batch, max_model_len or model.config.max_position_embeddings)
         self.steps = 0
 
     # --- Executor protocol -----------------------------------------------------------------

@@ -126,7 +126,8 @@ class Engine:
         self.executor = EngineExecutor(
             self.model, self.kv, self.allocator, self.backend, self.ops, Sampler(self.device, args.seed),
             self.eos_token_ids, cuda_graphs=args.cuda_graphs,
-            graph_max_batch=min(256, args.max_num_seqs), max_model_len=self.max_model_len)
+            graph_max_batch=min(256, args.max_num_seqs), max_model_len=self.max_model_len,
+            max_num_batched_tokens=args.max_num_batched_tokens)
         if self.executor.graphs is not None:
             self.executor.graphs.capture_all()   # now, not inside a timed serving step
 

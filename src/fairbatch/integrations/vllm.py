@@ -169,7 +169,10 @@ class VllmBlockAdapter:
             return []
 
     def num_allocated(self, request_id: str) -> int:
-        return len(self.block_table(request_id))
+        try:   # the first KV cache group's block list, without copying it (runs per allocation)
+            return len(self._s.kv_cache_manager.coordinator.single_type_managers[0].req_to_blocks.get(request_id, ()))
+        except (AttributeError, IndexError):
+            return len(self.block_table(request_id))
 
     def extra_blocks_needed(self, request_id: str, num_tokens: int) -> int:
         return max(0, self.blocks_for(num_tokens) - self.num_allocated(request_id))
@@ -338,6 +341,7 @@ class _FairBatchMixin:
         m.user_data = request
         m.generated = request.num_output_tokens
         m.num_computed = request.num_computed_tokens
+        m.deadline = m.token_deadline(m.generated)
         return m
 
     def add_request(self, request: VllmRequest) -> None:
@@ -432,6 +436,8 @@ class _FairBatchMixin:
             m.generated = req.num_output_tokens + ph
             m.num_computed = req.num_computed_tokens
             m.max_new_tokens = max(1, req.max_tokens)
+            m.deadline = m.token_deadline(m.generated)
+            m.kv_slots = 0   # unknown to the policy: it asks the adapter, which asks vLLM
             if m.state is not _RUNNING:
                 m.state = _RUNNING
             if ph > 0 and req.num_computed_tokens + 2 - ph >= req.num_prompt_tokens + req.max_tokens:
@@ -448,6 +454,8 @@ class _FairBatchMixin:
             m.generated = req.num_output_tokens
             m.num_computed = req.num_computed_tokens
             m.max_new_tokens = max(1, req.max_tokens)
+            m.deadline = m.token_deadline(m.generated)
+            m.kv_slots = 0
 
     # ---- allocator adapter ------------------------------------------------------------------
     def _fb_allocate(self, request_id: str, num_tokens: int) -> bool:
@@ -675,8 +683,15 @@ class _FairBatchMixin:
         mirrors = self._fb_mirrors
         for rid in scheduler_output.num_scheduled_tokens:
             m = mirrors.get(rid)
-            if m is not None and m.first_token_time is None and m.user_data.num_output_tokens > 0:
-                m.first_token_time = now
+            if m is None:
+                continue
+            n = m.user_data.num_output_tokens
+            times = m.token_times
+            if n > len(times):                  # tokens delivered by this step
+                if m.first_token_time is None:
+                    m.first_token_time = now
+                    m.ttft_missed = now > m.arrival + m.slo.ttft
+                times.extend([now] * (n - len(times)))
         if self._fb_server is not None and (now - self._fb_snapshot_t > 0.05 or not self.running):
             self._fb_snapshot = self._fb_compute_load(now)
             self._fb_snapshot_t = now

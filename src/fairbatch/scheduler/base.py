@@ -198,6 +198,24 @@ class Scheduler(ABC):
         req.kv_slots = alloc.num_allocated(req.request_id) * alloc.block_size
         return True
 
+    def _admit_fcfs(self, plan: StepPlan, budget: int) -> int:
+        """Admit waiting requests in queue order, each chunked to what is left of the token
+        budget, until the budget, the sequence limit or the KV cache runs out. Returns the
+        budget left."""
+        waiting = self.waiting
+        max_seqs = self.config.max_num_seqs
+        while waiting and budget > 0 and len(self.running) < max_seqs:
+            req = waiting[0]
+            c = req.num_computed
+            k = min(req.prompt_len + req.generated - c, budget)
+            if not self._grow(req, c + k):
+                break
+            waiting.popleft()
+            self._admit(req)
+            plan.add(req, k)
+            budget -= k
+        return budget
+
     def _admit(self, req: Request) -> None:
         """Move the head of the waiting queue into the running list."""
         req.state = RequestState.RUNNING

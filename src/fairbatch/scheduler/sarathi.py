@@ -76,16 +76,6 @@ class SarathiScheduler(Scheduler):
                 break
             plan.add(req, k)
             budget -= k
-        if not plan.preempted:
-            waiting = self.waiting
-            while waiting and budget > 0 and len(running) < cfg.max_num_seqs:
-                req = waiting[0]
-                c = req.num_computed
-                k = min(req.prompt_len + req.generated - c, budget)
-                if not self._grow(req, c + k):
-                    break
-                waiting.popleft()
-                self._admit(req)
-                plan.add(req, k)
-                budget -= k
+        if not plan.preempted:   # vLLM: no admissions in a step that had to preempt
+            self._admit_fcfs(plan, budget)
         return plan

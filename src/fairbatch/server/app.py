@@ -393,7 +393,7 @@ async def _collect(group: RequestGroup, model: ServedModel, stops: Sequence[str]
         group.abort()
     if error is not None:
         raise APIError(500, error)
-    return list(zip(texts, reasons))
+    return list(zip(texts, reasons, strict=True))
 
 
 class _SSEResponse(StreamingResponse):

@@ -342,7 +342,7 @@ class AsyncEngine:
         tracked = self._tracked
         now = clock()
         deltas = []
-        for rid, t in list(tracked.items()):
+        for rid in list(tracked):
             try:
                 self.instance.abort(rid, now)
             except Exception:   # noqa: BLE001

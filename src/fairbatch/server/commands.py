@@ -42,7 +42,7 @@ def load_served_model(model: str, *, policy: str = "fairbatching", ttft_slo: flo
         if not hasattr(cfg, k):
             raise ValueError(f"unknown scheduler option {k!r}")
         setattr(cfg, k, v)
-    from fairbatch.engine import LLM          # torch: only once the options are known to be good
+    from fairbatch.engine import LLM  # torch: only once the options are known to be good
     from fairbatch.server.model import ServedModel
 
     latency = None

@@ -34,7 +34,6 @@ class SarathiScheduler(Scheduler):
         self.token_budget = min(self.token_budget, config.max_num_batched_tokens)
 
     def schedule(self, now: float) -> StepPlan:
-        cfg = self.config
         budget = self.token_budget
         plan = StepPlan(token_budget=budget)
         running = self.running

@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="*", default=["llama-3-8b", "qwen2.5-7b"])
     ap.add_argument("--skip-tests", action="store_true")
     ap.add_argument("--skip-bench", action="store_true")
-    ap.add_argument("--no-tune", action="store_true")
+    ap.add_argument("--tune", action="store_true")
     ap.add_argument("--quick-profile", action="store_true")
     args = ap.parse_args()
     out = Path(args.out)
@@ -56,15 +56,16 @@ def main() -> None:
 
     if not args.skip_bench:
         try:
-            sys.argv = ["engine_roofline.py", "--out", str(out / "engine_roofline.json")] + (["--no-tune"] if args.no_tune else [])
+            sys.argv = ["engine_roofline.py", "--out", str(out / "engine_roofline.json")] + (["--tune"] if args.tune else [])
             er.main()
             res = json.loads((out / "engine_roofline.json").read_text())
             summary.append(f"copy {res['copy_bw_Bps'] / 1e12:.2f} TB/s, matmul {res['matmul_flops'] / 1e12:.0f} TFLOP/s; "
                            f"attention decode {res['decode_config']} prefill {res['prefill_config']}")
             for r in res["rows"]:
                 if "ms" in r:
-                    summary.append(f"{r['case']:40s} {r['mode']:5s} {r['ms']:8.2f} ms roof {r['roofline_ms']:7.2f} "
-                                   f"x{r['ratio']:.2f} {r['achieved_TFLOPs']:5.0f} TFLOP/s ({r['frac_of_matmul_rate']:.0%})")
+                    summary.append(f"{r['case']:36s} {r['mode']:5s} {r['ms']:7.2f} ms roof {r['roofline_ms']:7.2f} "
+                                   f"x{r['ratio']:.2f} phase x{r['phase_ratio']:.2f} {r['achieved_TBps']:.2f} TB/s "
+                                   f"{r['achieved_TFLOPs']:4.0f} TFLOP/s ({r['frac_of_matmul_rate']:.0%})")
         except Exception:
             traceback.print_exc()
             summary.append("bench FAILED: " + traceback.format_exc().strip().splitlines()[-1])
@@ -78,7 +79,6 @@ def main() -> None:
         t = time.time()
         try:
             engine = Engine(EngineArgs(name, load_format="dummy", dtype="bfloat16", max_num_seqs=256))
-            engine.executor.graphs.capture_all()
             lat, samples, rep = profile(engine, quick=args.quick_profile, repeats=3)
             lat.meta["attention_configs"] = {"decode": dict(tp.DECODE_CONFIG), "prefill": dict(tp.PREFILL_CONFIG)}
             gpu = lat.meta["gpu"]

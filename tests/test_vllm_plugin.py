@@ -25,12 +25,15 @@ import time
 import urllib.request
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
 from fairbatch.integrations.online_latency import OnlineLatencyModel
-from fairbatch.integrations.vllm_config import PluginConfig, load_plugin_config, request_slo
+from fairbatch.integrations.vllm_config import (
+    PluginConfig,
+    load_plugin_config,
+    request_slo,
+)
 from fairbatch.latency.linear import LinearLatencyModel
 from fairbatch.plan import StepFeatures
 
@@ -166,7 +169,11 @@ def sched_factory(vllm_mod, tiny_model):
     from vllm.config import CacheConfig, ModelConfig, SchedulerConfig, VllmConfig
     from vllm.utils.hashing import get_hash_fn_by_name
     from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+    from vllm.v1.kv_cache_interface import (
+        FullAttentionSpec,
+        KVCacheConfig,
+        KVCacheGroupSpec,
+    )
     from vllm.v1.structured_output import StructuredOutputManager
 
     model_config = ModelConfig(model=tiny_model, skip_tokenizer_init=True, max_model_len=512, dtype="float32")
@@ -261,8 +268,9 @@ def _assert_clean(sched):
     ("FairBatchingScheduler", False), ("FairBatchingScheduler", True),
     ("SarathiScheduler", False), ("SarathiScheduler", True)])
 def test_scheduler_completes_ragged_requests(sched_factory, cls_name, async_scheduling):
-    import fairbatch.integrations.vllm as fv
     from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+
+    import fairbatch.integrations.vllm as fv
 
     sched = sched_factory(getattr(fv, cls_name), async_scheduling=async_scheduling)
     assert isinstance(sched, AsyncScheduler) == async_scheduling
@@ -278,8 +286,9 @@ def test_scheduler_completes_ragged_requests(sched_factory, cls_name, async_sche
 
 
 def test_scheduler_matches_vllm_outputs_and_respects_budgets(sched_factory):
-    import fairbatch.integrations.vllm as fv
     from vllm.v1.core.sched.scheduler import Scheduler
+
+    import fairbatch.integrations.vllm as fv
 
     outs = {}
     for cls in (Scheduler, fv.FairBatchingScheduler):
@@ -326,6 +335,23 @@ def test_sarathi_preemption_under_kv_pressure(sched_factory):
     _assert_clean(sched)
 
 
+def test_requests_past_their_slo_still_complete(sched_factory):
+    """Requests whose SLO cannot be met (FairBatching's triage: late prompts, decodes of
+    requests that missed TTFT) are served after the others, never dropped or starved."""
+    import fairbatch.integrations.vllm as fv
+
+    sched = sched_factory(fv.FairBatchingScheduler, max_num_batched_tokens=64)
+    reqs = _ragged(sched_factory.hasher, n=10, seed=11)
+    for r in reqs[::2]:
+        r.sampling_params.extra_args = {"ttft_slo": 1e-4, "tpot_slo_ms": 0.1}
+    want = {r.request_id: r.max_tokens for r in reqs}
+    done, _ = _drive(sched, {0: reqs[:5], 2: reqs[5:]}, in_flight=1)
+    assert {rid: len(t) for rid, t in done.items()} == want
+    a = sched._fb_attain
+    assert a["finished"] == 10 and a["ttft_met"] <= 5
+    _assert_clean(sched)
+
+
 def test_abort_frees_blocks(sched_factory):
     import fairbatch.integrations.vllm as fv
 
@@ -335,7 +361,7 @@ def test_abort_frees_blocks(sched_factory):
         r.max_tokens = 200
     victims = [r.request_id for r in reqs[::2]]
     rest = [r.request_id for r in reqs[1::2]]
-    done, _ = _drive(sched, {0: reqs}, abort_at={6: victims, 30: rest})
+    _drive(sched, {0: reqs}, abort_at={6: victims, 30: rest})
     for rid in victims + rest:
         assert sched.requests.get(rid) is None
     assert sched._fb_attain["aborted"] == 8
@@ -407,11 +433,12 @@ def test_unsupported_features_are_refused(sched_factory, monkeypatch):
 
 
 def test_interface_check_names_supported_versions(vllm_mod, monkeypatch):
-    import fairbatch.integrations.vllm as fv
     from vllm.v1.core.kv_cache_manager import KVCacheManager
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.request import Request
+
+    import fairbatch.integrations.vllm as fv
 
     assert fv.interface_problems(Scheduler, KVCacheManager, SchedulerOutput, Request) == []
 
@@ -439,9 +466,9 @@ def make_llm(vllm_mod, tiny_model):
     made = []
 
     def make(scheduler_cls=None, **kw):
-        args = dict(model=tiny_model, load_format="dummy", skip_tokenizer_init=True, gpu_memory_utilization=0.3,
-                    enforce_eager=True, max_model_len=512, dtype="float32", seed=0,
-                    kv_cache_memory_bytes=32 << 20, max_num_batched_tokens=256, max_num_seqs=16)
+        args = {"model": tiny_model, "load_format": "dummy", "skip_tokenizer_init": True,
+                "gpu_memory_utilization": 0.3, "enforce_eager": True, "max_model_len": 512, "dtype": "float32",
+                "seed": 0, "kv_cache_memory_bytes": 32 << 20, "max_num_batched_tokens": 256, "max_num_seqs": 16}
         args.update(kw)
         if scheduler_cls:
             args["scheduler_cls"] = scheduler_cls
@@ -453,8 +480,8 @@ def make_llm(vllm_mod, tiny_model):
     for llm in made:
         try:
             llm.llm_engine.engine_core.shutdown()
-        except Exception:
-            pass
+        except Exception as e:  # noqa: BLE001 - a second shutdown after the test's own
+            print(f"shutdown: {e}")
     made.clear()
     gc.collect()
 

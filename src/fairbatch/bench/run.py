@@ -262,10 +262,13 @@ def result_json(cfg: BenchConfig, wl: Workload, outcome: RunOutcome, *, detailed
 
 
 def run_capacity(cfg: BenchConfig, wl: Workload, *, target: float = 0.9, lo: float = 1.0, hi: float | None = None,
-                 rel_tol: float = 0.05, max_iter: int = 8,
+                 rel_tol: float = 0.05, max_iter: int = 8, max_expand: int = 4,
                  on_point: Callable[[float, float, dict[str, Any]], None] | None = None,
                  on_done: Callable[[RequestRecord], None] | None = None) -> tuple[Any, dict[float, RunOutcome]]:
-    """Bisect the rate scale for the highest one with SLO attainment >= target."""
+    """Bisect the rate scale for the highest one with SLO attainment >= target.
+
+    Without ``hi`` the scale doubles (or, if ``lo`` fails, halves) at most ``max_expand``
+    times: every halving doubles a run's wall time, so a real server's search is kept short."""
     if not math.isfinite(wl.base_rate):
         raise BenchError("--capacity needs finite arrival times (not --request-rate inf)")
     outcomes: dict[float, RunOutcome] = {}
@@ -275,5 +278,6 @@ def run_capacity(cfg: BenchConfig, wl: Workload, *, target: float = 0.9, lo: flo
         outcomes[scale] = o
         return o.summary
 
-    res = find_capacity(run, lo=lo, hi=hi, target=target, rel_tol=rel_tol, max_iter=max_iter, on_point=on_point)
+    res = find_capacity(run, lo=lo, hi=hi, target=target, rel_tol=rel_tol, max_iter=max_iter, on_point=on_point,
+                        max_expand=max_expand)
     return res, outcomes

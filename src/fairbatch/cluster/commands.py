@@ -1,0 +1,177 @@
+"""`fairbatch route` (the HTTP router in front of running servers) and `fairbatch cluster`
+(replicas placed with Ray, or as local processes, and the router in front of them)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from typing import Annotated, Any, Optional
+
+import typer
+
+from fairbatch.cluster.routing import router_names
+
+ROUTER_HELP = f"Routing policy: {', '.join(router_names())}; options as NAME:count_sent=false."
+
+
+class _Stop(Exception):
+    """SIGTERM / SIGINT arrived: stop everything, cleanly."""
+
+
+def parse_backends(items: list[str]) -> list[str]:
+    urls: list[str] = []
+    for item in items:
+        for part in item.split(","):
+            u = part.strip().rstrip("/")
+            if not u:
+                continue
+            if not (u.startswith("http://") or u.startswith("https://")):
+                raise ValueError(f"bad --backend {u!r}: expected a URL like http://127.0.0.1:8001")
+            if u in urls:
+                raise ValueError(f"--backend {u} given twice")
+            urls.append(u)
+    if not urls:
+        raise ValueError("give at least one --backend URL")
+    return urls
+
+
+def _router_config(poll_interval: float, poll_timeout: float):
+    from fairbatch.cluster.proxy import RouterConfig
+
+    if not poll_interval > 0:
+        raise ValueError("--poll-interval must be positive (seconds)")
+    if not poll_timeout > 0:
+        raise ValueError("--poll-timeout must be positive (seconds)")
+    return RouterConfig(poll_interval=poll_interval, poll_timeout=poll_timeout)
+
+
+def _serve_router(app: Any, sock: Any, log_level: str, access_log: bool) -> None:
+    from fairbatch.server.runner import serve_forever
+
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
+                        format="%(levelname)s %(name)s: %(message)s")
+    serve_forever(app, sock, log_level=log_level, access_log=access_log)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def route(
+        backend: Annotated[list[str], typer.Option("--backend", "-b", help="Backend base URL (an OpenAI-compatible server, e.g. `fairbatch serve`); repeat, or separate with commas.")],
+        router: Annotated[str, typer.Option(help=ROUTER_HELP)] = "admission",
+        host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+        port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8000,
+        poll_interval: Annotated[float, typer.Option(help="Seconds between polls of each backend's /load.")] = 0.05,
+        poll_timeout: Annotated[float, typer.Option(help="A poll slower than this marks the backend unhealthy, seconds.")] = 2.0,
+        log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
+        access_log: Annotated[bool, typer.Option(help="Log every HTTP request.")] = False,
+    ) -> None:
+        """Route OpenAI requests over several servers by their load (streams through, retries, health checks)."""
+        from fairbatch.cli import console, fail
+        from fairbatch.cluster.proxy import build_router_app
+        from fairbatch.cluster.routing import make_router
+        from fairbatch.server.runner import bind_socket
+
+        try:
+            urls = parse_backends(backend)
+            r = make_router(router)
+            cfg = _router_config(poll_interval, poll_timeout)
+        except ValueError as e:
+            raise fail(str(e)) from None
+        try:
+            sock = bind_socket(host, port)
+        except OSError as e:
+            raise fail(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        app_ = build_router_app(urls, r, config=cfg)
+        bound = sock.getsockname()[1]
+        console.print(f"routing over {len(urls)} backend(s) ({', '.join(urls)}) with [bold]{r.name}[/]"
+                      f"{'' if r.count_sent or not r.uses_load else ' (no sent-since-poll accounting)'} "
+                      f"on http://{host}:{bound}", highlight=False)
+        _serve_router(app_, sock, log_level, access_log)
+
+    @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+    def cluster(
+        ctx: typer.Context,
+        model: Annotated[str, typer.Option(help="Model for every replica (a preset such as tiny-llama, or a model directory).")],
+        replicas: Annotated[Optional[int], typer.Option(help="Replicas to start; default: one per GPU (1 without GPUs).")] = None,
+        load_format: Annotated[str, typer.Option(help="auto, safetensors or dummy (random weights).")] = "auto",
+        policy: Annotated[str, typer.Option(help="Scheduling policy of every replica.")] = "fairbatching",
+        launcher: Annotated[str, typer.Option(help="ray (local Ray instance, or --address) or local (plain processes on this machine).")] = "ray",
+        address: Annotated[Optional[str], typer.Option(help="An existing Ray cluster (e.g. auto, or ray://HEAD:10001); default: start a local one.")] = None,
+        device: Annotated[str, typer.Option(help="auto (GPU replicas when there are GPUs), cuda or cpu.")] = "auto",
+        cpus_per_replica: Annotated[float, typer.Option(help="CPUs Ray reserves for each replica.")] = 1.0,
+        replica_host: Annotated[Optional[str], typer.Option(help="Address replicas listen on; default 127.0.0.1 (0.0.0.0 with --address).")] = None,
+        start_timeout: Annotated[float, typer.Option(help="Seconds to wait for the replicas to serve.")] = 600.0,
+        log_dir: Annotated[Optional[str], typer.Option(help="Folder for the replicas' logs; default: a new temporary one.")] = None,
+        router: Annotated[str, typer.Option(help=ROUTER_HELP)] = "admission",
+        host: Annotated[str, typer.Option(help="Address the router listens on.")] = "127.0.0.1",
+        port: Annotated[int, typer.Option(help="Port the router listens on (0: any free port).")] = 8000,
+        poll_interval: Annotated[float, typer.Option(help="Seconds between polls of each replica's /load.")] = 0.05,
+        poll_timeout: Annotated[float, typer.Option(help="A poll slower than this marks the replica unhealthy, seconds.")] = 2.0,
+        log_level: Annotated[str, typer.Option(help="Log level of the router.")] = "info",
+    ) -> None:
+        """Start replicas of `fairbatch serve` (one per GPU, with Ray) and the router in front of them.
+
+        Options this command does not know are passed to every `fairbatch serve`
+        (e.g. --max-model-len 2048 --cpu-threads 1 --set triage=false)."""
+        from fairbatch.cli import console, fail
+        from fairbatch.cluster.launcher import Cluster, ClusterSpec, LaunchError
+        from fairbatch.cluster.proxy import build_router_app
+        from fairbatch.cluster.routing import make_router
+        from fairbatch.server.runner import bind_socket
+
+        serve_args = ["--model", model, "--load-format", load_format, "--policy", policy, *ctx.args]
+        if "--port" in ctx.args or "--host" in ctx.args:
+            raise fail("--host/--port set the router's address; replicas get free ports (see --replica-host)")
+        try:
+            r = make_router(router)
+            cfg = _router_config(poll_interval, poll_timeout)
+            spec = ClusterSpec(replicas=replicas, serve_args=serve_args, launcher=launcher, address=address,
+                               device=device, cpus_per_replica=cpus_per_replica, replica_host=replica_host,
+                               start_timeout=start_timeout, log_dir=log_dir)
+            group = Cluster(spec, on_event=lambda m: console.print(m, highlight=False))
+        except ValueError as e:
+            raise fail(str(e)) from None
+        try:
+            sock = bind_socket(host, port)
+        except OSError as e:
+            raise fail(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+        def stop(signum: int, frame: Any) -> None:
+            raise _Stop()
+
+        old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        code = 0
+        err = ""
+        try:
+            infos = group.launch()
+            for i, info in enumerate(infos):
+                where = f"GPU {','.join(info.gpus)}" if info.gpus else "CPU"
+                console.print(f"  replica {i}: {info.url} (pid {info.pid}, {info.node}, {where}; log {info.log})",
+                              highlight=False)
+            app_ = build_router_app([i.url for i in infos], r, config=cfg, backend_meta=[i.meta() for i in infos])
+            bound = sock.getsockname()[1]
+            console.print(f"routing over {len(infos)} replica(s) with [bold]{r.name}[/] on http://{host}:{bound}",
+                          highlight=False)
+            _serve_router(app_, sock, log_level, False)
+        except _Stop:
+            pass
+        except LaunchError as e:
+            err = str(e)
+            code = 2
+        finally:
+            # Shutting down takes a bounded time (SIGTERM, then SIGKILL after 15 s): let it finish.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            try:
+                sock.close()
+            except OSError:
+                pass
+            console.print("stopping the replicas", highlight=False)
+            group.shutdown()
+            for s, h in old.items():
+                signal.signal(s, h)
+        if code:
+            raise fail(err)
+        console.print("stopped", highlight=False)
+        sys.stdout.flush()

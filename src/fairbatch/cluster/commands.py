@@ -145,6 +145,8 @@ def register(app: typer.Typer) -> None:
         err = ""
         try:
             infos = group.launch()
+            for s in old:                 # ray.init installs handlers of its own: ours again
+                signal.signal(s, stop)
             for i, info in enumerate(infos):
                 where = f"GPU {','.join(info.gpus)}" if info.gpus else "CPU"
                 console.print(f"  replica {i}: {info.url} (pid {info.pid}, {info.node}, {where}; log {info.log})",
@@ -154,7 +156,7 @@ def register(app: typer.Typer) -> None:
             console.print(f"routing over {len(infos)} replica(s) with [bold]{r.name}[/] on http://{host}:{bound}",
                           highlight=False)
             _serve_router(app_, sock, log_level, False)
-        except _Stop:
+        except (_Stop, KeyboardInterrupt):
             pass
         except LaunchError as e:
             err = str(e)

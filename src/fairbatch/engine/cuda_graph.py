@@ -1,4 +1,4 @@
-"""CUDA graphs for steps up to ``MIXED_MAX_TOKENS`` tokens: decode-only and mixed.
+"""CUDA graphs for decode-only steps and for mixed steps under ``MIXED_MAX_TOKENS`` tokens.
 
 Launching a step's ~300 kernels from Python costs ~15 ms on an H100 host, more than a
 small step runs on the GPU (a Llama-3-8B decode streams its 15 GB of weights in ~5 ms).
@@ -30,7 +30,9 @@ if TYPE_CHECKING:
     from fairbatch.engine.executor import EngineExecutor
 
 DECODE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512)
-MIXED_BUCKETS = (16, 32, 64, 96, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024)
+# Mixed steps only while the weights dominate: measured on an H100 (Llama-3-8B), a padded
+# 512-token step replayed at 17.7 ms against 13.7 ms eager, while 128 tokens gained 2.4 ms.
+MIXED_BUCKETS = (16, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 MIXED_MAX_TOKENS = MIXED_BUCKETS[-1]
 MIXED_MAX_PREFILLS = 16          # prefill chunks a mixed graph has attention programs for
 

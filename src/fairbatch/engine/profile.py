@@ -47,23 +47,26 @@ def sweep(max_tokens: int, capacity_tokens: int, max_seqs: int, max_model_len: i
     mixes, and random compositions (which make the held-out set representative)."""
     rng = random.Random(seed)
     pts: list[tuple[str, Composition]] = []
-    batches = [1, 4, 16, 64, 128, 256] if quick else [1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256]
-    ctxs = [256, 2048] if quick else [128, 512, 1024, 2048, 4096]
+    # quick: a small smoke sweep (CPU, CI); the full one is sized for a GPU serving 8k tokens
+    batches = [1, 4, 16, 64] if quick else [1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256]
+    ctxs = [64, 256] if quick else [128, 512, 1024, 2048, 4096]
     for b in batches:
         for c in ctxs:
             pts.append(("decode", [(c - 1, 1)] * b))
-    chunks = [16, 128, 512, 2048] if quick else [16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192]
+    chunks = [16, 64, 256, 512] if quick else [16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192]
     for k in chunks:
-        for c in ([0, 2048] if quick else [0, 1024, 4096]):
+        for c in ([0, 256] if quick else [0, 1024, 4096]):
             pts.append(("prefill", [(c, k)]))
-    for nd in ([16, 128] if quick else [8, 32, 128, 256]):
-        for dc in ([1024] if quick else [512, 2048]):
-            for k in ([256, 1024] if quick else [128, 512, 1024, 2048]):
-                pts.append(("mixed", [(dc - 1, 1)] * nd + [(rng.choice([0, 1024]), k)]))
-    for _ in range(8 if quick else 60):
-        comp: Composition = [(rng.randint(16, 4096) - 1, 1) for _ in range(rng.choice([0, 1, 8, 32, 64, 128, 200]))]
+    for nd in ([4, 16] if quick else [8, 32, 128, 256]):
+        for dc in ([256] if quick else [512, 2048]):
+            for k in ([64, 256] if quick else [128, 512, 1024, 2048]):
+                pts.append(("mixed", [(dc - 1, 1)] * nd + [(rng.choice([0, 256 if quick else 1024]), k)]))
+    top = 512 if quick else 4096
+    for _ in range(10 if quick else 60):
+        comp: Composition = [(rng.randint(16, top) - 1, 1)
+                             for _ in range(rng.choice([0, 1, 8, 32] if quick else [0, 1, 8, 32, 64, 128, 200]))]
         for _ in range(rng.choice([0, 1, 1, 2, 3])):
-            comp.append((rng.choice([0, 0, 512, 2048]), rng.choice([32, 128, 300, 512, 1000, 2048])))
+            comp.append((rng.choice([0, 0, top // 8, top // 2]), rng.choice([32, 128, 300, 512, 1000, 2048])))
         if comp:
             pts.append(("random", comp))
     ok = []

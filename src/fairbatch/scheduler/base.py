@@ -35,6 +35,8 @@ class SchedulerConfig:
     time_budget_rule: str = "max-slack-tpot"  # T = max(min slack, min tpot); or "min-slack"
     triage: bool = True                  # requests that already missed their SLO go last
     triage_lookahead: bool = True        # ...and prompts that cannot finish prefill in time
+    # ...until they have waited this many times their TTFT (inf: only when nothing else fits)
+    late_deadline_factor: float = float("inf")
     failed_decode_gap: float = 4.0       # ...but get a token at least every this many TPOTs
     min_chunk: int = 16                  # smallest prefill chunk worth a step
     chunk_align: int = 16                # round prefill chunks down to a multiple of this

@@ -30,7 +30,6 @@ while they wait, so selecting prefills by slack costs O(log n), not a sort of th
 from __future__ import annotations
 
 import heapq
-from collections import deque
 from itertools import count
 from operator import attrgetter
 
@@ -56,7 +55,7 @@ class FairBatchingScheduler(Scheduler):
         super().__init__(config, allocator, latency_model)
         self._heap: list[tuple[float, int, Request]] = []   # (next deadline, seq, request)
         self._seq = count()
-        self._late: deque[Request] = deque()   # waiting prompts that can no longer meet TTFT
+        self._late: list[tuple[float, int, Request]] = []   # prompts past TTFT: (relaxed deadline, seq, req)
         self._step_now = 0.0
         # Prefill throughput for the load estimate: tokens per second of T_max-long
         # pure-prefill steps, per the latency model.
@@ -136,17 +135,20 @@ class FairBatchingScheduler(Scheduler):
             urgent.sort(key=_by_deadline)
             self._add_decodes(urgent, plan, _INF, token_cap)
 
-        # (b) prefills: partial (running) first, then waiting, each by deadline; prompts
-        # that can no longer make their first-token deadline go after all others.
-        late_partials: list[Request] = []
+        # (b) prefills: partial (running) ones, then waiting ones, each in priority order
+        # (_prefill_key: the first-token deadline, or a relaxed one for prompts that can no
+        # longer make theirs), each given the largest chunk that still fits T.
         if partials:
-            partials.sort(key=_by_deadline)
             if triage:
-                late_partials = [r for r in partials if r.generated == 0 and r.deadline < now]
-                if late_partials:
-                    partials = [r for r in partials if not (r.generated == 0 and r.deadline < now)]
-        self._prefill_group(partials, T, token_cap, plan, late=False)
-        self._prefill_group(late_partials, T, token_cap, plan, late=True)
+                factor = cfg.late_deadline_factor
+                partials.sort(key=lambda r: r.arrival + factor * r.slo.ttft
+                              if r.generated == 0 and r.deadline < now else r.deadline)
+            else:
+                partials.sort(key=_by_deadline)
+            for req in partials:
+                self._add_partial(req, T, token_cap, plan)
+        if not plan.preempted:   # like vLLM: no admissions in a step that had to preempt
+            self._admit_prefills(T, token_cap, plan)
 
         # (c) the remaining decodes, by deadline, while the step stays within T; then
         # those of requests that already missed their SLO
@@ -159,18 +161,6 @@ class FairBatchingScheduler(Scheduler):
 
         plan.predicted_time = model.predict(plan.features) if plan.chunks else 0.0
         return plan
-
-    def _prefill_group(self, partials: list[Request], T: float, token_cap: int, plan: StepPlan,
-                       late: bool) -> None:
-        """Running partial prefills, then admissions from the matching waiting queue."""
-        for req in partials:
-            self._add_partial(req, T, token_cap, plan)
-        if not plan.preempted:   # like vLLM: no admissions in a step that had to preempt
-            if late:
-                if self._late:
-                    self._admit_late(T, token_cap, plan)
-            else:
-                self._admit_prefills(T, token_cap, plan)
 
     def _add_partial(self, req: Request, T: float, token_cap: int, plan: StepPlan) -> None:
         if req.state is not RequestState.RUNNING:
@@ -242,25 +232,37 @@ class FairBatchingScheduler(Scheduler):
         return k
 
     def _admit_prefills(self, T: float, token_cap: int, plan: StepPlan) -> None:
-        heap = self._heap
+        """Admit waiting prompts in priority order while they fit. Two heaps: prompts that
+        can still make their first-token deadline, keyed by it, and prompts that cannot
+        (triage), keyed by the relaxed deadline ``arrival + late_deadline_factor * ttft``;
+        the smaller key goes first, so a late prompt yields to every prompt that can still
+        make it, but only until it has waited ``late_deadline_factor`` times its TTFT."""
+        heap, late = self._heap, self._late
         feats = plan.features
         cfg = self.config
         max_seqs = cfg.max_num_seqs
         now = self._step_now
-        while heap and len(self.running) < max_seqs and feats.new_tokens < token_cap:
-            deadline, seq, req = heap[0]
-            if req.state is not RequestState.WAITING:
-                heapq.heappop(heap)       # admitted or aborted since it was pushed
+        while (heap or late) and len(self.running) < max_seqs and feats.new_tokens < token_cap:
+            if heap:
+                deadline, _, req = heap[0]
+                if req.state is not RequestState.WAITING:
+                    heapq.heappop(heap)       # admitted or aborted since it was pushed
+                    continue
+                if cfg.triage and req.generated == 0 and (
+                        deadline < now or (cfg.triage_lookahead and deadline < now + self._prefill_time(req))):
+                    heapq.heappop(heap)       # can no longer meet its TTFT
+                    heapq.heappush(late, (req.arrival + cfg.late_deadline_factor * req.slo.ttft,
+                                          next(self._seq), req))
+                    continue
+            if late and late[0][2].state is not RequestState.WAITING:
+                heapq.heappop(late)
                 continue
-            if cfg.triage and req.generated == 0 and (
-                    deadline < now or (cfg.triage_lookahead and deadline < now + self._prefill_time(req))):
-                heapq.heappop(heap)       # can no longer meet its TTFT: served after the rest
-                self._late.append(req)
-                continue
+            source = late if late and (not heap or late[0][0] < heap[0][0]) else heap
+            req = source[0][2]
             k = self._chunk(req, feats, T, token_cap, plan)
             if k == 0 or not self._grow(req, req.num_computed + k):
                 break
-            heapq.heappop(heap)
+            heapq.heappop(source)
             self._admit_waiting(req)
             plan.add(req, k)
 
@@ -269,21 +271,6 @@ class FairBatchingScheduler(Scheduler):
         c = req.num_computed
         k = req.prompt_len - c
         return self.latency.predict(StepFeatures(1, k, c + k, k * c + k * (k + 1) * 0.5))
-
-    def _admit_late(self, T: float, token_cap: int, plan: StepPlan) -> None:
-        late = self._late
-        feats = plan.features
-        while late and len(self.running) < self.config.max_num_seqs and feats.new_tokens < token_cap:
-            req = late[0]
-            if req.state is not RequestState.WAITING:
-                late.popleft()
-                continue
-            k = self._chunk(req, feats, T, token_cap, plan)
-            if k == 0 or not self._grow(req, req.num_computed + k):
-                break
-            late.popleft()
-            self._admit_waiting(req)
-            plan.add(req, k)
 
     def _slack(self, req: Request) -> float:
         return req.deadline - self._step_now

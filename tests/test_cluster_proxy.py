@@ -1,0 +1,363 @@
+"""The HTTP router against fake backends on 127.0.0.1 (in-process uvicorn threads, no
+model): routing by polled loads, health marking, retries of requests that had not
+started, a clear error for streams cut after they started, pass-through of client errors,
+metrics; and the `route` / `cluster` commands' user errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+from fastapi import FastAPI, Request  # noqa: E402
+from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from fairbatch.cli import app as cli  # noqa: E402
+from fairbatch.cluster.proxy import RouterConfig, _event_kind, build_router_app, estimate_prompt_tokens  # noqa: E402
+from fairbatch.server.runner import ServerThread  # noqa: E402
+
+FAST = RouterConfig(poll_interval=0.02, poll_timeout=0.5, down_poll_interval=0.05)
+
+
+def fake_backend(name: str, budget: float = 10_000.0) -> FastAPI:
+    """A fake OpenAI server whose behaviour the test sets in ``app.state.mode``."""
+    app = FastAPI()
+    app.state.mode = "ok"
+    app.state.load_mode = "ok"
+    app.state.budget = budget
+    app.state.hits = 0
+    app.state.closed = 0
+    app.state.release = asyncio.Event()
+
+    def chunk(i: int, text: str, reason=None, chat=False) -> bytes:
+        if chat:
+            ch = {"index": 0, "delta": {"content": text}, "finish_reason": reason}
+        else:
+            ch = {"index": 0, "text": text, "finish_reason": reason}
+        return b"data: " + json.dumps({"id": f"{name}-{i}", "choices": [ch]}).encode() + b"\n\n"
+
+    @app.get("/load")
+    async def load():
+        if app.state.load_mode == "404":
+            return JSONResponse({"error": "no"}, status_code=404)
+        if app.state.load_mode == "fail":
+            return JSONResponse({"error": "down"}, status_code=500)
+        return {"running": 0, "waiting": 0, "kv_usage": 0.0, "free_blocks": 100, "num_blocks": 100,
+                "queued_prefill_tokens": 0, "admission_budget": app.state.budget, "time": 1.0}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": "fake", "object": "model", "owned_by": name}]}
+
+    async def handle(request: Request, chat: bool):
+        body = await request.json()
+        app.state.hits += 1
+        mode = app.state.mode
+        if mode == "busy":
+            return JSONResponse({"error": {"message": "at capacity"}}, status_code=503, headers={"Retry-After": "1"})
+        if mode == "bad":
+            return JSONResponse({"error": {"message": "bad prompt", "code": 400}}, status_code=400)
+        n = body.get("max_tokens", 3)
+
+        async def events():
+            try:
+                if chat:
+                    role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                    yield b"data: " + json.dumps({"id": name, "choices": [role]}).encode() + b"\n\n"
+                if mode == "hang":
+                    await app.state.release.wait()
+                if mode == "die_before_output":
+                    raise RuntimeError("backend crashed")
+                if mode == "error_first":
+                    yield b'data: {"error": {"message": "engine failed", "code": 500}}\n\n'
+                    return
+                for i in range(n):
+                    yield chunk(i, f"{name}{i} ", "length" if i == n - 1 else None, chat)
+                    await asyncio.sleep(0.005)
+                    if mode == "die_after_output" and i == 1:
+                        raise RuntimeError("backend crashed mid-stream")
+                yield b"data: [DONE]\n\n"
+            finally:
+                app.state.closed += 1
+
+        if body.get("stream"):
+            return StreamingResponse(events(), media_type="text/event-stream")
+        if mode in ("die_before_output", "die_after_output"):
+            raise RuntimeError("backend crashed")
+        return {"id": name, "choices": [{"index": 0, "text": name, "finish_reason": "length"}],
+                "usage": {"completion_tokens": n}}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await handle(request, False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return await handle(request, True)
+
+    return app
+
+
+def dead_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+class Cluster:
+    def __init__(self, n: int, router: str = "round_robin", budgets=None, dead: int = 0, load_modes=None) -> None:
+        self.apps = [fake_backend(f"b{i}", (budgets or [1e4] * n)[i]) for i in range(n)]
+        for a, m in zip(self.apps, load_modes or []):
+            a.state.load_mode = m
+        self.servers = [ServerThread(a, log_level="critical").start() for a in self.apps]
+        self.urls = [s.url for s in self.servers] + [dead_url() for _ in range(dead)]
+        self.router_app = build_router_app(self.urls, router, config=FAST)
+        self.router = ServerThread(self.router_app, log_level="critical").start()
+        self.http = httpx.Client(base_url=self.router.url, timeout=20)
+        self.wait_healthy(n)
+
+    def wait_healthy(self, n: int, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            r = self.http.get("/health")
+            if r.status_code == 200 and r.json()["healthy_backends"] == n:
+                return
+            time.sleep(0.02)
+        raise AssertionError(self.http.get("/backends").json())
+
+    def post(self, stream=True, chat=False, **body):
+        path = "/v1/chat/completions" if chat else "/v1/completions"
+        payload = {"model": "fake", "max_tokens": 3, "stream": stream, **body}
+        if chat:
+            payload["messages"] = [{"role": "user", "content": "hello"}]
+        else:
+            payload.setdefault("prompt", [1, 2, 3])
+        return self.http.post(path, json=payload)
+
+    def metrics(self) -> str:
+        return self.http.get("/metrics").text
+
+    def close(self) -> None:
+        self.http.close()
+        self.router.stop()
+        for s in self.servers:
+            s.stop()
+
+
+@pytest.fixture
+def make_cluster():
+    made = []
+
+    def make(*a, **kw) -> Cluster:
+        c = Cluster(*a, **kw)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()
+
+
+def sse(resp) -> list:
+    out = []
+    for block in resp.text.split("\n\n"):
+        for line in block.splitlines():
+            if line.startswith("data: "):
+                d = line[6:]
+                out.append(d if d == "[DONE]" else json.loads(d))
+    return out
+
+
+# --- helpers -------------------------------------------------------------------------------------
+def test_prompt_estimate() -> None:
+    assert estimate_prompt_tokens("/v1/completions", {"prompt": [1, 2, 3, 4]}) == 4
+    assert estimate_prompt_tokens("/v1/completions", {"prompt": [[1, 2], [3]], "n": 2}) == 6
+    assert estimate_prompt_tokens("/v1/completions", {"prompt": "x" * 400}) == 100
+    assert estimate_prompt_tokens("/v1/completions", {"prompt": ["abcd", "efgh"]}) == 2
+    assert estimate_prompt_tokens("/v1/chat/completions",
+                                  {"messages": [{"role": "user", "content": "y" * 40},
+                                                {"role": "user", "content": [{"type": "text", "text": "zzzz"}]}]}) == 19
+    assert estimate_prompt_tokens("/v1/completions", {"prompt": None, "n": "x"}) == 1
+
+
+def test_event_kinds() -> None:
+    role = b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}'
+    assert _event_kind(role) == "none"
+    assert _event_kind(b'data: {"choices":[{"index":0,"delta":{"content":"a"}}]}') == "output"
+    assert _event_kind(b'data: {"choices":[{"index":0,"text":"","finish_reason":"length"}]}') == "output"
+    assert _event_kind(b'data: {"error":{"message":"x"}}') == "error"
+    assert _event_kind(b"data: [DONE]") == "output"
+    assert _event_kind(b": keep-alive") == "none"
+
+
+# --- routing and health ------------------------------------------------------------------------------
+def test_routes_by_polled_admission_budget(make_cluster) -> None:
+    c = make_cluster(2, router="admission", budgets=[50.0, 100_000.0])
+    r = c.post(prompt=list(range(100)))
+    assert r.status_code == 200 and r.headers["x-fairbatch-backend"] == c.urls[1]
+    # the small one covers a 10-token prompt, but the big one's budget is larger
+    assert c.post(prompt=[1] * 10).headers["x-fairbatch-backend"] == c.urls[1]
+    info = c.http.get("/backends").json()
+    assert info["router"] == "admission" and [b["healthy"] for b in info["backends"]] == [True, True]
+    assert info["backends"][1]["load"]["admission_budget"] == 100_000.0
+    agg = c.http.get("/load").json()
+    assert agg["admission_budget"] == 100_050.0 and agg["healthy_backends"] == 2
+    models = c.http.get("/v1/models").json()
+    assert models["data"][0]["id"] == "fake"
+    m = c.metrics()
+    assert f'fairbatch_router:requests_total{{backend="{c.urls[1]}",status="200"}} 2.0' in m
+    assert "fairbatch_router:backend_admission_budget_tokens" in m and "routing_decision_seconds" in m
+
+
+def test_dead_backend_is_never_used(make_cluster) -> None:
+    c = make_cluster(1, router="round_robin", dead=1)
+    for _ in range(4):
+        r = c.post()
+        assert r.status_code == 200 and r.headers["x-fairbatch-backend"] == c.urls[0]
+    info = c.http.get("/backends").json()["backends"]
+    assert info[1]["healthy"] is False and "poll failed" in info[1]["error"]
+
+
+def test_no_healthy_backend_is_a_clear_503() -> None:
+    app = build_router_app([dead_url()], "admission", config=FAST)
+    with ServerThread(app, log_level="critical") as s, httpx.Client(base_url=s.url, timeout=10) as h:
+        time.sleep(0.2)
+        r = h.post("/v1/completions", json={"prompt": [1], "max_tokens": 2})
+        assert r.status_code == 503 and "no healthy backend" in r.json()["error"]["message"]
+        assert r.headers["retry-after"] == "1"
+        assert h.get("/health").status_code == 503
+        assert h.post("/v1/completions", content=b"{nope").status_code == 400
+
+
+# --- retries of requests that had not started --------------------------------------------------------
+@pytest.mark.parametrize("mode, reason", [("die_before_output", "transport"), ("error_first", "stream_error"),
+                                          ("busy", "busy")])
+def test_stream_that_had_not_started_is_retried_elsewhere(make_cluster, mode, reason) -> None:
+    c = make_cluster(2, router="round_robin")
+    c.apps[0].state.mode = mode
+    for chat in (False, True):       # chat: the leading role-only event is held back
+        for _ in range(2):
+            r = c.post(chat=chat)
+            assert r.status_code == 200
+            assert r.headers["x-fairbatch-backend"] == c.urls[1]
+            events = sse(r)
+            assert events[-1] == "[DONE]" and not any(isinstance(e, dict) and "error" in e for e in events)
+        c.wait_healthy(2)
+    assert f'retries_total{{backend="{c.urls[0]}",reason="{reason}"}}' in c.metrics()
+
+
+def test_non_streaming_request_is_retried_and_client_errors_pass_through(make_cluster) -> None:
+    c = make_cluster(2, router="round_robin")
+    c.apps[0].state.mode = "die_before_output"
+    for _ in range(2):
+        r = c.post(stream=False)
+        assert r.status_code == 200 and r.json()["id"] == "b1"
+    c.wait_healthy(2)
+    c.apps[0].state.mode = c.apps[1].state.mode = "bad"
+    hits = c.apps[0].state.hits + c.apps[1].state.hits
+    r = c.post(stream=False)
+    assert r.status_code == 400 and r.json()["error"]["message"] == "bad prompt"
+    assert c.apps[0].state.hits + c.apps[1].state.hits == hits + 1       # not retried
+
+
+def test_all_busy_answers_the_backends_503(make_cluster) -> None:
+    c = make_cluster(2, router="least_requests")
+    for a in c.apps:
+        a.state.mode = "busy"
+    r = c.post()
+    assert r.status_code == 503 and r.json()["error"]["message"] == "at capacity"
+    assert r.headers.get("retry-after") == "1"
+    assert sum(a.state.hits for a in c.apps) == 2
+
+
+def test_request_waiting_on_a_backend_that_goes_unhealthy_moves(make_cluster) -> None:
+    c = make_cluster(2, router="round_robin")
+    c.apps[0].state.mode = "hang"
+    t0 = time.monotonic()
+
+    def fail_polls() -> None:
+        time.sleep(0.3)
+        c.apps[0].state.load_mode = "fail"
+    threading.Thread(target=fail_polls, daemon=True).start()
+    r = c.post()
+    assert r.status_code == 200 and r.headers["x-fairbatch-backend"] == c.urls[1]
+    assert time.monotonic() - t0 < 5
+    assert f'retries_total{{backend="{c.urls[0]}",reason="unhealthy"}}' in c.metrics()
+    # it comes back once its polls succeed again
+    c.apps[0].state.load_mode = "ok"
+    c.apps[0].state.mode = "ok"
+    c.wait_healthy(2)
+
+
+# --- a stream cut after it started -------------------------------------------------------------------
+def test_stream_cut_after_it_started_ends_with_a_clear_error(make_cluster) -> None:
+    c = make_cluster(2, router="round_robin")
+    c.apps[0].state.mode = "die_after_output"
+    r = c.post(max_tokens=5)
+    assert r.status_code == 200 and r.headers["x-fairbatch-backend"] == c.urls[0]
+    events = sse(r)
+    assert [e["choices"][0]["text"] for e in events[:2]] == ["b00 ", "b01 "]
+    err = events[-1]["error"]
+    assert "failed after the stream had started" in err["message"] and c.urls[0] in err["message"]
+    assert "[DONE]" not in events
+    assert c.apps[1].state.hits == 0                     # never replayed elsewhere
+    assert f'midstream_failures_total{{backend="{c.urls[0]}"}} 1.0' in c.metrics()
+
+
+def test_client_going_away_closes_the_backend_stream(make_cluster) -> None:
+    c = make_cluster(1)
+    c.apps[0].state.mode = "ok"
+    with httpx.Client(base_url=c.router.url, timeout=10) as h:
+        with h.stream("POST", "/v1/completions", json={"prompt": [1], "max_tokens": 400, "stream": True}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data:"):
+                    break
+    deadline = time.monotonic() + 5
+    while c.apps[0].state.closed < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert c.apps[0].state.closed == 1
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if c.http.get("/backends").json()["backends"][0]["inflight"] == 0:
+            break
+        time.sleep(0.02)
+    assert c.http.get("/backends").json()["backends"][0]["inflight"] == 0
+
+
+def test_backend_without_load_endpoint_is_polled_on_health(make_cluster) -> None:
+    c = make_cluster(2, router="least_requests", load_modes=["404", "ok"])
+    info = c.http.get("/backends").json()["backends"]
+    assert info[0]["has_load"] is False and info[0]["healthy"] is True and info[1]["has_load"] is True
+    assert all(c.post().status_code == 200 for _ in range(4))
+    assert c.apps[0].state.hits > 0
+
+
+# --- commands: user errors ----------------------------------------------------------------------------
+@pytest.mark.parametrize("args, message", [
+    (["route", "--backend", "localhost:8000"], "expected a URL"),
+    (["route", "--backend", "http://a:1,http://a:1"], "given twice"),
+    (["route", "--backend", "http://a:1", "--router", "fastest"], "unknown router"),
+    (["route", "--backend", "http://a:1", "--poll-interval", "0"], "--poll-interval"),
+    (["cluster", "--model", "tiny-llama", "--replicas", "0"], "--replicas"),
+    (["cluster", "--model", "tiny-llama", "--launcher", "slurm"], "unknown launcher"),
+    (["cluster", "--model", "tiny-llama", "--port", "0", "--launcher", "local", "--device", "cuda"], "no GPU"),
+])
+def test_commands_user_errors_are_one_line(args, message, monkeypatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 2, res.output
+    assert message in res.output and "Traceback" not in res.output

@@ -59,7 +59,7 @@ def test_scenario_completes(policy: str) -> None:
 
 def _first_admitted(**opts) -> str:
     """Two waiting prompts, room for one: 'late' can no longer make its TTFT, 'fresh' can."""
-    cfg = SchedulerConfig(max_model_len=4096, max_num_batched_tokens=600, **opts)
+    cfg = SchedulerConfig(max_model_len=4096, max_num_batched_tokens=500, **opts)
     sched = make_scheduler("fairbatching", cfg, BlockAllocator(1000), MODEL)
     sched.add(Request("late", 0.0, 500, 5, SLO(1.0, 0.05)), 0.0)
     sched.add(Request("fresh", 9.9, 500, 5, SLO(1.0, 0.05)), 9.9)

@@ -60,6 +60,9 @@ def make_payload(req: BenchRequest, model: str, *, send_slo: bool = True, ignore
         body["ignore_eos"] = True
     if send_slo:
         body["slo"] = {"ttft_ms": req.slo.ttft * 1e3, "tpot_ms": req.slo.tpot * 1e3, "class": req.slo.name}
+        # The same SLO where vLLM carries per-request extra args, for fairbatch's vLLM plugin
+        # (docs/VLLM.md); servers that know neither field ignore both.
+        body["vllm_xargs"] = {"ttft_slo": req.slo.ttft, "tpot_slo": req.slo.tpot, "slo_class": req.slo.name}
     if extra_body:
         body.update(extra_body)
     return body

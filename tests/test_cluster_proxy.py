@@ -22,7 +22,12 @@ from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from fairbatch.cli import app as cli  # noqa: E402
-from fairbatch.cluster.proxy import RouterConfig, _event_kind, build_router_app, estimate_prompt_tokens  # noqa: E402
+from fairbatch.cluster.proxy import (  # noqa: E402
+    RouterConfig,
+    _event_kind,
+    build_router_app,
+    estimate_prompt_tokens,
+)
 from fairbatch.server.runner import ServerThread  # noqa: E402
 
 FAST = RouterConfig(poll_interval=0.02, poll_timeout=0.5, down_poll_interval=0.05)
@@ -233,7 +238,8 @@ def test_dead_backend_is_never_used(make_cluster) -> None:
 
 
 def test_no_healthy_backend_is_a_clear_503() -> None:
-    app = build_router_app([dead_url()], "admission", config=FAST)
+    app = build_router_app([dead_url()], "admission", config=RouterConfig(poll_interval=0.02, poll_timeout=0.5,
+                                                                          max_body_bytes=1000))
     with ServerThread(app, log_level="critical") as s, httpx.Client(base_url=s.url, timeout=10) as h:
         time.sleep(0.2)
         r = h.post("/v1/completions", json={"prompt": [1], "max_tokens": 2})
@@ -241,6 +247,8 @@ def test_no_healthy_backend_is_a_clear_503() -> None:
         assert r.headers["retry-after"] == "1"
         assert h.get("/health").status_code == 503
         assert h.post("/v1/completions", content=b"{nope").status_code == 400
+        big = h.post("/v1/completions", json={"prompt": [1] * 1000})
+        assert big.status_code == 413 and "larger than 1000 bytes" in big.json()["error"]["message"]
 
 
 # --- retries of requests that had not started --------------------------------------------------------

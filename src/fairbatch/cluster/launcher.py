@@ -347,7 +347,9 @@ class Cluster:
                 want = spec.replicas or max(1, gpus)
                 cpus = max(os.cpu_count() or 1, int(want * spec.cpus_per_replica + 0.999))
                 self.say(f"starting a local Ray instance ({cpus} CPUs, {gpus} GPUs)")
-                kw: dict[str, Any] = dict(num_cpus=cpus, num_gpus=gpus, include_dashboard=False, log_to_driver=False,
+                # address="local": a new instance of our own, even where another one runs
+                kw: dict[str, Any] = dict(address="local", num_cpus=cpus, num_gpus=gpus, include_dashboard=False,
+                                          log_to_driver=False,
                                           logging_level=logging.WARNING, object_store_memory=100 * 1024 * 1024)
                 if local_host in ("127.0.0.1", "localhost"):
                     kw["_node_ip_address"] = "127.0.0.1"

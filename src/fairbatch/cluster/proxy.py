@@ -57,7 +57,8 @@ _FORWARD_REQUEST_HEADERS = ("content-type", "authorization", "accept", "x-reques
                             "openai-project", "user-agent")
 _FORWARD_RESPONSE_HEADERS = ("content-type", "cache-control", "x-accel-buffering", "retry-after", "x-request-id")
 _ROUTED_PATHS = ("/v1/completions", "/v1/chat/completions")
-_TYPES = {400: "BadRequestError", 404: "NotFoundError", 502: "BadGatewayError", 503: "ServiceUnavailableError"}
+_TYPES = {400: "BadRequestError", 404: "NotFoundError", 413: "RequestTooLargeError", 499: "ClientClosedRequest",
+          502: "BadGatewayError", 503: "ServiceUnavailableError"}
 
 
 def _error_body(status: int, message: str) -> dict[str, Any]:
@@ -262,6 +263,7 @@ class RouterConfig:
     down_poll_interval: float = 0.5       # polls of an unhealthy backend
     failures_to_mark_down: int = 1        # consecutive failed polls that mark a backend unhealthy
     request_timeout: float | None = None  # whole request (None: none; health is the polls' job)
+    max_body_bytes: int = 64 << 20       # larger request bodies: 413 (as the server's limit)
 
 
 class RouterState:
@@ -529,7 +531,13 @@ async def _race(aw: Any, b: Backend, gone: asyncio.Future[Any]) -> Any:
 async def _proxy(state: RouterState, request: Request) -> Response:
     arrival = time.perf_counter()
     path = request.url.path
+    limit = state.config.max_body_bytes
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return _error(413, f"request body larger than {limit} bytes")
     body = await request.body()
+    if len(body) > limit:
+        return _error(413, f"request body larger than {limit} bytes")
     try:
         obj = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:

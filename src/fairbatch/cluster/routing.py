@@ -203,7 +203,7 @@ class AdmissionRouter(Router):
         least_over, least_short = -1, _INF     # smallest shortfall
         for i in cand:
             b = self.budget(loads[i], i)
-            if b != b:                          # NaN: an instance that reports no estimate
+            if math.isnan(b):                   # an instance that reports no estimate
                 b = -_INF
             if b >= prompt_len:
                 if b > best_fit_b:

@@ -93,9 +93,14 @@ def decode_batch(n: int, ctx: int) -> StepFeatures:
     return f
 
 
-def test_roofline_sanity_llama3_8b_h100() -> None:
+def test_shipped_profile_is_the_default_where_it_exists() -> None:
     m = load_latency_model("llama-3-8b", "h100")
-    assert isinstance(m, RooflineLatencyModel)
+    assert m.kind == "linear" and m.meta["model"] == "llama-3-8b" and m.meta["gpu"] == "h100"
+    assert isinstance(load_latency_model("llama-3-8b", "a100"), RooflineLatencyModel)   # none measured
+
+
+def test_roofline_sanity_llama3_8b_h100() -> None:
+    m = RooflineLatencyModel(get_model("llama-3-8b"), get_gpu("h100"))
     t1, t128 = m.predict(decode_batch(1, 2048)), m.predict(decode_batch(128, 2048))
     assert t1 >= 5.4e-3          # 15 GB of streamed weights at 3.0 TB/s, plus overhead
     assert 1.5 * t1 < t128 < 25e-3

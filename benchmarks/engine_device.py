@@ -49,9 +49,9 @@ def main() -> None:
         summary.append(f"gpu tests rc={rc}: {tail[0] if tail else ''}  ({time.time() - t0:.0f}s)")
         print(summary[-1], flush=True)
 
+    import engine_roofline as er
     import torch
 
-    import engine_roofline as er
     from fairbatch.engine.attention import triton_paged as tp
 
     if not args.skip_bench:

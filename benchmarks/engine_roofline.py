@@ -82,7 +82,7 @@ def tune_attention(report: list) -> None:
         T = int(qsl[-1])
         q = torch.randn(T, H, D, dtype=torch.bfloat16, device="cuda")
         att = tp.TritonPagedAttention(H, KVH, D)
-        dev = lambda a: torch.from_numpy(a).cuda()  # noqa: E731
+        dev = lambda a: torch.from_numpy(a).cuda()
         best = None
         kv_bytes = float(seq_lens.sum()) * KVH * D * 2 * 2
         pairs = sum(q * c + q * (q + 1) / 2 for q, c in zip(q_lens, ctx0))

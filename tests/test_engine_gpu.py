@@ -45,7 +45,7 @@ def _attention_case(H, KVH, D, q_lens, ctx0, dtype, seed):
     q = torch.randn(T, H, D, dtype=dtype, device="cuda", generator=g)
     ref, tri = TorchAttention(H, KVH, D), TritonPagedAttention(H, KVH, D)
     ex = tri.launch_arrays(np.array(q_lens), seq_lens)
-    dev = lambda a: torch.from_numpy(a).cuda()  # noqa: E731
+    dev = lambda a: torch.from_numpy(a).cuda()
     meta = AttentionMetadata(torch.zeros(T, dtype=torch.int32, device="cuda"), dev(qsl), dev(seq_lens), dev(bt),
                              T, S, max(q_lens), int(seq_lens.max()), qsl, seq_lens, B,
                              {k: dev(v) for k, v in ex.items()}, {k: int(v.size) for k, v in ex.items()})

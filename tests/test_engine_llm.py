@@ -12,12 +12,12 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from test_engine_support import hf_greedy, hf_model, write_checkpoint  # noqa: E402
-from typer.testing import CliRunner  # noqa: E402
+from test_engine_support import hf_greedy, hf_model, write_checkpoint
+from typer.testing import CliRunner
 
-from fairbatch.engine.llm import LLM  # noqa: E402
-from fairbatch.engine.params import SamplingParams  # noqa: E402
-from fairbatch.scheduler.base import SchedulerConfig, policy_names  # noqa: E402
+from fairbatch.engine.llm import LLM
+from fairbatch.engine.params import SamplingParams
+from fairbatch.scheduler.base import SchedulerConfig, policy_names
 
 N_PROMPTS, MAX_TOKENS = 10, 20
 

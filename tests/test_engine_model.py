@@ -11,12 +11,12 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from test_engine_support import hf_greedy, hf_logits, hf_model, write_checkpoint  # noqa: E402
+from test_engine_support import hf_greedy, hf_logits, hf_model, write_checkpoint
 
-from fairbatch.engine.llm import LLM, Engine, EngineArgs  # noqa: E402
-from fairbatch.engine.params import SamplingParams  # noqa: E402
-from fairbatch.plan import StepPlan  # noqa: E402
-from fairbatch.request import SLO, Request  # noqa: E402
+from fairbatch.engine.llm import LLM, Engine, EngineArgs
+from fairbatch.engine.params import SamplingParams
+from fairbatch.plan import StepPlan
+from fairbatch.request import SLO, Request
 
 VARIANTS = ["tiny-llama", "tiny-qwen3", "tiny-llama31", "tiny-qwen2"]
 TOL = 2e-4   # fp32 relative to the logits' scale

@@ -10,13 +10,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from test_engine_support import variant_config, write_checkpoint  # noqa: E402
+from test_engine_support import variant_config, write_checkpoint
 
-from fairbatch.engine.config import ModelConfig, ModelConfigError  # noqa: E402
-from fairbatch.engine.llm import Engine, EngineArgs, EngineError  # noqa: E402
-from fairbatch.engine.model import CausalLM  # noqa: E402
-from fairbatch.engine.rope import inv_frequencies  # noqa: E402
-from fairbatch.engine.weights import WeightsError, init_dummy, load_safetensors  # noqa: E402
+from fairbatch.engine.config import ModelConfig, ModelConfigError
+from fairbatch.engine.llm import Engine, EngineArgs, EngineError
+from fairbatch.engine.model import CausalLM
+from fairbatch.engine.rope import inv_frequencies
+from fairbatch.engine.weights import init_dummy, load_safetensors
 
 
 def test_config_families():

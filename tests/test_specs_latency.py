@@ -160,7 +160,8 @@ def test_roofline_dict_round_trip() -> None:
     again = latency_model_from_dict(json.loads(json.dumps(m.to_dict())))
     assert again == m
     by_name = RooflineLatencyModel.from_dict({"kind": "roofline", "model": "llama-3-8b", "gpu": "h100"})
-    assert by_name.predict(decode_batch(4, 100)) == load_latency_model().predict(decode_batch(4, 100))
+    direct = RooflineLatencyModel(get_model("llama-3-8b"), get_gpu("h100"))
+    assert by_name.predict(decode_batch(4, 100)) == direct.predict(decode_batch(4, 100))
 
 
 # --- linear model --------------------------------------------------------------------------

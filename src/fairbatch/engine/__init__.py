@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["LLM", "Engine", "EngineArgs", "EngineError", "SamplingParams", "RequestOutput"]
+__all__ = ["LLM", "Engine", "EngineArgs", "EngineError", "RequestOutput", "SamplingParams"]
 
 
 def __getattr__(name: str) -> Any:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -27,10 +27,10 @@ def _fail(message: str) -> typer.Exit:
 Model = Annotated[str, typer.Option("--model", "-m", help="Hugging Face model directory, or a preset name with --load-format dummy.")]
 LoadFormat = Annotated[str, typer.Option(help="auto | safetensors | dummy (random weights).")]
 Dtype = Annotated[str, typer.Option(help="auto | bfloat16 | float16 | float32.")]
-Device = Annotated[Optional[str], typer.Option(help="cuda or cpu (default: cuda when available).")]
-Backend = Annotated[Optional[str], typer.Option(help="Attention backend: torch or triton (default: triton on CUDA).")]
-KVBlocks = Annotated[Optional[int], typer.Option(help="KV cache blocks of 16 tokens (default: from free GPU memory; 1024 on CPU).")]
-MaxLen = Annotated[Optional[int], typer.Option(help="Context limit (default: the model's).")]
+Device = Annotated[str | None, typer.Option(help="cuda or cpu (default: cuda when available).")]
+Backend = Annotated[str | None, typer.Option(help="Attention backend: torch or triton (default: triton on CUDA).")]
+KVBlocks = Annotated[int | None, typer.Option(help="KV cache blocks of 16 tokens (default: from free GPU memory; 1024 on CPU).")]
+MaxLen = Annotated[int | None, typer.Option(help="Context limit (default: the model's).")]
 MaxTokens = Annotated[int, typer.Option(help="Token budget of one step (scheduler max_num_batched_tokens).")]
 MaxSeqs = Annotated[int, typer.Option(help="Most requests running at once.")]
 Graphs = Annotated[bool, typer.Option(help="Replay CUDA graphs for decode-only steps (triton backend).")]
@@ -72,10 +72,10 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def generate(
         model: Model,
-        prompt: Annotated[Optional[list[str]], typer.Option("--prompt", help="A prompt; repeatable.")] = None,
-        prompts: Annotated[Optional[Path], typer.Option(help="Prompts file: one per line, or JSONL with 'prompt' (and optional 'max_tokens').")] = None,
-        trace: Annotated[Optional[str], typer.Option(help="Replay a trace (bundled name or file) with random prompt tokens of its lengths.")] = None,
-        num_requests: Annotated[Optional[int], typer.Option(help="Use the first N trace requests.")] = None,
+        prompt: Annotated[list[str] | None, typer.Option("--prompt", help="A prompt; repeatable.")] = None,
+        prompts: Annotated[Path | None, typer.Option(help="Prompts file: one per line, or JSONL with 'prompt' (and optional 'max_tokens').")] = None,
+        trace: Annotated[str | None, typer.Option(help="Replay a trace (bundled name or file) with random prompt tokens of its lengths.")] = None,
+        num_requests: Annotated[int | None, typer.Option(help="Use the first N trace requests.")] = None,
         rate_scale: Annotated[float, typer.Option(help="Replay the trace at this multiple of its request rate.")] = 1.0,
         offline: Annotated[bool, typer.Option(help="Submit every trace request at t=0 instead of at its arrival time.")] = False,
         policy: Annotated[str, typer.Option("--policy", "-p", help="Scheduler policy: vllm, sarathi, fairbatching, prefill-first.")] = "vllm",
@@ -86,8 +86,8 @@ def register(app: typer.Typer) -> None:
         ignore_eos: Annotated[bool, typer.Option(help="Keep generating past EOS (trace replays always do).")] = False,
         ttft_slo: Annotated[float, typer.Option(help="TTFT SLO, seconds.")] = 1.0,
         tpot_slo: Annotated[float, typer.Option(help="TPOT SLO, seconds.")] = 0.05,
-        slo_classes: Annotated[Optional[str], typer.Option(help='SLO class mix "name:TTFT_s:TPOT_s:share,...".')] = None,
-        latency_profile: Annotated[Optional[Path], typer.Option("--profile", help="Latency profile JSON for the policy (default: shipped profile or roofline).")] = None,
+        slo_classes: Annotated[str | None, typer.Option(help='SLO class mix "name:TTFT_s:TPOT_s:share,...".')] = None,
+        latency_profile: Annotated[Path | None, typer.Option("--profile", help="Latency profile JSON for the policy (default: shipped profile or roofline).")] = None,
         load_format: LoadFormat = "auto",
         dtype: Dtype = "auto",
         device: Device = None,
@@ -98,8 +98,8 @@ def register(app: typer.Typer) -> None:
         max_num_seqs: MaxSeqs = 256,
         cuda_graphs: Graphs = True,
         seed: Annotated[int, typer.Option(help="Seed for dummy weights, sampling, trace prompts and SLO draws.")] = 0,
-        output: Annotated[Optional[Path], typer.Option(help="Write one JSON line per request here.")] = None,
-        json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the run summary (vLLM bench keys) here.")] = None,
+        output: Annotated[Path | None, typer.Option(help="Write one JSON line per request here.")] = None,
+        json_path: Annotated[Path | None, typer.Option("--json", help="Write the run summary (vLLM bench keys) here.")] = None,
     ) -> None:
         """Generate offline for prompts or a trace with any scheduler policy on the real engine."""
         args = dict(locals())
@@ -113,8 +113,8 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def profile(
         model: Model,
-        out: Annotated[Optional[Path], typer.Option(help="Profile JSON to write (default: {model}_{gpu}.json).")] = None,
-        samples_path: Annotated[Optional[Path], typer.Option("--samples", help="Also write every measured sample (JSON).")] = None,
+        out: Annotated[Path | None, typer.Option(help="Profile JSON to write (default: {model}_{gpu}.json).")] = None,
+        samples_path: Annotated[Path | None, typer.Option("--samples", help="Also write every measured sample (JSON).")] = None,
         quick: Annotated[bool, typer.Option(help="A smaller sweep (about a quarter of the points).")] = False,
         repeats: Annotated[int, typer.Option(help="Timed repetitions per composition (median taken).")] = 3,
         load_format: LoadFormat = "auto",
@@ -164,7 +164,13 @@ def _run_generate(*, model, prompt, prompts, trace, num_requests, rate_scale, of
     default_slo = SLO(ttft_slo, tpot_slo)
     arrivals = []
     if trace is not None:
-        from fairbatch.workload import assign_slos, load_trace, parse_slo_classes, scale_rate, truncate_to_context
+        from fairbatch.workload import (
+            assign_slos,
+            load_trace,
+            parse_slo_classes,
+            scale_rate,
+            truncate_to_context,
+        )
 
         entries = load_trace(trace, num_requests=num_requests, seed=seed)
         entries = scale_rate(entries, rate_scale)

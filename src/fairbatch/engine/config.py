@@ -9,9 +9,10 @@ before a single weight is read.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 # HF architecture class -> family. The family decides which flags a config may set.
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
@@ -73,7 +74,7 @@ class ModelConfig:
 
     # --- parsing ---------------------------------------------------------------------------
     @classmethod
-    def from_hf(cls, cfg: Mapping[str, Any], *, generation_config: Mapping[str, Any] | None = None) -> "ModelConfig":
+    def from_hf(cls, cfg: Mapping[str, Any], *, generation_config: Mapping[str, Any] | None = None) -> ModelConfig:
         archs = cfg.get("architectures") or []
         family = None
         for a in archs:
@@ -154,7 +155,7 @@ class ModelConfig:
             bos_token_id=None if bos is None else int(bos), hf_config=dict(cfg))
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> "ModelConfig":
+    def from_dir(cls, path: str | Path) -> ModelConfig:
         p = Path(path)
         cfg_path = p / "config.json"
         if not cfg_path.is_file():
@@ -173,7 +174,7 @@ class ModelConfig:
         return cls.from_hf(cfg, generation_config=gen)
 
     @classmethod
-    def from_preset(cls, name: str) -> "ModelConfig":
+    def from_preset(cls, name: str) -> ModelConfig:
         from fairbatch.specs import get_model
 
         try:

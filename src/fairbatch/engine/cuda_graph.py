@@ -62,7 +62,7 @@ class _Graph:
 
 
 class StepGraphs:
-    def __init__(self, ex: "EngineExecutor", max_batch: int, max_model_len: int, mixed: bool = True) -> None:
+    def __init__(self, ex: EngineExecutor, max_batch: int, max_model_len: int, mixed: bool = True) -> None:
         self.ex = ex
         self.block_size = ex.kv.block_size
         self.width = -(-max_model_len // self.block_size)

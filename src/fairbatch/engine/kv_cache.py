@@ -41,7 +41,7 @@ class KVCache:
 
     @classmethod
     def for_model(cls, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                  device: torch.device | str) -> "KVCache":
+                  device: torch.device | str) -> KVCache:
         return cls(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype, device)
 
     @property

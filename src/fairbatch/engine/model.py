@@ -100,8 +100,8 @@ class CausalLM(nn.Module):
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: "AttentionMetadata",
-                kv: "KVCache", attn: "AttentionBackend", ops: TorchOps) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv: KVCache, attn: AttentionBackend, ops: TorchOps) -> torch.Tensor:
         """Hidden states after the final norm for every token, ``[T, hidden]``."""
         cfg = self.config
         eps = cfg.rms_norm_eps

@@ -35,7 +35,7 @@ class Sampler:
         greedy = [p.greedy for p in params]
         if all(greedy):
             return logits.argmax(dim=-1).tolist()
-        n, V = logits.shape
+        V = logits.shape[1]
         dev = logits.device
         temps = torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)],
                              dtype=torch.float32, device=dev)

@@ -141,7 +141,7 @@ def init_dummy(model: CausalLM, seed: int = 0, std: float = 0.02) -> None:
     tests still exercise every parameter."""
     gen = torch.Generator(device=model.device).manual_seed(seed)
     for name, p in model.named_parameters():
-        if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+        if name.endswith(("norm.weight", "layernorm.weight")):
             p.data.normal_(1.0, 0.1, generator=gen)
         elif name.endswith(".bias"):
             p.data.normal_(0.0, std, generator=gen)

@@ -15,8 +15,6 @@ Online softmax in float32 with exp2 (the scale folded with log2(e)).
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import triton

@@ -122,7 +122,8 @@ class ServedModel:
         if getattr(dev, "type", None) == "cuda":
             import torch
 
-            torch.cuda.set_device(dev)
+            # "cuda" without an index means the current device, which set_device refuses.
+            torch.cuda.set_device(dev.index if dev.index is not None else torch.cuda.current_device())
 
     # --- tokenizer -----------------------------------------------------------------------
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:

@@ -19,7 +19,7 @@ from fairbatch.sim.experiment import Scenario, capacity, prepare, run_policy
 
 DEFAULT_POLICIES = ("vllm", "sarathi", "fairbatching")
 # Near the baselines' capacity on the bundled conversation trace at the default SLOs
-# (llama-3-8b / h100 roofline; see docs/RESULTS.md), so the default run is informative.
+# (llama-3-8b, measured H100 profile; see docs/RESULTS.md), so the default run is informative.
 DEFAULT_RATE_SCALE = {"azure-conv": 2.6, "azure-code": 0.45}
 SWEEP = (0.8, 1.0, 1.2)   # rate multipliers of the default attainment-vs-rate sweep
 

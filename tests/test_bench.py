@@ -225,3 +225,24 @@ def test_bench_counts_every_failure_with_its_reason(tmp_path):
     assert packed.success and packed.output_len == 11 and len(packed.token_times) == 11
     assert packed.token_times[-1] == packed.token_times[3]
     assert sum(out.summary["failure_reasons"].values()) == 5
+
+
+def test_sse_lines_split_only_on_newlines() -> None:
+    """A raw U+2028 / U+0085 inside an event's JSON must not cut the event (httpx's
+    aiter_lines would); the server also escapes them (ASCII-only JSON)."""
+    import asyncio
+
+    import httpx
+
+    from fairbatch.bench.client import _sse_lines
+    from fairbatch.server.app import _sse as sse_event
+
+    body = 'data: {"text":"a\u2028b\x85c"}\r\n\r\ndata: [DONE]\n\n'.encode()
+
+    async def collect() -> list[str]:
+        resp = httpx.Response(200, stream=httpx.ByteStream(body))
+        return [line async for line in _sse_lines(resp)]
+
+    lines = asyncio.run(collect())
+    assert lines == ['data: {"text":"a\u2028b\x85c"}', "", "data: [DONE]", ""]
+    assert sse_event({"text": "a\u2028b\x85c"}).isascii()

@@ -82,6 +82,19 @@ def _error_text(resp_body: bytes) -> str:
     return str(obj)[:200]
 
 
+async def _sse_lines(resp: httpx.Response):
+    """Lines of an SSE stream, split on LF (a CRLF loses its CR): httpx's aiter_lines
+    also splits on U+2028, U+0085 and friends, which a server may leave raw inside JSON."""
+    buf = b""
+    async for chunk in resp.aiter_bytes():
+        buf += chunk
+        *lines, buf = buf.split(b"\n")
+        for line in lines:
+            yield line.rstrip(b"\r").decode("utf-8", "replace")
+    if buf:
+        yield buf.rstrip(b"\r").decode("utf-8", "replace")
+
+
 async def send_request(client: httpx.AsyncClient, url: str, req: BenchRequest, payload: dict[str, Any],
                        *, check_length: bool = True) -> RequestRecord:
     """POST ``payload`` to ``url`` and stream the answer into a RequestRecord."""
@@ -96,7 +109,7 @@ async def send_request(client: httpx.AsyncClient, url: str, req: BenchRequest, p
                 body = await resp.aread()
                 error = f"HTTP {resp.status_code}: {_error_text(body)}"
             else:
-                async for line in resp.aiter_lines():
+                async for line in _sse_lines(resp):
                     now = clock()
                     if not line.startswith("data:"):
                         continue          # blank separators, comments, event: lines

@@ -313,7 +313,9 @@ def build_app(model: ServedModel, *, max_pending: int = 4096, retry_after: int =
 
 # --- streaming machinery (event loop) --------------------------------------------------------
 def _sse(obj: dict[str, Any]) -> str:
-    return "data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False) + "\n\n"
+    # ASCII-only JSON: a raw U+2028 / U+0085 in generated text is a line break to clients
+    # that split lines like str.splitlines (httpx does), which would cut the event in two.
+    return "data: " + json.dumps(obj, separators=(",", ":")) + "\n\n"
 
 
 def _usage(prompt_tokens: int, procs: Sequence[OutputProcessor]) -> dict[str, int]:

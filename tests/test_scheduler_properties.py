@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from fairbatch.instance import Instance
 from fairbatch.kv import BlockAllocator
 from fairbatch.latency.linear import LinearLatencyModel
-from fairbatch.plan import StepPlan, StepResult
+from fairbatch.plan import StepFeatures, StepPlan, StepResult
 from fairbatch.request import SLO, Request
 from fairbatch.scheduler import SchedulerConfig, make_scheduler, policy_names
 from fairbatch.sim import SimExecutor, simulate
@@ -31,6 +31,12 @@ class CheckingExecutor(SimExecutor):
         assert all(k >= 1 for k in ks)
         assert len({id(r) for r, _ in plan.chunks}) == len(ks), "request scheduled twice in a step"
         assert len(ks) <= cfg.max_num_seqs
+        # Policies sum the step's features in bulk on their hot paths: they must equal a
+        # chunk-by-chunk recount (the latency model prices the step from them).
+        recount = StepFeatures.of_chunks(plan.chunks)
+        f = plan.features
+        assert (f.num_seqs, f.new_tokens, f.context_tokens) == (recount.num_seqs, recount.new_tokens, recount.context_tokens)
+        assert f.attention_pairs == pytest.approx(recount.attention_pairs)
         for req, k in plan.chunks:
             assert req.num_computed + k <= req.prompt_len + req.generated, "computes unknown tokens"
             alloc = self.scheduler.allocator

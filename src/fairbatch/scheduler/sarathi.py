@@ -40,8 +40,11 @@ class SarathiScheduler(Scheduler):
 
         # 1) decodes, oldest first; preempt the newest request when KV is short
         prefills = []
+        chunks = plan.chunks
+        n = len(running)
+        ctx = 0
         i = 0
-        while i < len(running):
+        while i < n:
             req = running[i]
             c = req.num_computed
             if req.prompt_len + req.generated - c != 1 or req.generated == 0:
@@ -54,14 +57,22 @@ class SarathiScheduler(Scheduler):
             while c + 1 > req.kv_slots and not self._grow(req, c + 1):
                 victim = running[-1]
                 self._preempt(victim, plan)
+                n -= 1
                 if victim is req:
                     ok = False
                     break
             if not ok:
                 break
-            plan.add(req, 1)
+            chunks.append((req, 1))       # plan.add, with the features summed once below
+            ctx += c
             budget -= 1
             i += 1
+        f = plan.features
+        decodes = len(chunks)
+        f.num_seqs += decodes
+        f.new_tokens += decodes
+        f.context_tokens += ctx + decodes
+        f.attention_pairs += ctx + decodes
         if i < len(running):   # budget ran out: the rest may still hold partial prefills
             prefills.extend(r for r in running[i:] if r.prompt_len + r.generated - r.num_computed > 1 or r.generated == 0)
 

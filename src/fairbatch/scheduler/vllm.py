@@ -24,8 +24,12 @@ class VLLMScheduler(Scheduler):
         plan = StepPlan(token_budget=budget)
         running = self.running
 
+        chunks = plan.chunks
+        n = len(running)
+        seqs = ctx = 0
+        pairs = 0.0
         i = 0
-        while i < len(running) and budget > 0:
+        while i < n and budget > 0:
             req = running[i]
             c = req.num_computed
             k = req.prompt_len + req.generated - c
@@ -38,14 +42,23 @@ class VLLMScheduler(Scheduler):
             while c + k > req.kv_slots and not self._grow(req, c + k):
                 victim = running[-1]
                 self._preempt(victim, plan)
+                n -= 1
                 if victim is req:
                     scheduled = False
                     break
             if not scheduled:
                 break
-            plan.add(req, k)
+            chunks.append((req, k))       # plan.add, with the features summed once below
+            seqs += 1
+            ctx += c + k
+            pairs += k * c + k * (k + 1) * 0.5
             budget -= k
             i += 1
+        f = plan.features
+        f.num_seqs += seqs
+        f.new_tokens += plan.token_budget - budget
+        f.context_tokens += ctx
+        f.attention_pairs += pairs
 
         if not plan.preempted:   # vLLM: no admissions in a step that had to preempt
             self._admit_fcfs(plan, budget)

@@ -44,14 +44,6 @@ class BlockAllocator:
         t = self._tables.get(request_id)
         return len(t) if t is not None else 0
 
-    def extra_blocks_needed(self, request_id: str, num_tokens: int) -> int:
-        """Blocks still to allocate for the request to hold ``num_tokens`` tokens."""
-        need = -(-num_tokens // self.block_size) - self.num_allocated(request_id)
-        return need if need > 0 else 0
-
-    def can_fit(self, request_id: str, num_tokens: int) -> bool:
-        return self.extra_blocks_needed(request_id, num_tokens) <= len(self._free)
-
     # --- mutations ------------------------------------------------------------------------
     def allocate(self, request_id: str, num_tokens: int) -> bool:
         """Grow the request's table to hold ``num_tokens`` tokens. All or nothing."""

@@ -65,3 +65,15 @@ def test_bad_requests() -> None:
         Request("a", 0.0, 3, 0, SLO(1.0, 0.1))
     with pytest.raises(ValueError):
         SLO(0.0, 0.1)
+
+
+def test_set_arrival_moves_the_first_deadline():
+    """A request built before submission (server, LLM.run) gets its TTFT deadline from the
+    submission time, not from the placeholder arrival it was built with."""
+    r = Request("a", 0.0, 4, 4, SLO(1.0, 0.1))
+    r.set_arrival(100.0)
+    assert r.arrival == 100.0 and r.deadline == 101.0
+    r.record_token(100.5, 7)
+    assert r.deadline == pytest.approx(100.6)     # TPOT-safe: the first token came early
+    with pytest.raises(ValueError):
+        r.set_arrival(200.0)

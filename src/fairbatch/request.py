@@ -111,6 +111,15 @@ class Request:
         self.user_data: Any = None        # whatever the substrate wants to attach
 
     # --- token accounting -------------------------------------------------------------
+    def set_arrival(self, arrival: float) -> None:
+        """Re-stamp the arrival of a request built before it was submitted (the server and
+        ``LLM.run`` stamp it on submission); the first token's deadline moves with it.
+        Assigning ``arrival`` alone would leave that deadline at the old arrival + TTFT."""
+        if self.generated:
+            raise ValueError(f"request {self.request_id}: arrival cannot change once tokens exist")
+        self.arrival = float(arrival)
+        self.deadline = self.arrival + self.slo.ttft
+
     @property
     def num_tokens(self) -> int:
         return self.prompt_len + self.generated

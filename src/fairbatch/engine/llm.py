@@ -261,7 +261,7 @@ class LLM:
                 now = clock() - t0
                 while i < len(pending) and pending[i][0] <= now:
                     req = pending[i][1]
-                    req.arrival = now
+                    req.set_arrival(now)
                     inst.add(req, now)
                     i += 1
                 if not inst.has_work():

@@ -45,15 +45,18 @@ DEFAULT_COMPLETION_MAX_TOKENS = 16      # OpenAI's default for /v1/completions
 MAX_BODY_BYTES = 64 << 20               # a 128k-token prompt as JSON ids is ~1 MB
 
 
-def build_app(model: ServedModel, *, max_pending: int = 4096, retry_after: int = 1,
+def build_app(model: ServedModel, *, backend: Any = None, max_pending: int = 4096, retry_after: int = 1,
               metrics_prefix: str = "fairbatch", max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
-    """An app serving ``model``; the engine thread starts and stops with the app's lifespan.
+    """An app serving ``model``; the engine starts and stops with the app's lifespan.
+
+    ``backend``: where the engine loop runs (``engine_process.ProcessBackend`` from
+    ``spawn_engine``); default, a thread of this process on ``model``'s in-process engine.
 
     ``max_pending``: requests (choices) the server holds at once, running or queued; one
     more is answered 503 with ``Retry-After: retry_after``. Bodies over ``max_body_bytes``
     are refused with 413 before they are buffered."""
     metrics = ServerMetrics(model.name, prefix=metrics_prefix)
-    engine = AsyncEngine(model, max_pending=max_pending, metrics=metrics)
+    engine = AsyncEngine(model, backend=backend, max_pending=max_pending, metrics=metrics)
     metrics.engine = engine
 
     @asynccontextmanager

@@ -10,41 +10,49 @@ from typing import Annotated, Any, Optional
 import typer
 
 
-def load_served_model(model: str, *, policy: str = "fairbatching", ttft_slo: float = 1.0, tpot_slo: float = 0.05,
-                      served_model_name: str | None = None, scheduler_options: dict[str, Any] | None = None,
-                      max_num_batched_tokens: int = 8192, max_num_seqs: int = 256, max_model_len: int | None = None,
-                      profile: str | None = None, cpu_threads: int | None = None, **engine_kwargs: Any) -> "ServedModel":  # noqa: F821
-    """Build the engine (``fairbatch.engine.LLM``) and wrap it for the server.
-
-    Raises ``ValueError`` (``EngineError`` is one) with a one-line message for anything a
-    user got wrong: unknown preset or policy, bad model directory, bad option."""
+def scheduler_config_for(policy: str, *, ttft_slo: float, tpot_slo: float, max_num_batched_tokens: int,
+                         max_num_seqs: int, max_model_len: int | None,
+                         scheduler_options: dict[str, Any] | None) -> Any:
+    """The ``SchedulerConfig`` for these options; ValueError naming the bad one. No torch."""
     from fairbatch.scheduler import SchedulerConfig, policy_names
 
-    if cpu_threads is not None:
-        import torch
-
-        if cpu_threads < 1:
-            raise ValueError("--cpu-threads must be >= 1")
-        # Small CPU models are much faster on one intra-op thread: torch's thread pool costs
-        # milliseconds per tiny op (softmax of a few scores) on small machines.
-        torch.set_num_threads(cpu_threads)
     if policy not in policy_names():
         raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(policy_names())}")
     if not (ttft_slo > 0 and tpot_slo > 0):
         raise ValueError("--ttft-slo and --tpot-slo must be positive (seconds)")
     cfg = SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                           ttft_slo=ttft_slo, tpot_slo=tpot_slo)
-    if max_model_len is not None:
-        cfg.max_model_len = max_model_len
-    else:
-        cfg.max_model_len = 1 << 30      # the engine clips it to the model's context
+    # default: the engine clips it to the model's context
+    cfg.max_model_len = max_model_len if max_model_len is not None else 1 << 30
     for k, v in (scheduler_options or {}).items():
         if not hasattr(cfg, k):
             raise ValueError(f"unknown scheduler option {k!r}")
         setattr(cfg, k, v)
-    from fairbatch.engine import LLM  # torch: only once the options are known to be good
+    return cfg
+
+
+def load_served_model(model: str, *, policy: str = "fairbatching", ttft_slo: float = 1.0, tpot_slo: float = 0.05,
+                      served_model_name: str | None = None, scheduler_options: dict[str, Any] | None = None,
+                      max_num_batched_tokens: int = 8192, max_num_seqs: int = 256, max_model_len: int | None = None,
+                      profile: str | None = None, cpu_threads: int | None = None, **engine_kwargs: Any) -> "ServedModel":  # noqa: F821
+    """Build the engine (``fairbatch.engine.LLM``) in this process and wrap it for the server.
+
+    Raises ``ValueError`` (``EngineError`` is one) with a one-line message for anything a
+    user got wrong: unknown preset or policy, bad model directory, bad option."""
+    if cpu_threads is not None and cpu_threads < 1:
+        raise ValueError("--cpu-threads must be >= 1")
+    cfg = scheduler_config_for(policy, ttft_slo=ttft_slo, tpot_slo=tpot_slo,
+                               max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+                               max_model_len=max_model_len, scheduler_options=scheduler_options)
+    import torch  # only once the options are known to be good
+
+    from fairbatch.engine import LLM
     from fairbatch.server.model import ServedModel
 
+    if cpu_threads is not None:
+        # Small CPU models are much faster on one intra-op thread: torch's thread pool costs
+        # milliseconds per tiny op (softmax of a few scores) on small machines.
+        torch.set_num_threads(cpu_threads)
     latency = None
     if profile is not None:
         from fairbatch.latency.profiles import load_profile
@@ -53,7 +61,7 @@ def load_served_model(model: str, *, policy: str = "fairbatching", ttft_slo: flo
     llm = LLM(model, policy=policy, scheduler_config=cfg, latency_model=latency,
               max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
               max_model_len=max_model_len, **engine_kwargs)
-    return ServedModel(llm, served_model_name)
+    return ServedModel.of_llm(llm, served_model_name)
 
 
 def register(app: typer.Typer) -> None:
@@ -82,6 +90,10 @@ def register(app: typer.Typer) -> None:
         cpu_threads: Annotated[Optional[int], typer.Option(help="torch intra-op threads (CPU engine); 1 is fastest for tiny models.")] = None,
         log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
         access_log: Annotated[bool, typer.Option(help="Log every HTTP request.")] = False,
+        warmup: Annotated[bool, typer.Option(help="On a GPU, run a few requests before answering /health "
+                                             "(compiles kernels outside clients' TTFT).")] = True,
+        engine_thread: Annotated[bool, typer.Option(help="Run the engine on a thread of the server process "
+                                                    "instead of its own process (slower under load).")] = False,
     ) -> None:
         """Serve a model with an OpenAI-compatible API (completions, chat, /metrics, /load)."""
         from fairbatch.cli import console, fail, parse_options
@@ -98,25 +110,42 @@ def register(app: typer.Typer) -> None:
             sock = bind_socket(host, port)
         except OSError as e:
             raise fail(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        load_kwargs = dict(
+            model=model, policy=policy, ttft_slo=ttft_slo, tpot_slo=tpot_slo, scheduler_options=options,
+            max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+            profile=str(profile) if profile else None, load_format=load_format, dtype=dtype, device=device,
+            attention_backend=attention_backend, num_kv_blocks=num_kv_blocks,
+            gpu_memory_utilization=gpu_memory_utilization, seed=seed, cpu_threads=cpu_threads)
+        logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
+                            format="%(levelname)s %(name)s: %(message)s")
+        backend = None
         try:
-            served = load_served_model(
-                model, policy=policy, ttft_slo=ttft_slo, tpot_slo=tpot_slo, served_model_name=served_model_name,
-                scheduler_options=options, max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-                max_model_len=max_model_len, profile=str(profile) if profile else None, load_format=load_format,
-                dtype=dtype, device=device, attention_backend=attention_backend, num_kv_blocks=num_kv_blocks,
-                gpu_memory_utilization=gpu_memory_utilization, seed=seed, cpu_threads=cpu_threads)
+            if engine_thread:
+                served = load_served_model(served_model_name=served_model_name, **load_kwargs)
+                # The engine thread shares the GIL with the event loop: a 1 ms switch interval
+                # (the default is 5 ms) bounds how long a torch call waits for the loop.
+                sys.setswitchinterval(0.001)
+            else:
+                from fairbatch.server.engine_process import spawn_engine
+                from fairbatch.server.model import ServedModel
+
+                if profile is not None and not profile.is_file():
+                    raise ValueError(f"profile {profile} not found")
+                scheduler_config_for(policy, ttft_slo=ttft_slo, tpot_slo=tpot_slo,   # fail fast, before a spawn
+                                     max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+                                     max_model_len=max_model_len, scheduler_options=options)
+                if cpu_threads is not None and cpu_threads < 1:
+                    raise ValueError("--cpu-threads must be >= 1")
+                info, backend = spawn_engine(load_kwargs, name=served_model_name, warmup=warmup,
+                                             log_level=log_level)
+                served = ServedModel(info)
         except (ValueError, OSError) as e:
             sock.close()
             raise fail(str(e)) from None
-        logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
-                            format="%(levelname)s %(name)s: %(message)s")
-        app_ = build_app(served, max_pending=max_pending)
-        # The engine thread and the event loop share the GIL: a 1 ms switch interval (the
-        # default is 5 ms) bounds how long a finished GPU step waits for the loop to yield.
-        sys.setswitchinterval(0.001)
+        app_ = build_app(served, backend=backend, max_pending=max_pending)
         bound = sock.getsockname()
         console.print(f"serving [bold]{served.name}[/] ({served.device}, policy {policy}, "
-                      f"{served.allocator.num_blocks} KV blocks, context {served.max_model_len}, "
+                      f"{served.num_blocks} KV blocks, context {served.max_model_len}, "
                       f"SLO TTFT {ttft_slo:g}s / TPOT {tpot_slo * 1e3:g}ms) on http://{host}:{bound[1]}",
                       highlight=False)
         serve_forever(app_, sock, log_level=log_level, access_log=access_log)

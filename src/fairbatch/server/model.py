@@ -1,6 +1,6 @@
-"""``ServedModel``: what the server needs of an engine, adapted from ``fairbatch.engine.LLM``.
+"""``ServedModel``: what the server's front end needs of the model, from a ``ModelInfo``.
 
-The server only touches the engine through this class: tokenizer (encode / decode / chat
+The front end only touches the model through this class: tokenizer (encode / decode / chat
 template), limits (vocabulary, context), building a scheduler ``Request`` from a
 validated prompt, and the ``Instance`` the engine thread steps. Everything here raises
 ``ValueError`` with a client-facing message for a bad prompt; the app turns that into 400.
@@ -12,6 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -94,30 +95,70 @@ def _raise_template_error(message: str) -> None:
     raise ValueError(f"chat template: {message}")
 
 
-class ServedModel:
-    """An ``LLM`` as the server sees it. ``name`` is the id clients pass as ``model``."""
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the front end knows of the engine: plain data, sent by an engine process once
+    its model is loaded."""
 
-    def __init__(self, llm: Any, name: str | None = None, *, aliases: Sequence[str] = ()) -> None:
-        self.llm = llm
+    name: str                        # the id clients pass as ``model``
+    model: str                       # --model as given (preset or directory)
+    policy: str
+    vocab_size: int
+    max_model_len: int
+    ttft_slo: float
+    tpot_slo: float
+    device: str
+    num_blocks: int
+    block_size: int
+    tokenizer_dir: str | None
+    eos_token_ids: tuple[int, ...] = ()
+
+    @classmethod
+    def of_llm(cls, llm: Any, name: str | None = None) -> "ModelInfo":
         engine = llm.engine
-        self.instance = llm.instance
-        self.scheduler = llm.scheduler
-        self.allocator = engine.allocator
-        self.tokenizer = llm.tokenizer
-        self.vocab_size: int = int(engine.config.vocab_size)
-        self.max_model_len: int = int(llm.scheduler_config.max_model_len)
-        self.policy: str = llm.policy
+        args = engine.args
+        tok_dir = args.tokenizer or (args.model if Path(args.model).is_dir() else None)
         cfg = llm.scheduler_config
-        self.default_slo = SLO(cfg.ttft_slo, cfg.tpot_slo, "default")
-        self.name = name or str(engine.args.model)
-        self.names = {self.name, str(engine.args.model), *aliases}
-        tok_dir = engine.args.tokenizer or (engine.args.model if Path(engine.args.model).is_dir() else None)
-        self.chat_template = ChatTemplate.from_dir(tok_dir)
-        self.device = str(engine.device)
+        return cls(name=name or str(args.model), model=str(args.model), policy=llm.policy,
+                   vocab_size=int(engine.config.vocab_size), max_model_len=int(cfg.max_model_len),
+                   ttft_slo=cfg.ttft_slo, tpot_slo=cfg.tpot_slo, device=str(engine.device),
+                   num_blocks=engine.allocator.num_blocks, block_size=engine.allocator.block_size,
+                   tokenizer_dir=str(tok_dir) if tok_dir is not None else None,
+                   eos_token_ids=tuple(engine.eos_token_ids))
+
+
+class ServedModel:
+    """The model as the server's front end sees it: tokenizer, chat template, limits, and
+    building a scheduler ``Request`` from a validated prompt. ``llm`` is the in-process
+    engine when there is one (``ThreadBackend``); with an engine process it is None."""
+
+    def __init__(self, info: ModelInfo, *, llm: Any = None, aliases: Sequence[str] = ()) -> None:
+        from fairbatch.engine.tokenizer import load_tokenizer
+
+        self.info = info
+        self.llm = llm
+        self.instance = llm.instance if llm is not None else None
+        self.scheduler = llm.scheduler if llm is not None else None
+        self.allocator = llm.engine.allocator if llm is not None else None
+        self.tokenizer = llm.tokenizer if llm is not None else load_tokenizer(
+            info.tokenizer_dir, info.vocab_size, info.eos_token_ids)
+        self.vocab_size = info.vocab_size
+        self.max_model_len = info.max_model_len
+        self.policy = info.policy
+        self.default_slo = SLO(info.ttft_slo, info.tpot_slo, "default")
+        self.name = info.name
+        self.names = {info.name, info.model, *aliases}
+        self.num_blocks = info.num_blocks
+        self.chat_template = ChatTemplate.from_dir(info.tokenizer_dir)
+        self.device = info.device
+
+    @classmethod
+    def of_llm(cls, llm: Any, name: str | None = None, *, aliases: Sequence[str] = ()) -> "ServedModel":
+        return cls(ModelInfo.of_llm(llm, name), llm=llm, aliases=aliases)
 
     def thread_init(self) -> None:
-        """Called first thing in the engine thread: CUDA's current device is per thread, and
-        Triton launches on the current device."""
+        """Called first thing in the engine's thread: CUDA's current device is per thread,
+        and Triton launches on the current device."""
         dev = self.llm.engine.device
         if getattr(dev, "type", None) == "cuda":
             import torch
@@ -167,7 +208,14 @@ class ServedModel:
 
     def make_request(self, request_id: str, prompt_ids: list[int], sp: SamplingParams, *, slo: SLO,
                      priority: int = 0, arrival: float = 0.0) -> Request:
-        req = self.llm.make_request(prompt_ids, sp, slo=slo, request_id=request_id)
-        req.arrival = arrival
+        """A scheduler ``Request`` for a prompt that passed ``check_length`` and the
+        vocabulary check; ValueError if it could never fit the KV cache."""
+        info = self.info
+        blocks = -(-min(len(prompt_ids) + sp.max_tokens, info.max_model_len) // info.block_size)
+        if blocks > info.num_blocks:
+            raise ValueError(f"a request of {len(prompt_ids)} + {sp.max_tokens} tokens needs {blocks} KV blocks, "
+                             f"the cache has {info.num_blocks}")
+        req = Request(request_id, arrival, len(prompt_ids), sp.max_tokens, slo,
+                      prompt_token_ids=list(prompt_ids), sampling=sp)
         req.priority = priority
         return req

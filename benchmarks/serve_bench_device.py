@@ -1,0 +1,157 @@
+"""On the GPU machine: serve a model (dummy weights) with each policy, replay the first N
+requests of a trace with `fairbatch bench` at fixed loads, then narrow each policy's
+capacity with a few more runs (geometric bisection between the highest load that met the
+SLO-attainment target and the lowest that did not). Writes few files (the device tool
+returns at most 8 per call): summary_<policies>.json with every bench result in full, and
+serve_<policy>.log; the bench logs stay in --work. A table is printed last. Stays inside
+--budget-s (a device call's limit).
+
+    PYTHONPATH=src python benchmarks/serve_bench_device.py --policy sarathi --out $OUT \\
+        --num 1000 --scales 3.5 4.2 4.9 --probes 2 --budget-s 560
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+FB = [sys.executable, "-m", "fairbatch.cli"]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(1)
+    return False
+
+
+def bench(url: str, args: argparse.Namespace, policy: str, scale: float, work: Path) -> dict:
+    path = work / f"bench_{policy}_x{scale:g}.json"
+    log = work / f"bench_{policy}_x{scale:g}.log"
+    cmd = FB + ["bench", "--base-url", url, "--model", args.model, "--trace", args.trace, "--num-prompts",
+                str(args.num), "--rate-scale", f"{scale:g}", "--label", policy, "--no-save-detailed",
+                "--save-result", str(path)]
+    t0 = time.monotonic()
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+    if rc != 0 or not path.exists():
+        return {"scale": scale, "error": f"bench exited {rc}", "wall_s": time.monotonic() - t0}
+    d = json.loads(path.read_text())
+    r = d["runs"][0] if "runs" in d else d
+    return {"scale": scale, "result": r, "rate": r.get("request_rate"), "completed": r["completed"], "failed": r.get("failed", 0),
+            "ttft50": r["median_ttft_ms"], "ttft99": r["p99_ttft_ms"], "tpot50": r["median_tpot_ms"],
+            "tpot99": r["p99_tpot_ms"], "att": r["slo_attainment"], "goodput": r["request_goodput"],
+            "wall_s": time.monotonic() - t0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--policy", action="append", required=True)
+    ap.add_argument("--model", default="llama-3-8b")
+    ap.add_argument("--trace", default="azure-conv")
+    ap.add_argument("--num", type=int, default=1000)
+    ap.add_argument("--scales", type=float, nargs="+", default=[3.5, 4.2, 4.9])
+    ap.add_argument("--probes", type=int, default=2, help="extra capacity runs per policy")
+    ap.add_argument("--target", type=float, default=0.9)
+    ap.add_argument("--budget-s", type=float, default=560)
+    ap.add_argument("--port", type=int, default=8100)
+    ap.add_argument("--serve-arg", action="append", default=[], help="extra `fairbatch serve` argument")
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/fairbatch-serve-bench")))
+    ap.add_argument("--work", type=Path, default=Path("/tmp/fairbatch-serve-bench-work"))
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    end = time.monotonic() + args.budget_s
+    rows: list[dict] = []
+    summary: dict[str, dict] = {}
+    for i, policy in enumerate(args.policy):
+        port = args.port + i
+        url = f"http://127.0.0.1:{port}"
+        log = open(args.out / f"serve_{policy}.log", "w")
+        t0 = time.monotonic()
+        proc = subprocess.Popen(FB + ["serve", "--model", args.model, "--load-format", "dummy", "--policy", policy,
+                                      "--port", str(port), "--log-level", "warning", *args.serve_arg],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            if not wait_healthy(url, proc, min(400.0, end - time.monotonic())):
+                print(f"{policy}: server did not come up; see serve_{policy}.log", flush=True)
+                continue
+            print(f"{policy}: healthy after {time.monotonic() - t0:.0f} s", flush=True)
+            done: dict[float, dict] = {}
+            longest = 0.0
+
+            def run(scale: float) -> bool:
+                nonlocal longest
+                # a run at a higher load takes no longer than the slowest so far, give or take
+                if longest and time.monotonic() + 1.15 * longest > end:
+                    print(f"{policy} x{scale:g}: skipped (budget)", flush=True)
+                    return False
+                row = bench(url, args, policy, scale, args.work)
+                longest = max(longest, row["wall_s"])
+                row["policy"] = policy
+                rows.append(row)
+                done[scale] = row
+                print(json.dumps({k: v for k, v in row.items() if k != "result"}), flush=True)
+                return True
+
+            for s in args.scales:
+                if not run(s):
+                    break
+            ok = lambda s: done[s].get("att", 0.0) >= args.target   # noqa: E731
+            for _ in range(args.probes):
+                good = max((s for s in done if ok(s)), default=None)
+                bad = min((s for s in done if not ok(s)), default=None)
+                if good is not None and bad is not None and bad < good:
+                    bad = min((s for s in done if not ok(s) and s > good), default=None)
+                if good is None:
+                    nxt = min(done) / 1.25 if done else None
+                elif bad is None:
+                    nxt = max(done) * 1.25
+                else:
+                    nxt = math.sqrt(good * bad)
+                if nxt is None or not run(round(nxt, 3)):
+                    break
+            good = max((s for s in done if ok(s)), default=None)
+            bad = min((s for s in done if not ok(s) and (good is None or s > good)), default=None)
+            summary[policy] = {"capacity_scale": good, "first_failing_scale": bad,
+                               "capacity_rate": done[good]["rate"] if good is not None else None}
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+            log.close()
+    (args.out / f"summary_{'_'.join(args.policy)}.json").write_text(json.dumps({"rows": rows, "capacity": summary},
+                                                                              indent=1))
+    print(f"{'policy':13s} {'scale':>6s} {'rate':>6s} {'done':>5s} {'fail':>4s} {'ttft50':>7s} {'ttft99':>7s} "
+          f"{'tpot50':>6s} {'tpot99':>6s} {'att':>6s} {'goodput':>7s} {'wall':>5s}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['policy']:13s} {r['scale']:6g} {r['error']}")
+            continue
+        print(f"{r['policy']:13s} {r['scale']:6g} {r['rate']:6.2f} {r['completed']:5d} {r['failed']:4d} "
+              f"{r['ttft50']:7.0f} {r['ttft99']:7.0f} {r['tpot50']:6.1f} {r['tpot99']:6.1f} {r['att']:6.3f} "
+              f"{r['goodput']:7.2f} {r['wall_s']:5.0f}")
+    for p, c in summary.items():
+        print(f"capacity {p}: scale {c['capacity_scale']} ({c['capacity_rate']} req/s), first failing {c['first_failing_scale']}")
+
+
+if __name__ == "__main__":
+    main()

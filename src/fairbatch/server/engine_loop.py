@@ -1,0 +1,203 @@
+"""The engine side of serving: ``EngineLoop`` owns the ``Instance``, applies the commands
+the front end sends (add, abort, load), steps, and posts each step's new tokens.
+
+It knows nothing of its transport. ``receive(timeout)`` hands it the commands that came in
+(waiting up to ``timeout`` for the first one when it has nothing to do) and ``post(kind,
+payload)`` carries its messages back. The engine process (``engine_process``, what
+``fairbatch serve`` runs) plugs in a pipe; the in-process thread (``engine_thread``, for
+tests and embedding) plugs in a deque and ``call_soon_threadsafe``. Everything posted is
+plain picklable data: ``("deltas", [(request_id, Delta), ...])`` once per step, ``("load",
+(token, Load | None, error | None))`` for a load query, ``("snapshot", EngineSnapshot)``
+every few tens of milliseconds.
+
+Time is ``time.perf_counter()``: CLOCK_MONOTONIC on Linux, one clock for every process of
+the host, so the HTTP handler's arrival stamp and the engine's token times compare.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fairbatch.instance import Instance
+from fairbatch.request import Request
+from fairbatch.scheduler.base import Load
+
+log = logging.getLogger("fairbatch.server")
+
+clock = time.perf_counter
+
+Command = tuple[str, Any]         # ("add", [Request]) | ("abort", [request_id]) | ("load", token)
+Post = Callable[[str, Any], None]
+Receive = Callable[[float], list[Command]]
+
+
+@dataclass(slots=True)
+class Delta:
+    """What one step produced for one request."""
+
+    token_ids: list[int]
+    finish_reason: str | None = None      # "stop" | "length" when the request finished
+    error: str | None = None              # the engine failed this request
+    time: float = 0.0                     # end of the step that produced the tokens
+    start: int = 0                        # index of the first of token_ids in the output
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
+
+
+@dataclass(slots=True)
+class EngineSnapshot:
+    """Cheap state for /metrics, refreshed by the engine."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_usage: float = 0.0
+    free_blocks: int = 0
+    num_blocks: int = 0
+    preemptions: int = 0
+    steps: int = 0
+    admission_budget: float = 0.0
+    queued_prefill_tokens: int = 0
+    step_errors: int = 0
+    time: float = 0.0
+
+
+class EngineLoop:
+    def __init__(self, instance: Instance, post: Post, *, idle_wait: float = 0.5,
+                 snapshot_every: float = 0.02) -> None:
+        self.instance = instance
+        self.post = post
+        self.idle_wait = idle_wait
+        self.snapshot_every = snapshot_every
+        self.step_errors = 0
+        self._sent: dict[str, int] = {}     # request id -> output tokens already posted
+
+    def run(self, receive: Receive, stopping: Callable[[], bool]) -> None:
+        """Serve until ``stopping()``; then drop whatever is left (frees its blocks)."""
+        inst = self.instance
+        last_snapshot = 0.0
+        while not stopping():
+            cmds = receive(0.0 if inst.has_work() else self.idle_wait)
+            now = clock()
+            if cmds:
+                self.apply(cmds, now)
+            if not inst.has_work():
+                if now - last_snapshot > self.snapshot_every:
+                    self.publish_snapshot(now)
+                    last_snapshot = now
+                continue
+            self.step(now)
+            t = clock()
+            if t - last_snapshot > self.snapshot_every:
+                self.publish_snapshot(t)
+                last_snapshot = t
+        self.drop_all("server shutting down", notify=False)
+        self.publish_snapshot(clock())
+
+    def apply(self, cmds: list[Command], now: float) -> None:
+        inst = self.instance
+        early: list[tuple[str, Delta]] = []
+        for kind, payload in cmds:
+            if kind == "add":
+                for req in payload:
+                    try:
+                        inst.add(req, now)
+                    except ValueError as e:
+                        early.append((req.request_id, Delta([], error=str(e), time=now)))
+                        continue
+                    self._sent[req.request_id] = 0
+            elif kind == "abort":
+                for rid in payload:
+                    if self._sent.pop(rid, None) is not None:
+                        inst.abort(rid, now)
+            elif kind == "load":
+                try:
+                    self.post("load", (payload, inst.load(now), None))
+                except Exception as e:   # noqa: BLE001 - a policy's estimate failing must not stop serving
+                    self.post("load", (payload, None, f"{type(e).__name__}: {e}"))
+            else:
+                log.error("engine loop: unknown command %r", kind)
+        if early:
+            self.post("deltas", early)
+
+    def step(self, now: float) -> None:
+        inst = self.instance
+        try:
+            plan, result, finished = inst.step(now)
+        except Exception as e:   # noqa: BLE001 - an engine bug must not take the server down
+            self.step_errors += 1
+            msg = f"engine step failed: {type(e).__name__}: {e}"
+            log.error("%s\n%s", msg, traceback.format_exc())
+            self.drop_all(msg, notify=True)
+            return
+        if plan.is_empty:
+            time.sleep(0.0005)   # nothing schedulable right now (should be rare): do not spin
+            return
+        sent = self._sent
+        deltas: list[tuple[str, Delta]] = []
+        end = now + result.duration
+        fin = {r.request_id for r in finished}
+        for req, _ in plan.chunks:
+            rid = req.request_id
+            start = sent.get(rid)
+            if start is None:
+                continue
+            gen = req.generated
+            if gen > start or rid in fin:
+                reason = None
+                if rid in fin:
+                    reason = req.finish_reason or "length"
+                    del sent[rid]
+                else:
+                    sent[rid] = gen
+                deltas.append((rid, Delta(req.output_token_ids[start:gen], reason, time=end, start=start)))
+        if deltas:
+            self.post("deltas", deltas)
+
+    def drop_all(self, message: str, *, notify: bool) -> None:
+        """Abort every request in the instance (frees their blocks); tell their clients
+        when ``notify``. After a failed step the loop goes on serving new requests."""
+        inst = self.instance
+        now = clock()
+        deltas = [(rid, Delta([], error=message, time=now)) for rid in self._sent]
+        self._sent.clear()
+        sched = inst.scheduler
+        for req in list(sched.running) + list(sched.waiting):
+            try:
+                inst.abort(req.request_id, now)
+            except Exception:   # noqa: BLE001
+                pass
+        if notify and deltas:
+            self.post("deltas", deltas)
+
+    def publish_snapshot(self, now: float) -> None:
+        sched = self.instance.scheduler
+        try:
+            load = sched.load(now)
+        except Exception:   # noqa: BLE001
+            a = sched.allocator
+            load = Load(len(sched.running), len(sched.waiting), a.usage, a.num_free, a.num_blocks, 0, 0.0, now)
+        self.post("snapshot", EngineSnapshot(
+            running=load.running, waiting=load.waiting, kv_usage=load.kv_usage, free_blocks=load.free_blocks,
+            num_blocks=load.num_blocks, preemptions=sched.stats.preemptions, steps=sched.stats.steps,
+            admission_budget=load.admission_budget, queued_prefill_tokens=load.queued_prefill_tokens,
+            step_errors=self.step_errors, time=now))
+
+
+def mirror(req: Request, delta: Delta) -> None:
+    """Replay a delta onto the front end's copy of a request that runs in another process,
+    so metrics read the same token times and finish state as the engine's copy holds."""
+    for tok in delta.token_ids:
+        req.record_token(delta.time, tok)
+    if delta.finish_reason is not None:
+        req.finish_reason = delta.finish_reason
+        req.finish_time = delta.time
+
+
+__all__ = ["Delta", "EngineLoop", "EngineSnapshot", "clock", "mirror"]

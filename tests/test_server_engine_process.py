@@ -1,0 +1,142 @@
+"""The engine in its own process (what `fairbatch serve` runs): same answers as in-process,
+metrics from mirrored token times, aborts free blocks there, a start-up error is one line,
+and an engine that dies fails its requests and the health check without hanging anyone."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+pytest.importorskip("torch")
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+
+from fairbatch.server import ServerThread, build_app, load_served_model  # noqa: E402
+from fairbatch.server.engine_process import EngineStartError, spawn_engine  # noqa: E402
+from fairbatch.server.model import ServedModel  # noqa: E402
+
+MODEL = "tiny-llama"
+LOAD = dict(model=MODEL, load_format="dummy", policy="fairbatching", cpu_threads=1, ttft_slo=5.0, tpot_slo=1.0,
+            seed=3)
+
+
+def spawn_server():
+    info, backend = spawn_engine(LOAD, warmup=False, log_level="WARNING")
+    app = build_app(ServedModel(info), backend=backend)
+    return ServerThread(app).start(), app
+
+
+def wait_engine_idle(http: httpx.Client, timeout: float = 15.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        load = http.get("/load").json()
+        if load["free_blocks"] == load["num_blocks"] and load["num_requests"] == 0 \
+                and load["num_requests_in_server"] == 0:
+            return load
+        time.sleep(0.05)
+    raise AssertionError(f"engine not idle: {load}")
+
+
+@pytest.fixture(scope="module")
+def server():
+    s, app = spawn_server()
+    s.app = app
+    yield s
+    s.stop()
+
+
+def test_same_tokens_as_the_in_process_engine(server):
+    """Greedy output of the process engine equals the in-process one on the same weights."""
+    prompts = ["The quick brown fox", "Paged attention", "x"]
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="-", max_retries=0, timeout=60)
+    remote = [client.completions.create(model=MODEL, prompt=p, max_tokens=10, temperature=0,
+                                        extra_body={"ignore_eos": True}).choices[0].text for p in prompts]
+    local_model = load_served_model(**LOAD)
+    with ServerThread(build_app(local_model)) as local:
+        lc = openai.OpenAI(base_url=local.url + "/v1", api_key="-", max_retries=0, timeout=60)
+        here = [lc.completions.create(model=MODEL, prompt=p, max_tokens=10, temperature=0,
+                                      extra_body={"ignore_eos": True}).choices[0].text for p in prompts]
+    assert remote == here
+
+
+def metric(text: str, name: str) -> float:
+    line = next(ln for ln in text.splitlines() if ln.startswith(name + "{") or ln.startswith(name + " "))
+    return float(line.rsplit(" ", 1)[1])
+
+
+def test_streams_metrics_and_deadlines(server):
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        wait_engine_idle(http)
+        before = http.get("/metrics").text
+        body = {"model": MODEL, "prompt": [1, 2, 3, 4], "max_tokens": 7, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}, "slo": {"ttft_ms": 5000, "tpot_ms": 1000,
+                                                                   "slo_class": "roomy"}}
+        with http.stream("POST", "/v1/completions", json=body) as r:
+            lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]" and '"completion_tokens":7' in lines[-2]
+        wait_engine_idle(http)
+        after = http.get("/metrics").text
+        # token times were mirrored from the engine process: TTFT and ITL histograms filled
+        for name, n in (("fairbatch:time_to_first_token_seconds_count", 1), ("fairbatch:inter_token_latency_seconds_count", 6),
+                        ("fairbatch:generation_tokens_total", 7)):
+            assert metric(after, name) - metric(before, name) == n, name
+        # a 5 s TTFT / 1 s TPOT on a tiny CPU model is met, which needs deadlines from the real arrival
+        assert 'fairbatch:slo_attainment{model_name="tiny-llama",slo_class="roomy"} 1.0' in after
+        assert 'fairbatch:envelope_attainment{model_name="tiny-llama",slo_class="roomy"} 1.0' in after
+        assert metric(after, "fairbatch:engine_steps_total") > metric(before, "fairbatch:engine_steps_total")
+
+
+def test_disconnects_free_blocks_in_the_engine_process(server):
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        body = {"model": MODEL, "prompt": "abc" * 50, "max_tokens": 500, "ignore_eos": True, "stream": True}
+
+        def cut() -> None:
+            with httpx.Client(base_url=server.url, timeout=60) as c, c.stream("POST", "/v1/completions", json=body) as r:
+                for i, _ in enumerate(r.iter_lines()):
+                    if i > 6:
+                        return          # closes the connection mid-stream
+
+        threads = [threading.Thread(target=cut) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        wait_engine_idle(http)
+
+
+def test_engine_start_error_is_one_line():
+    with pytest.raises(EngineStartError, match="unknown") as e:
+        spawn_engine({**LOAD, "model": "no-such-model"}, warmup=False, log_level="WARNING")
+    assert "Traceback" not in str(e.value)
+
+
+def test_a_dead_engine_fails_requests_and_health():
+    s, app = spawn_server()
+    try:
+        with httpx.Client(base_url=s.url, timeout=30) as http:
+            assert http.get("/health").status_code == 200
+            out: dict = {}
+
+            def long_request() -> None:
+                out["r"] = http.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 1900,
+                                                             "ignore_eos": True})
+
+            t = threading.Thread(target=long_request)
+            t.start()
+            time.sleep(1.0)
+            os.kill(app.state.engine.backend.proc.pid, signal.SIGKILL)
+            t.join(30)
+            assert not t.is_alive(), "the request hung after the engine died"
+            assert out["r"].status_code == 500 and "engine process exited" in out["r"].json()["error"]["message"]
+            h = http.get("/health")
+            assert h.status_code == 503 and "engine process exited" in h.json()["error"]["message"]
+            r = http.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2})
+            assert r.status_code == 503
+    finally:
+        s.stop()

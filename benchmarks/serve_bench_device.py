@@ -41,7 +41,7 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> bool:
     return False
 
 
-def bench(url: str, args: argparse.Namespace, policy: str, scale: float, work: Path) -> dict:
+def bench(url: str, args: argparse.Namespace, policy: str, scale: float, work: Path, deadline: float) -> dict:
     path = work / f"bench_{policy}_x{scale:g}.json"
     log = work / f"bench_{policy}_x{scale:g}.log"
     cmd = FB + ["bench", "--base-url", url, "--model", args.model, "--trace", args.trace, "--num-prompts",
@@ -49,9 +49,13 @@ def bench(url: str, args: argparse.Namespace, policy: str, scale: float, work: P
                 "--save-result", str(path)]
     t0 = time.monotonic()
     with open(log, "w") as f:
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+        try:
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=max(10.0, deadline - t0)).returncode
+        except subprocess.TimeoutExpired:
+            rc = "killed at the budget"
     if rc != 0 or not path.exists():
-        return {"scale": scale, "error": f"bench exited {rc}", "wall_s": time.monotonic() - t0}
+        return {"scale": scale, "error": f"bench exited {rc}", "wall_s": time.monotonic() - t0,
+                "log_tail": log.read_text()[-2000:]}
     d = json.loads(path.read_text())
     r = d["runs"][0] if "runs" in d else d
     return {"scale": scale, "result": r, "rate": r.get("request_rate"), "completed": r["completed"], "failed": r.get("failed", 0),
@@ -102,7 +106,7 @@ def main() -> None:
                 if longest and time.monotonic() + 1.15 * longest > end:
                     print(f"{policy} x{scale:g}: skipped (budget)", flush=True)
                     return False
-                row = bench(url, args, policy, scale, args.work)
+                row = bench(url, args, policy, scale, args.work, end)
                 longest = max(longest, row["wall_s"])
                 row["policy"] = policy
                 rows.append(row)

@@ -61,11 +61,11 @@ def build_app(model: ServedModel, *, backend: Any = None, max_pending: int = 409
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine.start()
+        await engine.start()
         try:
             yield
         finally:
-            engine.stop()
+            await engine.stop()
 
     app = FastAPI(title="fairbatch", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible server on the FairBatching scheduler.")

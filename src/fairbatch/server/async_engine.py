@@ -4,7 +4,7 @@ The engine loop (``engine_loop.EngineLoop``) runs elsewhere, behind a backend: i
 process (``engine_process.ProcessBackend``, what ``fairbatch serve`` uses, so the GPU
 step never waits on the event loop for the GIL) or a thread of this process
 (``engine_thread.ThreadBackend``). A backend has ``start(loop, on_message)``, ``send(kind,
-payload)``, ``stop()``, ``alive`` and ``error``; it delivers the engine's messages to
+payload)``, ``stop()`` (both coroutines), ``alive`` and ``error``; it delivers the engine's messages to
 ``on_message`` on the event loop.
 
 Here: every HTTP request's engine requests form a ``RequestGroup`` with one asyncio
@@ -77,14 +77,14 @@ class AsyncEngine:
         self._started = False
 
     # --- lifecycle -----------------------------------------------------------------------------
-    def start(self) -> None:
+    async def start(self) -> None:
         if self._started:
             return
         self._started = True
-        self.backend.start(asyncio.get_running_loop(), self._on_message)
+        await self.backend.start(asyncio.get_running_loop(), self._on_message)
 
-    def stop(self, timeout: float = 10.0) -> None:
-        self.backend.stop(timeout)
+    async def stop(self, timeout: float = 10.0) -> None:
+        await self.backend.stop(timeout)
         self._fail_all("server shutting down")
 
     @property

@@ -3,16 +3,17 @@ it and returns the model's ``ModelInfo`` and a ``ProcessBackend`` for ``AsyncEng
 
 Why a process: a GPU step is hundreds of torch calls, each of which releases and re-takes
 the GIL. In one process with a busy event loop (hundreds of SSE streams), each re-take
-waits for the loop to yield, and steps stretch several-fold (``engine_thread`` has the
-numbers). In its own process the engine's only other thread is idle.
+waits for the loop to yield, and steps stretch several-fold (``engine_thread`` says more).
+In its own process the engine has the GIL to itself.
 
-Wire: one duplex ``multiprocessing`` pipe of pickled ``(kind, payload)`` tuples. Front end
-to engine: ``add`` / ``abort`` / ``load`` / ``stop``; engine to front end: ``ready`` or
-``failed`` once, then ``deltas`` / ``load`` / ``snapshot`` (see ``engine_loop``). The front
-end reads on the event loop (``add_reader``) and writes from a small writer thread, so
-neither side's event loop or step ever blocks on the other. The engine exits when the
-pipe closes (the server died) and ignores SIGINT (Ctrl-C reaches the whole process group;
-the server stops it in order).
+Wire: a socket pair carrying pickled ``(kind, payload)`` tuples, each framed by an 8-byte
+length. Front end to engine: ``add`` / ``abort`` / ``load`` / ``stop``; engine to front end:
+``ready`` or ``failed`` once, then ``deltas`` / ``load`` / ``snapshot`` (see ``engine_loop``).
+The front end's end is an asyncio stream on the server's event loop (whatever loop uvicorn
+picked; uvloop switches the socket to non-blocking, which asyncio streams expect), so it
+never blocks on the engine; the engine's end is a plain blocking socket it polls between
+steps. The engine exits when the socket closes (the server died) and ignores SIGINT (Ctrl-C
+reaches the whole process group; the server stops it in order).
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ import asyncio
 import logging
 import multiprocessing as mp
 import os
-import queue
+import pickle
+import select
 import signal
+import socket
+import struct
 import sys
-import threading
 import traceback
 from collections.abc import Callable
-from multiprocessing.connection import Connection
 from typing import Any
 
 from fairbatch.server.engine_loop import Command, EngineLoop
@@ -35,9 +37,41 @@ from fairbatch.server.model import ModelInfo
 
 log = logging.getLogger("fairbatch.server")
 
+_HEADER = struct.Struct("!Q")
+
 
 class EngineStartError(ValueError):
     """The engine process could not load the model (the message says why, in one line)."""
+
+
+def _frame(msg: Any) -> bytes:
+    body = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+    return _HEADER.pack(len(body)) + body
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if k == 0:
+            raise EOFError("the other end closed the connection")
+        got += k
+    return bytes(buf)
+
+
+def _recv_msg(sock: socket.socket) -> Any:
+    (n,) = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
+    return pickle.loads(_recv_exact(sock, n))
+
+
+def _socket_of(conn: Any) -> socket.socket:
+    """A plain socket on a ``multiprocessing`` pipe end (a socket pair on POSIX)."""
+    sock = socket.socket(fileno=os.dup(conn.fileno()))
+    conn.close()
+    sock.setblocking(True)
+    return sock
 
 
 def spawn_engine(load_kwargs: dict[str, Any], *, name: str | None = None, warmup: bool = True,
@@ -50,22 +84,26 @@ def spawn_engine(load_kwargs: dict[str, Any], *, name: str | None = None, warmup
                        name="fairbatch-engine", daemon=True)
     proc.start()
     child.close()
+    sock = _socket_of(parent)
     try:
-        if not parent.poll(start_timeout):
+        if not select.select([sock], [], [], start_timeout)[0]:
             raise EngineStartError(f"the engine did not start within {start_timeout:g} s")
-        kind, payload = parent.recv()
+        kind, payload = _recv_msg(sock)
     except (EOFError, OSError):
         proc.join(5)
+        sock.close()
         raise EngineStartError(f"the engine process exited during start-up (exit code {proc.exitcode})") from None
     except BaseException:
+        sock.close()
         _terminate(proc)
         raise
     if kind != "ready":
+        sock.close()
         proc.join(10)
         if proc.is_alive():
             _terminate(proc)
         raise EngineStartError(str(payload))
-    return payload, ProcessBackend(proc, parent)
+    return payload, ProcessBackend(proc, sock)
 
 
 def _terminate(proc: Any) -> None:
@@ -80,76 +118,76 @@ class ProcessBackend:
     # The engine steps its own copies of the requests: the front end mirrors every delta.
     mirrors = True
 
-    def __init__(self, proc: Any, conn: Connection) -> None:
+    def __init__(self, proc: Any, sock: socket.socket) -> None:
         self.proc = proc
-        self.conn = conn
+        self.sock = sock
         self.error: str | None = None
-        self._outbox: queue.SimpleQueue[Command | None] = queue.SimpleQueue()
-        self._writer: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._pending: list[bytes] = []          # sent before the stream exists
+        self._reader_task: asyncio.Task | None = None
         self._on_message: Callable[[str, Any], None] | None = None
         self._closed = False
 
-    def start(self, loop: asyncio.AbstractEventLoop, on_message: Callable[[str, Any], None]) -> None:
-        if self._loop is not None:
-            return
-        self._loop = loop
-        self._on_message = on_message
-        self._writer = threading.Thread(target=self._write, name="fairbatch-engine-writer", daemon=True)
-        self._writer.start()
-        loop.add_reader(self.conn.fileno(), self._readable)
-
-    def _write(self) -> None:
-        while True:
-            msg = self._outbox.get()
-            if msg is None:
-                return
-            try:
-                self.conn.send(msg)
-            except (OSError, ValueError):
-                return           # the engine is gone; the reader reports it
-
-    def _readable(self) -> None:
-        assert self._on_message is not None
-        try:
-            while self.conn.poll():
-                kind, payload = self.conn.recv()
-                self._on_message(kind, payload)
-        except (EOFError, OSError):
-            self._gone()
-
-    def _gone(self) -> None:
-        if self._loop is not None and not self._closed:
-            self._loop.remove_reader(self.conn.fileno())
-        if self._closed:
-            return
-        self.proc.join(1)
-        code = self.proc.exitcode
-        self.error = "the engine process exited" + (f" (exit code {code})" if code is not None else "")
-        log.error("%s", self.error)
-        self._closed = True
+    async def start(self, loop: asyncio.AbstractEventLoop, on_message: Callable[[str, Any], None]) -> None:
         if self._on_message is not None:
-            self._on_message("dead", self.error)
+            return
+        self._on_message = on_message
+        self.sock.setblocking(False)
+        reader, self._writer = await asyncio.open_connection(sock=self.sock, limit=1 << 26)
+        for frame in self._pending:
+            self._writer.write(frame)
+        self._pending.clear()
+        self._reader_task = loop.create_task(self._read(reader))
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        on_message = self._on_message
+        assert on_message is not None
+        try:
+            while True:
+                (n,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
+                kind, payload = pickle.loads(await reader.readexactly(n))
+                on_message(kind, payload)
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            pass
+        except asyncio.CancelledError:
+            return
+        except Exception:   # noqa: BLE001 - a bad message: say so, then treat the engine as gone
+            log.exception("engine process: unreadable message")
+        if not self._closed:
+            await asyncio.get_running_loop().run_in_executor(None, self.proc.join, 2.0)
+            code = self.proc.exitcode
+            self.error = "the engine process exited" + (f" (exit code {code})" if code is not None else "")
+            log.error("%s", self.error)
+            self._closed = True
+            on_message("dead", self.error)
 
     def send(self, kind: str, payload: Any) -> None:
-        if not self._closed:
-            self._outbox.put((kind, payload))
+        if self._closed:
+            return
+        frame = _frame((kind, payload))
+        if self._writer is None:
+            self._pending.append(frame)
+        else:
+            self._writer.write(frame)
 
-    def stop(self, timeout: float = 10.0) -> None:
-        if self._loop is not None and not self._closed:
-            try:
-                self._loop.remove_reader(self.conn.fileno())
-            except (OSError, ValueError):
-                pass
+    async def stop(self, timeout: float = 10.0) -> None:
+        was_closed = self._closed
         self._closed = True
-        self._outbox.put(("stop", None))
-        self._outbox.put(None)
-        if self._writer is not None:
-            self._writer.join(timeout)
-        self.proc.join(timeout)
+        if self._writer is not None and not was_closed:
+            try:
+                self._writer.write(_frame(("stop", None)))
+                await asyncio.wait_for(self._writer.drain(), timeout)
+            except (OSError, ConnectionError, asyncio.TimeoutError):
+                pass
+        await asyncio.get_running_loop().run_in_executor(None, self.proc.join, timeout)
         if self.proc.is_alive():
             _terminate(self.proc)
-        self.conn.close()
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+        if self._writer is not None:
+            self._writer.close()
+        else:
+            self.sock.close()
 
     @property
     def alive(self) -> bool:
@@ -157,11 +195,11 @@ class ProcessBackend:
 
 
 # --- the engine process ----------------------------------------------------------------------------
-def _engine_main(conn: Connection, load_kwargs: dict[str, Any], name: str | None, warmup: bool,
-                 log_level: str) -> None:
+def _engine_main(conn: Any, load_kwargs: dict[str, Any], name: str | None, warmup: bool, log_level: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(levelname)s %(name)s[engine]: %(message)s")
+    sock = _socket_of(conn)
     from fairbatch.server.commands import load_served_model
 
     try:
@@ -172,12 +210,12 @@ def _engine_main(conn: Connection, load_kwargs: dict[str, Any], name: str | None
 
             warm_up(served.llm)
     except (ValueError, OSError) as e:      # the user's mistake: one line
-        conn.send(("failed", str(e)))
+        sock.sendall(_frame(("failed", str(e))))
         return
     except BaseException as e:   # noqa: BLE001 - a bug: say where, then exit
-        conn.send(("failed", f"engine start-up failed: {type(e).__name__}: {e}\n{traceback.format_exc()}"))
+        sock.sendall(_frame(("failed", f"engine start-up failed: {type(e).__name__}: {e}\n{traceback.format_exc()}")))
         return
-    conn.send(("ready", served.info))
+    sock.sendall(_frame(("ready", served.info)))
 
     stopping = False
 
@@ -185,14 +223,14 @@ def _engine_main(conn: Connection, load_kwargs: dict[str, Any], name: str | None
         nonlocal stopping
         cmds: list[Command] = []
         try:
-            if not conn.poll(timeout):
-                return cmds
-            while conn.poll():
-                kind, payload = conn.recv()
+            wait = timeout
+            while select.select([sock], [], [], wait)[0]:
+                kind, payload = _recv_msg(sock)
                 if kind == "stop":
                     stopping = True
                     break
                 cmds.append((kind, payload))
+                wait = 0.0
         except (EOFError, OSError):
             stopping = True          # the server is gone
         return cmds
@@ -200,20 +238,20 @@ def _engine_main(conn: Connection, load_kwargs: dict[str, Any], name: str | None
     def post(kind: str, payload: Any) -> None:
         nonlocal stopping
         try:
-            conn.send((kind, payload))
-        except (OSError, ValueError):
+            sock.sendall(_frame((kind, payload)))
+        except OSError:
             stopping = True
 
     loop = EngineLoop(served.instance, post)
     code = 0
     try:
         loop.run(receive, lambda: stopping)
-    except BaseException:   # noqa: BLE001 - a bug in the loop itself: log it; the server sees the pipe close
+    except BaseException:   # noqa: BLE001 - a bug in the loop itself: log it; the server sees the socket close
         log.exception("the engine loop failed")
         code = 1
     finally:
         try:
-            conn.close()
+            sock.close()
         except OSError:
             pass
         sys.stdout.flush()

@@ -36,7 +36,7 @@ class ThreadBackend:
         self._thread: threading.Thread | None = None
         self.error: str | None = None
 
-    def start(self, loop: asyncio.AbstractEventLoop, on_message: Callable[[str, Any], None]) -> None:
+    async def start(self, loop: asyncio.AbstractEventLoop, on_message: Callable[[str, Any], None]) -> None:
         if self._thread is not None:
             return
         self._stopping = False
@@ -77,11 +77,11 @@ class ThreadBackend:
             self._inbox.append((kind, payload))
         self._wake.set()
 
-    def stop(self, timeout: float = 10.0) -> None:
+    async def stop(self, timeout: float = 10.0) -> None:
         self._stopping = True
         self._wake.set()
         if self._thread is not None:
-            self._thread.join(timeout)
+            self._thread.join(timeout)       # at most one step: the loop checks between steps
             self._thread = None
 
     @property

@@ -41,12 +41,34 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> bool:
     return False
 
 
+STEP_COUNTERS = ("engine_step_seconds", "engine_step_predicted_seconds", "engine_busy_seconds", "engine_step_tokens",
+                 "engine_steps")
+
+
+def engine_counters(url: str) -> dict[str, float]:
+    """The engine's cumulative step counters from /metrics."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        for name in STEP_COUNTERS:
+            if line.startswith(f"fairbatch:{name}_total{{"):
+                out[name] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def triton_kernels() -> int:
+    root = Path(os.environ.get("TRITON_CACHE_DIR", Path.home() / ".triton" / "cache"))
+    return sum(1 for _ in root.glob("*/*.cubin")) if root.is_dir() else 0
+
+
 def bench(url: str, args: argparse.Namespace, policy: str, scale: float, work: Path, deadline: float) -> dict:
     path = work / f"bench_{policy}_x{scale:g}.json"
     log = work / f"bench_{policy}_x{scale:g}.log"
     cmd = FB + ["bench", "--base-url", url, "--model", args.model, "--trace", args.trace, "--num-prompts",
                 str(args.num), "--rate-scale", f"{scale:g}", "--label", policy, "--no-save-detailed",
                 "--save-result", str(path)]
+    before, kernels = engine_counters(url), triton_kernels()
     t0 = time.monotonic()
     with open(log, "w") as f:
         try:
@@ -58,7 +80,14 @@ def bench(url: str, args: argparse.Namespace, policy: str, scale: float, work: P
                 "log_tail": log.read_text()[-2000:]}
     d = json.loads(path.read_text())
     r = d["runs"][0] if "runs" in d else d
-    return {"scale": scale, "result": r, "rate": r.get("request_rate"), "completed": r["completed"], "failed": r.get("failed", 0),
+    after = engine_counters(url)
+    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in STEP_COUNTERS}
+    n = max(1.0, delta["engine_steps"])
+    engine = {"steps": delta["engine_steps"], "step_ms": 1e3 * delta["engine_step_seconds"] / n,
+              "measured_over_predicted": delta["engine_step_seconds"] / max(1e-9, delta["engine_step_predicted_seconds"]),
+              "busy_over_step": delta["engine_busy_seconds"] / max(1e-9, delta["engine_step_seconds"]),
+              "tokens_per_step": delta["engine_step_tokens"] / n, "new_triton_kernels": triton_kernels() - kernels}
+    return {"scale": scale, "result": r, "engine": engine, "rate": r.get("request_rate"), "completed": r["completed"], "failed": r.get("failed", 0),
             "ttft50": r["median_ttft_ms"], "ttft99": r["p99_ttft_ms"], "tpot50": r["median_tpot_ms"],
             "tpot99": r["p99_tpot_ms"], "att": r["slo_attainment"], "goodput": r["request_goodput"],
             "wall_s": time.monotonic() - t0}
@@ -96,7 +125,8 @@ def main() -> None:
             if not wait_healthy(url, proc, min(400.0, end - time.monotonic())):
                 print(f"{policy}: server did not come up; see serve_{policy}.log", flush=True)
                 continue
-            print(f"{policy}: healthy after {time.monotonic() - t0:.0f} s", flush=True)
+            print(f"{policy}: healthy after {time.monotonic() - t0:.0f} s, {triton_kernels()} Triton kernels "
+                  f"compiled", flush=True)
             done: dict[float, dict] = {}
             longest = 0.0
 
@@ -145,14 +175,17 @@ def main() -> None:
     (args.out / f"summary_{'_'.join(args.policy)}.json").write_text(json.dumps({"rows": rows, "capacity": summary},
                                                                               indent=1))
     print(f"{'policy':13s} {'scale':>6s} {'rate':>6s} {'done':>5s} {'fail':>4s} {'ttft50':>7s} {'ttft99':>7s} "
-          f"{'tpot50':>6s} {'tpot99':>6s} {'att':>6s} {'goodput':>7s} {'wall':>5s}")
+          f"{'tpot50':>6s} {'tpot99':>6s} {'att':>6s} {'goodput':>7s} {'wall':>5s} {'stepms':>6s} {'meas/pred':>9s} "
+          f"{'busy/step':>9s} {'jit':>4s}")
     for r in rows:
         if "error" in r:
             print(f"{r['policy']:13s} {r['scale']:6g} {r['error']}")
             continue
         print(f"{r['policy']:13s} {r['scale']:6g} {r['rate']:6.2f} {r['completed']:5d} {r['failed']:4d} "
               f"{r['ttft50']:7.0f} {r['ttft99']:7.0f} {r['tpot50']:6.1f} {r['tpot99']:6.1f} {r['att']:6.3f} "
-              f"{r['goodput']:7.2f} {r['wall_s']:5.0f}")
+              f"{r['goodput']:7.2f} {r['wall_s']:5.0f} {r['engine']['step_ms']:6.1f} "
+              f"{r['engine']['measured_over_predicted']:9.2f} {r['engine']['busy_over_step']:9.2f} "
+              f"{r['engine']['new_triton_kernels']:4d}")
     for p, c in summary.items():
         print(f"capacity {p}: scale {c['capacity_scale']} ({c['capacity_rate']} req/s), first failing {c['first_failing_scale']}")
 

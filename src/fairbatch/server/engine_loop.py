@@ -65,6 +65,14 @@ class EngineSnapshot:
     admission_budget: float = 0.0
     queued_prefill_tokens: int = 0
     step_errors: int = 0
+    # Cumulative over the steps that ran: measured execution time, the latency model's
+    # prediction for the same steps (their ratio is the simulator's fidelity on this host),
+    # wall time of whole loop iterations (scheduling and hand-off included), new tokens.
+    step_seconds: float = 0.0
+    step_predicted_seconds: float = 0.0
+    busy_seconds: float = 0.0
+    step_tokens: int = 0
+    steps_run: int = 0
     time: float = 0.0
 
 
@@ -76,6 +84,11 @@ class EngineLoop:
         self.idle_wait = idle_wait
         self.snapshot_every = snapshot_every
         self.step_errors = 0
+        self.step_seconds = 0.0
+        self.step_predicted_seconds = 0.0
+        self.busy_seconds = 0.0
+        self.step_tokens = 0
+        self.steps_run = 0
         self._sent: dict[str, int] = {}     # request id -> output tokens already posted
 
     def run(self, receive: Receive, stopping: Callable[[], bool]) -> None:
@@ -94,6 +107,7 @@ class EngineLoop:
                 continue
             self.step(now)
             t = clock()
+            self.busy_seconds += t - now
             if t - last_snapshot > self.snapshot_every:
                 self.publish_snapshot(t)
                 last_snapshot = t
@@ -139,6 +153,10 @@ class EngineLoop:
         if plan.is_empty:
             time.sleep(0.0005)   # nothing schedulable right now (should be rare): do not spin
             return
+        self.steps_run += 1
+        self.step_seconds += result.duration
+        self.step_predicted_seconds += inst.scheduler.latency.predict(plan.features)
+        self.step_tokens += plan.features.new_tokens
         sent = self._sent
         deltas: list[tuple[str, Delta]] = []
         end = now + result.duration
@@ -187,7 +205,9 @@ class EngineLoop:
             running=load.running, waiting=load.waiting, kv_usage=load.kv_usage, free_blocks=load.free_blocks,
             num_blocks=load.num_blocks, preemptions=sched.stats.preemptions, steps=sched.stats.steps,
             admission_budget=load.admission_budget, queued_prefill_tokens=load.queued_prefill_tokens,
-            step_errors=self.step_errors, time=now))
+            step_errors=self.step_errors, step_seconds=self.step_seconds,
+            step_predicted_seconds=self.step_predicted_seconds, busy_seconds=self.busy_seconds,
+            step_tokens=self.step_tokens, steps_run=self.steps_run, time=now))
 
 
 def mirror(req: Request, delta: Delta) -> None:

@@ -174,6 +174,16 @@ class _StateCollector(Collector):
             c = CounterMetricFamily(p + "engine_steps", "Engine steps run.", labels=lab)
             c.add_metric([m.model_name], snap.steps)
             yield c
+            for name, doc, value in (
+                    ("engine_step_seconds", "Measured execution time of the engine's steps.", snap.step_seconds),
+                    ("engine_step_predicted_seconds", "The scheduler's latency model's prediction for the same "
+                     "steps (divide the two for the model's error on this host).", snap.step_predicted_seconds),
+                    ("engine_busy_seconds", "Wall time of engine loop iterations that ran a step "
+                     "(scheduling and output hand-off included).", snap.busy_seconds),
+                    ("engine_step_tokens", "Tokens computed by engine steps (prefill and decode).", snap.step_tokens)):
+                c = CounterMetricFamily(p + name, doc, labels=lab)
+                c.add_metric([m.model_name], value)
+                yield c
         if eng is not None:
             yield gauge("num_requests_in_server", "Requests accepted and not finished (running, waiting, "
                         "or on their way to the engine).", eng.num_active)

@@ -3,7 +3,7 @@
 Triton compiles a kernel the first time it sees a new specialization (integer arguments
 that are 1 or divisible by 16, block-table widths, prefill vs decode launches), and the
 first cuBLAS call of a shape picks its algorithm: hundreds of milliseconds each, which a
-first client would otherwise pay inside its TTFT. A few requests of mixed lengths, run to
+first client would otherwise pay inside its TTFT. A burst of requests of mixed lengths, run to
 completion with the server's own policy, go through prefill-only, mixed and decode-only
 steps; then the scheduler's counters are reset so /metrics starts at zero.
 """
@@ -18,7 +18,7 @@ from typing import Any
 log = logging.getLogger("fairbatch.server")
 
 
-def warm_up(llm: Any, *, seed: int = 0) -> float:
+def warm_up(llm: Any, *, count: int = 160, seed: int = 0) -> float:
     """Run the warm-up requests on ``llm`` (an ``engine.LLM``); returns the seconds it took."""
     from fairbatch.engine.params import SamplingParams
 
@@ -28,14 +28,20 @@ def warm_up(llm: Any, *, seed: int = 0) -> float:
     limit = int(llm.scheduler_config.max_model_len)
     budget = int(llm.engine.args.max_num_batched_tokens)
     cache_tokens = llm.engine.allocator.num_blocks * llm.engine.allocator.block_size
-    # (prompt length, output length, count): one long prompt (chunked), a few medium ones
-    # and many short ones, whose decodes run mixed with the prefills and then alone.
-    shapes = [(min(limit - 8, 2 * budget), 4, 1), (min(limit - 40, 700), 32, 6), (min(limit - 40, 40), 32, 90)]
+    # Prompt lengths log-uniform from 16 tokens to 4k (one at twice the step budget, which
+    # is chunked), outputs of 8-64 tokens, all submitted at once: the steps go through
+    # prefill-only, mixed and decode-only shapes of many sizes, as serving a trace does.
+    top = max(16, min(limit - 80, 4096))
+    lens = [min(limit - 80, 2 * budget)] + [int(16 * (top / 16) ** rng.random()) for _ in range(count - 1)]
     prompts, params = [], []
-    for prompt_len, out_len, count in shapes:
-        count = max(1, min(count, cache_tokens // (4 * (prompt_len + out_len))))
-        prompts += [[rng.randrange(vocab) for _ in range(prompt_len)] for _ in range(count)]
-        params += [SamplingParams(max_tokens=out_len, ignore_eos=True)] * count
+    used = 0
+    for n in lens:
+        out = rng.randint(8, 64)
+        used += n + out
+        if used > cache_tokens // 2:
+            break
+        prompts.append([rng.randrange(vocab) for _ in range(max(1, n))])
+        params.append(SamplingParams(max_tokens=out, ignore_eos=True))
     llm.generate(prompts, params)       # all at once: prefill-only, mixed and decode-only steps
     sched = llm.scheduler
     sched.stats = type(sched.stats)()

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from fairbatch.engine.attention import AttentionMetadata
+from fairbatch.engine.batch import aligned
 from fairbatch.plan import StepPlan
 from fairbatch.request import Request
 
@@ -45,7 +46,7 @@ class _Graph:
         off = 0
         for name, shape in shapes.items():
             self.layout[name] = (off, shape)
-            off += int(np.prod(shape))
+            off += aligned(int(np.prod(shape)))      # 16-byte aligned views: one Triton specialization
         self.host = torch.zeros(off, dtype=torch.int32).pin_memory()
         self.host_np = self.host.numpy()
         self.dev = torch.zeros(off, dtype=torch.int32, device=device)

@@ -157,3 +157,22 @@ def test_kv_pressure_preempts_and_recomputes(policy: str) -> None:
     assert sum(r.num_preemptions for r in reqs) == out.preemptions
     assert all(r.generated == 150 for r in reqs)
     assert alloc.num_free == 40
+
+
+def test_latency_model_changed_rederives_policy_values():
+    """A refitted step-time model reaches what policies computed from it at construction."""
+    from fairbatch.latency.linear import LinearLatencyModel
+    from fairbatch.latency.online import OnlineLatencyModel
+    from fairbatch.kv import BlockAllocator
+    from fairbatch.scheduler import SchedulerConfig, make_scheduler
+
+    fast = LinearLatencyModel(0.005, 1e-5, 0.0, 0.0, 0.0)
+    slow = LinearLatencyModel(0.005, 4e-5, 0.0, 0.0, 0.0)
+    online = OnlineLatencyModel(fast)
+    sarathi = make_scheduler("sarathi", SchedulerConfig(tpot_slo=0.05), BlockAllocator(1000, 16), online)
+    fb = make_scheduler("fairbatching", SchedulerConfig(), BlockAllocator(1000, 16), online)
+    budget, rate = sarathi.token_budget, fb._prefill_rate
+    online.current = slow
+    sarathi.latency_model_changed()
+    fb.latency_model_changed()
+    assert sarathi.token_budget < budget and fb._prefill_rate < rate

@@ -140,3 +140,25 @@ def test_a_dead_engine_fails_requests_and_health():
             assert r.status_code == 503
     finally:
         s.stop()
+
+
+def test_refit_latency_learns_this_hosts_step_times():
+    """--refit-latency: the engine loop feeds measured iterations to the online model, and an
+    accepted refit reaches the policy (the shipped H100 profile is far off a CPU's steps)."""
+    info, backend = spawn_engine({**LOAD, "refit_latency": True}, warmup=False, log_level="WARNING")
+    app = build_app(ServedModel(info), backend=backend)
+    with ServerThread(app) as s, httpx.Client(base_url=s.url, timeout=60) as http:
+        def one(i: int) -> None:
+            r = http.post("/v1/completions", json={"model": MODEL, "prompt": list(range(1, 40 + 7 * i)),
+                                                   "max_tokens": 40, "ignore_eos": True})
+            assert r.status_code == 200
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(12)]
+        for t in threads:          # staggered: prefills land in different steps, among decodes
+            t.start()
+            time.sleep(0.05)
+        for t in threads:
+            t.join(120)
+        wait_engine_idle(http)
+        text = http.get("/metrics").text
+        assert metric(text, "fairbatch:latency_model_refits_total") >= 1

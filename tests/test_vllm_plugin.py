@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from fairbatch.integrations.online_latency import OnlineLatencyModel
+from fairbatch.latency.online import OnlineLatencyModel
 from fairbatch.integrations.vllm_config import (
     PluginConfig,
     load_plugin_config,

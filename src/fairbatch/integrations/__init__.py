@@ -2,6 +2,6 @@
 
 ``fairbatch.integrations.vllm``: FairBatching (and Sarathi, vLLM-order, prefill-first)
 as a vLLM V1 ``--scheduler-cls`` plugin. Importing it needs vLLM; the helpers it uses
-(``vllm_config``: SLO/config loading, ``online_latency``: the refitting step-time model,
+(``vllm_config``: SLO/config loading, ``fairbatch.latency.online``: the refitting step-time model,
 ``load_server``: the load endpoint for routers) do not, so they are tested without it.
 """

@@ -59,7 +59,7 @@ except ImportError as _e:  # pragma: no cover - depends on the environment
 
 import fairbatch.integrations.vllm_config as _plugin_config_module
 from fairbatch.integrations.load_server import LoadServer
-from fairbatch.integrations.online_latency import OnlineLatencyModel
+from fairbatch.latency.online import OnlineLatencyModel
 from fairbatch.integrations.vllm_config import (
     PluginConfig,
     load_plugin_config,
@@ -233,21 +233,6 @@ def initial_latency_model(cfg: PluginConfig, hf_config: dict[str, Any] | None = 
             pass
     return (LinearLatencyModel(0.010, 50e-6, 0.0, 0.0, 0.0, meta={"source": "placeholder"}),
             "placeholder (refit online)")
-
-
-def _refresh_policy(policy: PolicyScheduler) -> None:
-    """Re-derive what policies compute from the latency model at construction.
-
-    (A core hook, ``Scheduler.latency_model_changed()``, would make this generic.)"""
-    cfg = policy.config
-    lat = policy.latency
-    if hasattr(policy, "_prefill_rate"):        # fairbatching: admission-budget throughput
-        n = lat.max_tokens_in(cfg.time_budget_max)
-        policy._prefill_rate = n / cfg.time_budget_max if n > 0 else 0.0
-    if policy.name == "sarathi" and cfg.chunk_size is None:
-        from fairbatch.scheduler.sarathi import sarathi_token_budget
-        policy.token_budget = min(sarathi_token_budget(lat, cfg.tpot_slo, cfg.chunk_recipe_context,
-                                                       cfg.chunk_align), cfg.max_num_batched_tokens)
 
 
 # --- the scheduler -----------------------------------------------------------------------------
@@ -687,7 +672,7 @@ class _FairBatchMixin:
             feats, t0 = rec
             duration = t - max(t0, self._fb_last_output_t)
             if self.fb_latency.observe(feats, duration):
-                _refresh_policy(self.fb_policy)
+                self.fb_policy.latency_model_changed()
                 log.debug("fairbatch: latency model refitted: %s", self.fb_latency.current.to_dict())
         self._fb_last_output_t = t
         outputs = super().update_from_output(scheduler_output, model_runner_output)

@@ -162,6 +162,10 @@ class Scheduler(ABC):
         self.stats.steps += 1
         return finished
 
+    def latency_model_changed(self) -> None:
+        """The latency model was refitted (``OnlineLatencyModel``): re-derive whatever the
+        policy computed from it at construction."""
+
     def load(self, now: float) -> Load:
         queued = sum(r.prompt_len + r.generated - r.num_computed for r in self.waiting)
         queued += sum(r.prompt_len - r.num_computed for r in self.running if r.num_computed < r.prompt_len)

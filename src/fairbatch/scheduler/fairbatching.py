@@ -57,10 +57,14 @@ class FairBatchingScheduler(Scheduler):
         self._seq = count()
         self._late: list[tuple[float, int, Request]] = []   # prompts past TTFT: (relaxed deadline, seq, req)
         self._step_now = 0.0
+        self.latency_model_changed()
+
+    def latency_model_changed(self) -> None:
         # Prefill throughput for the load estimate: tokens per second of T_max-long
         # pure-prefill steps, per the latency model.
-        n = latency_model.max_tokens_in(config.time_budget_max)
-        self._prefill_rate = n / config.time_budget_max if n > 0 else 0.0
+        t_max = self.config.time_budget_max
+        n = self.latency.max_tokens_in(t_max)
+        self._prefill_rate = n / t_max if n > 0 else 0.0
 
     # --- waiting heap ----------------------------------------------------------------------
     def add(self, req: Request, now: float) -> None:

@@ -29,9 +29,13 @@ class SarathiScheduler(Scheduler):
 
     def __init__(self, config: SchedulerConfig, allocator, latency_model) -> None:
         super().__init__(config, allocator, latency_model)
-        self.token_budget = config.chunk_size or sarathi_token_budget(
-            latency_model, config.tpot_slo, config.chunk_recipe_context, config.chunk_align)
-        self.token_budget = min(self.token_budget, config.max_num_batched_tokens)
+        self.latency_model_changed()
+
+    def latency_model_changed(self) -> None:
+        cfg = self.config
+        budget = cfg.chunk_size or sarathi_token_budget(self.latency, cfg.tpot_slo, cfg.chunk_recipe_context,
+                                                        cfg.chunk_align)
+        self.token_budget = min(budget, cfg.max_num_batched_tokens)
 
     def schedule(self, now: float) -> StepPlan:
         budget = self.token_budget

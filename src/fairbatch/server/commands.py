@@ -34,7 +34,8 @@ def scheduler_config_for(policy: str, *, ttft_slo: float, tpot_slo: float, max_n
 def load_served_model(model: str, *, policy: str = "fairbatching", ttft_slo: float = 1.0, tpot_slo: float = 0.05,
                       served_model_name: str | None = None, scheduler_options: dict[str, Any] | None = None,
                       max_num_batched_tokens: int = 8192, max_num_seqs: int = 256, max_model_len: int | None = None,
-                      profile: str | None = None, cpu_threads: int | None = None, **engine_kwargs: Any) -> "ServedModel":  # noqa: F821
+                      profile: str | None = None, cpu_threads: int | None = None, refit_latency: bool = False,
+                      **engine_kwargs: Any) -> "ServedModel":  # noqa: F821
     """Build the engine (``fairbatch.engine.LLM``) in this process and wrap it for the server.
 
     Raises ``ValueError`` (``EngineError`` is one) with a one-line message for anything a
@@ -61,6 +62,12 @@ def load_served_model(model: str, *, policy: str = "fairbatching", ttft_slo: flo
     llm = LLM(model, policy=policy, scheduler_config=cfg, latency_model=latency,
               max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
               max_model_len=max_model_len, **engine_kwargs)
+    if refit_latency:
+        # Refit the step-time model from the steps this engine runs (the serving loop feeds it).
+        from fairbatch.latency.online import OnlineLatencyModel
+
+        online = OnlineLatencyModel(llm.latency_model)
+        llm.latency_model = llm.scheduler.latency = online
     return ServedModel.of_llm(llm, served_model_name)
 
 
@@ -92,6 +99,8 @@ def register(app: typer.Typer) -> None:
         access_log: Annotated[bool, typer.Option(help="Log every HTTP request.")] = False,
         warmup: Annotated[bool, typer.Option(help="On a GPU, run a few requests before answering /health "
                                              "(compiles kernels outside clients' TTFT).")] = True,
+        refit_latency: Annotated[bool, typer.Option(help="Refit the scheduler's step-time model online from the "
+                                                    "steps this engine runs.")] = False,
         engine_thread: Annotated[bool, typer.Option(help="Run the engine on a thread of the server process "
                                                     "instead of its own process (slower under load).")] = False,
     ) -> None:
@@ -115,7 +124,8 @@ def register(app: typer.Typer) -> None:
             max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
             profile=str(profile) if profile else None, load_format=load_format, dtype=dtype, device=device,
             attention_backend=attention_backend, num_kv_blocks=num_kv_blocks,
-            gpu_memory_utilization=gpu_memory_utilization, seed=seed, cpu_threads=cpu_threads)
+            gpu_memory_utilization=gpu_memory_utilization, seed=seed, cpu_threads=cpu_threads,
+            refit_latency=refit_latency)
         logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                             format="%(levelname)s %(name)s: %(message)s")
         backend = None

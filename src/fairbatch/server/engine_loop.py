@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from fairbatch.instance import Instance
+from fairbatch.latency.online import OnlineLatencyModel
+from fairbatch.plan import StepPlan
 from fairbatch.request import Request
 from fairbatch.scheduler.base import Load
 
@@ -73,6 +75,7 @@ class EngineSnapshot:
     busy_seconds: float = 0.0
     step_tokens: int = 0
     steps_run: int = 0
+    latency_refits: int = 0
     time: float = 0.0
 
 
@@ -90,6 +93,9 @@ class EngineLoop:
         self.step_tokens = 0
         self.steps_run = 0
         self._sent: dict[str, int] = {}     # request id -> output tokens already posted
+        lat = instance.scheduler.latency
+        self._online = lat if isinstance(lat, OnlineLatencyModel) else None
+        self.latency_refits = 0
 
     def run(self, receive: Receive, stopping: Callable[[], bool]) -> None:
         """Serve until ``stopping()``; then drop whatever is left (frees its blocks)."""
@@ -105,9 +111,14 @@ class EngineLoop:
                     self.publish_snapshot(now)
                     last_snapshot = now
                 continue
-            self.step(now)
+            plan = self.step(now)
             t = clock()
             self.busy_seconds += t - now
+            # A refit sees whole iterations (scheduling and hand-off included): deadlines are
+            # kept in wall time, so that is what a step costs the requests waiting on it.
+            if plan is not None and self._online is not None and self._online.observe(plan.features, t - now):
+                self.instance.scheduler.latency_model_changed()
+                self.latency_refits += 1
             if t - last_snapshot > self.snapshot_every:
                 self.publish_snapshot(t)
                 last_snapshot = t
@@ -140,7 +151,8 @@ class EngineLoop:
         if early:
             self.post("deltas", early)
 
-    def step(self, now: float) -> None:
+    def step(self, now: float) -> StepPlan | None:
+        """One step; returns its plan (None when it failed or was empty)."""
         inst = self.instance
         try:
             plan, result, finished = inst.step(now)
@@ -149,10 +161,10 @@ class EngineLoop:
             msg = f"engine step failed: {type(e).__name__}: {e}"
             log.error("%s\n%s", msg, traceback.format_exc())
             self.drop_all(msg, notify=True)
-            return
+            return None
         if plan.is_empty:
             time.sleep(0.0005)   # nothing schedulable right now (should be rare): do not spin
-            return
+            return None
         self.steps_run += 1
         self.step_seconds += result.duration
         self.step_predicted_seconds += inst.scheduler.latency.predict(plan.features)
@@ -177,6 +189,7 @@ class EngineLoop:
                 deltas.append((rid, Delta(req.output_token_ids[start:gen], reason, time=end, start=start)))
         if deltas:
             self.post("deltas", deltas)
+        return plan
 
     def drop_all(self, message: str, *, notify: bool) -> None:
         """Abort every request in the instance (frees their blocks); tell their clients
@@ -207,7 +220,7 @@ class EngineLoop:
             admission_budget=load.admission_budget, queued_prefill_tokens=load.queued_prefill_tokens,
             step_errors=self.step_errors, step_seconds=self.step_seconds,
             step_predicted_seconds=self.step_predicted_seconds, busy_seconds=self.busy_seconds,
-            step_tokens=self.step_tokens, steps_run=self.steps_run, time=now))
+            step_tokens=self.step_tokens, steps_run=self.steps_run, latency_refits=self.latency_refits, time=now))
 
 
 def mirror(req: Request, delta: Delta) -> None:

@@ -180,7 +180,9 @@ class _StateCollector(Collector):
                      "steps (divide the two for the model's error on this host).", snap.step_predicted_seconds),
                     ("engine_busy_seconds", "Wall time of engine loop iterations that ran a step "
                      "(scheduling and output hand-off included).", snap.busy_seconds),
-                    ("engine_step_tokens", "Tokens computed by engine steps (prefill and decode).", snap.step_tokens)):
+                    ("engine_step_tokens", "Tokens computed by engine steps (prefill and decode).", snap.step_tokens),
+                    ("latency_model_refits", "Accepted online refits of the step-time model (--refit-latency).",
+                     snap.latency_refits)):
                 c = CounterMetricFamily(p + name, doc, labels=lab)
                 c.add_metric([m.model_name], value)
                 yield c

@@ -1,7 +1,9 @@
 """A step-time model that starts from a prior and refits itself from measured steps.
 
-Used where the plugin runs on hardware nobody profiled: the policies hold one
-``OnlineLatencyModel`` and never notice that the model behind it is replaced. The
+Used where the vLLM plugin runs on hardware nobody profiled, and by ``fairbatch serve
+--refit-latency`` where the serving host's steps differ from the profile's: the policy
+holds one ``OnlineLatencyModel``, and ``Scheduler.latency_model_changed()`` re-derives
+what it computed from the model once a refit is accepted. The
 refit is ``LinearLatencyModel.fit`` (non-negative least squares on relative error) over
 a window of recent steps, and is accepted only when the window shows both decodes and
 prefill chunks (otherwise the fit could not tell a token's cost from a sequence's) and

@@ -1,0 +1,73 @@
+"""Simulator fidelity: the served runs of `serve_bench_device.py` (real engine on the GPU,
+`fairbatch bench` over HTTP) next to the simulator's prediction for the same requests,
+rate scale, policy and KV-cache size. Prints a Markdown table (and the simulator's
+capacity for the same request count) to paste into docs/RESULTS.md.
+
+    PYTHONPATH=src python benchmarks/served_fidelity.py docs/results/served_h100/summary_vllm.json \\
+        docs/results/served_h100/summary_sarathi_fairbatching_a.json ... --num-blocks 27374
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from fairbatch.sim.experiment import Scenario, capacity, prepare, run_policy
+
+POLICY_ORDER = {"vllm": 0, "sarathi": 1, "fairbatching": 2}
+
+
+def rel(sim: float, real: float) -> str:
+    return f"{(real - sim) / sim:+.0%}" if sim else "n/a"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("summaries", nargs="+", type=Path)
+    ap.add_argument("--num-blocks", type=int, help="KV blocks of the served engine (its start-up line)")
+    ap.add_argument("--instances", type=int, default=1)
+    ap.add_argument("--router", default="admission")
+    ap.add_argument("--capacity", action="store_true", help="also the simulator's capacity per policy")
+    args = ap.parse_args()
+    rows = []
+    for path in args.summaries:
+        d = json.loads(path.read_text())
+        for r in d.get("rows", []):
+            if "result" in r:
+                rows.append(r)
+    rows.sort(key=lambda r: (POLICY_ORDER.get(r["policy"], 9), r["scale"]))
+    num = {r["result"]["completed"] + r["result"].get("failed", 0) for r in rows}
+    if len(num) != 1:
+        raise SystemExit(f"runs of different sizes: {sorted(num)}")
+    n = num.pop()
+    sc = Scenario(num_requests=n, instances=args.instances, router=args.router)
+    prep = prepare(sc)
+    if args.num_blocks:
+        prep = replace(prep, num_blocks=args.num_blocks)
+    print(f"{n} requests of azure-conv, llama-3-8b, KV blocks {prep.num_blocks}; each cell: simulator / real (difference)\n")
+    print("| policy | scale | rate req/s | SLO att. | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms "
+          "| goodput req/s | step time real / model |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        real = r["result"]
+        sim = run_policy(prep, r["policy"], r["scale"]).summary
+        cells = []
+        for key, fmt in (("slo_attainment", ".3f"), ("median_ttft_ms", ".0f"), ("p99_ttft_ms", ".0f"),
+                         ("median_tpot_ms", ".1f"), ("p99_tpot_ms", ".1f"), ("request_goodput", ".2f")):
+            s, x = float(sim[key]), float(real[key])
+            diff = "" if key == "slo_attainment" else f" ({rel(s, x)})"
+            cells.append(f"{s:{fmt}} / {x:{fmt}}{diff}")
+        eng = r.get("engine", {}).get("measured_over_predicted")
+        print(f"| {r['policy']} | {r['scale']:g} | {real['request_rate']:.2f} | " + " | ".join(cells)
+              + f" | {eng:.2f} |" if eng else " | n/a |")
+    if args.capacity:
+        print()
+        for policy in sorted({r["policy"] for r in rows}, key=lambda p: POLICY_ORDER.get(p, 9)):
+            c = capacity(prep, policy, lo=2.0, rel_tol=0.02)
+            print(f"simulator capacity {policy}: scale {c.rate_scale:.3f} = {c.request_rate:.2f} req/s ({c.status})")
+
+
+if __name__ == "__main__":
+    main()

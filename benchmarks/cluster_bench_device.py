@@ -15,6 +15,8 @@ printed last. Stays inside --budget-s (a device call's limit).
 
 Replica options go through --replica-arg (split like a shell line), e.g. the profile just
 made: --replica-arg "--profile $OUT/profile_llama-3-8b_h200.json".
+
+Run so far on CPU with tiny replicas only (the 2-GPU run is still to do).
 """
 
 from __future__ import annotations

@@ -166,9 +166,11 @@ def main() -> None:
             summary[policy] = {"capacity_scale": good, "first_failing_scale": bad,
                                "capacity_rate": done[good]["rate"] if good is not None else None}
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
             try:
+                os.killpg(proc.pid, signal.SIGTERM)
                 proc.wait(30)
+            except ProcessLookupError:
+                pass              # the server had already exited
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
             log.close()

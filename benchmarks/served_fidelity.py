@@ -60,8 +60,8 @@ def main() -> None:
             diff = "" if key == "slo_attainment" else f" ({rel(s, x)})"
             cells.append(f"{s:{fmt}} / {x:{fmt}}{diff}")
         eng = r.get("engine", {}).get("measured_over_predicted")
-        print(f"| {r['policy']} | {r['scale']:g} | {real['request_rate']:.2f} | " + " | ".join(cells)
-              + f" | {eng:.2f} |" if eng else " | n/a |")
+        tail = f" | {eng:.2f} |" if eng else " | n/a |"
+        print(f"| {r['policy']} | {r['scale']:g} | {real['request_rate']:.2f} | " + " | ".join(cells) + tail)
     if args.capacity:
         print()
         for policy in sorted({r["policy"] for r in rows}, key=lambda p: POLICY_ORDER.get(p, 9)):

@@ -100,7 +100,8 @@ def register(app: typer.Typer) -> None:
         warmup: Annotated[bool, typer.Option(help="On a GPU, run a few requests before answering /health "
                                              "(compiles kernels outside clients' TTFT).")] = True,
         refit_latency: Annotated[bool, typer.Option(help="Refit the scheduler's step-time model online from the "
-                                                    "steps this engine runs.")] = False,
+                                                    "steps this engine runs (a profile is only as good as "
+                                                    "its host).")] = True,
         engine_thread: Annotated[bool, typer.Option(help="Run the engine on a thread of the server process "
                                                     "instead of its own process (slower under load).")] = False,
     ) -> None:

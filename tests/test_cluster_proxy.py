@@ -369,3 +369,26 @@ def test_commands_user_errors_are_one_line(args, message, monkeypatch) -> None:
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 2, res.output
     assert message in res.output and "Traceback" not in res.output
+
+
+def test_every_stream_is_counted_once_however_the_client_closes(make_cluster) -> None:
+    """Clients that hang up the moment they read [DONE] (as benchmark clients do) are
+    counted as answered; one that leaves mid-stream is a 499."""
+    c = make_cluster(1)
+    c.apps[0].state.mode = "ok"
+    with httpx.Client(base_url=c.router.url, timeout=10) as h:
+        for _ in range(20):
+            with h.stream("POST", "/v1/completions", json={"prompt": [1], "max_tokens": 3, "stream": True}) as r:
+                for line in r.iter_lines():
+                    if line == "data: [DONE]":
+                        break
+        with h.stream("POST", "/v1/completions", json={"prompt": [1], "max_tokens": 400, "stream": True}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data:"):
+                    break
+    ok = f'fairbatch_router:requests_total{{backend="{c.urls[0]}",status="200"}} 20.0'
+    gone = f'fairbatch_router:requests_total{{backend="{c.urls[0]}",status="499"}} 1.0'
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not (ok in c.metrics() and gone in c.metrics()):
+        time.sleep(0.02)
+    assert ok in c.metrics() and gone in c.metrics(), c.metrics()

@@ -678,6 +678,9 @@ def _first_event_with_output(buf: bytes) -> tuple[str, bytes]:
     return "none", b""
 
 
+_DONE = b"data: [DONE]"
+
+
 class _Stream(StreamingResponse):
     """The rest of a started stream: what was held back, then the backend's events as they
     come (whole events only, so that a cut can be reported cleanly); on a backend failure,
@@ -689,6 +692,10 @@ class _Stream(StreamingResponse):
         self._backend = b
         self._resp = resp
         self._released = False
+        # Counted when the response ends, however it ends: a client that hangs up as soon
+        # as it reads [DONE] cancels the body at its last yield, before any code after it.
+        self._saw_done = False
+        self._status: str | None = None
         b.inflight_unstarted -= 1          # it started: no longer queued prefill
         b.inflight_tokens -= prompt_len
         super().__init__(self._body(chunks, held, pending), status_code=200, headers=headers,
@@ -697,22 +704,24 @@ class _Stream(StreamingResponse):
     async def _body(self, chunks: AsyncIterator[bytes], held: bytes, pending: bytes) -> AsyncIterator[bytes]:
         state, b = self._state, self._backend
         if held:
+            self._saw_done |= _DONE in held
             yield held
         try:
             async for c in chunks:
                 pending += c
                 cut = _last_boundary(pending)
                 if cut:
+                    self._saw_done |= _DONE in pending[:cut]
                     yield pending[:cut]
                     pending = pending[cut:]
+            self._saw_done = True
             if pending:
                 yield pending
-            state.metrics.requests.labels(b.url, "200").inc()
         except (httpx.TimeoutException, httpx.TransportError) as e:
             why = _describe(e)
             state.mark_down(b, f"stream broke: {why}")
             state.metrics.midstream_failures.labels(b.url).inc()
-            state.metrics.requests.labels(b.url, "502").inc()
+            self._status = "502"
             msg = (f"backend {b.url} failed after the stream had started ({why}); "
                    f"the output so far cannot be resumed on another backend")
             yield b"data: " + json.dumps(_error_body(502, msg)).encode() + b"\n\n"
@@ -727,3 +736,6 @@ class _Stream(StreamingResponse):
             if not self._released:
                 self._released = True
                 self._backend.inflight -= 1
+                # 499: the client went away before the stream's end
+                status = self._status or ("200" if self._saw_done else "499")
+                self._state.metrics.requests.labels(self._backend.url, status).inc()

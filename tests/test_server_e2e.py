@@ -70,6 +70,7 @@ def test_models_and_health(client, http):
     assert http.get("/health").status_code == 200
     info = http.get("/v1/models").json()["data"][0]
     assert info["max_model_len"] == 2048 and info["fairbatch"]["policy"] == "fairbatching"
+    assert http.get("/profile").json()["kind"] in ("linear", "roofline")   # the scheduler's step-time model
 
 
 def test_completion_non_streaming(client, server):

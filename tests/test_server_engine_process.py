@@ -162,3 +162,10 @@ def test_refit_latency_learns_this_hosts_step_times():
         wait_engine_idle(http)
         text = http.get("/metrics").text
         assert metric(text, "fairbatch:latency_model_refits_total") >= 1
+        # the refitted model, as a profile the simulator loads
+        prof = http.get("/profile").json()
+        assert prof["kind"] == "linear" and prof["meta"]["source"] == "online refit"
+        from fairbatch.latency.profiles import latency_model_from_dict
+        from fairbatch.plan import StepFeatures
+
+        assert latency_model_from_dict(prof).predict(StepFeatures(1, 1, 10, 10)) > 0

@@ -2,7 +2,8 @@
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with SSE
 streaming and ``stream_options.include_usage``), ``GET /v1/models``, ``GET /health``,
-``GET /metrics`` (Prometheus), ``GET /load`` (the scheduler's load estimate, for routers).
+``GET /metrics`` (Prometheus), ``GET /load`` (the scheduler's load estimate, for routers),
+``GET /profile`` (the scheduler's current step-time model, loadable by the simulator).
 
 Robustness rules: every request is validated before it reaches the engine (bad body,
 unknown model, over-long prompt -> 400/404 in OpenAI's error format); a full server
@@ -205,6 +206,14 @@ def build_app(model: ServedModel, *, backend: Any = None, max_pending: int = 409
         out["max_pending"] = engine.max_pending
         out["num_requests_in_server"] = engine.num_active
         return JSONResponse(out)
+
+    @app.get("/profile")
+    async def profile() -> JSONResponse:
+        """The step-time model the scheduler uses now (refitted online when enabled), in
+        `fairbatch profile`'s format: `fairbatch simulate --profile` replays this host."""
+        if engine.latency_profile is None:
+            raise APIError(503, "the engine has not reported its step-time model yet")
+        return JSONResponse(engine.latency_profile)
 
     @app.get("/metrics")
     async def prometheus() -> Response:

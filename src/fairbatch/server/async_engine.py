@@ -73,6 +73,7 @@ class AsyncEngine:
         self._tokens = itertools.count()
         self.num_active = 0
         self.snapshot = EngineSnapshot(num_blocks=model.num_blocks, free_blocks=model.num_blocks)
+        self.latency_profile: dict[str, Any] | None = None   # the scheduler's step-time model
         self._error: str | None = None           # the engine died, and why
         self._started = False
 
@@ -150,6 +151,8 @@ class AsyncEngine:
             self._dispatch(payload)
         elif kind == "snapshot":
             self.snapshot = payload
+        elif kind == "latency":
+            self.latency_profile = payload
         elif kind == "load":
             token, load, error = payload
             fut = self._loads.get(token)

@@ -8,7 +8,8 @@ payload)`` carries its messages back. The engine process (``engine_process``, wh
 tests and embedding) plugs in a deque and ``call_soon_threadsafe``. Everything posted is
 plain picklable data: ``("deltas", [(request_id, Delta), ...])`` once per step, ``("load",
 (token, Load | None, error | None))`` for a load query, ``("snapshot", EngineSnapshot)``
-every few tens of milliseconds.
+every few tens of milliseconds, ``("latency", profile dict)`` at start and after each
+accepted refit of the step-time model.
 
 Time is ``time.perf_counter()``: CLOCK_MONOTONIC on Linux, one clock for every process of
 the host, so the HTTP handler's arrival stamp and the engine's token times compare.
@@ -101,6 +102,7 @@ class EngineLoop:
         """Serve until ``stopping()``; then drop whatever is left (frees its blocks)."""
         inst = self.instance
         last_snapshot = 0.0
+        self.publish_latency_model()
         while not stopping():
             cmds = receive(0.0 if inst.has_work() else self.idle_wait)
             now = clock()
@@ -119,6 +121,7 @@ class EngineLoop:
             if plan is not None and self._online is not None and self._online.observe(plan.features, t - now):
                 self.instance.scheduler.latency_model_changed()
                 self.latency_refits += 1
+                self.publish_latency_model()
             if t - last_snapshot > self.snapshot_every:
                 self.publish_snapshot(t)
                 last_snapshot = t
@@ -206,6 +209,15 @@ class EngineLoop:
                 pass
         if notify and deltas:
             self.post("deltas", deltas)
+
+    def publish_latency_model(self) -> None:
+        """The scheduler's step-time model as a profile (``fairbatch simulate --profile``)."""
+        lat = self.instance.scheduler.latency
+        current = lat.current if isinstance(lat, OnlineLatencyModel) else lat
+        try:
+            self.post("latency", current.to_dict())
+        except Exception:   # noqa: BLE001 - a model without a JSON form: nothing to publish
+            log.debug("latency model %r has no profile form", current)
 
     def publish_snapshot(self, now: float) -> None:
         sched = self.instance.scheduler

@@ -1,5 +1,5 @@
-"""OpenAI-compatible HTTP server on the engine: FastAPI app, thread-stepped async engine,
-Prometheus metrics. ``fairbatch serve`` runs it; ``build_app`` / ``ServerThread`` embed it."""
+"""OpenAI-compatible HTTP server on the engine: FastAPI app, the engine loop in its own
+process (or on a thread), Prometheus metrics. ``fairbatch serve`` runs it; ``build_app`` / ``ServerThread`` embed it."""
 
 from __future__ import annotations
 

@@ -3,9 +3,9 @@
 The engine loop (``engine_loop.EngineLoop``) runs elsewhere, behind a backend: its own
 process (``engine_process.ProcessBackend``, what ``fairbatch serve`` uses, so the GPU
 step never waits on the event loop for the GIL) or a thread of this process
-(``engine_thread.ThreadBackend``). A backend has ``start(loop, on_message)``, ``send(kind,
-payload)``, ``stop()`` (both coroutines), ``alive`` and ``error``; it delivers the engine's messages to
-``on_message`` on the event loop.
+(``engine_thread.ThreadBackend``). A backend has the coroutines ``start(loop, on_message)``
+and ``stop()``, ``send(kind, payload)``, ``alive`` and ``error``; it delivers the engine's
+messages to ``on_message`` on the event loop.
 
 Here: every HTTP request's engine requests form a ``RequestGroup`` with one asyncio
 queue; each step's deltas arrive in one message and fan out to those queues. An abort

@@ -2,7 +2,7 @@
 
 The front end only touches the model through this class: tokenizer (encode / decode / chat
 template), limits (vocabulary, context), building a scheduler ``Request`` from a
-validated prompt, and the ``Instance`` the engine thread steps. Everything here raises
+validated prompt. Everything here raises
 ``ValueError`` with a client-facing message for a bad prompt; the app turns that into 400.
 """
 

@@ -14,7 +14,8 @@ printed last. Stays inside --budget-s (a device call's limit).
         --num 1000 --scales 4 5.6 7.2 --budget-s 560
 
 Replica options go through --replica-arg (split like a shell line), e.g. the profile just
-made: --replica-arg "--profile $OUT/profile_llama-3-8b_h200.json".
+made: --replica-arg "--profile $OUT/profile_llama-3-8b_h200.json" (without one the replicas
+start from the H200 roofline and refit it online, `fairbatch serve`'s default).
 
 Run so far on CPU with tiny replicas only (the 2-GPU run is still to do).
 """
@@ -98,8 +99,7 @@ def bench(url: str, replicas: list[str], args: argparse.Namespace, scale: float,
             rc = "killed at the budget"
     wall = time.monotonic() - t0
     delta = diff(before, counters(url, replicas))
-    # requests each replica finished (its own counter: the router's per-backend count misses
-    # some streams); bench's one warm-up request is in there too
+    # requests each replica finished (its own counter); bench's one warm-up request is in there too
     split = [int(delta["replicas"][u].get("request_success", 0)) for u in replicas]
     if rc != 0 or not path.exists():
         return {"scale": scale, "error": f"bench exited {rc}", "wall_s": wall, "counters": delta, "split": split,

@@ -122,7 +122,9 @@ class EngineLoop:
                 self.instance.scheduler.latency_model_changed()
                 self.latency_refits += 1
                 self.publish_latency_model()
-            if t - last_snapshot > self.snapshot_every:
+            # also at once when the engine just went idle (or a step failed): whoever reads
+            # /metrics after a burst sees its final state, not one up to idle_wait old
+            if t - last_snapshot > self.snapshot_every or not inst.has_work():
                 self.publish_snapshot(t)
                 last_snapshot = t
         self.drop_all("server shutting down", notify=False)

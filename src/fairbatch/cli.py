@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -31,6 +31,16 @@ def _root() -> None:
 def fail(message: str) -> typer.Exit:
     err_console.print(f"[bold red]error:[/] {message}", highlight=False)
     return typer.Exit(2)
+
+
+def listen_or_fail(host: str, port: int) -> Any:
+    """A listening socket on ``host:port`` for a server command, or one clear error line."""
+    from fairbatch.server.runner import bind_socket
+
+    try:
+        return bind_socket(host, port)
+    except OSError as e:
+        raise fail(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 @app.command()

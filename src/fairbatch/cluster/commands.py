@@ -67,10 +67,9 @@ def register(app: typer.Typer) -> None:
         access_log: Annotated[bool, typer.Option(help="Log every HTTP request.")] = False,
     ) -> None:
         """Route OpenAI requests over several servers by their load (streams through, retries, health checks)."""
-        from fairbatch.cli import console, fail
+        from fairbatch.cli import console, fail, listen_or_fail
         from fairbatch.cluster.proxy import build_router_app
         from fairbatch.cluster.routing import make_router
-        from fairbatch.server.runner import bind_socket
 
         try:
             urls = parse_backends(backend)
@@ -78,10 +77,7 @@ def register(app: typer.Typer) -> None:
             cfg = _router_config(poll_interval, poll_timeout)
         except ValueError as e:
             raise fail(str(e)) from None
-        try:
-            sock = bind_socket(host, port)
-        except OSError as e:
-            raise fail(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        sock = listen_or_fail(host, port)
         app_ = build_router_app(urls, r, config=cfg)
         bound = sock.getsockname()[1]
         console.print(f"routing over {len(urls)} backend(s) ({', '.join(urls)}) with [bold]{r.name}[/]"
@@ -114,11 +110,10 @@ def register(app: typer.Typer) -> None:
 
         Options this command does not know are passed to every `fairbatch serve`
         (e.g. --max-model-len 2048 --cpu-threads 1 --set triage=false)."""
-        from fairbatch.cli import console, fail
+        from fairbatch.cli import console, fail, listen_or_fail
         from fairbatch.cluster.launcher import Cluster, ClusterSpec, LaunchError
         from fairbatch.cluster.proxy import build_router_app
         from fairbatch.cluster.routing import make_router
-        from fairbatch.server.runner import bind_socket
 
         serve_args = ["--model", model, "--load-format", load_format, "--policy", policy, *ctx.args]
         if "--port" in ctx.args or "--host" in ctx.args:
@@ -132,10 +127,7 @@ def register(app: typer.Typer) -> None:
             group = Cluster(spec, on_event=lambda m: console.print(m, highlight=False))
         except ValueError as e:
             raise fail(str(e)) from None
-        try:
-            sock = bind_socket(host, port)
-        except OSError as e:
-            raise fail(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        sock = listen_or_fail(host, port)
 
         def stop(signum: int, frame: Any) -> None:
             raise _Stop()

@@ -106,9 +106,9 @@ def register(app: typer.Typer) -> None:
                                                     "instead of its own process (slower under load).")] = False,
     ) -> None:
         """Serve a model with an OpenAI-compatible API (completions, chat, /metrics, /load)."""
-        from fairbatch.cli import console, fail, parse_options
+        from fairbatch.cli import console, fail, listen_or_fail, parse_options
         from fairbatch.server.app import build_app
-        from fairbatch.server.runner import bind_socket, serve_forever
+        from fairbatch.server.runner import serve_forever
 
         if max_pending < 1:
             raise fail("--max-pending must be >= 1")
@@ -116,10 +116,7 @@ def register(app: typer.Typer) -> None:
             options = parse_options(set_option or [])
         except ValueError as e:
             raise fail(str(e)) from None
-        try:
-            sock = bind_socket(host, port)
-        except OSError as e:
-            raise fail(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        sock = listen_or_fail(host, port)
         load_kwargs = dict(
             model=model, policy=policy, ttft_slo=ttft_slo, tpot_slo=tpot_slo, scheduler_options=options,
             max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, max_model_len=max_model_len,

@@ -6,7 +6,8 @@ router's /metrics (requests answered per backend) and each replica's /metrics (f
 requests, engine steps), so each run records how the router split the load (the split in the
 table: requests each replica finished, bench's warm-up request included). Writes few
 files (the device tool returns at most 8 per call): cluster_summary.json with everything
-(every bench result in full), cluster.log, and profile_<model>_<gpu>.json if profiled; the
+(every bench result in full), cluster.log, profile_replica<i>.json (each replica's step-time
+model as refitted while serving, GET /profile) and profile_<model>_<gpu>.json if profiled; the
 bench logs and replica logs stay in --work (their tails go into the summary). A table is
 printed last. Stays inside --budget-s (a device call's limit).
 
@@ -182,6 +183,12 @@ def main() -> None:
             longest = max(longest, row["wall_s"])
             summary["rows"].append(row)
             print(json.dumps({k: v for k, v in row.items() if k not in ("result", "counters")}), flush=True)
+        # each replica's step-time model as refitted while serving: what the simulator's
+        # prediction for this setup should use (`fairbatch simulate --profile`)
+        for i, u in enumerate(replicas):
+            code, body = get(u + "/profile")
+            if code == 200:
+                (args.out / f"profile_replica{i}.json").write_bytes(body)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)

@@ -2,8 +2,9 @@
 requests of a trace with `fairbatch bench` at fixed loads, then narrow each policy's
 capacity with a few more runs (geometric bisection between the highest load that met the
 SLO-attainment target and the lowest that did not). Writes few files (the device tool
-returns at most 8 per call): summary_<policies>.json with every bench result in full, and
-serve_<policy>.log; the bench logs stay in --work. A table is printed last. Stays inside
+returns at most 8 per call): summary_<policies>.json with every bench result in full,
+serve_<policy>.log and profile_<policy>.json (the step-time model the server refitted
+while serving, from GET /profile); the bench logs stay in --work. A table is printed last. Stays inside
 --budget-s (a device call's limit).
 
     PYTHONPATH=src python benchmarks/serve_bench_device.py --policy sarathi --out $OUT \\
@@ -57,6 +58,16 @@ def engine_counters(url: str) -> dict[str, float]:
     return out
 
 
+def save_profile(url: str, path: Path) -> None:
+    """The server's step-time model as refitted while serving (GET /profile), so that
+    `served_fidelity.py --profile` can simulate this host rather than the offline profile."""
+    try:
+        with urllib.request.urlopen(url + "/profile", timeout=10) as r:
+            path.write_bytes(r.read())
+    except OSError as e:
+        print(f"no /profile from {url}: {e}", flush=True)
+
+
 def triton_kernels() -> int:
     root = Path(os.environ.get("TRITON_CACHE_DIR", Path.home() / ".triton" / "cache"))
     return sum(1 for _ in root.glob("*/*.cubin")) if root.is_dir() else 0
@@ -86,6 +97,8 @@ def bench(url: str, args: argparse.Namespace, policy: str, scale: float, work: P
     engine = {"steps": delta["engine_steps"], "step_ms": 1e3 * delta["engine_step_seconds"] / n,
               "measured_over_predicted": delta["engine_step_seconds"] / max(1e-9, delta["engine_step_predicted_seconds"]),
               "busy_over_step": delta["engine_busy_seconds"] / max(1e-9, delta["engine_step_seconds"]),
+              # what the scheduler's deadlines run on: step start to next step start, vs the model
+              "busy_over_predicted": delta["engine_busy_seconds"] / max(1e-9, delta["engine_step_predicted_seconds"]),
               "tokens_per_step": delta["engine_step_tokens"] / n, "new_triton_kernels": triton_kernels() - kernels}
     return {"scale": scale, "result": r, "engine": engine, "rate": r.get("request_rate"), "completed": r["completed"], "failed": r.get("failed", 0),
             "ttft50": r["median_ttft_ms"], "ttft99": r["p99_ttft_ms"], "tpot50": r["median_tpot_ms"],
@@ -161,6 +174,7 @@ def main() -> None:
                     nxt = math.sqrt(good * bad)
                 if nxt is None or not run(round(nxt, 3)):
                     break
+            save_profile(url, args.out / f"profile_{policy}.json")
             good = max((s for s in done if ok(s)), default=None)
             bad = min((s for s in done if not ok(s) and (good is None or s > good)), default=None)
             summary[policy] = {"capacity_scale": good, "first_failing_scale": bad,
@@ -178,7 +192,7 @@ def main() -> None:
                                                                               indent=1))
     print(f"{'policy':13s} {'scale':>6s} {'rate':>6s} {'done':>5s} {'fail':>4s} {'ttft50':>7s} {'ttft99':>7s} "
           f"{'tpot50':>6s} {'tpot99':>6s} {'att':>6s} {'goodput':>7s} {'wall':>5s} {'stepms':>6s} {'meas/pred':>9s} "
-          f"{'busy/step':>9s} {'jit':>4s}")
+          f"{'busy/step':>9s} {'busy/pred':>9s} {'jit':>4s}")
     for r in rows:
         if "error" in r:
             print(f"{r['policy']:13s} {r['scale']:6g} {r['error']}")
@@ -187,6 +201,7 @@ def main() -> None:
               f"{r['ttft50']:7.0f} {r['ttft99']:7.0f} {r['tpot50']:6.1f} {r['tpot99']:6.1f} {r['att']:6.3f} "
               f"{r['goodput']:7.2f} {r['wall_s']:5.0f} {r['engine']['step_ms']:6.1f} "
               f"{r['engine']['measured_over_predicted']:9.2f} {r['engine']['busy_over_step']:9.2f} "
+              f"{r['engine']['busy_over_predicted']:9.2f} "
               f"{r['engine']['new_triton_kernels']:4d}")
     for p, c in summary.items():
         print(f"capacity {p}: scale {c['capacity_scale']} ({c['capacity_rate']} req/s), first failing {c['first_failing_scale']}")

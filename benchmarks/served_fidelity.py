@@ -30,6 +30,8 @@ def main() -> None:
     ap.add_argument("--instances", type=int, default=1)
     ap.add_argument("--router", default="admission")
     ap.add_argument("--capacity", action="store_true", help="also the simulator's capacity per policy")
+    ap.add_argument("--profile", type=Path, help="step-time profile for the simulator (e.g. a served host's "
+                    "GET /profile, as serve_bench_device.py saves it); default: the shipped one")
     args = ap.parse_args()
     rows = []
     for path in args.summaries:
@@ -42,11 +44,13 @@ def main() -> None:
     if len(num) != 1:
         raise SystemExit(f"runs of different sizes: {sorted(num)}")
     n = num.pop()
-    sc = Scenario(num_requests=n, instances=args.instances, router=args.router)
+    sc = Scenario(num_requests=n, instances=args.instances, router=args.router,
+                  profile=str(args.profile) if args.profile else None)
     prep = prepare(sc)
     if args.num_blocks:
         prep = replace(prep, num_blocks=args.num_blocks)
-    print(f"{n} requests of azure-conv, llama-3-8b, KV blocks {prep.num_blocks}; each cell: simulator / real (difference)\n")
+    print(f"{n} requests of azure-conv, llama-3-8b, KV blocks {prep.num_blocks}, step-time profile "
+          f"{args.profile or 'shipped'}; each cell: simulator / real (difference)\n")
     print("| policy | scale | rate req/s | SLO att. | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms "
           "| goodput req/s | step time real / model |")
     print("|---|---|---|---|---|---|---|---|---|---|")

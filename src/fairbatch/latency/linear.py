@@ -83,6 +83,11 @@ class LinearLatencyModel(LatencyModel):
         model.meta["num_samples"] = len(y)
         return model
 
+    def scaled(self, factor: float) -> "LinearLatencyModel":
+        """The same model with every prediction multiplied by ``factor``."""
+        return LinearLatencyModel(self.a * factor, self.b * factor, self.c * factor, self.d * factor,
+                                  self.e * factor, meta=dict(self.meta or {}))
+
     def relative_errors(self, samples: Sequence[tuple[StepFeatures, float]]) -> np.ndarray:
         return np.array([abs(self.predict(f) - t) / t for f, t in samples])
 

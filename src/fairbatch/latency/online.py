@@ -8,6 +8,12 @@ refit is ``LinearLatencyModel.fit`` (non-negative least squares on relative erro
 a window of recent steps, and is accepted only when the window shows both decodes and
 prefill chunks (otherwise the fit could not tell a token's cost from a sequence's) and
 the fit explains the window (median relative error under ``max_rel_error``).
+
+The fit is then calibrated: scaled so that it predicts the window's *total* time. A
+relative-error fit matches the typical step, but deadlines are kept on the wall clock,
+where the long tail (a garbage collection, a big hand-off, a slow host) adds up; a policy
+that spends slack exactly (FairBatching) turns a model 5 % short on average into tokens
+5 % late, which is a missed TPOT SLO for every request it paced at its deadline.
 """
 
 from __future__ import annotations
@@ -84,6 +90,11 @@ class OnlineLatencyModel(LatencyModel):
         except Exception:  # noqa: BLE001 - a degenerate window (scipy may raise): keep the old model
             self.rejected_refits += 1
             return False
+        predicted = sum(model.predict(f) for f, _ in samples)
+        if predicted > 0:
+            bias = sum(t for _, t in samples) / predicted
+            model = model.scaled(bias)
+            model.meta["calibration"] = bias
         err = float(np.median(model.relative_errors(samples)))
         if not math.isfinite(err) or err > self.max_rel_error or model.predict(StepFeatures(1, 1, 1, 1)) <= 0:
             self.rejected_refits += 1

@@ -70,7 +70,8 @@ class EngineSnapshot:
     step_errors: int = 0
     # Cumulative over the steps that ran: measured execution time, the latency model's
     # prediction for the same steps (their ratio is the simulator's fidelity on this host),
-    # wall time of whole loop iterations (scheduling and hand-off included), new tokens.
+    # wall time from each step's start to the next one's (scheduling, hand-off and new
+    # commands included; to the end of its hand-off when the engine then went idle), new tokens.
     step_seconds: float = 0.0
     step_predicted_seconds: float = 0.0
     busy_seconds: float = 0.0
@@ -103,9 +104,16 @@ class EngineLoop:
         inst = self.instance
         last_snapshot = 0.0
         self.publish_latency_model()
+        # The last step, until the next one starts: what a step costs the requests waiting
+        # on it runs from its start to the next step's start (scheduling, execution,
+        # hand-off, taking in new commands), and deadlines are kept on that clock.
+        pending: tuple[StepPlan, float] | None = None
         while not stopping():
             cmds = receive(0.0 if inst.has_work() else self.idle_wait)
             now = clock()
+            if pending is not None:
+                self.account(pending[0], now - pending[1])
+                pending = None
             if cmds:
                 self.apply(cmds, now)
             if not inst.has_work():
@@ -115,13 +123,11 @@ class EngineLoop:
                 continue
             plan = self.step(now)
             t = clock()
-            self.busy_seconds += t - now
-            # A refit sees whole iterations (scheduling and hand-off included): deadlines are
-            # kept in wall time, so that is what a step costs the requests waiting on it.
-            if plan is not None and self._online is not None and self._online.observe(plan.features, t - now):
-                self.instance.scheduler.latency_model_changed()
-                self.latency_refits += 1
-                self.publish_latency_model()
+            if plan is not None:
+                if inst.has_work():
+                    pending = (plan, now)
+                else:
+                    self.account(plan, t - now)     # going idle: the wait is no cost of this step
             # also at once when the engine just went idle (or a step failed): whoever reads
             # /metrics after a burst sees its final state, not one up to idle_wait old
             if t - last_snapshot > self.snapshot_every or not inst.has_work():
@@ -129,6 +135,15 @@ class EngineLoop:
                 last_snapshot = t
         self.drop_all("server shutting down", notify=False)
         self.publish_snapshot(clock())
+
+    def account(self, plan: StepPlan, seconds: float) -> None:
+        """A step's whole cost on the wall clock, once known: into the busy counter and, with
+        an online step-time model, into its refit window."""
+        self.busy_seconds += seconds
+        if self._online is not None and self._online.observe(plan.features, seconds):
+            self.instance.scheduler.latency_model_changed()
+            self.latency_refits += 1
+            self.publish_latency_model()
 
     def apply(self, cmds: list[Command], now: float) -> None:
         inst = self.instance

@@ -178,8 +178,8 @@ class _StateCollector(Collector):
                     ("engine_step_seconds", "Measured execution time of the engine's steps.", snap.step_seconds),
                     ("engine_step_predicted_seconds", "The scheduler's latency model's prediction for the same "
                      "steps (divide the two for the model's error on this host).", snap.step_predicted_seconds),
-                    ("engine_busy_seconds", "Wall time of engine loop iterations that ran a step "
-                     "(scheduling and output hand-off included).", snap.busy_seconds),
+                    ("engine_busy_seconds", "Wall time from each step's start to the next step's start "
+                     "(scheduling, output hand-off and new requests included).", snap.busy_seconds),
                     ("engine_step_tokens", "Tokens computed by engine steps (prefill and decode).", snap.step_tokens),
                     ("latency_model_refits", "Accepted online refits of the step-time model (--refit-latency).",
                      snap.latency_refits)):

@@ -188,7 +188,7 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
             log.close()
-    (args.out / f"summary_{'_'.join(args.policy)}.json").write_text(json.dumps({"rows": rows, "capacity": summary},
+    (args.out / f"summary_{'_'.join(args.policy)}.json").write_text(json.dumps({"rows": rows, "capacity": summary, "serve_args": args.serve_arg},
                                                                               indent=1))
     print(f"{'policy':13s} {'scale':>6s} {'rate':>6s} {'done':>5s} {'fail':>4s} {'ttft50':>7s} {'ttft99':>7s} "
           f"{'tpot50':>6s} {'tpot99':>6s} {'att':>6s} {'goodput':>7s} {'wall':>5s} {'stepms':>6s} {'meas/pred':>9s} "

@@ -14,6 +14,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+from fairbatch.cli import parse_options
 from fairbatch.sim.experiment import Scenario, capacity, prepare, run_policy
 
 POLICY_ORDER = {"vllm": 0, "sarathi": 1, "fairbatching": 2}
@@ -32,6 +33,9 @@ def main() -> None:
     ap.add_argument("--capacity", action="store_true", help="also the simulator's capacity per policy")
     ap.add_argument("--profile", type=Path, help="step-time profile for the simulator (e.g. a served host's "
                     "GET /profile, as serve_bench_device.py saves it); default: the shipped one")
+    ap.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                    help="scheduler option for the simulator, as the served runs had it (e.g. tpot_margin=0.1, "
+                         "`fairbatch serve`'s default since 2026-11-22)")
     args = ap.parse_args()
     rows = []
     for path in args.summaries:
@@ -45,12 +49,12 @@ def main() -> None:
         raise SystemExit(f"runs of different sizes: {sorted(num)}")
     n = num.pop()
     sc = Scenario(num_requests=n, instances=args.instances, router=args.router,
-                  profile=str(args.profile) if args.profile else None)
+                  profile=str(args.profile) if args.profile else None, scheduler=parse_options(args.options))
     prep = prepare(sc)
     if args.num_blocks:
         prep = replace(prep, num_blocks=args.num_blocks)
     print(f"{n} requests of azure-conv, llama-3-8b, KV blocks {prep.num_blocks}, step-time profile "
-          f"{args.profile or 'shipped'}; each cell: simulator / real (difference)\n")
+          f"{args.profile or 'shipped'}, options {sc.scheduler or 'none'}; each cell: simulator / real (difference)\n")
     print("| policy | scale | rate req/s | SLO att. | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms "
           "| goodput req/s | step time real / model |")
     print("|---|---|---|---|---|---|---|---|---|---|")

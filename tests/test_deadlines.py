@@ -77,3 +77,33 @@ def test_set_arrival_moves_the_first_deadline():
     assert r.deadline == pytest.approx(100.6)     # TPOT-safe: the first token came early
     with pytest.raises(ValueError):
         r.set_arrival(200.0)
+
+
+def test_pace_spaces_deadlines_inside_the_slo() -> None:
+    r = Request("a", 10.0, 100, 5, SLO(2.0, 0.1))
+    r.set_pace(0.09)
+    assert r.next_deadline() == pytest.approx(12.0)   # the first token's deadline is the TTFT's
+    r.record_token(10.5)
+    assert r.next_deadline() == pytest.approx(10.59)
+    assert r.token_deadline(3) == pytest.approx(10.77)
+    assert r.slo.tpot == 0.1                          # the SLO it is judged by is unchanged
+    with pytest.raises(ValueError, match="once tokens exist"):
+        r.set_pace(0.08)
+
+
+def test_fairbatching_paces_with_its_margin() -> None:
+    from fairbatch.kv import BlockAllocator
+    from fairbatch.latency.linear import LinearLatencyModel
+    from fairbatch.scheduler import SchedulerConfig, make_scheduler
+
+    model = LinearLatencyModel(0.005, 1e-5)
+    fb = make_scheduler("fairbatching", SchedulerConfig(tpot_margin=0.2), BlockAllocator(100, 16), model)
+    r = Request("a", 0.0, 32, 4, SLO(1.0, 0.05))
+    fb.add(r, 0.0)
+    assert r.pace == pytest.approx(0.04)
+    plain = make_scheduler("fairbatching", SchedulerConfig(), BlockAllocator(100, 16), model)
+    q = Request("b", 0.0, 32, 4, SLO(1.0, 0.05))
+    plain.add(q, 0.0)
+    assert q.pace == 0.05
+    with pytest.raises(ValueError, match="tpot_margin"):
+        make_scheduler("fairbatching", SchedulerConfig(tpot_margin=1.0), BlockAllocator(100, 16), model)

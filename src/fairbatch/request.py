@@ -61,7 +61,7 @@ class Request:
         "request_id", "arrival", "prompt_len", "max_new_tokens", "slo", "deadline_rule",
         "prompt_token_ids", "output_token_ids", "sampling", "priority",
         "state", "num_computed", "generated", "first_token_time", "token_times",
-        "finish_time", "finish_reason", "num_preemptions", "_safe", "_tpot", "deadline", "kv_slots", "ttft_missed",
+        "finish_time", "finish_reason", "num_preemptions", "_safe", "pace", "deadline", "kv_slots", "ttft_missed",
         "admitted_at", "user_data",
     )
 
@@ -91,7 +91,9 @@ class Request:
         self.slo = slo
         self.deadline_rule = DeadlineRule(deadline_rule)
         self._safe = self.deadline_rule is DeadlineRule.TPOT_SAFE
-        self._tpot = slo.tpot
+        # interval between successive tokens' deadlines: the SLO's TPOT, or less where a
+        # policy paces with a safety margin (set_pace); the SLO itself is unchanged
+        self.pace = slo.tpot
         self.prompt_token_ids = prompt_token_ids
         self.output_token_ids: list[int] = []
         self.sampling = sampling          # engine-side sampling parameters (opaque here)
@@ -120,6 +122,16 @@ class Request:
         self.arrival = float(arrival)
         self.deadline = self.arrival + self.slo.ttft
 
+    def set_pace(self, interval: float) -> None:
+        """Space this request's token deadlines ``interval`` apart instead of its TPOT SLO
+        (a policy's safety margin). Only before its first token: the deadlines after it are
+        kept incrementally from the pace."""
+        if self.generated:
+            raise ValueError(f"request {self.request_id}: pace cannot change once tokens exist")
+        if not interval > 0:
+            raise ValueError(f"request {self.request_id}: pace must be positive, got {interval}")
+        self.pace = float(interval)
+
     @property
     def num_tokens(self) -> int:
         return self.prompt_len + self.generated
@@ -144,10 +156,10 @@ class Request:
         return self.arrival + self.slo.ttft + self.slo.tpot * j
 
     def token_deadline(self, j: int) -> float:
-        """Deadline of output token j under this request's rule."""
-        d = self.arrival + self.slo.ttft + self.slo.tpot * j
+        """Deadline of output token j under this request's rule (and pace)."""
+        d = self.arrival + self.slo.ttft + self.pace * j
         if self._safe and self.first_token_time is not None:
-            safe = self.first_token_time + self.slo.tpot * j
+            safe = self.first_token_time + self.pace * j
             if safe < d:
                 return safe
         return d
@@ -158,7 +170,7 @@ class Request:
     # --- events -------------------------------------------------------------------------
     def record_token(self, now: float, token_id: int | None = None) -> None:
         """An output token was produced at ``now``. Runs once per token in every substrate,
-        so it keeps the next deadline incrementally: ``d(j) = base + tpot*j`` where
+        so it keeps the next deadline incrementally: ``d(j) = base + pace*j`` where
         ``base`` is ``arrival + ttft`` (envelope), or ``min(arrival + ttft,
         first_token_time)`` (TPOT-safe), fixed once the first token exists."""
         if self.generated == 0:
@@ -166,9 +178,9 @@ class Request:
             env0 = self.deadline                     # arrival + ttft
             self.ttft_missed = now > env0
             base = now if (self._safe and now < env0) else env0
-            self.deadline = base + self._tpot
+            self.deadline = base + self.pace
         else:
-            self.deadline += self._tpot
+            self.deadline += self.pace
         self.generated += 1
         self.token_times.append(now)
         if token_id is not None:

@@ -38,6 +38,9 @@ class SchedulerConfig:
     # ...until they have waited this many times their TTFT (inf: only when nothing else fits)
     late_deadline_factor: float = float("inf")
     failed_decode_gap: float = 4.0       # ...but get a token at least every this many TPOTs
+    # pace tokens this fraction inside the TPOT SLO: room for steps that overrun the
+    # step-time model, which FairBatching (filling every step to its deadline) has none of
+    tpot_margin: float = 0.0
     min_chunk: int = 16                  # smallest prefill chunk worth a step
     chunk_align: int = 16                # round prefill chunks down to a multiple of this
     # default SLO for requests that carry none (seconds)

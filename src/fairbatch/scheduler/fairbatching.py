@@ -17,6 +17,9 @@ left until its next one. Each step:
    (rounded down to ``chunk_align``, at least ``min_chunk`` unless it finishes the
    prompt); (c) the remaining decodes, by slack, while the step stays within ``T``.
    If nothing fits, one ``min_chunk`` prefill runs so the instance always progresses.
+   With ``tpot_margin`` m > 0, requests are paced at ``(1 - m) * tpot``
+   (``Request.set_pace``): the margin absorbs steps that overrun the model, where pacing
+   at the SLO itself leaves requests exactly on it.
 3. **Preemption** (recompute) when KV runs out: the running request with the most
    slack that is not in this step, and only if it has more slack than the one waiting
    for the blocks.
@@ -53,6 +56,8 @@ class FairBatchingScheduler(Scheduler):
 
     def __init__(self, config, allocator, latency_model) -> None:
         super().__init__(config, allocator, latency_model)
+        if not 0.0 <= config.tpot_margin < 1.0:
+            raise ValueError(f"tpot_margin must be in [0, 1), got {config.tpot_margin}")
         self._heap: list[tuple[float, int, Request]] = []   # (next deadline, seq, request)
         self._seq = count()
         self._late: list[tuple[float, int, Request]] = []   # prompts past TTFT: (relaxed deadline, seq, req)
@@ -68,6 +73,9 @@ class FairBatchingScheduler(Scheduler):
 
     # --- waiting heap ----------------------------------------------------------------------
     def add(self, req: Request, now: float) -> None:
+        m = self.config.tpot_margin
+        if m and not req.generated:
+            req.set_pace(req.slo.tpot * (1.0 - m))
         super().add(req, now)
         heapq.heappush(self._heap, (req.next_deadline(), next(self._seq), req))
 
@@ -105,7 +113,7 @@ class FairBatchingScheduler(Scheduler):
                 decodes.append(req)
                 if req.deadline < min_deadline:
                     min_deadline = req.deadline
-                tpot = req.slo.tpot
+                tpot = req.pace
                 if tpot < min_tpot:
                     min_tpot = tpot
                 if tpot > max_tpot:
@@ -113,7 +121,7 @@ class FairBatchingScheduler(Scheduler):
             else:
                 partials.append(req)
 
-        # Time budget: the tightest decode's slack, but at least its TPOT (a step shorter
+        # Time budget: the tightest decode's slack, but at least its pace (a step shorter
         # than that buys little and costs the weight read of a whole extra step).
         if decodes:
             T = min_deadline - now
@@ -133,8 +141,8 @@ class FairBatchingScheduler(Scheduler):
             rest = [r for r in decodes if r.deadline >= lim] if len(urgent) < len(decodes) else []
         else:
             lim = now + T
-            urgent = [r for r in decodes if r.deadline < lim + r.slo.tpot]
-            rest = [r for r in decodes if r.deadline >= lim + r.slo.tpot]
+            urgent = [r for r in decodes if r.deadline < lim + r.pace]
+            rest = [r for r in decodes if r.deadline >= lim + r.pace]
         if urgent:
             urgent.sort(key=_by_deadline)
             self._add_decodes(urgent, plan, _INF, token_cap)
@@ -314,8 +322,8 @@ class FairBatchingScheduler(Scheduler):
         for r in self.running:
             if r.generated > 0 and r.num_computed >= r.prompt_len:
                 f.add(r.num_computed, 1)
-                if r.slo.tpot < min_tpot:
-                    min_tpot = r.slo.tpot
+                if r.pace < min_tpot:
+                    min_tpot = r.pace
         busy = self.latency.predict(f) / min_tpot if f.num_seqs else 0.0
         free_frac = max(0.0, 1.0 - busy)
         compute_tokens = free_frac * cfg.ttft_slo * self._prefill_rate

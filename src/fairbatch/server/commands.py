@@ -102,6 +102,10 @@ def register(app: typer.Typer) -> None:
         refit_latency: Annotated[bool, typer.Option(help="Refit the scheduler's step-time model online from the "
                                                     "steps this engine runs (a profile is only as good as "
                                                     "its host).")] = True,
+        tpot_margin: Annotated[float, typer.Option(help="FairBatching paces tokens this fraction inside the TPOT "
+                                                   "SLO: room for steps that overrun the step-time model "
+                                                   "(a real engine's do; the simulator's do not, its "
+                                                   "default is 0).")] = 0.1,
         engine_thread: Annotated[bool, typer.Option(help="Run the engine on a thread of the server process "
                                                     "instead of its own process (slower under load).")] = False,
     ) -> None:
@@ -116,6 +120,9 @@ def register(app: typer.Typer) -> None:
             options = parse_options(set_option or [])
         except ValueError as e:
             raise fail(str(e)) from None
+        if not 0.0 <= tpot_margin < 1.0:
+            raise fail("--tpot-margin must be in [0, 1)")
+        options.setdefault("tpot_margin", tpot_margin)
         sock = listen_or_fail(host, port)
         load_kwargs = dict(
             model=model, policy=policy, ttft_slo=ttft_slo, tpot_slo=tpot_slo, scheduler_options=options,

@@ -42,6 +42,8 @@ def main() -> None:
         d = json.loads(path.read_text())
         for r in d.get("rows", []):
             if "result" in r:
+                # cluster_bench_device.py names the policy once, in its arguments
+                r.setdefault("policy", d.get("args", {}).get("policy"))
                 rows.append(r)
     rows.sort(key=lambda r: (POLICY_ORDER.get(r["policy"], 9), r["scale"]))
     num = {r["result"]["completed"] + r["result"].get("failed", 0) for r in rows}

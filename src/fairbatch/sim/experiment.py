@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
 from fairbatch.cluster.routing import make_router
-from fairbatch.instance import Instance
+from fairbatch.instance import Executor, Instance
 from fairbatch.kv import BlockAllocator
 from fairbatch.latency.base import LatencyModel
 from fairbatch.latency.profiles import load_latency_model
@@ -138,7 +138,10 @@ def prepare(sc: Scenario) -> Prepared:
 
 
 def run_policy(prep: Prepared, policy: str, rate_scale: float = 1.0,
-               progress: Callable[[int], None] | None = None) -> RunResult:
+               progress: Callable[[int], None] | None = None,
+               make_executor: Callable[[LatencyModel, int], Executor] | None = None) -> RunResult:
+    """One simulation. ``make_executor(model, k)`` builds instance k's executor (default:
+    steps take exactly what the model predicts)."""
     sc = prep.scenario
     entries = scale_rate(prep.entries, rate_scale) if rate_scale != 1.0 else prep.entries
     requests = make_requests(entries, prep.slos, deadline_rule=DeadlineRule(sc.deadline_rule))
@@ -146,7 +149,8 @@ def run_policy(prep: Prepared, policy: str, rate_scale: float = 1.0,
     for k in range(sc.instances):
         cfg = replace(prep.config)
         sched = make_scheduler(policy, cfg, BlockAllocator(prep.num_blocks, 16), prep.latency)
-        instances.append(Instance(sched, SimExecutor(prep.latency), name=f"instance-{k}"))
+        executor = make_executor(prep.latency, k) if make_executor else SimExecutor(prep.latency)
+        instances.append(Instance(sched, executor, name=f"instance-{k}"))
     router = make_router(sc.router) if sc.instances > 1 else None
     outcome = simulate(requests, instances, router, load_interval=sc.load_interval, progress=progress)
     summary = summarize([record_from_request(r) for r in outcome.requests])

@@ -97,6 +97,25 @@ def test_bench_50_requests_end_to_end(server, trace50, tmp_path):
     assert load["free_blocks"] == load["num_blocks"]
 
 
+def test_bench_workers_share_the_schedule(server, trace50, tmp_path):
+    """Several client processes: every request sent once, at its own arrival, with its
+    exact length, and the records back in the trace's order."""
+    path, prompts, outputs = trace50
+    out = tmp_path / "result.json"
+    r = runner.invoke(cli, ["bench", "--base-url", server.url, "--trace", str(path), "--num-prompts", "50",
+                            "--workers", "3", "--save-result", str(out), "--save-detailed"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert res["completed"] == 50 and res["failed"] == 0
+    assert res["input_lens"] == prompts and res["output_lens"] == outputs
+    assert [len(x) for x in res["itls"]] == [o - 1 for o in outputs]
+    # the trace spans ~1.5 s: three processes starting together keep its pace
+    assert res["duration"] < 30
+    bad = runner.invoke(cli, ["bench", "--base-url", server.url, "--trace", str(path), "--workers", "2",
+                              "--max-concurrency", "4"])
+    assert bad.exit_code != 0 and "--max-concurrency" in bad.output
+
+
 def test_bench_json_comparable_with_simulator(server, trace50, tmp_path):
     from fairbatch.sim.experiment import Scenario, run_policy
     from fairbatch.sim.experiment import prepare as sim_prepare

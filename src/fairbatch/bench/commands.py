@@ -57,7 +57,9 @@ def register(app: typer.Typer) -> None:
         capacity_lo: Annotated[float, typer.Option(help="First rate scale the capacity search tries.")] = 1.0,
         capacity_hi: Annotated[Optional[float], typer.Option(help="Upper rate scale of the capacity search (default: doubling).")] = None,
         rel_tol: Annotated[float, typer.Option(help="Capacity search stops when the bracket is this tight (ratio).")] = 0.05,
-        max_concurrency: Annotated[Optional[int], typer.Option(help="At most this many requests in flight.")] = None,
+        max_concurrency: Annotated[Optional[int], typer.Option(help="At most this many requests in flight (with --workers 1).")] = None,
+        workers: Annotated[int, typer.Option(help="Client processes sharing the schedule: one reads ~7,000 streamed "
+                                             "tokens/s at most, beyond which the client sets TTFT.")] = 1,
         max_model_len: Annotated[Optional[int], typer.Option(help="Truncate requests to this context (default: the server's).")] = None,
         send_slo: Annotated[bool, typer.Option(help="Send each request's SLO in its body (fairbatch servers use it).")] = True,
         extra_body: Annotated[Optional[str], typer.Option(help="JSON object merged into every request body.")] = None,
@@ -104,7 +106,7 @@ def register(app: typer.Typer) -> None:
             burstiness=burstiness, ttft_slo=gp.get("ttft", ttft_slo if ttft_slo is not None else 1.0),
             tpot_slo=gp.get("tpot", tpot_slo if tpot_slo is not None else 0.05), slo_classes=slo_classes,
             max_model_len=max_model_len, max_concurrency=max_concurrency, send_slo=send_slo, seed=seed,
-            timeout=timeout, label=label, extra_body=body)
+            timeout=timeout, label=label, extra_body=body, workers=workers)
         try:
             wl = prepare(cfg)
             run_bench(cfg, wl, search_capacity=search_capacity, target=target, lo=capacity_lo,

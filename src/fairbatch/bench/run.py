@@ -15,7 +15,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -65,6 +65,9 @@ class BenchConfig:
     label: str | None = None
     extra_body: dict[str, Any] = field(default_factory=dict)
     warmup: bool = True                          # one request before the run (checks the server, too)
+    # client processes: one Python event loop reads ~7,000 streamed tokens/s at most
+    # (~140 us each), beyond which the client, not the server, sets TTFT
+    workers: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -115,6 +118,10 @@ def prepare(cfg: BenchConfig) -> Workload:
         raise BenchError("--rate-scale must be a positive number")
     if cfg.max_concurrency is not None and cfg.max_concurrency < 1:
         raise BenchError("--max-concurrency must be >= 1")
+    if cfg.workers < 1:
+        raise BenchError("--workers must be >= 1")
+    if cfg.workers > 1 and cfg.max_concurrency is not None:
+        raise BenchError("--max-concurrency limits one client process: use it with --workers 1")
     if not (cfg.ttft_slo > 0 and cfg.tpot_slo > 0):
         raise BenchError("SLOs must be positive")
 
@@ -167,21 +174,32 @@ def _rate(entries: list[TraceEntry]) -> float:
     return mean_rate(entries)
 
 
+async def _warmup(client: httpx.AsyncClient, url: str, cfg: BenchConfig, model: str, like: BenchRequest) -> None:
+    """One short request before the run: checks the server and warms its connection."""
+    probe = BenchRequest("warmup", 0.0, like.prompt_ids[:16] or [1], 2, like.slo)
+    rec = await send_request(client, url, probe, make_payload(probe, model, send_slo=cfg.send_slo,
+                                                              ignore_eos=cfg.ignore_eos, extra_body=cfg.extra_body))
+    if not rec.success:
+        raise BenchError(f"the test request to {url} failed: {rec.error}")
+
+
+async def _warmup_alone(cfg: BenchConfig, wl: Workload) -> None:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(cfg.timeout, connect=min(60.0, cfg.timeout))) as client:
+        await _warmup(client, _url(cfg.base_url, cfg.endpoint), cfg, wl.model, wl.requests[0])
+
+
 async def _run_async(cfg: BenchConfig, wl: Workload, rate_scale: float,
-                     on_done: Callable[[RequestRecord], None] | None) -> tuple[list[RequestRecord], float]:
+                     on_done: Callable[[RequestRecord], None] | None, *, warmup: bool = True,
+                     start: float | None = None) -> tuple[list[RequestRecord], float]:
+    """Send ``wl.requests`` at ``start + arrival / rate_scale`` (``start``: now, or a
+    ``perf_counter`` time shared with other client processes: CLOCK_MONOTONIC, host-wide)."""
     url = _url(cfg.base_url, cfg.endpoint)
     limits = httpx.Limits(max_connections=cfg.max_concurrency, max_keepalive_connections=cfg.max_concurrency or 512)
     timeout = httpx.Timeout(cfg.timeout, connect=min(60.0, cfg.timeout))
     sem = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
     async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
-        if cfg.warmup:
-            w = wl.requests[0]
-            probe = BenchRequest("warmup", 0.0, w.prompt_ids[:16] or [1], 2, w.slo)
-            rec = await send_request(client, url, probe, make_payload(probe, wl.model, send_slo=cfg.send_slo,
-                                                                      ignore_eos=cfg.ignore_eos,
-                                                                      extra_body=cfg.extra_body))
-            if not rec.success:
-                raise BenchError(f"the test request to {url} failed: {rec.error}")
+        if warmup and cfg.warmup:
+            await _warmup(client, url, cfg, wl.model, wl.requests[0])
 
         async def one(req: BenchRequest) -> RequestRecord:
             payload = make_payload(req, wl.model, send_slo=cfg.send_slo, ignore_eos=cfg.ignore_eos,
@@ -196,7 +214,8 @@ async def _run_async(cfg: BenchConfig, wl: Workload, rate_scale: float,
             return rec
 
         tasks = []
-        start = time.perf_counter()
+        if start is None:
+            start = time.perf_counter()
         for req in wl.requests:
             due = start + req.arrival / rate_scale
             delay = due - time.perf_counter()
@@ -208,10 +227,51 @@ async def _run_async(cfg: BenchConfig, wl: Workload, rate_scale: float,
     return records, duration
 
 
+def _worker(cfg: BenchConfig, wl: Workload, rate_scale: float, start: float) -> list[RequestRecord]:
+    return asyncio.run(_run_async(cfg, wl, rate_scale, None, warmup=False, start=start))[0]
+
+
+def _ready() -> None:
+    time.sleep(0.2)   # long enough that each process of the pool takes one
+
+
+def _run_workers(cfg: BenchConfig, wl: Workload, rate_scale: float,
+                 on_done: Callable[[RequestRecord], None] | None) -> tuple[list[RequestRecord], float]:
+    """The same schedule from ``cfg.workers`` client processes: request i goes to process
+    i mod workers, each sends its share at the shared start + arrival, and the records
+    come back in the original order."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    if cfg.warmup:     # here, once: it checks the server before any process starts
+        asyncio.run(_warmup_alone(cfg, wl))
+    k = cfg.workers
+    with ProcessPoolExecutor(k, mp_context=mp.get_context("spawn")) as pool:
+        for f in [pool.submit(_ready) for _ in range(k)]:
+            f.result()     # every process is up (and has imported this module) before the clock starts
+        start = time.perf_counter() + 0.2
+        futures = {pool.submit(_worker, cfg, replace(wl, requests=wl.requests[i::k], entries=[]), rate_scale,
+                               start): i for i in range(k) if wl.requests[i::k]}
+        parts: dict[int, list[RequestRecord]] = {}
+        for f in as_completed(futures):
+            parts[futures[f]] = f.result()
+            if on_done is not None:
+                for rec in parts[futures[f]]:
+                    on_done(rec)
+    duration = time.perf_counter() - start
+    records: list[RequestRecord] = [None] * len(wl.requests)   # type: ignore[list-item]
+    for i, part in parts.items():
+        records[i::k] = part
+    return records, duration
+
+
 def run_once(cfg: BenchConfig, wl: Workload, rate_scale: float = 1.0,
              on_done: Callable[[RequestRecord], None] | None = None) -> RunOutcome:
     """Replay the workload once with arrivals compressed by ``rate_scale``."""
-    records, duration = asyncio.run(_run_async(cfg, wl, rate_scale, on_done))
+    if cfg.workers > 1:
+        records, duration = _run_workers(cfg, wl, rate_scale, on_done)
+    else:
+        records, duration = asyncio.run(_run_async(cfg, wl, rate_scale, on_done))
     summary = summarize(records, duration=duration)
     rate = wl.base_rate * rate_scale
     summary["request_rate"] = rate if math.isfinite(rate) else "inf"

@@ -90,7 +90,7 @@ def bench(url: str, replicas: list[str], args: argparse.Namespace, scale: float,
     path.unlink(missing_ok=True)
     cmd = FB + ["bench", "--base-url", url, "--model", args.model, "--trace", "azure-conv", "--num-prompts",
                 str(args.num), "--rate-scale", f"{scale:g}", "--label", f"{args.policy}+{args.router}",
-                "--no-save-detailed", "--save-result", str(path)]
+                "--no-save-detailed", "--save-result", str(path), "--workers", str(args.bench_workers)]
     before = counters(url, replicas)
     t0 = time.monotonic()
     with open(log, "w") as f:
@@ -126,6 +126,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/fairbatch-cluster-work"))
     ap.add_argument("--profile-gpu", action="store_true", help="first run `fairbatch profile --quick` on GPU 0")
     ap.add_argument("--gpu-name", default="h200", help="GPU name in the profile's file name")
+    ap.add_argument("--router-workers", type=int, default=1, help="`fairbatch cluster --router-workers`")
+    ap.add_argument("--bench-workers", type=int, default=1, help="`fairbatch bench --workers`")
     ap.add_argument("--replica-arg", action="append", default=[],
                     help="extra `fairbatch serve` arguments for every replica (split like a shell line)")
     args = ap.parse_args()
@@ -154,7 +156,8 @@ def main() -> None:
     with open(clog_path, "w") as clog:
         proc = subprocess.Popen(FB + ["cluster", "--model", args.model, "--load-format", "dummy", "--replicas", "2",
                                       "--launcher", "local", "--policy", args.policy, "--router", args.router,
-                                      "--port", str(args.port), "--log-level", "warning", "--start-timeout",
+                                      "--port", str(args.port), "--log-level", "warning",
+                                      "--router-workers", str(args.router_workers), "--start-timeout",
                                       f"{max(30.0, end - t0 - 60):.0f}", "--log-dir", str(args.work / "replicas"),
                                       *replica_args],
                                 stdout=clog, stderr=subprocess.STDOUT, start_new_session=True,

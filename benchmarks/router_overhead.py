@@ -84,13 +84,28 @@ def wait_up(url: str, timeout: float = 30) -> None:
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU time of ``pid`` and its live child processes (a multi-worker router's workers)."""
+    total = 0.0
+    for p in [pid, *_children(pid)]:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
 
 
 def bench(url: str, args: argparse.Namespace, scale: float, out: Path) -> dict:
     cmd = FB + ["bench", "--base-url", url, "--model", "llama-3-8b", "--trace", "azure-conv", "--num-prompts",
-                str(args.num), "--rate-scale", f"{scale:g}", "--no-save-detailed", "--save-result", str(out)]
+                str(args.num), "--rate-scale", f"{scale:g}", "--no-save-detailed", "--save-result", str(out),
+                "--workers", str(args.bench_workers)]
     done = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"bench against {url} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
@@ -106,6 +121,8 @@ def main() -> None:
     ap.add_argument("--ttft-ms", type=float, default=50.0)
     ap.add_argument("--itl-ms", type=float, default=15.0)
     ap.add_argument("--port", type=int, default=9300)
+    ap.add_argument("--router-workers", type=int, default=1, help="`fairbatch route --workers`")
+    ap.add_argument("--bench-workers", type=int, default=1, help="`fairbatch bench --workers`")
     args = ap.parse_args()
     if args.serve_fake:
         import uvicorn
@@ -122,7 +139,8 @@ def main() -> None:
                                            str(args.ttft_ms), "--itl-ms", str(args.itl_ms)]))
             urls.append(f"http://127.0.0.1:{port}")
         router = subprocess.Popen(FB + ["route", *sum((["--backend", u] for u in urls), []), "--port",
-                                        str(args.port), "--log-level", "warning"])
+                                        str(args.port), "--log-level", "warning", "--workers",
+                                        str(args.router_workers)])
         procs.append(router)
         for u in urls + [f"http://127.0.0.1:{args.port}"]:
             wait_up(u)
@@ -141,10 +159,9 @@ def main() -> None:
                   f"{via['median_ttft_ms']:11.0f} / {direct['median_ttft_ms']:<9.0f} "
                   f"{via['p99_ttft_ms']:11.0f} / {direct['p99_ttft_ms']:<9.0f} {1e6 * cpu / tokens:21.0f}")
     finally:
-        for p in reversed(procs):      # the router first: no "backend down" warnings at teardown
+        for p in reversed(procs):      # the router (and its workers) first: no "backend down" warnings
             p.terminate()
-        for p in procs:
-            p.wait(10)
+            p.wait(15)
 
 
 if __name__ == "__main__":

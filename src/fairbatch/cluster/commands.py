@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import logging
 import signal
 import sys
 from typing import Annotated, Any, Optional
@@ -13,6 +12,8 @@ import typer
 from fairbatch.cluster.routing import router_names
 
 ROUTER_HELP = f"Routing policy: {', '.join(router_names())}; options as NAME:count_sent=false."
+WORKERS_HELP = ("Router processes sharing the port: one forwards ~5,000-7,000 streamed tokens/s before new "
+                "requests queue behind the forwarding (docs/CLUSTER.md).")
 
 
 class _Stop(Exception):
@@ -46,12 +47,6 @@ def _router_config(poll_interval: float, poll_timeout: float):
     return RouterConfig(poll_interval=poll_interval, poll_timeout=poll_timeout)
 
 
-def _serve_router(app: Any, sock: Any, log_level: str, access_log: bool) -> None:
-    from fairbatch.server.runner import serve_forever
-
-    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
-                        format="%(levelname)s %(name)s: %(message)s")
-    serve_forever(app, sock, log_level=log_level, access_log=access_log)
 
 
 def register(app: typer.Typer) -> None:
@@ -65,25 +60,28 @@ def register(app: typer.Typer) -> None:
         poll_timeout: Annotated[float, typer.Option(help="A poll slower than this marks the backend unhealthy, seconds.")] = 2.0,
         log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
         access_log: Annotated[bool, typer.Option(help="Log every HTTP request.")] = False,
+        workers: Annotated[int, typer.Option(help=WORKERS_HELP)] = 1,
     ) -> None:
         """Route OpenAI requests over several servers by their load (streams through, retries, health checks)."""
         from fairbatch.cli import console, fail, listen_or_fail
-        from fairbatch.cluster.proxy import build_router_app
+        from fairbatch.cluster.router_workers import serve_router
         from fairbatch.cluster.routing import make_router
 
         try:
             urls = parse_backends(backend)
             r = make_router(router)
             cfg = _router_config(poll_interval, poll_timeout)
+            if workers < 1:
+                raise ValueError("--workers must be >= 1")
         except ValueError as e:
             raise fail(str(e)) from None
         sock = listen_or_fail(host, port)
-        app_ = build_router_app(urls, r, config=cfg)
         bound = sock.getsockname()[1]
         console.print(f"routing over {len(urls)} backend(s) ({', '.join(urls)}) with [bold]{r.name}[/]"
                       f"{'' if r.count_sent or not r.uses_load else ' (no sent-since-poll accounting)'} "
-                      f"on http://{host}:{bound}", highlight=False)
-        _serve_router(app_, sock, log_level, access_log)
+                      f"on http://{host}:{bound}{f' ({workers} worker processes)' if workers > 1 else ''}",
+                      highlight=False)
+        serve_router(urls, router, cfg, sock, workers=workers, log_level=log_level, access_log=access_log)
 
     @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
     def cluster(
@@ -105,6 +103,7 @@ def register(app: typer.Typer) -> None:
         poll_interval: Annotated[float, typer.Option(help="Seconds between polls of each replica's /load.")] = 0.05,
         poll_timeout: Annotated[float, typer.Option(help="A poll slower than this marks the replica unhealthy, seconds.")] = 2.0,
         log_level: Annotated[str, typer.Option(help="Log level of the router.")] = "info",
+        router_workers: Annotated[int, typer.Option(help=WORKERS_HELP)] = 1,
     ) -> None:
         """Start replicas of `fairbatch serve` (one per GPU, with Ray) and the router in front of them.
 
@@ -112,7 +111,7 @@ def register(app: typer.Typer) -> None:
         (e.g. --max-model-len 2048 --cpu-threads 1 --set triage=false)."""
         from fairbatch.cli import console, fail, listen_or_fail
         from fairbatch.cluster.launcher import Cluster, ClusterSpec, LaunchError
-        from fairbatch.cluster.proxy import build_router_app
+        from fairbatch.cluster.router_workers import serve_router
         from fairbatch.cluster.routing import make_router
 
         serve_args = ["--model", model, "--load-format", load_format, "--policy", policy, *ctx.args]
@@ -121,6 +120,8 @@ def register(app: typer.Typer) -> None:
         try:
             r = make_router(router)
             cfg = _router_config(poll_interval, poll_timeout)
+            if router_workers < 1:
+                raise ValueError("--router-workers must be >= 1")
             spec = ClusterSpec(replicas=replicas, serve_args=serve_args, launcher=launcher, address=address,
                                device=device, cpus_per_replica=cpus_per_replica, replica_host=replica_host,
                                start_timeout=start_timeout, log_dir=log_dir)
@@ -143,11 +144,11 @@ def register(app: typer.Typer) -> None:
                 where = f"GPU {','.join(info.gpus)}" if info.gpus else "CPU"
                 console.print(f"  replica {i}: {info.url} (pid {info.pid}, {info.node}, {where}; log {info.log})",
                               highlight=False)
-            app_ = build_router_app([i.url for i in infos], r, config=cfg, backend_meta=[i.meta() for i in infos])
             bound = sock.getsockname()[1]
             console.print(f"routing over {len(infos)} replica(s) with [bold]{r.name}[/] on http://{host}:{bound}",
                           highlight=False)
-            _serve_router(app_, sock, log_level, False)
+            serve_router([i.url for i in infos], router, cfg, sock, workers=router_workers,
+                         backend_meta=[i.meta() for i in infos], log_level=log_level)
         except (_Stop, KeyboardInterrupt):
             pass
         except LaunchError as e:

@@ -32,6 +32,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 import re
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -211,9 +212,19 @@ class RouterMetrics:
             p + "time_to_first_output_seconds", "From the request's arrival to its first output forwarded "
             "(streaming) or its whole answer (non-streaming), retries included.",
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0), registry=r)
-        self.registry.register(_BackendCollector(state, p))
+        self._backends = _BackendCollector(state, p)
+        self.registry.register(self._backends)
 
     def render(self) -> bytes:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            # several router workers (router_workers.py): counters and histograms summed
+            # over all of them from their shared files, the backend gauges from this one
+            from prometheus_client import multiprocess
+
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            registry.register(self._backends)
+            return generate_latest(registry)
         return generate_latest(self.registry)
 
 

@@ -392,3 +392,54 @@ def test_every_stream_is_counted_once_however_the_client_closes(make_cluster) ->
     while time.monotonic() < deadline and not (ok in c.metrics() and gone in c.metrics()):
         time.sleep(0.02)
     assert ok in c.metrics() and gone in c.metrics(), c.metrics()
+
+
+def test_router_workers_share_the_port_and_sum_their_counters() -> None:
+    """`fairbatch route --workers 3`: several processes answer on one port, /metrics on any
+    of them counts every request once, and SIGTERM stops them all."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    servers = [ServerThread(fake_backend(f"b{i}"), log_level="critical").start() for i in range(2)]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-c", "from fairbatch.cli import main; main()", "route",
+                             "--backend", servers[0].url, "--backend", servers[1].url, "--port", str(port),
+                             "--workers", "3", "--poll-interval", "0.02", "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "COLUMNS": "200"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        else:
+            raise AssertionError("router did not come up")
+        n = 24
+        for i in range(n):
+            # a new connection each time, so the kernel spreads them over the workers
+            r = httpx.post(url + "/v1/completions", json={"model": "fake", "prompt": [1, 2, 3], "max_tokens": 3,
+                                                          "stream": i % 2 == 0}, timeout=20)
+            assert r.status_code == 200, r.text
+        for _ in range(6):
+            text = httpx.get(url + "/metrics", timeout=5).text
+            counted = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                          if line.startswith("fairbatch_router:requests_total{"))
+            assert counted == n
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        for s in servers:
+            s.stop()
+    assert proc.returncode == 0, out
+    assert "3 worker processes" in out
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(url + "/health", timeout=2)

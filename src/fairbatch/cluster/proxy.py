@@ -47,6 +47,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from fairbatch.cluster.router_workers import MULTIPROC_ENV
 from fairbatch.cluster.routing import Router, empty_load, load_from_json, make_router
 from fairbatch.scheduler.base import Load
 
@@ -216,7 +217,7 @@ class RouterMetrics:
         self.registry.register(self._backends)
 
     def render(self) -> bytes:
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        if os.environ.get(MULTIPROC_ENV):
             # several router workers (router_workers.py): counters and histograms summed
             # over all of them from their shared files, the backend gauges from this one
             from prometheus_client import multiprocess

@@ -55,21 +55,3 @@ def test_fairbatching_cuts_burst_ttft_at_equal_tpot_attainment() -> None:
 def test_scenario_completes(policy: str) -> None:
     decodes, burst = run(policy)
     assert all(r.generated == r.max_new_tokens for r in decodes + burst)
-
-
-def _first_admitted(**opts) -> str:
-    """Two waiting prompts, room for one: 'late' can no longer make its TTFT, 'fresh' can."""
-    cfg = SchedulerConfig(max_model_len=4096, max_num_batched_tokens=500, **opts)
-    sched = make_scheduler("fairbatching", cfg, BlockAllocator(1000), MODEL)
-    sched.add(Request("late", 0.0, 500, 5, SLO(1.0, 0.05)), 0.0)
-    sched.add(Request("fresh", 9.9, 500, 5, SLO(1.0, 0.05)), 9.9)
-    plan = sched.schedule(10.0)
-    assert len(plan.chunks) == 1
-    return plan.chunks[0][0].request_id
-
-
-def test_triage_serves_prompts_that_can_still_make_their_ttft_first() -> None:
-    assert _first_admitted() == "fresh"
-    assert _first_admitted(triage=False) == "late"            # plain EDF: oldest deadline first
-    assert _first_admitted(late_deadline_factor=5.0) == "late"   # waited 10 TTFTs > 5: its turn
-    assert _first_admitted(late_deadline_factor=20.0) == "fresh"

@@ -10,7 +10,7 @@ from fairbatch.instance import Instance
 from fairbatch.kv import BlockAllocator
 from fairbatch.latency.linear import LinearLatencyModel
 from fairbatch.plan import StepFeatures, StepPlan, StepResult
-from fairbatch.request import SLO, Request
+from fairbatch.request import SLO, Request, RequestState
 from fairbatch.scheduler import SchedulerConfig, make_scheduler, policy_names
 from fairbatch.sim import SimExecutor, simulate
 
@@ -72,10 +72,14 @@ workloads = st.lists(
 
 @pytest.mark.parametrize("policy", policy_names())
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(spec=workloads, num_blocks=st.integers(32, 200), budget=st.sampled_from([64, 256, 2048]))
-def test_policy_invariants(policy: str, spec, num_blocks: int, budget: int) -> None:
+@given(spec=workloads, num_blocks=st.integers(32, 200), budget=st.sampled_from([64, 256, 2048]),
+       late=st.sampled_from(["serve", "relegate", "reject"]))
+def test_policy_invariants(policy: str, spec, num_blocks: int, budget: int, late: str) -> None:
+    """Under every ``late`` mode: nothing starves (every request not refused finishes with
+    all its tokens), a refused request never produced a token and holds no KV, and no
+    block leaks."""
     cfg = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=16, max_model_len=512,
-                          chunk_size=min(budget, 256) if policy == "sarathi" else None)
+                          chunk_size=min(budget, 256) if policy == "sarathi" else None, late=late)
     alloc = BlockAllocator(num_blocks, 16)
     sched = make_scheduler(policy, cfg, alloc, MODEL)
     ex = CheckingExecutor(MODEL, sched)
@@ -83,7 +87,16 @@ def test_policy_invariants(policy: str, spec, num_blocks: int, budget: int) -> N
     fits = [r for r in reqs if alloc.blocks_for(r.prompt_len + r.max_new_tokens) <= num_blocks]
     out = simulate(fits, [Instance(sched, ex)])
     assert out.unfinished == 0, "a request waited forever"
+    refused = [r for r in fits if r.state is RequestState.REJECTED]
+    if late != "reject":
+        assert not refused
+    for r in refused:
+        assert r.generated == 0 and r.finish_reason == "rejected"
+        assert alloc.num_allocated(r.request_id) == 0
+    assert sched.stats.rejected == len(refused)
     for r in fits:
+        if r.state is RequestState.REJECTED:
+            continue
         assert r.generated == r.max_new_tokens
         assert len(r.token_times) == r.generated
         assert list(r.token_times) == sorted(r.token_times)

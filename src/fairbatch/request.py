@@ -48,6 +48,10 @@ class RequestState(str, Enum):
     RUNNING = "running"      # admitted: holds KV blocks
     FINISHED = "finished"
     ABORTED = "aborted"
+    REJECTED = "rejected"    # refused by the scheduler: could not meet its SLO (``late=reject``)
+
+
+_DONE = frozenset({RequestState.FINISHED, RequestState.ABORTED, RequestState.REJECTED})
 
 
 class Request:
@@ -62,7 +66,7 @@ class Request:
         "prompt_token_ids", "output_token_ids", "sampling", "priority",
         "state", "num_computed", "generated", "first_token_time", "token_times",
         "finish_time", "finish_reason", "num_preemptions", "_safe", "pace", "deadline", "kv_slots", "ttft_missed",
-        "admitted_at", "user_data",
+        "admitted_at", "user_data", "relegated", "late_check",
     )
 
     def __init__(
@@ -104,12 +108,14 @@ class Request:
         self.first_token_time: float | None = None
         self.token_times = array("d")     # time of every output token, in order
         self.finish_time: float | None = None
-        self.finish_reason: str | None = None   # "length" | "stop" | "abort"
+        self.finish_reason: str | None = None   # "length" | "stop" | "abort" | "rejected"
         self.num_preemptions = 0
         self.deadline = self.arrival + slo.ttft   # of the next output token (kept current)
         self.kv_slots = 0                 # tokens its KV blocks can hold (kept by the scheduler)
         self.ttft_missed = False          # first token came after arrival + ttft
         self.admitted_at = -1             # admission sequence number (policies' FCFS order)
+        self.relegated = False            # behind every request that can still meet its SLO
+        self.late_check = float("inf")    # when the scheduler next checks it can meet its TTFT
         self.user_data: Any = None        # whatever the substrate wants to attach
 
     # --- token accounting -------------------------------------------------------------
@@ -148,7 +154,7 @@ class Request:
 
     @property
     def finished(self) -> bool:
-        return self.state is RequestState.FINISHED or self.state is RequestState.ABORTED
+        return self.state in _DONE
 
     # --- deadlines ----------------------------------------------------------------------
     def envelope_deadline(self, j: int) -> float:

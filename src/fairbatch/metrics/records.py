@@ -20,6 +20,8 @@ from fairbatch.request import Request, RequestState
 
 FloatArray = npt.NDArray[np.float64]
 
+REJECTED = "rejected"   # the error of a request the scheduler refused (late=reject, HTTP 429)
+
 
 def _empty() -> FloatArray:
     return np.zeros(0, dtype=np.float64)
@@ -45,8 +47,13 @@ class RequestRecord:
     token_times: FloatArray = field(default_factory=_empty)  # every output token's time
     finish_time: float | None = None
     success: bool = True
-    error: str | None = None
+    error: str | None = None              # REJECTED for a request the server refused (429)
     num_preemptions: int = 0
+    relegated: bool = False               # put behind the requests on time (late=relegate|reject)
+
+    @property
+    def rejected(self) -> bool:
+        return self.error == REJECTED
 
     @property
     def ttft(self) -> float | None:
@@ -116,6 +123,8 @@ def record_from_request(req: Request) -> RequestRecord:
     finished = req.state is RequestState.FINISHED and req.finish_reason != "abort"
     if finished:
         error = None
+    elif req.state is RequestState.REJECTED:
+        error = REJECTED
     elif req.state is RequestState.ABORTED or req.finish_reason == "abort":
         error = "aborted"
     else:
@@ -134,4 +143,5 @@ def record_from_request(req: Request) -> RequestRecord:
         success=finished,
         error=error,
         num_preemptions=req.num_preemptions,
+        relegated=req.relegated,
     )

@@ -14,6 +14,9 @@ the result dict built in ``benchmark()``):
 - ``max_output_tokens_per_s`` (output tokens in 1-s buckets from the first successful
   start) and ``max_concurrent_requests`` (sweep over half-open [start, end)).
 
+Latency distributions (TTFT, TPOT, ITL, E2E) are over *served* requests: a refused or
+failed request has none. Attainments count every request sent.
+
 Left out on purpose: the per-request lists (``ttfts``, ``itls``, ``input_lens``, ...), the
 ASR-only ``rtfx``, and run metadata (``request_rate``, ``burstiness``, ``date``...) which
 the caller adds. Ours on top: ``slo_attainment`` etc. and ``per_class``.
@@ -48,7 +51,7 @@ VLLM_HEAD_KEYS: tuple[str, ...] = (
 )
 SLO_KEYS: tuple[str, ...] = (
     "slo_attainment", "envelope_attainment", "ttft_attainment", "tpot_attainment",
-    "mean_preemptions",
+    "mean_preemptions", "rejected", "relegated",
 )
 
 
@@ -77,6 +80,8 @@ class _Columns:
     ttft_slo: F64
     tpot_slo: F64
     success: B
+    rejected: B
+    relegated: B
     preemptions: F64
     cls: npt.NDArray[np.str_]
     ttft: F64              # NaN where no first token
@@ -135,6 +140,8 @@ def _columns(records: Sequence[RequestRecord]) -> _Columns:
         ttft_slo=ttft_slo,
         tpot_slo=tpot_slo,
         success=success,
+        rejected=np.fromiter((r.rejected for r in records), np.bool_, n),
+        relegated=np.fromiter((r.relegated for r in records), np.bool_, n),
         preemptions=np.fromiter((r.num_preemptions for r in records), np.float64, n),
         cls=np.array([r.slo_class for r in records], dtype=np.str_),
         ttft=ttft, e2e=e2e, tpot=tpot, end=end,
@@ -227,6 +234,8 @@ def _summarize_sel(
         "ttft_attainment": frac(ttft_ok),
         "tpot_attainment": frac(tpot_ok),
         "mean_preemptions": float(c.preemptions[sel].mean()) if n else 0.0,
+        "rejected": int((sel & c.rejected).sum()),       # refused: SLO misses, in the denominator
+        "relegated": int((sel & c.relegated).sum()),
     }
     return out
 

@@ -1,22 +1,26 @@
 """The Scheduler interface, the mechanics every policy shares, and the policy registry.
 
 Shared mechanics: the waiting queue and running list, KV allocation through the
-BlockAllocator, recompute preemption, and the bookkeeping after a step. A policy only
-decides which tokens run this step (``schedule``). Nothing here reads a clock: ``now``
-is always given, so the simulator and the engine drive the same objects.
+BlockAllocator, recompute preemption, late-request handling (``late.py``: relegation and
+rejection, the same for every policy) and the bookkeeping after a step. A policy only
+decides which tokens run this step (``_form``). Nothing here reads a clock: ``now`` is
+always given, so the simulator and the engine drive the same objects.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+import heapq
 from collections import deque
 from dataclasses import dataclass, asdict
+from itertools import count
 from typing import ClassVar
 
 from fairbatch.kv import BlockAllocator
 from fairbatch.latency.base import LatencyModel
 from fairbatch.plan import StepPlan, StepResult
 from fairbatch.request import Request, RequestState
+from fairbatch.scheduler.late import Late, latest_start
 
 
 @dataclass
@@ -33,11 +37,13 @@ class SchedulerConfig:
     time_budget_min: float = 0.010       # T_min, seconds
     time_budget_max: float = 0.250       # T_max, seconds
     time_budget_rule: str = "max-slack-tpot"  # T = max(min slack, min tpot); or "min-slack"
-    triage: bool = True                  # requests that already missed their SLO go last
-    triage_lookahead: bool = True        # ...and prompts that cannot finish prefill in time
-    # ...until they have waited this many times their TTFT (inf: only when nothing else fits)
+    # every policy: what happens to requests that can no longer meet their SLO (late.py):
+    # "serve" (in the policy's order), "relegate" (behind everyone on time), "reject"
+    late: str = "serve"
+    # relegated prompts compete again once they have waited this many times their TTFT
+    # (inf: only when no prompt that can still make its TTFT is waiting)
     late_deadline_factor: float = float("inf")
-    failed_decode_gap: float = 4.0       # ...but get a token at least every this many TPOTs
+    failed_decode_gap: float = 4.0       # relegated decodes get a token at least every this many TPOTs
     # pace tokens this fraction inside the TPOT SLO: room for steps that overrun the
     # step-time model, which FairBatching (filling every step to its deadline) has none of
     tpot_margin: float = 0.0
@@ -49,6 +55,12 @@ class SchedulerConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def validate(self) -> None:
+        """Raise ValueError on values no policy can run with."""
+        Late.parse(self.late)
+        if not (self.late_deadline_factor > 0 and self.failed_decode_gap > 0):
+            raise ValueError("late_deadline_factor and failed_decode_gap must be positive")
 
 
 @dataclass(slots=True)
@@ -75,6 +87,8 @@ class SchedulerStats:
     preemptions: int = 0
     finished: int = 0
     aborted: int = 0
+    rejected: int = 0       # refused: could not meet their TTFT (late=reject)
+    relegated: int = 0      # requests put behind the ones on time (late=relegate|reject)
 
 
 class Scheduler(ABC):
@@ -86,11 +100,18 @@ class Scheduler(ABC):
         self.config = config
         self.allocator = allocator
         self.latency = latency_model
+        config.validate()
         self.waiting: deque[Request] = deque()   # FCFS; preempted requests go to the front
         self.running: list[Request] = []         # in admission order
         self.stats = SchedulerStats()
         self._by_id: dict[str, Request] = {}
         self._admissions = 0
+        # late-request handling, shared by every policy (late.py)
+        self.late = Late.parse(config.late)
+        self.relegated: deque[Request] = deque()  # waiting prompts that cannot make their TTFT
+        self._late_watch: list[tuple[float, int, Request]] = []   # (latest start, seq, request)
+        self._late_seq = count()
+        self._rejected: list[Request] = []        # refused since the host last asked
 
     # --- interface -------------------------------------------------------------------------
     def add(self, req: Request, now: float) -> None:
@@ -109,6 +130,13 @@ class Scheduler(ABC):
                 f"({self.allocator.num_blocks} blocks of {self.allocator.block_size})")
         req.state = RequestState.WAITING
         self._by_id[req.request_id] = req
+        if self.late is not Late.SERVE and self._watch(req, now):
+            return   # refused or relegated at arrival
+        self._enqueue(req)
+
+    def _enqueue(self, req: Request) -> None:
+        """Queue a waiting request that can still meet its SLO (policies with their own
+        order extend this)."""
         self.waiting.append(req)
 
     def abort(self, request_id: str, now: float) -> Request | None:
@@ -119,10 +147,7 @@ class Scheduler(ABC):
         if req.state is RequestState.RUNNING:
             self.running.remove(req)
         else:
-            try:
-                self.waiting.remove(req)
-            except ValueError:
-                pass
+            self._unqueue(req)
         self.allocator.free(request_id)
         req.kv_slots = 0
         req.state = RequestState.ABORTED
@@ -131,9 +156,89 @@ class Scheduler(ABC):
         self.stats.aborted += 1
         return req
 
-    @abstractmethod
     def schedule(self, now: float) -> StepPlan:
-        """Choose the chunks of the next step. Allocates their KV blocks."""
+        """Choose the chunks of the next step. Allocates their KV blocks. Requests refused
+        before it (``late=reject``) are handed out by ``take_rejected``."""
+        if self.late is not Late.SERVE:
+            self._sweep_late(now)
+        return self._form(now)
+
+    @abstractmethod
+    def _form(self, now: float) -> StepPlan:
+        """The policy: which chunks run in the step that starts at ``now``."""
+
+    def take_rejected(self) -> list[Request]:
+        """Requests refused since the last call (``late=reject``); they hold nothing."""
+        out, self._rejected = self._rejected, []
+        return out
+
+    # --- late requests (late.py) -----------------------------------------------------------
+    def _watch(self, req: Request, now: float) -> bool:
+        """Give up on ``req`` now if it cannot meet its TTFT, else remember when to look
+        again. Returns True if it was given up on."""
+        t = latest_start(self.latency, req)
+        if t < now:
+            self._give_up(req, now)
+            return True
+        req.late_check = t
+        heapq.heappush(self._late_watch, (t, next(self._late_seq), req))
+        return False
+
+    def _sweep_late(self, now: float) -> None:
+        """Find the prompts that can no longer meet their TTFT: each is looked at when its
+        latest start passes (a heap), so a step costs O(log n) per request it finds."""
+        watch = self._late_watch
+        while watch and watch[0][0] < now:
+            t, _, req = heapq.heappop(watch)
+            if req.generated or req.relegated or req.late_check != t or req.state not in _WATCHED:
+                continue   # first token out, already given up on, re-watched or gone
+            self._watch(req, now)   # a partial prefill's remainder may still fit: look again
+        relegated = self.relegated
+        factor = self.config.late_deadline_factor
+        if relegated and factor != float("inf"):
+            head = relegated[0]
+            if head.arrival + factor * head.slo.ttft < now:   # waited long enough: compete again
+                relegated.popleft()
+                head.relegated = False
+                self._requeue_front(head)
+
+    def _give_up(self, req: Request, now: float) -> None:
+        """``req`` cannot meet its TTFT: refuse it (reject) or put it behind everyone on
+        time (relegate). A request streaming tokens is never refused."""
+        if self.late is Late.REJECT and req.generated == 0:
+            if req.state is RequestState.RUNNING:
+                self.running.remove(req)
+            elif req.state is RequestState.WAITING:
+                self._unqueue(req)
+            self.allocator.free(req.request_id)
+            req.kv_slots = 0
+            req.state = RequestState.REJECTED
+            req.finish_reason = "rejected"
+            req.finish_time = now
+            self._by_id.pop(req.request_id, None)
+            self._rejected.append(req)
+            self.stats.rejected += 1
+            return
+        req.relegated = True
+        self.stats.relegated += 1
+        if req.state is RequestState.WAITING:
+            self._unqueue(req)
+            self.relegated.append(req)
+
+    def _unqueue(self, req: Request) -> None:
+        """Take a waiting request out of the queues (policies with their own structures
+        may drop it lazily)."""
+        try:
+            self.waiting.remove(req)
+        except ValueError:
+            try:
+                self.relegated.remove(req)
+            except ValueError:
+                pass
+
+    def _requeue_front(self, req: Request) -> None:
+        """A relegated prompt competes again, ahead of the on-time queue (it is the oldest)."""
+        self.waiting.appendleft(req)
 
     def on_step_end(self, plan: StepPlan, result: StepResult, now: float) -> list[Request]:
         """Advance every scheduled request; returns those that finished (blocks freed)."""
@@ -141,6 +246,7 @@ class Scheduler(ABC):
         token_ids = result.token_ids
         stopped = result.stopped
         running = RequestState.RUNNING
+        relegate = self.late is not Late.SERVE
         for req, k in plan.chunks:
             if req.state is not running:
                 continue  # aborted while the step ran
@@ -159,6 +265,9 @@ class Scheduler(ABC):
                 if req.generated >= req.max_new_tokens:
                     req.finish_reason = "length"
                     finished.append(req)
+                elif req.generated == 1 and req.ttft_missed and relegate and not req.relegated:
+                    req.relegated = True      # its SLO is lost: best effort from here on
+                    self.stats.relegated += 1
         if finished:
             for req in finished:
                 self._finish(req, now)
@@ -171,10 +280,11 @@ class Scheduler(ABC):
 
     def load(self, now: float) -> Load:
         queued = sum(r.prompt_len + r.generated - r.num_computed for r in self.waiting)
+        queued += sum(r.prompt_len + r.generated - r.num_computed for r in self.relegated)
         queued += sum(r.prompt_len - r.num_computed for r in self.running if r.num_computed < r.prompt_len)
         a = self.allocator
         return Load(
-            running=len(self.running), waiting=len(self.waiting), kv_usage=a.usage,
+            running=len(self.running), waiting=self.num_waiting, kv_usage=a.usage,
             free_blocks=a.num_free, num_blocks=a.num_blocks, queued_prefill_tokens=queued,
             admission_budget=self.admission_budget(now, queued), time=now)
 
@@ -186,7 +296,11 @@ class Scheduler(ABC):
 
     # --- queries ---------------------------------------------------------------------------
     def has_work(self) -> bool:
-        return bool(self.running or self.waiting)
+        return bool(self.running or self.waiting or self.relegated)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting) + len(self.relegated)
 
     def get(self, request_id: str) -> Request | None:
         return self._by_id.get(request_id)
@@ -211,18 +325,18 @@ class Scheduler(ABC):
         """Admit waiting requests in queue order, each chunked to what is left of the token
         budget, until the budget, the sequence limit or the KV cache runs out. Returns the
         budget left."""
-        waiting = self.waiting
         max_seqs = self.config.max_num_seqs
-        while waiting and budget > 0 and len(self.running) < max_seqs:
-            req = waiting[0]
-            c = req.num_computed
-            k = min(req.prompt_len + req.generated - c, budget)
-            if not self._grow(req, c + k):
-                break
-            waiting.popleft()
-            self._admit(req)
-            plan.add(req, k)
-            budget -= k
+        for waiting in (self.waiting, self.relegated):   # on-time prompts first
+            while waiting and budget > 0 and len(self.running) < max_seqs:
+                req = waiting[0]
+                c = req.num_computed
+                k = min(req.prompt_len + req.generated - c, budget)
+                if not self._grow(req, c + k):
+                    return budget
+                waiting.popleft()
+                self._admit(req)
+                plan.add(req, k)
+                budget -= k
         return budget
 
     def _admit(self, req: Request) -> None:
@@ -237,9 +351,23 @@ class Scheduler(ABC):
         self.running.remove(req)
         self.allocator.free(req.request_id)
         req.reset_for_recompute()
-        self.waiting.appendleft(req)
+        if req.relegated and not req.generated:
+            self.relegated.appendleft(req)    # a relegated prompt stays behind the on-time ones
+        else:
+            self.waiting.appendleft(req)
         plan.preempted.append(req)
         self.stats.preemptions += 1
+
+    def _victim(self, scheduled: int) -> Request:
+        """Whom FCFS policies preempt when KV runs out, among ``running[scheduled:]`` (the
+        ones not yet in this step): the newest relegated request, else the newest request
+        (vLLM's choice)."""
+        running = self.running
+        if self.late is not Late.SERVE:
+            for i in range(len(running) - 1, scheduled - 1, -1):
+                if running[i].relegated:
+                    return running[i]
+        return running[-1]
 
     def _finish(self, req: Request, now: float) -> None:
         req.state = RequestState.FINISHED
@@ -249,6 +377,9 @@ class Scheduler(ABC):
         req.kv_slots = 0
         self._by_id.pop(req.request_id, None)
         self.stats.finished += 1
+
+
+_WATCHED = frozenset({RequestState.WAITING, RequestState.RUNNING})
 
 
 # --- registry -------------------------------------------------------------------------------

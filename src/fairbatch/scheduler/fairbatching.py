@@ -3,19 +3,18 @@
 Every request has per-token deadlines (``Request.token_deadline``); ``slack`` is the time
 left until its next one. Each step:
 
-1. **Time budget** ``T = min slack of running decodes`` (so the step ends before the
-   tightest deadline), clamped to ``[time_budget_min, time_budget_max]``; ``T_max`` with
-   no decodes. (``time_budget_rule="max-slack-tpot"``: DESIGN.md's ``max(min slack, min
-   tpot)``.)
+1. **Time budget** ``T = max(min slack, min pace)`` over running decodes (a step shorter
+   than one token interval buys little and costs a whole weight read), clamped to
+   ``[time_budget_min, time_budget_max]``; ``T_max`` with no decodes.
+   (``time_budget_rule="min-slack"``: ``T = min slack``, measured worse: ALGORITHM.md.)
 2. **Formation** under ``T`` (predicted by the latency model, evaluated incrementally):
-   (a) *urgent* decodes, those whose deadline falls before the step after this one could
-   end (``slack < T + t_next``, ``t_next`` = the all-decodes step, at least ``T_min``; with
-   ``urgency_horizon="tpot"``: ``slack < T + tpot``), by slack; always scheduled, even past
-   ``T`` (the floor that
-   keeps running requests on their envelope); (b) prefills, partial ones then waiting
-   ones, each by slack, each given the largest chunk that keeps the step within ``T``
-   (rounded down to ``chunk_align``, at least ``min_chunk`` unless it finishes the
-   prompt); (c) the remaining decodes, by slack, while the step stays within ``T``.
+   (a) *urgent* decodes, those whose deadline falls before ``now + T + pace``, by
+   deadline; always scheduled, even past ``T`` (the floor that keeps running requests on
+   their envelope); (b) prefills, partial ones then waiting ones, each by deadline, each
+   given the largest chunk that keeps the step within ``T`` (rounded down to
+   ``chunk_align``, at least ``min_chunk`` unless it finishes the prompt); (c) the
+   remaining decodes, by deadline, while the step stays within ``T``; (d) with ``late``
+   set, the decodes of relegated requests last (late.py, shared by every policy).
    If nothing fits, one ``min_chunk`` prefill runs so the instance always progresses.
    With ``tpot_margin`` m > 0, requests are paced at ``(1 - m) * tpot``
    (``Request.set_pace``): the margin absorbs steps that overrun the model, where pacing
@@ -39,6 +38,7 @@ from operator import attrgetter
 from fairbatch.plan import StepFeatures, StepPlan
 from fairbatch.request import Request, RequestState
 from fairbatch.scheduler.base import Scheduler, register_policy
+from fairbatch.scheduler.late import Late
 
 _INF = float("inf")
 
@@ -60,7 +60,6 @@ class FairBatchingScheduler(Scheduler):
             raise ValueError(f"tpot_margin must be in [0, 1), got {config.tpot_margin}")
         self._heap: list[tuple[float, int, Request]] = []   # (next deadline, seq, request)
         self._seq = count()
-        self._late: list[tuple[float, int, Request]] = []   # prompts past TTFT: (relaxed deadline, seq, req)
         self._step_now = 0.0
         self.latency_model_changed()
 
@@ -77,21 +76,25 @@ class FairBatchingScheduler(Scheduler):
         if m and not req.generated:
             req.set_pace(req.slo.tpot * (1.0 - m))
         super().add(req, now)
+
+    def _enqueue(self, req: Request) -> None:
+        super()._enqueue(req)
+        heapq.heappush(self._heap, (req.next_deadline(), next(self._seq), req))
+
+    def _requeue_front(self, req: Request) -> None:
+        super()._requeue_front(req)
         heapq.heappush(self._heap, (req.next_deadline(), next(self._seq), req))
 
     def _preempt(self, req: Request, plan: StepPlan) -> None:
         super()._preempt(req, plan)
-        heapq.heappush(self._heap, (req.next_deadline(), next(self._seq), req))
-
-    def _admit_waiting(self, req: Request) -> None:
-        self.waiting.remove(req)
-        self._admit(req)
+        if not (req.relegated and not req.generated):
+            heapq.heappush(self._heap, (req.next_deadline(), next(self._seq), req))
 
     # --- batch formation -------------------------------------------------------------------
-    def schedule(self, now: float) -> StepPlan:
+    def _form(self, now: float) -> StepPlan:
         cfg = self.config
         model = self.latency
-        triage = cfg.triage
+        relegate = self.late is not Late.SERVE
         self._step_now = now
 
         # Classify running requests in one pass (this loop is the hot path).
@@ -100,11 +103,11 @@ class FairBatchingScheduler(Scheduler):
         failed: list[Request] = []
         min_deadline = min_tpot = _INF
         max_tpot = 0.0
-        stale = now - cfg.failed_decode_gap * cfg.tpot_slo
+        gap = cfg.failed_decode_gap
         for req in self.running:
             g = req.generated
             if g and req.prompt_len + g - req.num_computed == 1:
-                if triage and req.ttft_missed and req.token_times[-1] >= stale:
+                if relegate and req.relegated and req.token_times[-1] >= now - gap * req.pace:
                     # Its SLO is already missed: best effort, after everyone who can still
                     # make theirs; once its last token is failed_decode_gap TPOTs old it is
                     # served like any decode, so it never starves.
@@ -148,13 +151,12 @@ class FairBatchingScheduler(Scheduler):
             self._add_decodes(urgent, plan, _INF, token_cap)
 
         # (b) prefills: partial (running) ones, then waiting ones, each in priority order
-        # (_prefill_key: the first-token deadline, or a relaxed one for prompts that can no
-        # longer make theirs), each given the largest chunk that still fits T.
+        # (the first-token deadline, or a relaxed one for relegated prompts), each given
+        # the largest chunk that still fits T.
         if partials:
-            if triage:
+            if relegate:
                 factor = cfg.late_deadline_factor
-                partials.sort(key=lambda r: r.arrival + factor * r.slo.ttft
-                              if r.generated == 0 and r.deadline < now else r.deadline)
+                partials.sort(key=lambda r: r.arrival + factor * r.slo.ttft if r.relegated else r.deadline)
             else:
                 partials.sort(key=_by_deadline)
             for req in partials:
@@ -244,45 +246,35 @@ class FairBatchingScheduler(Scheduler):
         return k
 
     def _admit_prefills(self, T: float, token_cap: int, plan: StepPlan) -> None:
-        """Admit waiting prompts in priority order while they fit. Two heaps: prompts that
-        can still make their first-token deadline, keyed by it, and prompts that cannot
-        (triage), keyed by the relaxed deadline ``arrival + late_deadline_factor * ttft``;
-        the smaller key goes first, so a late prompt yields to every prompt that can still
-        make it, but only until it has waited ``late_deadline_factor`` times its TTFT."""
-        heap, late = self._heap, self._late
+        """Admit waiting prompts while they fit: first those that can still make their
+        first-token deadline, from a heap keyed by it; then relegated ones (``late``), in
+        the order they were relegated."""
+        heap, relegated = self._heap, self.relegated
         feats = plan.features
-        cfg = self.config
-        max_seqs = cfg.max_num_seqs
-        now = self._step_now
-        while (heap or late) and len(self.running) < max_seqs and feats.new_tokens < token_cap:
+        max_seqs = self.config.max_num_seqs
+        waiting_state = RequestState.WAITING
+        while len(self.running) < max_seqs and feats.new_tokens < token_cap:
             if heap:
-                deadline, _, req = heap[0]
-                if req.state is not RequestState.WAITING:
-                    heapq.heappop(heap)       # admitted or aborted since it was pushed
+                req = heap[0][2]
+                if req.state is not waiting_state or req.relegated:
+                    heapq.heappop(heap)       # admitted, aborted or relegated since it was pushed
                     continue
-                if cfg.triage and req.generated == 0 and (
-                        deadline < now or (cfg.triage_lookahead and deadline < now + self._prefill_time(req))):
-                    heapq.heappop(heap)       # can no longer meet its TTFT
-                    heapq.heappush(late, (req.arrival + cfg.late_deadline_factor * req.slo.ttft,
-                                          next(self._seq), req))
-                    continue
-            if late and late[0][2].state is not RequestState.WAITING:
-                heapq.heappop(late)
-                continue
-            source = late if late and (not heap or late[0][0] < heap[0][0]) else heap
-            req = source[0][2]
+                source = heap
+            elif relegated:
+                req = relegated[0]
+                source = relegated
+            else:
+                break
             k = self._chunk(req, feats, T, token_cap, plan)
             if k == 0 or not self._grow(req, req.num_computed + k):
                 break
-            heapq.heappop(source)
-            self._admit_waiting(req)
+            if source is heap:
+                heapq.heappop(heap)
+                self.waiting.remove(req)
+            else:
+                relegated.popleft()
+            self._admit(req)
             plan.add(req, k)
-
-    def _prefill_time(self, req: Request) -> float:
-        """Lower bound on the time to finish ``req``'s prompt: one step doing only that."""
-        c = req.num_computed
-        k = req.prompt_len - c
-        return self.latency.predict(StepFeatures(1, k, c + k, k * c + k * (k + 1) * 0.5))
 
     def _slack(self, req: Request) -> float:
         return req.deadline - self._step_now
@@ -311,7 +303,8 @@ class FairBatchingScheduler(Scheduler):
     def admission_budget(self, now: float, queued_prefill_tokens: int) -> float:
         """Prompt tokens this instance can still start within a TTFT horizon.
 
-        Over the next ``ttft_slo`` seconds, running decodes need one step per ``tpot``;
+        Over a horizon of the tightest TTFT among running requests (the default SLO's
+        when none run), running decodes need one step per ``tpot``;
         the fraction of time that leaves, times the prefill rate of the latency model, is
         the prompt work that fits; queued prompt tokens already claim part of it. Bounded
         by the free KV slots, since an admitted prompt must also fit the cache.
@@ -319,14 +312,19 @@ class FairBatchingScheduler(Scheduler):
         cfg = self.config
         f = StepFeatures()
         min_tpot = _INF
+        horizon = _INF
         for r in self.running:
+            if r.slo.ttft < horizon:
+                horizon = r.slo.ttft
             if r.generated > 0 and r.num_computed >= r.prompt_len:
                 f.add(r.num_computed, 1)
                 if r.pace < min_tpot:
                     min_tpot = r.pace
+        if horizon == _INF:
+            horizon = cfg.ttft_slo   # idle: the default class's TTFT
         busy = self.latency.predict(f) / min_tpot if f.num_seqs else 0.0
         free_frac = max(0.0, 1.0 - busy)
-        compute_tokens = free_frac * cfg.ttft_slo * self._prefill_rate
+        compute_tokens = free_frac * horizon * self._prefill_rate
         a = self.allocator
         kv_tokens = a.num_free * a.block_size
         return min(compute_tokens, kv_tokens) - queued_prefill_tokens

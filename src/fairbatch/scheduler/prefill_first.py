@@ -15,7 +15,7 @@ from fairbatch.scheduler.base import Scheduler, register_policy
 class PrefillFirstScheduler(Scheduler):
     name = "prefill-first"
 
-    def schedule(self, now: float) -> StepPlan:
+    def _form(self, now: float) -> StepPlan:
         cfg = self.config
         budget = cfg.max_num_batched_tokens
         plan = StepPlan(token_budget=budget)
@@ -42,7 +42,7 @@ class PrefillFirstScheduler(Scheduler):
             c = req.num_computed
             k = req.prompt_len + req.generated - c
             if not self._grow(req, c + k):
-                victim = running[-1]
+                victim = self._victim(i)
                 self._preempt(victim, plan)
                 continue
             plan.add(req, k)

@@ -37,7 +37,7 @@ class SarathiScheduler(Scheduler):
                                                         cfg.chunk_align)
         self.token_budget = min(budget, cfg.max_num_batched_tokens)
 
-    def schedule(self, now: float) -> StepPlan:
+    def _form(self, now: float) -> StepPlan:
         budget = self.token_budget
         plan = StepPlan(token_budget=budget)
         running = self.running
@@ -59,7 +59,7 @@ class SarathiScheduler(Scheduler):
                 break
             ok = True
             while c + 1 > req.kv_slots and not self._grow(req, c + 1):
-                victim = running[-1]
+                victim = self._victim(i)
                 self._preempt(victim, plan)
                 n -= 1
                 if victim is req:

@@ -18,7 +18,7 @@ from fairbatch.scheduler.base import Scheduler, register_policy
 class VLLMScheduler(Scheduler):
     name = "vllm"
 
-    def schedule(self, now: float) -> StepPlan:
+    def _form(self, now: float) -> StepPlan:
         cfg = self.config
         budget = cfg.max_num_batched_tokens
         plan = StepPlan(token_budget=budget)
@@ -40,7 +40,7 @@ class VLLMScheduler(Scheduler):
                 continue
             scheduled = True
             while c + k > req.kv_slots and not self._grow(req, c + k):
-                victim = running[-1]
+                victim = self._victim(i)
                 self._preempt(victim, plan)
                 n -= 1
                 if victim is req:

@@ -50,7 +50,7 @@ def test_reject_refuses_a_prompt_while_it_waits(policy: str) -> None:
     sched.add(Request("fresh", 9.9, 500, 5, SLO_1S), 9.9)
     plan = sched.schedule(10.0)
     assert [r.request_id for r, _ in plan.chunks] == ["fresh"]
-    assert sched.take_rejected() == [late] and sched.take_rejected() == []
+    assert plan.rejected == [late] and sched.schedule(10.1).rejected == []
     assert late.state is RequestState.REJECTED and late.finish_reason == "rejected"
     assert sched.get("late") is None and sched.stats.rejected == 1
 
@@ -61,9 +61,8 @@ def test_reject_at_arrival_when_even_an_idle_instance_cannot_make_it(policy: str
     # 4,000 tokens take 0.41 s alone: a 0.3 s TTFT cannot be met
     hopeless = Request("hopeless", 0.0, 4000, 5, SLO(0.3, 0.05))
     sched.add(hopeless, 0.0)
-    assert hopeless.state is RequestState.REJECTED
-    assert sched.take_rejected() == [hopeless]
-    assert not sched.has_work()
+    assert hopeless.state is RequestState.REJECTED      # the caller sees it at once
+    assert not sched.has_work() and sched.schedule(0.0).rejected == []
     # relegate keeps it, behind everyone
     sched = _sched(policy, late="relegate")
     sched.add(Request("hopeless", 0.0, 4000, 5, SLO(0.3, 0.05)), 0.0)

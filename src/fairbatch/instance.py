@@ -51,6 +51,8 @@ class Instance:
         plan = self.scheduler.schedule(now)
         for req in plan.preempted:
             self.executor.release(req)
+        for req in plan.rejected:
+            self.executor.release(req)
         if not plan.chunks:
             return plan, StepResult(0.0)
         return plan, self.executor.execute(plan)

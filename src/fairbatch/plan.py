@@ -50,7 +50,8 @@ class StepFeatures:
 
 @dataclass(slots=True)
 class StepPlan:
-    """The chunks one step computes, in batch order, and whom the scheduler preempted.
+    """The chunks one step computes, in batch order, whom the scheduler preempted, and
+    whom it refused (``late=reject``: their KV is already freed).
 
     ``chunks`` holds ``(request, k)``: compute ``k`` tokens starting at
     ``request.num_computed``; a decode is ``k == 1``. ``features`` is kept up to date by
@@ -65,6 +66,7 @@ class StepPlan:
     token_budget: int | None = None
     time_budget: float | None = None
     predicted_time: float | None = None
+    rejected: list[Request] = field(default_factory=list)   # refused before this step (late=reject)
 
     @property
     def num_tokens(self) -> int:

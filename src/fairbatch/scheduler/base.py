@@ -115,6 +115,9 @@ class Scheduler(ABC):
 
     # --- interface -------------------------------------------------------------------------
     def add(self, req: Request, now: float) -> None:
+        """Queue ``req``. Raises ValueError if it can never run here (context, KV). With
+        ``late=reject``, a request that cannot meet its TTFT even now comes back refused
+        (``req.state is RequestState.REJECTED``), holding nothing."""
         if req.request_id in self._by_id:
             raise ValueError(f"duplicate request id {req.request_id!r}")
         total = req.prompt_len + req.max_new_tokens
@@ -130,8 +133,8 @@ class Scheduler(ABC):
                 f"({self.allocator.num_blocks} blocks of {self.allocator.block_size})")
         req.state = RequestState.WAITING
         self._by_id[req.request_id] = req
-        if self.late is not Late.SERVE and self._watch(req, now):
-            return   # refused or relegated at arrival
+        if self.late is not Late.SERVE and self._watch(req, now, arriving=True):
+            return   # refused (state REJECTED) or relegated at arrival
         self._enqueue(req)
 
     def _enqueue(self, req: Request) -> None:
@@ -158,27 +161,26 @@ class Scheduler(ABC):
 
     def schedule(self, now: float) -> StepPlan:
         """Choose the chunks of the next step. Allocates their KV blocks. Requests refused
-        before it (``late=reject``) are handed out by ``take_rejected``."""
-        if self.late is not Late.SERVE:
-            self._sweep_late(now)
-        return self._form(now)
+        on the way (``late=reject``) are in ``plan.rejected``, holding nothing."""
+        if self.late is Late.SERVE:
+            return self._form(now)
+        self._sweep_late(now)
+        plan = self._form(now)
+        if self._rejected:
+            plan.rejected, self._rejected = self._rejected, []
+        return plan
 
     @abstractmethod
     def _form(self, now: float) -> StepPlan:
         """The policy: which chunks run in the step that starts at ``now``."""
 
-    def take_rejected(self) -> list[Request]:
-        """Requests refused since the last call (``late=reject``); they hold nothing."""
-        out, self._rejected = self._rejected, []
-        return out
-
     # --- late requests (late.py) -----------------------------------------------------------
-    def _watch(self, req: Request, now: float) -> bool:
+    def _watch(self, req: Request, now: float, *, arriving: bool = False) -> bool:
         """Give up on ``req`` now if it cannot meet its TTFT, else remember when to look
         again. Returns True if it was given up on."""
         t = latest_start(self.latency, req)
         if t < now:
-            self._give_up(req, now)
+            self._give_up(req, now, arriving=arriving)
             return True
         req.late_check = t
         heapq.heappush(self._late_watch, (t, next(self._late_seq), req))
@@ -202,7 +204,7 @@ class Scheduler(ABC):
                 head.relegated = False
                 self._requeue_front(head)
 
-    def _give_up(self, req: Request, now: float) -> None:
+    def _give_up(self, req: Request, now: float, *, arriving: bool = False) -> None:
         """``req`` cannot meet its TTFT: refuse it (reject) or put it behind everyone on
         time (relegate). A request streaming tokens is never refused."""
         if self.late is Late.REJECT and req.generated == 0:
@@ -216,7 +218,8 @@ class Scheduler(ABC):
             req.finish_reason = "rejected"
             req.finish_time = now
             self._by_id.pop(req.request_id, None)
-            self._rejected.append(req)
+            if not arriving:          # refused at arrival: add's caller sees the state
+                self._rejected.append(req)
             self.stats.rejected += 1
             return
         req.relegated = True

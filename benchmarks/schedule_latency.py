@@ -59,7 +59,7 @@ def main() -> None:
     ap.add_argument("--policy", action="append")
     args = ap.parse_args()
     print(f"{'policy':14s} {'running':>8s} {'median us':>10s} {'p90 us':>8s} {'mean us':>8s}")
-    for p in args.policy or ["vllm", "sarathi", "fairbatching"]:
+    for p in args.policy or ["vllm", "vllm-priority", "sarathi", "fairbatching", "qoserve"]:
         for n in args.running:
             t = sorted(bench(p, n, args.steps))
             print(f"{p:14s} {n:8d} {statistics.median(t) * 1e6:10.0f} {t[int(0.9 * len(t))] * 1e6:8.0f} "

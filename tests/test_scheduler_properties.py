@@ -44,6 +44,8 @@ class CheckingExecutor(SimExecutor):
         name = self.scheduler.name
         if name == "vllm":
             assert plan.num_tokens <= cfg.max_num_batched_tokens
+        elif name == "vllm-priority":
+            assert plan.num_tokens <= cfg.max_num_batched_tokens
         elif name == "sarathi":
             assert plan.num_tokens <= self.scheduler.token_budget
         elif name == "fairbatching":
@@ -56,15 +58,33 @@ class CheckingExecutor(SimExecutor):
                 only_decodes = all(k == 1 and r.generated > 0 for r, k in plan.chunks)
                 lone_min_chunk = len(ks) == 1 and ks[0] <= max(cfg.min_chunk, 1)
                 assert only_decodes or lone_min_chunk, f"time budget broken: {plan}"
+        elif name == "qoserve":
+            # Prefill fills the step up to the step-size cap (decodes count towards it, but
+            # are never cut by it) and within T = least decode slack / safety factor; past T
+            # only decodes and the step-size floor's prefill run.
+            assert plan.num_tokens <= cfg.max_num_batched_tokens
+            decodes = sum(1 for r, k in plan.chunks if k == 1 and r.generated and r.num_computed + 1 == r.num_tokens)
+            prefill = plan.num_tokens - decodes
+            step_cap = min(cfg.qoserve_max_step_tokens, cfg.max_num_batched_tokens)
+            assert plan.token_budget == step_cap
+            if decodes and prefill:
+                assert prefill <= max(0, step_cap - decodes) or any(r.relegated for r, _ in plan.chunks)
+            lone_min_chunk = len(ks) == 1 and ks[0] <= max(cfg.min_chunk, 1)
+            assert prefill <= step_cap or lone_min_chunk
+            T = plan.time_budget
+            if T is not None and self.model.predict(plan.features) > T * (1 + 1e-9):
+                self.over_time_budget += 1
+                assert prefill <= max(0, cfg.qoserve_min_step_tokens - decodes), f"time budget broken: {plan}"
         return super().execute(plan)
 
 
+SLO_CLASSES = [(1.0, 0.05), (0.3, 0.02), (4.0, 0.2)]
 workloads = st.lists(
     st.tuples(
         st.floats(0, 3.0),                 # arrival
         st.integers(1, 400),               # prompt length
         st.integers(1, 60),                # output length
-        st.sampled_from([(1.0, 0.05), (0.3, 0.02), (4.0, 0.2)]),   # SLO class
+        st.sampled_from(SLO_CLASSES),      # SLO class
     ),
     min_size=1, max_size=40,
 )
@@ -83,7 +103,9 @@ def test_policy_invariants(policy: str, spec, num_blocks: int, budget: int, late
     alloc = BlockAllocator(num_blocks, 16)
     sched = make_scheduler(policy, cfg, alloc, MODEL)
     ex = CheckingExecutor(MODEL, sched)
-    reqs = [Request(f"r{i}", a, p, o, SLO(*slo)) for i, (a, p, o, slo) in enumerate(spec)]
+    # priorities as the simulator gives them (tighter SLO class first): only vllm-priority reads them
+    reqs = [Request(f"r{i}", a, p, o, SLO(*slo), priority=sorted(SLO_CLASSES).index(slo))
+            for i, (a, p, o, slo) in enumerate(spec)]
     fits = [r for r in reqs if alloc.blocks_for(r.prompt_len + r.max_new_tokens) <= num_blocks]
     out = simulate(fits, [Instance(sched, ex)])
     assert out.unfinished == 0, "a request waited forever"

@@ -46,10 +46,11 @@ def listen_or_fail(host: str, port: int) -> Any:
 @app.command()
 def simulate(
     trace: Annotated[str, typer.Option(help="Bundled trace name (azure-conv, azure-code) or a trace file.")] = "azure-conv",
-    policy: Annotated[Optional[list[str]], typer.Option("--policy", "-p", help="Policy to run; repeat for several. Default: vllm, sarathi, fairbatching.")] = None,
+    policy: Annotated[Optional[list[str]], typer.Option("--policy", "-p", help="Policy to run, or a variant with its own settings (sarathi:chunk_size=1536); repeat for several. Default: the fair comparison (docs/RESULTS.md).")] = None,
+    late: Annotated[Optional[str], typer.Option(help="Late requests, the same for every policy: serve, relegate or reject (docs/ALGORITHM.md).")] = None,
     rate_scale: Annotated[Optional[float], typer.Option(help="Multiply the trace's request rate by this. Default: near the baselines' capacity for the bundled traces, else 1.")] = None,
     search_capacity: Annotated[bool, typer.Option("--capacity", help="Bisect for each policy's capacity (highest rate with SLO attainment >= target).")] = False,
-    target: Annotated[float, typer.Option(help="SLO attainment that defines capacity.")] = 0.9,
+    target: Annotated[Optional[list[float]], typer.Option(help="SLO attainment that defines capacity; repeatable. Default: 0.9 and 0.99.")] = None,
     sweep: Annotated[bool, typer.Option(help="Also run 0.8x and 1.2x the rate, for the attainment-vs-rate plot.")] = True,
     ttft_slo: Annotated[float, typer.Option(help="TTFT SLO, seconds.")] = 1.0,
     tpot_slo: Annotated[float, typer.Option(help="TPOT SLO, seconds.")] = 0.05,
@@ -75,23 +76,77 @@ def simulate(
     """Simulate policies on a trace: TTFT/TPOT percentiles, SLO and envelope attainment, goodput, capacity."""
     from fairbatch.sim.command import DEFAULT_POLICIES, default_jobs, run_simulate
     from fairbatch.sim.experiment import Scenario
-    from fairbatch.scheduler import policy_names
+    from fairbatch.scheduler.variant import parse_variant
 
     policies = list(policy or DEFAULT_POLICIES)
-    for p in policies:
-        if p not in policy_names():
-            raise fail(f"unknown policy {p!r}; choose from {', '.join(policy_names())}")
+    targets = tuple(sorted(target or (0.9, 0.99)))
     try:
+        for p in policies:
+            parse_variant(p)
+        if not all(0 < t <= 1 for t in targets):
+            raise ValueError(f"--target must be in (0, 1], got {list(targets)}")
         sc = Scenario(trace=trace, num_requests=num_requests, request_rate=request_rate, burstiness=burstiness,
                       model=model, gpu=gpu,
                       profile=str(profile) if profile else None, ttft_slo=ttft_slo, tpot_slo=tpot_slo,
                       slo_classes=slo_classes, slo_by_tag=slo_by_tag, deadline_rule=deadline_rule,
                       instances=instances, router=router, load_interval=load_interval,
-                      max_model_len=max_model_len, seed=seed, scheduler=parse_options(set_option or []))
-        run_simulate(sc, policies, rate_scale, search_capacity=search_capacity, sweep=sweep, target=target,
+                      max_model_len=max_model_len, seed=seed,
+                      scheduler=scheduler_options(set_option, late))
+        run_simulate(sc, policies, rate_scale, search_capacity=search_capacity, sweep=sweep, targets=targets,
                      jobs=jobs or default_jobs(), out=out, json_path=json_path, console=console)
     except (ValueError, OSError) as e:
         raise fail(str(e)) from None
+
+
+@app.command()
+def tune(
+    policy: Annotated[str, typer.Option("--policy", "-p", help="Token-budget policy to tune: sarathi (chunk_size) or vllm (max_num_batched_tokens).")] = "sarathi",
+    grid: Annotated[Optional[str], typer.Option(help="Budget values, comma-separated. Default: 256..4096 for sarathi, 512..8192 for vllm.")] = None,
+    late: Annotated[Optional[str], typer.Option(help="Late requests: serve, relegate or reject (as the policies it is compared with).")] = None,
+    trace: Annotated[str, typer.Option(help="Bundled trace name (azure-conv, azure-code) or a trace file.")] = "azure-conv",
+    num_requests: Annotated[Optional[int], typer.Option(help="Use only the first N requests of the trace.")] = None,
+    ttft_slo: Annotated[float, typer.Option(help="TTFT SLO, seconds.")] = 1.0,
+    tpot_slo: Annotated[float, typer.Option(help="TPOT SLO, seconds.")] = 0.05,
+    slo_classes: Annotated[Optional[str], typer.Option(help='SLO class mix "name:TTFT_s:TPOT_s:share,...".')] = None,
+    model: Annotated[str, typer.Option(help="Model preset.")] = "llama-3-8b",
+    gpu: Annotated[str, typer.Option(help="GPU preset.")] = "h100",
+    profile: Annotated[Optional[Path], typer.Option(help="Latency profile JSON (from `fairbatch profile` or a server's GET /profile).")] = None,
+    set_option: Annotated[Optional[list[str]], typer.Option("--set", help="Scheduler option KEY=VALUE; repeatable.")] = None,
+    target: Annotated[Optional[list[float]], typer.Option(help="SLO attainment targets; repeatable. Default: 0.9 and 0.99.")] = None,
+    jobs: Annotated[int, typer.Option(help="Parallel simulation processes.")] = 0,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the JSON report here.")] = None,
+) -> None:
+    """Sweep a baseline's token budget: capacity at each value, and the best (compare against that)."""
+    from fairbatch.sim.command import default_jobs
+    from fairbatch.sim.experiment import Scenario
+    from fairbatch.sim.tune import print_tune, tune as run_tune, write_tune
+
+    try:
+        values = tuple(int(v) for v in grid.split(",")) if grid else None
+    except ValueError:
+        raise fail(f"bad --grid {grid!r}: expected comma-separated token counts") from None
+    try:
+        sc = Scenario(trace=trace, num_requests=num_requests, model=model, gpu=gpu,
+                      profile=str(profile) if profile else None, ttft_slo=ttft_slo, tpot_slo=tpot_slo,
+                      slo_classes=slo_classes, scheduler=scheduler_options(set_option, late))
+        report = run_tune(sc, policy, grid=values, targets=tuple(sorted(target or (0.9, 0.99))),
+                          jobs=jobs or default_jobs())
+        print_tune(report, console)
+        if json_path is not None:
+            write_tune(report, json_path)
+            console.print(f"wrote {json_path}")
+    except (ValueError, OSError) as e:
+        raise fail(str(e)) from None
+
+
+def scheduler_options(items: list[str] | None, late: str | None) -> dict[str, object]:
+    """``--set`` overrides plus ``--late``, validated."""
+    from fairbatch.scheduler.late import Late
+
+    opts = parse_options(items or [])
+    if late is not None:
+        opts["late"] = Late.parse(late).value
+    return opts
 
 
 def parse_options(items: list[str]) -> dict[str, object]:

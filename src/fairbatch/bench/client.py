@@ -12,7 +12,10 @@ time is dropped.
 
 A request fails, with its reason, on: an HTTP error status, a transport error or
 timeout, an ``error`` event in the stream, a stream that ends without ``[DONE]``, or
-(``ignore_eos``) fewer tokens than asked for. Nothing is dropped silently.
+(``ignore_eos``) fewer tokens than asked for. Nothing is dropped silently. A 429 (the
+server's scheduler refused the request: ``late=reject``, it could not meet its TTFT) is
+not a generic failure: its record's error is ``metrics.records.REJECTED``, which the
+summary counts as ``rejected`` (and attainment as a miss).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import httpx
 import numpy as np
 
 from fairbatch.metrics import RequestRecord
+from fairbatch.metrics.records import REJECTED
 from fairbatch.request import SLO
 
 clock = time.perf_counter
@@ -105,7 +109,10 @@ async def send_request(client: httpx.AsyncClient, url: str, req: BenchRequest, p
     start = clock()
     try:
         async with client.stream("POST", url, json=payload) as resp:
-            if resp.status_code != 200:
+            if resp.status_code == 429:
+                await resp.aread()
+                error = REJECTED
+            elif resp.status_code != 200:
                 body = await resp.aread()
                 error = f"HTTP {resp.status_code}: {_error_text(body)}"
             else:
@@ -144,6 +151,8 @@ async def send_request(client: httpx.AsyncClient, url: str, req: BenchRequest, p
         error = f"{type(e).__name__}: {e}"
 
     produced = usage_tokens if usage_tokens is not None else len(times)
+    if error == REJECTED:
+        produced = 0
     if error is None and produced == 0:
         error = "no tokens received"
     if error is None and check_length and produced < req.output_len:

@@ -24,6 +24,7 @@ import numpy as np
 
 from fairbatch.bench.client import BenchRequest, make_payload, send_request
 from fairbatch.metrics import RequestRecord, find_capacity, summarize
+from fairbatch.metrics.records import REJECTED
 from fairbatch.request import SLO
 from fairbatch.workload import (
     GammaArrivals,
@@ -179,7 +180,7 @@ async def _warmup(client: httpx.AsyncClient, url: str, cfg: BenchConfig, model: 
     probe = BenchRequest("warmup", 0.0, like.prompt_ids[:16] or [1], 2, like.slo)
     rec = await send_request(client, url, probe, make_payload(probe, model, send_slo=cfg.send_slo,
                                                               ignore_eos=cfg.ignore_eos, extra_body=cfg.extra_body))
-    if not rec.success:
+    if not rec.success and rec.error != REJECTED:     # refused in time (429): the server works
         raise BenchError(f"the test request to {url} failed: {rec.error}")
 
 
@@ -190,9 +191,11 @@ async def _warmup_alone(cfg: BenchConfig, wl: Workload) -> None:
 
 async def _run_async(cfg: BenchConfig, wl: Workload, rate_scale: float,
                      on_done: Callable[[RequestRecord], None] | None, *, warmup: bool = True,
-                     start: float | None = None) -> tuple[list[RequestRecord], float]:
+                     start: float | None = None, on_start: Callable[[], None] | None = None
+                     ) -> tuple[list[RequestRecord], float]:
     """Send ``wl.requests`` at ``start + arrival / rate_scale`` (``start``: now, or a
-    ``perf_counter`` time shared with other client processes: CLOCK_MONOTONIC, host-wide)."""
+    ``perf_counter`` time shared with other client processes: CLOCK_MONOTONIC, host-wide).
+    ``on_start`` runs after the warm-up, before the first request."""
     url = _url(cfg.base_url, cfg.endpoint)
     limits = httpx.Limits(max_connections=cfg.max_concurrency, max_keepalive_connections=cfg.max_concurrency or 512)
     timeout = httpx.Timeout(cfg.timeout, connect=min(60.0, cfg.timeout))
@@ -200,6 +203,8 @@ async def _run_async(cfg: BenchConfig, wl: Workload, rate_scale: float,
     async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
         if warmup and cfg.warmup:
             await _warmup(client, url, cfg, wl.model, wl.requests[0])
+        if on_start is not None:
+            on_start()
 
         async def one(req: BenchRequest) -> RequestRecord:
             payload = make_payload(req, wl.model, send_slo=cfg.send_slo, ignore_eos=cfg.ignore_eos,
@@ -236,7 +241,8 @@ def _ready() -> None:
 
 
 def _run_workers(cfg: BenchConfig, wl: Workload, rate_scale: float,
-                 on_done: Callable[[RequestRecord], None] | None) -> tuple[list[RequestRecord], float]:
+                 on_done: Callable[[RequestRecord], None] | None,
+                 on_start: Callable[[], None] | None = None) -> tuple[list[RequestRecord], float]:
     """The same schedule from ``cfg.workers`` client processes: request i goes to process
     i mod workers, each sends its share at the shared start + arrival, and the records
     come back in the original order."""
@@ -245,6 +251,8 @@ def _run_workers(cfg: BenchConfig, wl: Workload, rate_scale: float,
 
     if cfg.warmup:     # here, once: it checks the server before any process starts
         asyncio.run(_warmup_alone(cfg, wl))
+    if on_start is not None:
+        on_start()
     k = cfg.workers
     with ProcessPoolExecutor(k, mp_context=mp.get_context("spawn")) as pool:
         for f in [pool.submit(_ready) for _ in range(k)]:
@@ -266,14 +274,49 @@ def _run_workers(cfg: BenchConfig, wl: Workload, rate_scale: float,
     return records, duration
 
 
+RELEGATED_METRIC = "fairbatch:request_relegated_total"
+
+
+def server_relegated(cfg: BenchConfig) -> float | None:
+    """The server's count of requests its scheduler relegated (late=relegate|reject), from
+    its ``/metrics``; None when it does not report one (another server, a router)."""
+    try:
+        r = httpx.get(_url(cfg.base_url, "/metrics"), timeout=10.0)
+    except httpx.HTTPError:
+        return None
+    if r.status_code != 200:
+        return None
+    total = None
+    for line in r.text.splitlines():
+        if line.startswith(RELEGATED_METRIC + "{") or line.startswith(RELEGATED_METRIC + " "):
+            try:
+                total = (total or 0.0) + float(line.rsplit(" ", 1)[1])
+            except ValueError:
+                return None
+    return total
+
+
 def run_once(cfg: BenchConfig, wl: Workload, rate_scale: float = 1.0,
              on_done: Callable[[RequestRecord], None] | None = None) -> RunOutcome:
-    """Replay the workload once with arrivals compressed by ``rate_scale``."""
+    """Replay the workload once with arrivals compressed by ``rate_scale``.
+
+    A client cannot see which requests the server relegated; when the server's
+    ``/metrics`` has the count, the summary's ``relegated`` is how many it relegated
+    during the run (``server_relegated`` says so: None when the server has no count)."""
+    before: list[float | None] = [None]
+
+    def on_start() -> None:           # after the warm-up: its probe is not the run's
+        before[0] = server_relegated(cfg)
+
     if cfg.workers > 1:
-        records, duration = _run_workers(cfg, wl, rate_scale, on_done)
+        records, duration = _run_workers(cfg, wl, rate_scale, on_done, on_start)
     else:
-        records, duration = asyncio.run(_run_async(cfg, wl, rate_scale, on_done))
+        records, duration = asyncio.run(_run_async(cfg, wl, rate_scale, on_done, on_start=on_start))
     summary = summarize(records, duration=duration)
+    after = server_relegated(cfg) if before[0] is not None else None
+    summary["server_relegated"] = None
+    if before[0] is not None and after is not None:
+        summary["server_relegated"] = summary["relegated"] = int(after - before[0])
     rate = wl.base_rate * rate_scale
     summary["request_rate"] = rate if math.isfinite(rate) else "inf"
     summary["rate_scale"] = rate_scale

@@ -106,7 +106,7 @@ def register(app: typer.Typer) -> None:
         """Start replicas of `fairbatch serve` (one per GPU, with Ray) and the router in front of them.
 
         Options this command does not know are passed to every `fairbatch serve`
-        (e.g. --max-model-len 2048 --cpu-threads 1 --set triage=false)."""
+        (e.g. --max-model-len 2048 --cpu-threads 1 --set late=serve)."""
         from fairbatch.cli import console, fail, listen_or_fail
         from fairbatch.cluster.launcher import Cluster, ClusterSpec, LaunchError
         from fairbatch.cluster.router_workers import serve_router

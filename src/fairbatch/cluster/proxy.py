@@ -14,6 +14,12 @@
   until then) for a streaming one. Causes: a transport error, a 5xx answer, an error
   event before any output, or the backend being marked unhealthy while the request waited
   for its first token. Each backend is tried at most once per request.
+- treats a 429 (a backend whose scheduler refused the request: ``late=reject``, it could
+  not meet its TTFT there) the same way: the request goes to the next backend the policy
+  picks among those not tried, and the backend stays healthy. When every backend refused
+  it, the router answers 429 itself (``Retry-After``, the reason in
+  ``x-llm-d-request-dropped-reason``). Other 4xx answers are the client's: passed
+  through, never retried.
 - ends a stream that had started and then lost its backend with an OpenAI-format
   ``error`` event naming the backend and the cause (and no ``[DONE]``): the output cannot
   be resumed elsewhere, so the client is told clearly;
@@ -50,6 +56,7 @@ from prometheus_client.registry import Collector
 from fairbatch.cluster.router_workers import MULTIPROC_ENV
 from fairbatch.cluster.routing import Router, empty_load, load_from_json, make_router
 from fairbatch.scheduler.base import Load
+from fairbatch.server.errors import DROPPED_REASON_HEADER
 
 log = logging.getLogger("fairbatch.router")
 
@@ -57,10 +64,12 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 CHARS_PER_TOKEN = 4.0          # prompt-length estimate for text prompts (no tokenizer here)
 _FORWARD_REQUEST_HEADERS = ("content-type", "authorization", "accept", "x-request-id", "openai-organization",
                             "openai-project", "user-agent")
-_FORWARD_RESPONSE_HEADERS = ("content-type", "cache-control", "x-accel-buffering", "retry-after", "x-request-id")
+_FORWARD_RESPONSE_HEADERS = ("content-type", "cache-control", "x-accel-buffering", "retry-after", "x-request-id",
+                             DROPPED_REASON_HEADER)
 _ROUTED_PATHS = ("/v1/completions", "/v1/chat/completions")
-_TYPES = {400: "BadRequestError", 404: "NotFoundError", 413: "RequestTooLargeError", 499: "ClientClosedRequest",
-          502: "BadGatewayError", 503: "ServiceUnavailableError"}
+_TYPES = {400: "BadRequestError", 404: "NotFoundError", 413: "RequestTooLargeError", 429: "RateLimitError",
+          499: "ClientClosedRequest", 502: "BadGatewayError", 503: "ServiceUnavailableError"}
+ALL_REFUSED_REASON = "rejected-saturated"   # llm-d's word, for 429s that gave no reason of their own
 
 
 def _error_body(status: int, message: str) -> dict[str, Any]:
@@ -186,6 +195,11 @@ class _Retry(Exception):
         self.reason = reason
         self.detail = detail
         self.response = response          # what to answer if no backend is left
+
+    @property
+    def refused(self) -> bool:
+        """The backend refused the request (429): it could not take it in time."""
+        return self.reason == "rejected"
 
 
 class _ClientGone(Exception):
@@ -565,6 +579,7 @@ async def _proxy(state: RouterState, request: Request) -> Response:
     tried: set[int] = set()
     reasons: list[str] = []
     last: _Retry | None = None
+    refusals: list[_Retry] = []
     try:
         while True:
             b = state.choose(prompt_len, tried)
@@ -587,7 +602,9 @@ async def _proxy(state: RouterState, request: Request) -> Response:
                 state.metrics.retries.labels(b.url, e.reason).inc()
                 reasons.append(f"{b.url}: {e.detail}")
                 last = e
-                log.info("request moved off %s: %s", b.url, e.detail)
+                if e.refused:
+                    refusals.append(e)     # routine under overload: no log line for each
+                log.log(logging.DEBUG if e.refused else logging.INFO, "request moved off %s: %s", b.url, e.detail)
             finally:
                 if not handed_over:
                     b.inflight -= 1
@@ -599,6 +616,9 @@ async def _proxy(state: RouterState, request: Request) -> Response:
     finally:
         if not gone.done():
             gone.cancel()
+    if refusals and len(refusals) == len(tried):
+        state.metrics.requests.labels("none", "429").inc()
+        return _all_refused(refusals, reasons)
     if last is not None and last.response is not None:
         state.metrics.requests.labels("none", str(last.response.status_code)).inc()
         return last.response
@@ -607,6 +627,22 @@ async def _proxy(state: RouterState, request: Request) -> Response:
         down = "; ".join(f"{b.url}: {b.error}" for b in state.backends)
         return _error(503, f"no healthy backend ({down})", {"Retry-After": "1"})
     return _error(503, "no backend could take the request: " + "; ".join(reasons), {"Retry-After": "1"})
+
+
+def _all_refused(refusals: Sequence[_Retry], reasons: Sequence[str]) -> JSONResponse:
+    """The router's own 429 once every backend refused the request: the shortest
+    ``Retry-After`` any of them asked for, and the reason they gave."""
+    waits: list[int] = []
+    why = ""
+    for r in refusals:
+        h = r.response.headers if r.response is not None else {}
+        ra = h.get("retry-after", "")
+        if ra.isdigit():
+            waits.append(int(ra))
+        why = h.get(DROPPED_REASON_HEADER) or why
+    why = why or ALL_REFUSED_REASON
+    return _error(429, f"every backend refused the request ({why}): " + "; ".join(reasons),
+                  {"Retry-After": str(min(waits) if waits else 1), DROPPED_REASON_HEADER: why})
 
 
 async def _attempt(state: RouterState, b: Backend, url: str, body: bytes, headers: dict[str, str], stream: bool,
@@ -627,11 +663,13 @@ async def _attempt(state: RouterState, b: Backend, url: str, body: bytes, header
         if resp.status_code != 200:
             content = await _race(resp.aread(), b, gone)
             answer = Response(content, status_code=resp.status_code, headers=out_headers)
+            if resp.status_code == 429:   # refused (late=reject): another backend may still make it in time
+                raise _Retry("rejected", f"HTTP 429: {_short(content)}", answer)
             if resp.status_code == 503:
                 raise _Retry("busy", f"HTTP 503: {_short(content)}", answer)
             if resp.status_code >= 500:
                 raise _Retry("server_error", f"HTTP {resp.status_code}: {_short(content)}", answer)
-            return answer                 # 4xx: the client's to see
+            return answer                 # other 4xx: the client's to see
         if not stream or not resp.headers.get("content-type", "").startswith("text/event-stream"):
             content = await _race(resp.aread(), b, gone)
             return Response(content, status_code=200, headers=out_headers)

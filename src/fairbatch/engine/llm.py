@@ -30,7 +30,7 @@ from fairbatch.engine.weights import WeightsError, init_dummy, load_safetensors
 from fairbatch.instance import Instance
 from fairbatch.kv import BlockAllocator
 from fairbatch.latency.base import LatencyModel
-from fairbatch.request import SLO, Request
+from fairbatch.request import SLO, Request, RequestState
 from fairbatch.scheduler.base import SchedulerConfig, make_scheduler
 
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
@@ -247,7 +247,12 @@ class LLM:
             on_finish: Callable[[Request], None] | None = None) -> list[RequestOutput]:
         """Drive the instance with a wall clock: each request is submitted at its offset
         (seconds after the start; its ``arrival`` becomes the submission time) and the
-        instance steps until all finish. Outputs come back in submission order."""
+        instance steps until all finish. Outputs come back in submission order.
+
+        With ``late="reject"`` in the scheduler config, a request refused because it can
+        no longer meet its TTFT (at submission, or while it waits or is part-way through
+        its prefill) ends there: its output has ``finish_reason == "rejected"`` and the
+        tokens it had (none). ``on_finish`` is called for it too."""
         pending = sorted(arrivals, key=lambda a: a[0])
         order = [r for _, r in pending]
         clock = time.perf_counter
@@ -256,6 +261,13 @@ class LLM:
         bar = _Progress(len(order)) if progress else None
         i = 0
         idle_steps = 0
+
+        def done(req: Request) -> None:
+            if on_finish is not None:
+                on_finish(req)
+            if bar is not None:
+                bar.advance()
+
         try:
             while i < len(pending) or inst.has_work():
                 now = clock() - t0
@@ -263,25 +275,27 @@ class LLM:
                     req = pending[i][1]
                     req.set_arrival(now)
                     inst.add(req, now)
+                    if req.state is RequestState.REJECTED:   # late=reject: hopeless on arrival
+                        done(req)
                     i += 1
                 if not inst.has_work():
-                    time.sleep(max(0.0, min(pending[i][0] - now, 0.05)))
+                    if i < len(pending):        # else every request has ended (the last ones refused)
+                        time.sleep(max(0.0, min(pending[i][0] - now, 0.05)))
                     continue
                 plan, result = inst.begin_step(now)
+                for req in plan.rejected:       # refused while waiting or part-way through its prefill
+                    done(req)
                 # tokens are stamped at the real end of the step (scheduling included)
                 finished = inst.end_step(plan, result, clock() - t0)
                 if plan.is_empty:
-                    idle_steps += 1
+                    idle_steps = 0 if plan.rejected else idle_steps + 1
                     if idle_steps > 10000 and not self.scheduler.running:
                         raise RuntimeError(f"the {self.policy} scheduler makes no progress "
                                            f"({len(self.scheduler.waiting)} requests waiting)")
                     continue
                 idle_steps = 0
                 for req in finished:
-                    if on_finish is not None:
-                        on_finish(req)
-                    if bar is not None:
-                        bar.advance()
+                    done(req)
         finally:
             if bar is not None:
                 bar.close()

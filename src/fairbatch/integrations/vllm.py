@@ -382,10 +382,7 @@ class _FairBatchMixin:
             except ValueError:
                 pass
         elif m.state is _WAITING:
-            try:
-                pol.waiting.remove(m)
-            except ValueError:
-                pass
+            pol._unqueue(m)     # on-time or relegated queue
         if request in self._fb_blocked:
             self._fb_blocked.remove(request)
         now = time.time()

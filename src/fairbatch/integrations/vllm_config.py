@@ -79,6 +79,10 @@ class PluginConfig:
                 raise ValueError(f"fairbatch: unknown scheduler option {key!r}; choose from "
                                  f"{', '.join(allowed)} (max_num_batched_tokens, max_num_seqs and "
                                  f"max_model_len come from vLLM's own flags)")
+        if self.scheduler.get("late") == "reject":
+            # refusing needs vLLM to finish the request with an error from inside the
+            # scheduler; not built: late requests are relegated or served instead
+            raise ValueError("fairbatch: late=reject is not supported inside vLLM; use relegate or serve")
 
     @property
     def default_slo(self) -> SLO:

@@ -1,7 +1,7 @@
 """Per-request records -> vLLM-compatible summaries, SLO attainment, capacity search,
 reports and plots. Shared by the simulator, the engine and the HTTP benchmark client."""
 
-from fairbatch.metrics.capacity import CapacityResult, find_capacity, request_rate_of
+from fairbatch.metrics.capacity import CapacityResult, find_capacities, find_capacity, request_rate_of
 from fairbatch.metrics.records import RequestRecord, record_from_request
 from fairbatch.metrics.report import DEFAULT_COLUMNS, Column, format_summary_block, summary_table
 from fairbatch.metrics.summary import (
@@ -31,6 +31,7 @@ __all__ = [
     "CapacityResult",
     "Column",
     "RequestRecord",
+    "find_capacities",
     "find_capacity",
     "format_summary_block",
     "percentile_key",

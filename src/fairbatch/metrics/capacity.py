@@ -64,19 +64,22 @@ def find_capacity(
     max_iter: int = 12,
     on_point: Callable[[float, float, Summary], None] | None = None,
     max_expand: int = 10,
+    seen: dict[float, Point] | None = None,
 ) -> CapacityResult:
     """Bisect (geometrically) for the highest ``rate_scale`` with ``run(s)[key] >= target``.
 
     Without ``hi`` the scale doubles from ``lo`` until a run fails (at most ``max_expand``
     times); if ``lo`` itself fails it halves instead. ``max_iter`` bounds the bisection
     steps, which stop once ``bad / good - 1 <= rel_tol``. ``on_point`` sees every
-    evaluation as it happens (progress display, incremental JSON).
+    evaluation as it happens (progress display, incremental JSON). ``seen`` (rate scale
+    -> point) shares runs between searches for several targets on one workload.
     """
     if not lo > 0:
         raise ValueError(f"lo must be positive, got {lo}")
     if hi is not None and not hi > lo:
         raise ValueError(f"hi must exceed lo, got lo={lo} hi={hi}")
-    seen: dict[float, Point] = {}
+    if seen is None:
+        seen = {}
 
     def passes(s: float) -> bool:
         if s not in seen:
@@ -88,7 +91,7 @@ def find_capacity(
         return value >= target                   # NaN fails
 
     def result(scale: float, status: str) -> CapacityResult:
-        points = sorted(seen.values(), key=lambda p: p[0])
+        points = sorted(seen.values(), key=lambda p: p[0])   # type: ignore[union-attr]
         rate = seen[scale][1] if scale in seen else 0.0
         return CapacityResult(scale, rate, points, target, key, status)
 
@@ -130,3 +133,23 @@ def find_capacity(
         else:
             bad = mid
     return result(good, "ok")
+
+
+def find_capacities(
+    run: Callable[[float], Summary],
+    *,
+    lo: float,
+    targets: tuple[float, ...] = (0.9, 0.99),
+    **kw: Any,
+) -> dict[float, CapacityResult]:
+    """Capacity at each attainment target, sharing every run between the searches: the
+    loosest target first, and each stricter search starts at the looser capacity."""
+    seen: dict[float, Point] = {}
+    out: dict[float, CapacityResult] = {}
+    start = lo
+    for t in sorted(targets):
+        res = find_capacity(run, lo=start, target=t, seen=seen, **kw)
+        out[t] = res
+        if res.rate_scale > 0:
+            start = res.rate_scale
+    return out

@@ -33,13 +33,20 @@ class SchedulerConfig:
     # sarathi: fixed token budget; None = Sarathi-Serve's recipe (largest step meeting TPOT)
     chunk_size: int | None = None
     chunk_recipe_context: int = 1024     # cached context assumed by that recipe's probe step
+    chunk_recipe_tpot: float | None = None   # TPOT the recipe sizes for (None: the default tpot_slo)
     # fairbatching
     time_budget_min: float = 0.010       # T_min, seconds
     time_budget_max: float = 0.250       # T_max, seconds
     time_budget_rule: str = "max-slack-tpot"  # T = max(min slack, min tpot); or "min-slack"
+    # qoserve (Niyama; values of its public scheduler)
+    qoserve_safety_factor: float = 1.2       # predicted step time x this must fit the least decode slack
+    qoserve_priority_weight: float = 0.008   # s per remaining prefill token added to its deadline (0: EDF)
+    qoserve_min_step_tokens: int = 128       # tokens a step may always hold, slack or not (prompts keep moving)
+    qoserve_max_step_tokens: int = 2552      # most tokens a step with prefill holds (its largest chunk)
     # every policy: what happens to requests that can no longer meet their SLO (late.py):
-    # "serve" (in the policy's order), "relegate" (behind everyone on time), "reject"
-    late: str = "serve"
+    # "serve" (in the policy's order), "relegate" (behind everyone on time; it only
+    # reorders, so it is the default of an SLO-aware server), "reject"
+    late: str = "relegate"
     # relegated prompts compete again once they have waited this many times their TTFT
     # (inf: only when no prompt that can still make its TTFT is waiting)
     late_deadline_factor: float = float("inf")
@@ -61,6 +68,13 @@ class SchedulerConfig:
         Late.parse(self.late)
         if not (self.late_deadline_factor > 0 and self.failed_decode_gap > 0):
             raise ValueError("late_deadline_factor and failed_decode_gap must be positive")
+        if not self.qoserve_safety_factor >= 1.0:
+            raise ValueError(f"qoserve_safety_factor must be >= 1, got {self.qoserve_safety_factor}")
+        if not self.qoserve_priority_weight >= 0.0:
+            raise ValueError(f"qoserve_priority_weight must be >= 0, got {self.qoserve_priority_weight}")
+        if not 0 <= self.qoserve_min_step_tokens <= self.qoserve_max_step_tokens or self.qoserve_max_step_tokens < 1:
+            raise ValueError("qoserve step tokens need 0 <= qoserve_min_step_tokens <= qoserve_max_step_tokens, "
+                             f"max >= 1; got {self.qoserve_min_step_tokens}, {self.qoserve_max_step_tokens}")
 
 
 @dataclass(slots=True)
@@ -411,4 +425,4 @@ def make_scheduler(name: str, config: SchedulerConfig, allocator: BlockAllocator
 
 def _load_builtin() -> None:
     # Import for the side effect of registration; kept lazy so base has no cycles.
-    from fairbatch.scheduler import vllm, sarathi, fairbatching, prefill_first  # noqa: F401
+    from fairbatch.scheduler import vllm, sarathi, fairbatching, prefill_first, vllm_priority, qoserve  # noqa: F401

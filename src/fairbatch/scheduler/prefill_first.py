@@ -19,19 +19,22 @@ class PrefillFirstScheduler(Scheduler):
         cfg = self.config
         budget = cfg.max_num_batched_tokens
         plan = StepPlan(token_budget=budget)
-        waiting = self.waiting
-        while waiting and len(self.running) < cfg.max_num_seqs:
-            req = waiting[0]
-            k = req.prompt_len + req.generated - req.num_computed
-            # A prompt larger than the whole budget still runs, alone, or it would never start.
-            if k > budget and not (plan.is_empty and k > cfg.max_num_batched_tokens):
-                break
-            if not self._grow(req, req.num_computed + k):
-                break
-            waiting.popleft()
-            self._admit(req)
-            plan.add(req, k)
-            budget -= k
+        for waiting in (self.waiting, self.relegated):   # on-time prompts first
+            while waiting and len(self.running) < cfg.max_num_seqs:
+                req = waiting[0]
+                k = req.prompt_len + req.generated - req.num_computed
+                # A prompt larger than the whole budget still runs, alone, or it would never start.
+                if k > budget and not (plan.is_empty and k > cfg.max_num_batched_tokens):
+                    break
+                if not self._grow(req, req.num_computed + k):
+                    break
+                waiting.popleft()
+                self._admit(req)
+                plan.add(req, k)
+                budget -= k
+            else:
+                continue
+            break   # the budget or the cache is full: nothing behind it fits either
         if not plan.is_empty:
             return plan
         # Decode step: every running request, preempting the newest when KV runs out.

@@ -33,8 +33,8 @@ class SarathiScheduler(Scheduler):
 
     def latency_model_changed(self) -> None:
         cfg = self.config
-        budget = cfg.chunk_size or sarathi_token_budget(self.latency, cfg.tpot_slo, cfg.chunk_recipe_context,
-                                                        cfg.chunk_align)
+        budget = cfg.chunk_size or sarathi_token_budget(self.latency, cfg.chunk_recipe_tpot or cfg.tpot_slo,
+                                                        cfg.chunk_recipe_context, cfg.chunk_align)
         self.token_budget = min(budget, cfg.max_num_batched_tokens)
 
     def _form(self, now: float) -> StepPlan:

@@ -6,6 +6,11 @@ decode: 1 token; a partial prefill: the rest of its prompt) within the step's to
 budget. When KV runs out, the newest running request is preempted (recompute), possibly
 the one being scheduled. Then, only if nobody was preempted this step, waiting requests
 are admitted FCFS and chunked into the leftover budget.
+
+``vllm_priority.py`` reuses this step with its own queue order and victim (``_victim``);
+a victim already in the step gives its tokens back, as in vLLM. A step left empty by
+preemptions (the request being scheduled was its own victim) is formed again at once, as
+vLLM's next ``schedule()`` call would: an empty plan would idle the instance.
 """
 
 from __future__ import annotations
@@ -19,10 +24,19 @@ class VLLMScheduler(Scheduler):
     name = "vllm"
 
     def _form(self, now: float) -> StepPlan:
-        cfg = self.config
-        budget = cfg.max_num_batched_tokens
-        plan = StepPlan(token_budget=budget)
+        plan = StepPlan(token_budget=self.config.max_num_batched_tokens)
+        while self._schedule_pass(plan) and not plan.chunks:
+            # Everyone it reached was preempted (vllm-priority: the request being
+            # scheduled was the lowest-priority one). vLLM runs the empty step and
+            # schedules again at once; so do we, in the same plan.
+            pass
+        return plan
+
+    def _schedule_pass(self, plan: StepPlan) -> bool:
+        """One call of vLLM's ``schedule()`` into ``plan``; True if it preempted."""
+        budget = plan.token_budget
         running = self.running
+        preempted_before = len(plan.preempted)
 
         chunks = plan.chunks
         n = len(running)
@@ -41,6 +55,19 @@ class VLLMScheduler(Scheduler):
             scheduled = True
             while c + k > req.kv_slots and not self._grow(req, c + k):
                 victim = self._victim(i)
+                if victim is not running[-1] and running.index(victim) < i:
+                    # Already in this step (vllm-priority's victim may be): take its
+                    # tokens back, as vLLM does, and step the index back past it.
+                    i -= 1
+                    for t, (r, kv) in enumerate(chunks):
+                        if r is victim:
+                            del chunks[t]
+                            cv = victim.num_computed
+                            seqs -= 1
+                            ctx -= cv + kv
+                            pairs -= kv * cv + kv * (kv + 1) * 0.5
+                            budget += kv
+                            break
                 self._preempt(victim, plan)
                 n -= 1
                 if victim is req:
@@ -60,6 +87,7 @@ class VLLMScheduler(Scheduler):
         f.context_tokens += ctx
         f.attention_pairs += pairs
 
-        if not plan.preempted:   # vLLM: no admissions in a step that had to preempt
+        if len(plan.preempted) == preempted_before:   # vLLM: no admissions in a step that had to preempt
             self._admit_fcfs(plan, budget)
-        return plan
+            return False
+        return True

@@ -7,9 +7,12 @@ streaming and ``stream_options.include_usage``), ``GET /v1/models``, ``GET /heal
 
 Robustness rules: every request is validated before it reaches the engine (bad body,
 unknown model, over-long prompt -> 400/404 in OpenAI's error format); a full server
-answers 503 with ``Retry-After``; a client that goes away has its requests aborted at
-once (their KV blocks freed at the engine's next step boundary); any unexpected error
-in a handler is one request's 500, never the server's end.
+answers 503 with ``Retry-After``; a request the scheduler refuses (``late=reject``: it can
+no longer meet its TTFT) is answered 429 with ``Retry-After`` and the reason in
+``x-llm-d-request-dropped-reason``, streamed or not: a stream's status and headers are
+sent only once its first output (or its refusal) exists; a client that goes away has its
+requests aborted at once (their KV blocks freed at the engine's next step boundary); any
+unexpected error in a handler is one request's 500, never the server's end.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -32,7 +35,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fairbatch.engine.params import SamplingParams
 from fairbatch.request import SLO
 from fairbatch.server.async_engine import AsyncEngine, EngineDead, QueueFull, RequestGroup, clock
-from fairbatch.server.errors import APIError, bad_request, error_body, error_response, format_validation_errors
+from fairbatch.server.errors import (
+    DROPPED_REASON_HEADER,
+    LATE_REJECT_REASON,
+    APIError,
+    bad_request,
+    error_body,
+    error_response,
+    format_validation_errors,
+)
 from fairbatch.server.metrics import CONTENT_TYPE, ServerMetrics
 from fairbatch.server.model import ServedModel
 from fairbatch.server.output import OutputProcessor
@@ -54,8 +65,9 @@ def build_app(model: ServedModel, *, backend: Any = None, max_pending: int = 409
     ``spawn_engine``); default, a thread of this process on ``model``'s in-process engine.
 
     ``max_pending``: requests (choices) the server holds at once, running or queued; one
-    more is answered 503 with ``Retry-After: retry_after``. Bodies over ``max_body_bytes``
-    are refused with 413 before they are buffered."""
+    more is answered 503 with ``Retry-After: retry_after``. A request the scheduler refuses
+    (``late=reject``) is answered 429 with the same ``Retry-After``. Bodies over
+    ``max_body_bytes`` are refused with 413 before they are buffered."""
     metrics = ServerMetrics(model.name, prefix=metrics_prefix)
     engine = AsyncEngine(model, backend=backend, max_pending=max_pending, metrics=metrics)
     metrics.engine = engine
@@ -243,14 +255,15 @@ def build_app(model: ServedModel, *, backend: Any = None, max_pending: int = 409
 
         if body.stream:
             usage_opts = body.stream_options
+            outputs = await _first_output(_choices(group, model, stops, retry_after), group, raw)
 
             async def events() -> AsyncIterator[str]:
                 if body.echo:
                     for i, t in enumerate(echo):
                         yield _sse({**base, "choices": [choice(i, t or "", None)]})
-                async for ev in _choices(group, model, stops):
-                    if isinstance(ev, str):
-                        yield _sse(error_body(500, ev))
+                async for ev in outputs:
+                    if isinstance(ev, _Failure):
+                        yield _sse(error_body(ev.status, ev.message))
                         break
                     i, text, reason, procs = ev
                     chunk = {**base, "choices": [choice(i, text, reason)]}
@@ -264,7 +277,7 @@ def build_app(model: ServedModel, *, backend: Any = None, max_pending: int = 409
 
             return _SSEResponse(events(), group)
 
-        results = await _collect(group, model, stops, raw)
+        results = await _collect(group, model, stops, raw, retry_after)
         choices = [choice(i, (echo[i] or "") + text, reason) for i, (text, reason) in enumerate(results)]
         return JSONResponse({**base, "choices": choices, "usage": _usage(usage_prompt, procs_of(group))})
 
@@ -289,14 +302,15 @@ def build_app(model: ServedModel, *, backend: Any = None, max_pending: int = 409
 
         if body.stream:
             usage_opts = body.stream_options
+            outputs = await _first_output(_choices(group, model, stops, retry_after), group, raw)
 
             async def events() -> AsyncIterator[str]:
                 for i in range(len(reqs)):
                     yield _sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                      "logprobs": None, "finish_reason": None}]})
-                async for ev in _choices(group, model, stops):
-                    if isinstance(ev, str):
-                        yield _sse(error_body(500, ev))
+                async for ev in outputs:
+                    if isinstance(ev, _Failure):
+                        yield _sse(error_body(ev.status, ev.message))
                         break
                     i, text, reason, procs = ev
                     delta = {"content": text} if (text or reason is None) else {}
@@ -312,7 +326,7 @@ def build_app(model: ServedModel, *, backend: Any = None, max_pending: int = 409
 
             return _SSEResponse(events(), group)
 
-        results = await _collect(group, model, stops, raw)
+        results = await _collect(group, model, stops, raw, retry_after)
         return JSONResponse({
             "id": rid, "object": "chat.completion", "created": base["created"], "model": model.name,
             "choices": [{"index": i, "message": {"role": "assistant", "content": text},
@@ -339,12 +353,36 @@ def procs_of(group: RequestGroup) -> list[OutputProcessor]:
     return getattr(group, "processors", [])
 
 
-async def _choices(group: RequestGroup, model: ServedModel, stops: Sequence[str]
-                   ) -> AsyncIterator[tuple[int, str, str | None, list[OutputProcessor]] | str]:
+@dataclass(slots=True)
+class _Failure:
+    """A request that ends without (more) output: the engine failed it (500), or the
+    scheduler refused it (429, ``late=reject``)."""
+
+    status: int
+    message: str
+    headers: dict[str, str] | None = None
+
+    def error(self) -> APIError:
+        return APIError(self.status, self.message, headers=self.headers)
+
+
+def _refusal(req: Any, retry_after: int) -> _Failure:
+    return _Failure(
+        429, f"request refused ({LATE_REJECT_REASON}): it can no longer meet its time-to-first-token SLO of "
+        f"{req.slo.ttft * 1e3:g} ms (the scheduler runs with late=reject); retry later, or with a looser "
+        f"slo.ttft_ms", {"Retry-After": str(retry_after), DROPPED_REASON_HEADER: LATE_REJECT_REASON})
+
+
+Output = tuple[int, str, "str | None", list[OutputProcessor]]
+
+
+async def _choices(group: RequestGroup, model: ServedModel, stops: Sequence[str], retry_after: int = 1
+                   ) -> AsyncIterator[Output | _Failure]:
     """Every delta of every choice as ``(index, text, finish_reason, processors)``; one item
     per engine step per choice (also when its text is held back and empty), so a client
-    sees one event per generated token. Yields an error string and stops if the engine
-    failed a request. Aborts whatever is left when it ends, however it ends."""
+    sees one event per generated token. Yields a ``_Failure`` and stops if the engine
+    failed a request or the scheduler refused one. Aborts whatever is left when it ends,
+    however it ends."""
     n = len(group.requests)
     procs = [OutputProcessor(model.decode, stops) for _ in range(n)]
     group.processors = procs   # type: ignore[attr-defined]
@@ -355,7 +393,10 @@ async def _choices(group: RequestGroup, model: ServedModel, stops: Sequence[str]
             if idx in closed:
                 continue
             if d.error is not None:
-                yield f"request failed: {d.error}"
+                yield _Failure(500, f"request failed: {d.error}")
+                return
+            if d.rejected:
+                yield _refusal(group.requests[idx], retry_after)
                 return
             text = procs[idx].feed(d.token_ids, final=d.finish_reason is not None)
             reason = d.finish_reason
@@ -376,15 +417,53 @@ async def _wait_disconnect(raw: Request) -> None:
             return
 
 
-async def _collect(group: RequestGroup, model: ServedModel, stops: Sequence[str], raw: Request
-                   ) -> list[tuple[str, str | None]]:
-    """Run a non-streaming request to the end; abort it if the client disconnects first."""
+async def _first_output(outputs: AsyncIterator[Output | _Failure], group: RequestGroup, raw: Request
+                        ) -> AsyncIterator[Output | _Failure]:
+    """Wait, without sending anything, for a streamed request's first output: a request
+    refused (429) or failed (500) before it produced any gets a real HTTP status, not a
+    stream that began 200. Returns the outputs, the first one included; raises
+    ``APIError`` for a refusal, a failure, or a client that left first (its requests
+    aborted)."""
+    first = asyncio.ensure_future(outputs.__anext__())
+    watch = asyncio.ensure_future(_wait_disconnect(raw))
+    try:
+        done, _ = await asyncio.wait({first, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not first.done():
+            first.cancel()          # its generator's cleanup aborts the requests
+            group.abort()
+    if first not in done:
+        raise APIError(499, "client disconnected")
+    try:
+        ev = first.result()
+    except StopAsyncIteration:      # cannot happen (every request has a choice); never hang on it
+        ev = _Failure(500, "the request ended without output")
+    if isinstance(ev, _Failure):
+        await outputs.aclose()
+        raise ev.error()
+    return _prepend(ev, outputs)
+
+
+async def _prepend(first: Output, rest: AsyncIterator[Output | _Failure]) -> AsyncIterator[Output | _Failure]:
+    try:
+        yield first
+        async for ev in rest:
+            yield ev
+    finally:
+        await rest.aclose()         # type: ignore[attr-defined]
+
+
+async def _collect(group: RequestGroup, model: ServedModel, stops: Sequence[str], raw: Request,
+                   retry_after: int = 1) -> list[tuple[str, str | None]]:
+    """Run a non-streaming request to the end; abort it if the client disconnects first.
+    Raises ``APIError`` if the engine failed it (500) or the scheduler refused it (429)."""
     texts = [""] * len(group.requests)
     reasons: list[str | None] = [None] * len(group.requests)
 
-    async def consume() -> str | None:
-        async for ev in _choices(group, model, stops):
-            if isinstance(ev, str):
+    async def consume() -> _Failure | None:
+        async for ev in _choices(group, model, stops, retry_after):
+            if isinstance(ev, _Failure):
                 return ev
             i, text, reason, _ = ev
             texts[i] += text
@@ -406,7 +485,7 @@ async def _collect(group: RequestGroup, model: ServedModel, stops: Sequence[str]
                 t.cancel()
         group.abort()
     if error is not None:
-        raise APIError(500, error)
+        raise error.error()
     return list(zip(texts, reasons, strict=True))
 
 

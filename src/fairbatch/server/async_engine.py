@@ -8,9 +8,11 @@ and ``stop()``, ``send(kind, payload)``, ``alive`` and ``error``; it delivers th
 messages to ``on_message`` on the event loop.
 
 Here: every HTTP request's engine requests form a ``RequestGroup`` with one asyncio
-queue; each step's deltas arrive in one message and fan out to those queues. An abort
-(client gone, stop string hit) is sent at once and applied at the engine's next step
-boundary, where ``Scheduler.abort`` frees the request's KV blocks.
+queue; each step's deltas arrive in one message and fan out to those queues. A request
+the scheduler refused (``late=reject``) gets one last delta with finish reason "rejected"
+(the app answers 429). An abort (client gone, stop string hit) is sent at once and
+applied at the engine's next step boundary, where ``Scheduler.abort`` frees the
+request's KV blocks.
 """
 
 from __future__ import annotations
@@ -151,6 +153,8 @@ class AsyncEngine:
             self._dispatch(payload)
         elif kind == "snapshot":
             self.snapshot = payload
+        elif kind == "late":            # fresher than the last snapshot's
+            self.snapshot.rejected, self.snapshot.relegated = payload
         elif kind == "latency":
             self.latency_profile = payload
         elif kind == "load":
@@ -181,11 +185,14 @@ class AsyncEngine:
                 mirror(req, delta)
             group.queue.put_nowait((idx, delta))
             if metrics is not None and delta.error is None:
-                n = len(delta.token_ids)
-                if n:
-                    metrics.on_tokens(req, delta.start, delta.start + n)
-                if delta.finish_reason is not None:
-                    metrics.on_finish(req)
+                if delta.rejected:
+                    metrics.on_late_reject(req)
+                else:
+                    n = len(delta.token_ids)
+                    if n:
+                        metrics.on_tokens(req, delta.start, delta.start + n)
+                    if delta.finish_reason is not None:
+                        metrics.on_finish(req)
             if delta.done:
                 del groups[rid]
                 group.live.discard(rid)

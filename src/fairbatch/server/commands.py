@@ -28,6 +28,10 @@ def scheduler_config_for(policy: str, *, ttft_slo: float, tpot_slo: float, max_n
         if not hasattr(cfg, k):
             raise ValueError(f"unknown scheduler option {k!r}")
         setattr(cfg, k, v)
+    try:
+        cfg.validate()  # a bad value (late=...) is one line here, not an engine start-up failure
+    except TypeError as e:
+        raise ValueError(f"bad scheduler option: {e}") from None
     return cfg
 
 
@@ -102,6 +106,10 @@ def register(app: typer.Typer) -> None:
         refit_latency: Annotated[bool, typer.Option(help="Refit the scheduler's step-time model online from the "
                                                     "steps this engine runs (a profile is only as good as "
                                                     "its host).")] = True,
+        late: Annotated[Optional[str], typer.Option(help="Requests that can no longer meet their SLO, the same for "
+                                                    "every policy: serve (in the policy's order), relegate "
+                                                    "(behind the ones on time) or reject (refused: HTTP 429). "
+                                                    "Default: the scheduler's (serve); same as --set late=...")] = None,
         tpot_margin: Annotated[float, typer.Option(help="FairBatching paces tokens this fraction inside the TPOT "
                                                    "SLO: room for steps that overrun the step-time model "
                                                    "(a real engine's do; the simulator's do not, its "
@@ -123,6 +131,13 @@ def register(app: typer.Typer) -> None:
         if not 0.0 <= tpot_margin < 1.0:
             raise fail("--tpot-margin must be in [0, 1)")
         options.setdefault("tpot_margin", tpot_margin)
+        if late is not None:
+            from fairbatch.scheduler.late import Late
+
+            try:
+                options["late"] = Late.parse(late).value      # --late wins over --set late=...
+            except ValueError as e:
+                raise fail(str(e)) from None
         sock = listen_or_fail(host, port)
         load_kwargs = dict(
             model=model, policy=policy, ttft_slo=ttft_slo, tpot_slo=tpot_slo, scheduler_options=options,
@@ -159,7 +174,8 @@ def register(app: typer.Typer) -> None:
             raise fail(str(e)) from None
         app_ = build_app(served, backend=backend, max_pending=max_pending)
         bound = sock.getsockname()
-        console.print(f"serving [bold]{served.name}[/] ({served.device}, policy {policy}, "
+        late_mode = f", late={options['late']}" if "late" in options else ""
+        console.print(f"serving [bold]{served.name}[/] ({served.device}, policy {policy}{late_mode}, "
                       f"{served.num_blocks} KV blocks, context {served.max_model_len}, "
                       f"SLO TTFT {ttft_slo:g}s / TPOT {tpot_slo * 1e3:g}ms) on http://{host}:{bound[1]}",
                       highlight=False)

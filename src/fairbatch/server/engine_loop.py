@@ -6,10 +6,15 @@ It knows nothing of its transport. ``receive(timeout)`` hands it the commands th
 payload)`` carries its messages back. The engine process (``engine_process``, what
 ``fairbatch serve`` runs) plugs in a pipe; the in-process thread (``engine_thread``, for
 tests and embedding) plugs in a deque and ``call_soon_threadsafe``. Everything posted is
-plain picklable data: ``("deltas", [(request_id, Delta), ...])`` once per step, ``("load",
+plain picklable data: ``("deltas", [(request_id, Delta), ...])`` once per step (a request
+the scheduler refused, ``late=reject``, at ``add`` or while queued or part-way through its
+prefill, gets one final delta with ``finish_reason == "rejected"`` and no tokens), ``("load",
 (token, Load | None, error | None))`` for a load query, ``("snapshot", EngineSnapshot)``
-every few tens of milliseconds, ``("latency", profile dict)`` at start and after each
-accepted refit of the step-time model.
+every few tens of milliseconds, ``("late", (rejected, relegated))``, the scheduler's
+late-request counts, whenever they changed, before the deltas that follow them (so a
+client that got its answer and then reads /metrics sees its request counted), and
+``("latency", profile dict)`` at start and after each accepted refit of the step-time
+model.
 
 Time is ``time.perf_counter()``: CLOCK_MONOTONIC on Linux, one clock for every process of
 the host, so the HTTP handler's arrival stamp and the engine's token times compare.
@@ -27,7 +32,7 @@ from typing import Any
 from fairbatch.instance import Instance
 from fairbatch.latency.online import OnlineLatencyModel
 from fairbatch.plan import StepPlan
-from fairbatch.request import Request
+from fairbatch.request import Request, RequestState
 from fairbatch.scheduler.base import Load
 
 log = logging.getLogger("fairbatch.server")
@@ -44,7 +49,9 @@ class Delta:
     """What one step produced for one request."""
 
     token_ids: list[int]
-    finish_reason: str | None = None      # "stop" | "length" when the request finished
+    # "stop" | "length" when the request finished; "rejected" when the scheduler refused it
+    # (late=reject: it could not meet its TTFT; it never produced a token)
+    finish_reason: str | None = None
     error: str | None = None              # the engine failed this request
     time: float = 0.0                     # end of the step that produced the tokens
     start: int = 0                        # index of the first of token_ids in the output
@@ -52,6 +59,13 @@ class Delta:
     @property
     def done(self) -> bool:
         return self.finish_reason is not None or self.error is not None
+
+    @property
+    def rejected(self) -> bool:
+        return self.finish_reason == REJECTED
+
+
+REJECTED = "rejected"      # Delta.finish_reason of a request the scheduler refused (late=reject)
 
 
 @dataclass(slots=True)
@@ -78,6 +92,9 @@ class EngineSnapshot:
     step_tokens: int = 0
     steps_run: int = 0
     latency_refits: int = 0
+    # the scheduler's late-request counts (late=relegate|reject): refused, put behind
+    rejected: int = 0
+    relegated: int = 0
     time: float = 0.0
 
 
@@ -98,6 +115,22 @@ class EngineLoop:
         lat = instance.scheduler.latency
         self._online = lat if isinstance(lat, OnlineLatencyModel) else None
         self.latency_refits = 0
+        self._published_late = (0, 0)       # (rejected, relegated) as last posted
+
+    def _late_counts(self) -> tuple[int, int]:
+        st = self.instance.scheduler.stats
+        return st.rejected, st.relegated
+
+    def post_late_counts(self) -> None:
+        """Post the scheduler's late-request counts if they changed since last posted."""
+        counts = self._late_counts()
+        if counts != self._published_late:
+            self._published_late = counts
+            self.post("late", counts)
+
+    def post_deltas(self, deltas: list[tuple[str, "Delta"]]) -> None:
+        self.post_late_counts()
+        self.post("deltas", deltas)
 
     def run(self, receive: Receive, stopping: Callable[[], bool]) -> None:
         """Serve until ``stopping()``; then drop whatever is left (frees its blocks)."""
@@ -117,6 +150,7 @@ class EngineLoop:
             if cmds:
                 self.apply(cmds, now)
             if not inst.has_work():
+                self.post_late_counts()
                 if now - last_snapshot > self.snapshot_every:
                     self.publish_snapshot(now)
                     last_snapshot = now
@@ -156,6 +190,9 @@ class EngineLoop:
                     except ValueError as e:
                         early.append((req.request_id, Delta([], error=str(e), time=now)))
                         continue
+                    if req.state is RequestState.REJECTED:    # late=reject: hopeless on arrival
+                        early.append((req.request_id, Delta([], REJECTED, time=now)))
+                        continue
                     self._sent[req.request_id] = 0
             elif kind == "abort":
                 for rid in payload:
@@ -169,7 +206,7 @@ class EngineLoop:
             else:
                 log.error("engine loop: unknown command %r", kind)
         if early:
-            self.post("deltas", early)
+            self.post_deltas(early)
 
     def step(self, now: float) -> StepPlan | None:
         """One step; returns its plan (None when it failed or was empty)."""
@@ -182,15 +219,21 @@ class EngineLoop:
             log.error("%s\n%s", msg, traceback.format_exc())
             self.drop_all(msg, notify=True)
             return None
+        sent = self._sent
+        # refused while queued or part-way through their prefill (late=reject); the
+        # instance already released their KV and executor state
+        deltas: list[tuple[str, Delta]] = [(r.request_id, Delta([], REJECTED, time=now)) for r in plan.rejected
+                                           if sent.pop(r.request_id, None) is not None]
         if plan.is_empty:
-            time.sleep(0.0005)   # nothing schedulable right now (should be rare): do not spin
+            if deltas:
+                self.post_deltas(deltas)
+            else:
+                time.sleep(0.0005)   # nothing schedulable right now (should be rare): do not spin
             return None
         self.steps_run += 1
         self.step_seconds += result.duration
         self.step_predicted_seconds += inst.scheduler.latency.predict(plan.features)
         self.step_tokens += plan.features.new_tokens
-        sent = self._sent
-        deltas: list[tuple[str, Delta]] = []
         end = now + result.duration
         fin = {r.request_id for r in finished}
         for req, _ in plan.chunks:
@@ -208,7 +251,7 @@ class EngineLoop:
                     sent[rid] = gen
                 deltas.append((rid, Delta(req.output_token_ids[start:gen], reason, time=end, start=start)))
         if deltas:
-            self.post("deltas", deltas)
+            self.post_deltas(deltas)
         return plan
 
     def drop_all(self, message: str, *, notify: bool) -> None:
@@ -217,15 +260,17 @@ class EngineLoop:
         inst = self.instance
         now = clock()
         deltas = [(rid, Delta([], error=message, time=now)) for rid in self._sent]
-        self._sent.clear()
         sched = inst.scheduler
-        for req in list(sched.running) + list(sched.waiting):
+        ids = dict.fromkeys([*self._sent, *(r.request_id for r in sched.running),
+                             *(r.request_id for r in sched.waiting), *(r.request_id for r in sched.relegated)])
+        self._sent.clear()
+        for rid in ids:
             try:
-                inst.abort(req.request_id, now)
+                inst.abort(rid, now)
             except Exception:   # noqa: BLE001
                 pass
         if notify and deltas:
-            self.post("deltas", deltas)
+            self.post_deltas(deltas)
 
     def publish_latency_model(self) -> None:
         """The scheduler's step-time model as a profile (``fairbatch simulate --profile``)."""
@@ -238,6 +283,7 @@ class EngineLoop:
 
     def publish_snapshot(self, now: float) -> None:
         sched = self.instance.scheduler
+        self._published_late = self._late_counts()
         try:
             load = sched.load(now)
         except Exception:   # noqa: BLE001
@@ -249,7 +295,8 @@ class EngineLoop:
             admission_budget=load.admission_budget, queued_prefill_tokens=load.queued_prefill_tokens,
             step_errors=self.step_errors, step_seconds=self.step_seconds,
             step_predicted_seconds=self.step_predicted_seconds, busy_seconds=self.busy_seconds,
-            step_tokens=self.step_tokens, steps_run=self.steps_run, latency_refits=self.latency_refits, time=now))
+            step_tokens=self.step_tokens, steps_run=self.steps_run, latency_refits=self.latency_refits,
+            rejected=sched.stats.rejected, relegated=sched.stats.relegated, time=now))
 
 
 def mirror(req: Request, delta: Delta) -> None:
@@ -260,6 +307,8 @@ def mirror(req: Request, delta: Delta) -> None:
     if delta.finish_reason is not None:
         req.finish_reason = delta.finish_reason
         req.finish_time = delta.time
+        if delta.rejected:
+            req.state = RequestState.REJECTED
 
 
-__all__ = ["Delta", "EngineLoop", "EngineSnapshot", "clock", "mirror"]
+__all__ = ["REJECTED", "Delta", "EngineLoop", "EngineSnapshot", "clock", "mirror"]

@@ -23,6 +23,14 @@ _TYPES = {
 }
 
 
+# Why a request was refused, in a response header: the one llm-d's inference gateway (its
+# endpoint picker, llm-d-router) sets on the 429 / 503 of a request it dropped, with values
+# of the form "rejected-<why>". Ours: the scheduler refused the request (late=reject)
+# because it could no longer meet its TTFT.
+DROPPED_REASON_HEADER = "x-llm-d-request-dropped-reason"
+LATE_REJECT_REASON = "rejected-ttft-unattainable"
+
+
 class APIError(Exception):
     """Raised anywhere in a handler; the app turns it into an OpenAI error response."""
 

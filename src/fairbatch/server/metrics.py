@@ -3,10 +3,11 @@
 Names follow vLLM's (``vllm:num_requests_running`` -> ``fairbatch:num_requests_running``,
 same suffixes, units and histogram buckets), so dashboards carry over by changing the
 prefix. Ours on top: SLO attainment per SLO class (TTFT, vLLM-style mean TPOT, both, and
-FairBatching's per-token envelope), the scheduler's admission budget, and queued prefill
-tokens. Request-level series are observed by the engine thread as tokens are produced
-(prometheus-client is thread-safe); gauges are read from the engine's snapshot at scrape
-time.
+FairBatching's per-token envelope), the scheduler's admission budget, queued prefill
+tokens, and its late-request counts (``request_rejected{reason="late"}`` for the 429s of
+``late=reject``, ``request_relegated`` from the engine's snapshot). Request-level series
+are observed by the engine thread as tokens are produced (prometheus-client is
+thread-safe); gauges are read from the engine's snapshot at scrape time.
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ class ServerMetrics:
                                        lab + ["finished_reason"], registry=r)
         self.request_aborted = Counter(p + "request_aborted", "Requests aborted (client gone, stop string, error).",
                                        lab, registry=r)
-        self.request_rejected = Counter(p + "request_rejected", "Requests refused with 503 (queue full).",
-                                        lab, registry=r)
+        self.request_rejected = Counter(p + "request_rejected", "Requests refused, by reason: queue_full (503, "
+                                        "--max-pending reached), late (429, the scheduler's late=reject: the "
+                                        "request could not meet its TTFT).", lab + ["reason"], registry=r)
         self.ttft = Histogram(p + "time_to_first_token_seconds", "Time to first token.", lab,
                               buckets=TTFT_BUCKETS, registry=r)
         self.itl = Histogram(p + "inter_token_latency_seconds", "Time between consecutive output tokens.", lab,
@@ -61,7 +63,8 @@ class ServerMetrics:
                               buckets=ITL_BUCKETS, registry=r)
         self.e2e = Histogram(p + "e2e_request_latency_seconds", "End-to-end request latency.", lab,
                              buckets=E2E_BUCKETS, registry=r)
-        self.slo_requests = Counter(p + "slo_requests", "Finished requests counted for SLO attainment.",
+        self.slo_requests = Counter(p + "slo_requests", "Requests counted for SLO attainment: finished, and "
+                                    "refused for lateness (late=reject; each a miss).",
                                     lab + ["slo_class"], registry=r)
         self.slo_met = Counter(p + "slo_met", "Finished requests that met an objective "
                                "(ttft, tpot, both, envelope = every token by its deadline).",
@@ -79,7 +82,8 @@ class ServerMetrics:
         self._tpot = self.tpot.labels(m)
         self._e2e = self.e2e.labels(m)
         self._aborted = self.request_aborted.labels(m)
-        self._rejected = self.request_rejected.labels(m)
+        self._rejected = self.request_rejected.labels(m, "queue_full")
+        self._late_rejected = self.request_rejected.labels(m, "late")
 
     # --- events (event loop thread) --------------------------------------------------------
     def on_arrival(self, req: Request) -> None:
@@ -126,7 +130,17 @@ class ServerMetrics:
         self._aborted.inc()
 
     def on_reject(self, n: int = 1) -> None:
+        """``n`` requests refused because the server is full (503)."""
         self._rejected.inc(n)
+
+    def on_late_reject(self, req: Request) -> None:
+        """The scheduler refused ``req`` (late=reject, 429): it could not meet its TTFT. It
+        counts for SLO attainment as a miss, as ``metrics.summarize`` counts it."""
+        self._late_rejected.inc()
+        cls = req.slo.name
+        self.slo_requests.labels(self.model_name, cls).inc()
+        with self._lock:
+            self._attain.setdefault(cls, [0, 0, 0])[0] += 1
 
     # --- exposition ------------------------------------------------------------------------
     def attainment(self) -> dict[str, tuple[int, float, float]]:
@@ -171,6 +185,11 @@ class _StateCollector(Collector):
             c = CounterMetricFamily(p + "num_preemptions", "Recompute preemptions.", labels=lab)
             c.add_metric([m.model_name], snap.preemptions)
             yield c
+            c = CounterMetricFamily(p + "request_relegated", "Requests the scheduler put behind the ones that "
+                                    "can still meet their SLO (late=relegate|reject): a prompt past its TTFT, or "
+                                    "a request whose first token came late.", labels=lab)
+            c.add_metric([m.model_name], snap.relegated)
+            yield c
             c = CounterMetricFamily(p + "engine_steps", "Engine steps run.", labels=lab)
             c.add_metric([m.model_name], snap.steps)
             yield c
@@ -194,7 +213,8 @@ class _StateCollector(Collector):
             yield c
         att = m.attainment()
         g = GaugeMetricFamily(p + "slo_attainment", "Fraction of finished requests that met both TTFT and TPOT "
-                              "objectives, by SLO class.", labels=lab + ["slo_class"])
+                              "objectives, by SLO class (requests refused for lateness count as misses).",
+                              labels=lab + ["slo_class"])
         e = GaugeMetricFamily(p + "envelope_attainment", "Fraction of finished requests whose every token met "
                               "its per-token deadline, by SLO class.", labels=lab + ["slo_class"])
         for cls, (_, slo, env) in sorted(att.items()):

@@ -16,9 +16,10 @@ from fairbatch.instance import Executor, Instance
 from fairbatch.kv import BlockAllocator
 from fairbatch.latency.base import LatencyModel
 from fairbatch.latency.profiles import load_latency_model
-from fairbatch.metrics import CapacityResult, find_capacity, record_from_request, summarize
+from fairbatch.metrics import CapacityResult, find_capacities, find_capacity, record_from_request, summarize
 from fairbatch.request import SLO, DeadlineRule
 from fairbatch.scheduler.base import SchedulerConfig, make_scheduler
+from fairbatch.scheduler.variant import parse_variant
 from fairbatch.sim.executor import SimExecutor
 from fairbatch.sim.loop import SimOutcome, simulate
 from fairbatch.specs import get_gpu, get_model, kv_cache_blocks
@@ -123,14 +124,16 @@ def prepare(sc: Scenario) -> Prepared:
         slos = assign_slos(entries, default=default)
     latency = load_latency_model(sc.model, sc.gpu, sc.profile)
     num_blocks = kv_cache_blocks(model, gpu, gpu_memory_utilization=sc.gpu_memory_utilization)
-    # The tightest class sets the SLO-derived knobs (Sarathi's budget recipe, horizons).
-    tight = min(slos, key=lambda s: s.tpot) if slos else default
-    cfg = SchedulerConfig(max_model_len=max_len, ttft_slo=min(s.ttft for s in slos) if slos else sc.ttft_slo,
-                          tpot_slo=tight.tpot)
+    # Policies read each request's own SLO; the config's is the default for requests
+    # without one, as in the server. Sarathi's budget recipe is sized, as its authors
+    # size it, for the tightest TPOT served.
+    cfg = SchedulerConfig(max_model_len=max_len, ttft_slo=sc.ttft_slo, tpot_slo=sc.tpot_slo,
+                          chunk_recipe_tpot=min(s.tpot for s in slos) if slos else sc.tpot_slo)
     for k, v in sc.scheduler.items():
         if not hasattr(cfg, k):
             raise ValueError(f"unknown scheduler option {k!r}")
         setattr(cfg, k, v)
+    cfg.validate()
     if sc.instances < 1:
         raise ValueError("instances must be >= 1")
     make_router(sc.router)   # validate early
@@ -140,15 +143,17 @@ def prepare(sc: Scenario) -> Prepared:
 def run_policy(prep: Prepared, policy: str, rate_scale: float = 1.0,
                progress: Callable[[int], None] | None = None,
                make_executor: Callable[[LatencyModel, int], Executor] | None = None) -> RunResult:
-    """One simulation. ``make_executor(model, k)`` builds instance k's executor (default:
-    steps take exactly what the model predicts)."""
+    """One simulation of ``policy`` (a name, or a variant ``"sarathi:chunk_size=1536"``).
+    ``make_executor(model, k)`` builds instance k's executor (default: steps take exactly
+    what the model predicts)."""
     sc = prep.scenario
+    variant = parse_variant(policy)
     entries = scale_rate(prep.entries, rate_scale) if rate_scale != 1.0 else prep.entries
     requests = make_requests(entries, prep.slos, deadline_rule=DeadlineRule(sc.deadline_rule))
     instances = []
     for k in range(sc.instances):
-        cfg = replace(prep.config)
-        sched = make_scheduler(policy, cfg, BlockAllocator(prep.num_blocks, 16), prep.latency)
+        cfg = variant.config(prep.config)
+        sched = make_scheduler(variant.name, cfg, BlockAllocator(prep.num_blocks, 16), prep.latency)
         executor = make_executor(prep.latency, k) if make_executor else SimExecutor(prep.latency)
         instances.append(Instance(sched, executor, name=f"instance-{k}"))
     router = make_router(sc.router) if sc.instances > 1 else None
@@ -160,6 +165,12 @@ def run_policy(prep: Prepared, policy: str, rate_scale: float = 1.0,
     if sc.instances > 1:
         summary["requests_per_instance"] = outcome.assigned
     return RunResult(policy, rate_scale, summary, outcome)
+
+
+def capacities(prep: Prepared, policy: str, *, targets: tuple[float, ...] = (0.9, 0.99), lo: float = 1.0,
+               rel_tol: float = 0.02) -> dict[float, CapacityResult]:
+    """Highest rate scale meeting each attainment target (runs shared between targets)."""
+    return find_capacities(lambda s: run_policy(prep, policy, s).summary, lo=lo, targets=targets, rel_tol=rel_tol)
 
 
 def capacity(prep: Prepared, policy: str, *, target: float = 0.9, lo: float = 1.0,

@@ -16,7 +16,7 @@ from ..request import SLO, DeadlineRule, Request
 from .arrivals import ArrivalProcess, GammaArrivals, PoissonArrivals, retime
 from .load import bundled_traces, load_trace
 from .readers import FORMATS, TraceFile, detect_format, read_trace
-from .slo_classes import SLOClass, assign_slos, parse_slo_classes
+from .slo_classes import SLOClass, assign_slos, parse_slo_classes, slo_priorities
 from .trace import TraceEntry, TraceError
 from .transform import mean_rate, scale_rate, take, truncate_to_context
 
@@ -24,7 +24,7 @@ __all__ = [
     "FORMATS", "ArrivalProcess", "GammaArrivals", "PoissonArrivals", "SLOClass", "TraceEntry",
     "TraceError", "TraceFile", "assign_slos", "bundled_traces", "detect_format", "load_trace",
     "make_requests", "mean_rate", "parse_slo_classes", "read_trace", "retime", "scale_rate",
-    "take", "truncate_to_context",
+    "slo_priorities", "take", "truncate_to_context",
 ]
 
 
@@ -34,17 +34,24 @@ def make_requests(
     *,
     deadline_rule: DeadlineRule = DeadlineRule.TPOT_SAFE,
     id_prefix: str = "req",
+    priorities: Sequence[int] | None = None,
 ) -> list[Request]:
     """Requests ``{id_prefix}-{i}`` with ``max_new_tokens = output_len``.
 
     ``slos`` is one SLO per entry (see ``assign_slos``) or a single SLO for all.
+    ``priorities`` (lower first, as vLLM's) defaults to the rank of each request's SLO
+    class, tightest first (``slo_priorities``).
     """
     if isinstance(slos, SLO):
         slos = [slos] * len(entries)
     if len(slos) != len(entries):
         raise ValueError(f"{len(slos)} SLOs for {len(entries)} trace entries")
+    if priorities is None:
+        priorities = slo_priorities(slos)
+    elif len(priorities) != len(entries):
+        raise ValueError(f"{len(priorities)} priorities for {len(entries)} trace entries")
     return [
         Request(f"{id_prefix}-{i}", e.arrival, e.prompt_len, e.output_len, slo,
-                deadline_rule=deadline_rule)
-        for i, (e, slo) in enumerate(zip(entries, slos, strict=True))
+                deadline_rule=deadline_rule, priority=prio)
+        for i, (e, slo, prio) in enumerate(zip(entries, slos, priorities, strict=True))
     ]

@@ -1,4 +1,5 @@
-"""Per-request SLO classes: parsing a class mix, and giving each request its SLO.
+"""Per-request SLO classes: parsing a class mix, and giving each request its SLO and the
+priority that follows from it.
 
 A spec such as ``"interactive:0.5:0.03:0.3,batch:5:0.15:0.7"`` lists classes as
 ``name:TTFT_s:TPOT_s:share``; shares are normalised when they do not sum to 1.
@@ -95,3 +96,11 @@ def assign_slos(
         by_tag = {tag: c.slo() if isinstance(c, SLOClass) else c for tag, c in tag_map.items()}
         return [by_tag.get(e.tag, default) if e.tag is not None else default for e in entries]
     return [default] * len(entries)
+
+
+def slo_priorities(slos: Sequence[SLO]) -> list[int]:
+    """One priority per request, vLLM's convention (lower is served first): the rank of
+    its SLO's ``(ttft, tpot)`` among the distinct ones in ``slos``, tightest first, so a
+    single SLO gives every request 0. Only ``vllm-priority`` reads it."""
+    rank = {key: i for i, key in enumerate(sorted({(s.ttft, s.tpot) for s in slos}))}
+    return [rank[(s.ttft, s.tpot)] for s in slos]

@@ -1,0 +1,54 @@
+"""A policy with settings of its own: ``"sarathi:chunk_size=1536"``.
+
+Comparisons run each baseline at its best (a swept budget) next to its default, so a
+run names a policy *variant*: the registered policy plus the SchedulerConfig fields it
+overrides. Values are parsed as JSON where they can be (``late=relegate`` stays a string).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from fairbatch.scheduler.base import SchedulerConfig, policy_names
+
+_FIELDS = {f.name for f in fields(SchedulerConfig)}
+
+
+@dataclass(frozen=True)
+class PolicyVariant:
+    name: str                              # the registered policy
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def label(self) -> str:
+        if not self.overrides:
+            return self.name
+        return self.name + ":" + ",".join(f"{k}={v}" for k, v in self.overrides)
+
+    def config(self, base: SchedulerConfig) -> SchedulerConfig:
+        """``base`` with this variant's fields set (validated)."""
+        cfg = replace(base, **dict(self.overrides))
+        cfg.validate()
+        return cfg
+
+
+def parse_variant(spec: str) -> PolicyVariant:
+    """``NAME`` or ``NAME:KEY=VALUE,KEY=VALUE``; unknown policies and fields are errors."""
+    name, _, rest = spec.partition(":")
+    name = name.strip()
+    if name not in policy_names():
+        raise ValueError(f"unknown policy {name!r}; choose from {', '.join(policy_names())}")
+    overrides: list[tuple[str, Any]] = []
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in _FIELDS:
+            raise ValueError(f"bad policy setting {item!r} in {spec!r}: expected KEY=VALUE with KEY a "
+                             f"scheduler option ({', '.join(sorted(_FIELDS))})")
+        try:
+            overrides.append((key, json.loads(value)))
+        except json.JSONDecodeError:
+            overrides.append((key, value.strip()))
+    return PolicyVariant(name, tuple(overrides))

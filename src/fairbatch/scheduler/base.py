@@ -51,6 +51,9 @@ class SchedulerConfig:
     # (inf: only when no prompt that can still make its TTFT is waiting)
     late_deadline_factor: float = float("inf")
     failed_decode_gap: float = 4.0       # relegated decodes get a token at least every this many TPOTs
+    # fairbatching: seconds added to a prompt's deadline per prompt token still to compute
+    # when ordering prefills (0: earliest deadline first)
+    prefill_work_weight: float = 0.0005
     # pace tokens this fraction inside the TPOT SLO: room for steps that overrun the
     # step-time model, which FairBatching (filling every step to its deadline) has none of
     tpot_margin: float = 0.0
@@ -338,13 +341,25 @@ class Scheduler(ABC):
         req.kv_slots = alloc.num_allocated(req.request_id) * alloc.block_size
         return True
 
-    def _admit_fcfs(self, plan: StepPlan, budget: int) -> int:
+    def _admit_fcfs(self, plan: StepPlan, budget: int, late_partials: list[Request] = (),  # type: ignore[assignment]
+                    admit: bool = True) -> int:
         """Admit waiting requests in queue order, each chunked to what is left of the token
-        budget, until the budget, the sequence limit or the KV cache runs out. Returns the
-        budget left."""
+        budget, until the budget, the sequence limit or the KV cache runs out: prompts that
+        can still make their TTFT, then the relegated ones, partly prefilled
+        (``late_partials``, already running) before waiting. ``admit=False`` (a step that
+        preempted) runs only the partials. Returns the budget left."""
         max_seqs = self.config.max_num_seqs
-        for waiting in (self.waiting, self.relegated):   # on-time prompts first
-            while waiting and budget > 0 and len(self.running) < max_seqs:
+        for waiting in (self.waiting, self.relegated):
+            if waiting is self.relegated:
+                for req in late_partials:
+                    if budget <= 0:
+                        return budget
+                    c = req.num_computed
+                    k = min(req.prompt_len - c, budget)
+                    if self._grow(req, c + k):
+                        plan.add(req, k)
+                        budget -= k
+            while admit and waiting and budget > 0 and len(self.running) < max_seqs:
                 req = waiting[0]
                 c = req.num_computed
                 k = min(req.prompt_len + req.generated - c, budget)

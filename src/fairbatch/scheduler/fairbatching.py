@@ -79,16 +79,21 @@ class FairBatchingScheduler(Scheduler):
 
     def _enqueue(self, req: Request) -> None:
         super()._enqueue(req)
-        heapq.heappush(self._heap, (req.next_deadline(), next(self._seq), req))
+        heapq.heappush(self._heap, (self._prefill_key(req), next(self._seq), req))
 
     def _requeue_front(self, req: Request) -> None:
         super()._requeue_front(req)
-        heapq.heappush(self._heap, (req.next_deadline(), next(self._seq), req))
+        heapq.heappush(self._heap, (self._prefill_key(req), next(self._seq), req))
+
+    def _prefill_key(self, req: Request) -> float:
+        """Order of prompts: the first-token deadline, plus ``prefill_work_weight`` seconds
+        per prompt token still to compute (0: earliest deadline first)."""
+        return req.deadline + self.config.prefill_work_weight * (req.prompt_len - req.num_computed)
 
     def _preempt(self, req: Request, plan: StepPlan) -> None:
         super()._preempt(req, plan)
         if not (req.relegated and not req.generated):
-            heapq.heappush(self._heap, (req.next_deadline(), next(self._seq), req))
+            heapq.heappush(self._heap, (self._prefill_key(req), next(self._seq), req))
 
     # --- batch formation -------------------------------------------------------------------
     def _form(self, now: float) -> StepPlan:
@@ -150,19 +155,28 @@ class FairBatchingScheduler(Scheduler):
             urgent.sort(key=_by_deadline)
             self._add_decodes(urgent, plan, _INF, token_cap)
 
-        # (b) prefills: partial (running) ones, then waiting ones, each in priority order
-        # (the first-token deadline, or a relaxed one for relegated prompts), each given
-        # the largest chunk that still fits T.
+        # (b) prefills: running partial prefills, then waiting prompts, each in priority
+        # order (_prefill_key) and given the largest chunk that still fits T; then the
+        # relegated ones (late), partial before waiting, after every prompt on time.
+        key = self._prefill_key
+        late_partials = []
         if partials:
-            if relegate:
-                factor = cfg.late_deadline_factor
-                partials.sort(key=lambda r: r.arrival + factor * r.slo.ttft if r.relegated else r.deadline)
-            else:
-                partials.sort(key=_by_deadline)
+            partials.sort(key=key)
             for req in partials:
-                self._add_partial(req, T, token_cap, plan)
-        if not plan.preempted:   # like vLLM: no admissions in a step that had to preempt
-            self._admit_prefills(T, token_cap, plan)
+                if req.relegated:
+                    late_partials.append(req)
+                else:
+                    self._add_partial(req, T, token_cap, plan)
+        # like vLLM, no admissions in a step that had to preempt
+        while not plan.preempted and (head := self._waiting_head()) is not None:
+            if not self._admit_waiting(head, self._heap, T, token_cap, plan):
+                break
+        for req in late_partials:
+            self._add_partial(req, T, token_cap, plan)
+        relegated = self.relegated
+        while not plan.preempted and relegated:
+            if not self._admit_waiting(relegated[0], relegated, T, token_cap, plan):
+                break
 
         # (c) the remaining decodes, by deadline, while the step stays within T; then
         # those of requests that already missed their SLO
@@ -245,36 +259,36 @@ class FairBatchingScheduler(Scheduler):
             k = min(pending, max(cfg.min_chunk, 1), token_cap)   # progress floor
         return k
 
-    def _admit_prefills(self, T: float, token_cap: int, plan: StepPlan) -> None:
-        """Admit waiting prompts while they fit: first those that can still make their
-        first-token deadline, from a heap keyed by it; then relegated ones (``late``), in
-        the order they were relegated."""
-        heap, relegated = self._heap, self.relegated
+    def _waiting_head(self) -> Request | None:
+        """The waiting prompt that can still make its TTFT with the smallest key (stale heap
+        entries, admitted, aborted or relegated since they were pushed, are dropped)."""
+        heap = self._heap
+        while heap:
+            req = heap[0][2]
+            # relegated prompts wait in self.relegated; a relegated request preempted after
+            # its first token is recomputed from here like any other
+            if req.state is RequestState.WAITING and not (req.relegated and not req.generated):
+                return req
+            heapq.heappop(heap)
+        return None
+
+    def _admit_waiting(self, req: Request, source, T: float, token_cap: int, plan: StepPlan) -> bool:
+        """Admit ``req``, the head of ``source`` (the deadline heap or the relegated queue),
+        with the largest chunk that fits; False when it does not fit (step, seqs or KV)."""
         feats = plan.features
-        max_seqs = self.config.max_num_seqs
-        waiting_state = RequestState.WAITING
-        while len(self.running) < max_seqs and feats.new_tokens < token_cap:
-            if heap:
-                req = heap[0][2]
-                if req.state is not waiting_state or req.relegated:
-                    heapq.heappop(heap)       # admitted, aborted or relegated since it was pushed
-                    continue
-                source = heap
-            elif relegated:
-                req = relegated[0]
-                source = relegated
-            else:
-                break
-            k = self._chunk(req, feats, T, token_cap, plan)
-            if k == 0 or not self._grow(req, req.num_computed + k):
-                break
-            if source is heap:
-                heapq.heappop(heap)
-                self.waiting.remove(req)
-            else:
-                relegated.popleft()
-            self._admit(req)
-            plan.add(req, k)
+        if len(self.running) >= self.config.max_num_seqs or feats.new_tokens >= token_cap:
+            return False
+        k = self._chunk(req, feats, T, token_cap, plan)
+        if k == 0 or not self._grow(req, req.num_computed + k):
+            return False
+        if source is self._heap:
+            heapq.heappop(source)
+            self.waiting.remove(req)
+        else:
+            source.popleft()
+        self._admit(req)
+        plan.add(req, k)
+        return True
 
     def _slack(self, req: Request) -> float:
         return req.deadline - self._step_now

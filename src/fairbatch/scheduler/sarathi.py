@@ -80,8 +80,13 @@ class SarathiScheduler(Scheduler):
         if i < len(running):   # budget ran out: the rest may still hold partial prefills
             prefills.extend(r for r in running[i:] if r.prompt_len + r.generated - r.num_computed > 1 or r.generated == 0)
 
-        # 2) partial prefills (admission order), 3) new prompts FCFS
+        # 2) partial prefills (admission order), 3) new prompts FCFS; relegated partial
+        # prefills after the prompts on time (late.py)
+        late = []
         for req in prefills:
+            if req.relegated and not req.generated:
+                late.append(req)
+                continue
             if budget <= 0:
                 break
             c = req.num_computed
@@ -90,6 +95,6 @@ class SarathiScheduler(Scheduler):
                 break
             plan.add(req, k)
             budget -= k
-        if not plan.preempted:   # vLLM: no admissions in a step that had to preempt
-            self._admit_fcfs(plan, budget)
+        # vLLM: no admissions in a step that had to preempt
+        self._admit_fcfs(plan, budget, late, admit=not plan.preempted)
         return plan

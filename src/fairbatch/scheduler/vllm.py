@@ -16,6 +16,7 @@ vLLM's next ``schedule()`` call would: an empty plan would idle the instance.
 from __future__ import annotations
 
 from fairbatch.plan import StepPlan
+from fairbatch.request import RequestState
 from fairbatch.scheduler.base import Scheduler, register_policy
 
 
@@ -43,8 +44,13 @@ class VLLMScheduler(Scheduler):
         seqs = ctx = 0
         pairs = 0.0
         i = 0
+        late: list = []     # relegated partial prefills: after the prompts on time (late.py)
         while i < n and budget > 0:
             req = running[i]
+            if req.relegated and not req.generated:
+                late.append(req)
+                i += 1
+                continue
             c = req.num_computed
             k = req.prompt_len + req.generated - c
             if k > budget:
@@ -87,7 +93,8 @@ class VLLMScheduler(Scheduler):
         f.context_tokens += ctx
         f.attention_pairs += pairs
 
-        if len(plan.preempted) == preempted_before:   # vLLM: no admissions in a step that had to preempt
-            self._admit_fcfs(plan, budget)
-            return False
-        return True
+        # vLLM: no admissions in a step that had to preempt
+        admit = len(plan.preempted) == preempted_before
+        late = [r for r in late if r.state is RequestState.RUNNING]   # not preempted meanwhile
+        self._admit_fcfs(plan, budget, late, admit=admit)
+        return not admit

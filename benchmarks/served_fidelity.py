@@ -17,7 +17,14 @@ from pathlib import Path
 from fairbatch.cli import parse_options
 from fairbatch.sim.experiment import Scenario, capacity, prepare, run_policy
 
-POLICY_ORDER = {"vllm": 0, "sarathi": 1, "fairbatching": 2}
+POLICY_ORDER = {"vllm": 0, "sarathi": 1, "qoserve": 2, "fairbatching": 3}
+
+
+def variant_of(policy: str, serve_args: list[str]) -> str:
+    """The simulator's policy variant for a server started with ``serve_args``
+    (``--set KEY=VALUE`` pairs; others do not change the schedule)."""
+    sets = [serve_args[i + 1] for i, a in enumerate(serve_args[:-1]) if a == "--set"]
+    return policy + (":" + ",".join(sets) if sets else "")
 
 
 def rel(sim: float, real: float) -> str:
@@ -27,6 +34,7 @@ def rel(sim: float, real: float) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("summaries", nargs="+", type=Path)
+    ap.add_argument("--trace", default="azure-conv", help="the trace the served runs replayed")
     ap.add_argument("--num-blocks", type=int, help="KV blocks of the served engine (its start-up line)")
     ap.add_argument("--instances", type=int, default=1)
     ap.add_argument("--router", default="admission")
@@ -44,25 +52,26 @@ def main() -> None:
             if "result" in r:
                 # cluster_bench_device.py names the policy once, in its arguments
                 r.setdefault("policy", d.get("args", {}).get("policy"))
+                r["variant"] = variant_of(r["policy"], d.get("serve_args", []))
                 rows.append(r)
-    rows.sort(key=lambda r: (POLICY_ORDER.get(r["policy"], 9), r["scale"]))
+    rows.sort(key=lambda r: (POLICY_ORDER.get(r["policy"], 9), r["variant"], r["scale"]))
     num = {r["result"]["completed"] + r["result"].get("failed", 0) for r in rows}
     if len(num) != 1:
         raise SystemExit(f"runs of different sizes: {sorted(num)}")
     n = num.pop()
-    sc = Scenario(num_requests=n, instances=args.instances, router=args.router,
+    sc = Scenario(trace=args.trace, num_requests=n, instances=args.instances, router=args.router,
                   profile=str(args.profile) if args.profile else None, scheduler=parse_options(args.options))
     prep = prepare(sc)
     if args.num_blocks:
         prep = replace(prep, num_blocks=args.num_blocks)
-    print(f"{n} requests of azure-conv, llama-3-8b, KV blocks {prep.num_blocks}, step-time profile "
+    print(f"{n} requests of {args.trace}, llama-3-8b, KV blocks {prep.num_blocks}, step-time profile "
           f"{args.profile or 'shipped'}, options {sc.scheduler or 'none'}; each cell: simulator / real (difference)\n")
     print("| policy | scale | rate req/s | SLO att. | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms "
           "| goodput req/s | step time real / model |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         real = r["result"]
-        sim = run_policy(prep, r["policy"], r["scale"]).summary
+        sim = run_policy(prep, r["variant"], r["scale"]).summary
         cells = []
         for key, fmt in (("slo_attainment", ".3f"), ("median_ttft_ms", ".0f"), ("p99_ttft_ms", ".0f"),
                          ("median_tpot_ms", ".1f"), ("p99_tpot_ms", ".1f"), ("request_goodput", ".2f")):
@@ -71,10 +80,10 @@ def main() -> None:
             cells.append(f"{s:{fmt}} / {x:{fmt}}{diff}")
         eng = r.get("engine", {}).get("measured_over_predicted")
         tail = f" | {eng:.2f} |" if eng else " | n/a |"
-        print(f"| {r['policy']} | {r['scale']:g} | {real['request_rate']:.2f} | " + " | ".join(cells) + tail)
+        print(f"| {r['variant']} | {r['scale']:g} | {real['request_rate']:.2f} | " + " | ".join(cells) + tail)
     if args.capacity:
         print()
-        for policy in sorted({r["policy"] for r in rows}, key=lambda p: POLICY_ORDER.get(p, 9)):
+        for policy in sorted({r["variant"] for r in rows}, key=lambda p: POLICY_ORDER.get(p.split(":")[0], 9)):
             c = capacity(prep, policy, lo=2.0, rel_tol=0.02)
             print(f"simulator capacity {policy}: scale {c.rate_scale:.3f} = {c.request_rate:.2f} req/s ({c.status})")
 

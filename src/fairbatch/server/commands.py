@@ -109,7 +109,7 @@ def register(app: typer.Typer) -> None:
         late: Annotated[Optional[str], typer.Option(help="Requests that can no longer meet their SLO, the same for "
                                                     "every policy: serve (in the policy's order), relegate "
                                                     "(behind the ones on time) or reject (refused: HTTP 429). "
-                                                    "Default: the scheduler's (serve); same as --set late=...")] = None,
+                                                    "Default: the scheduler's (relegate); same as --set late=...")] = None,
         tpot_margin: Annotated[float, typer.Option(help="FairBatching paces tokens this fraction inside the TPOT "
                                                    "SLO: room for steps that overrun the step-time model "
                                                    "(a real engine's do; the simulator's do not, its "

@@ -23,7 +23,7 @@ import httpx
 import numpy as np
 
 from fairbatch.bench.client import BenchRequest, make_payload, send_request
-from fairbatch.metrics import RequestRecord, find_capacity, summarize
+from fairbatch.metrics import RequestRecord, find_capacities, summarize
 from fairbatch.metrics.records import REJECTED
 from fairbatch.request import SLO
 from fairbatch.workload import (
@@ -351,8 +351,8 @@ def result_json(cfg: BenchConfig, wl: Workload, outcome: RunOutcome, *, detailed
     scenario["model"] = wl.model
     out["scenario"] = scenario
     out["runs"] = runs if runs is not None else [{"policy": label, **s}]
-    if capacity is not None:
-        out["capacity"] = {label: capacity["request_rate"]}
+    if capacity is not None:   # {target: CapacityResult dict}, as `fairbatch simulate` writes it
+        out["capacity"] = {label: {t: c["request_rate"] for t, c in capacity.items()}}
         out["capacity_search"] = {label: capacity}
     if detailed:
         recs = outcome.records
@@ -365,11 +365,13 @@ def result_json(cfg: BenchConfig, wl: Workload, outcome: RunOutcome, *, detailed
     return out
 
 
-def run_capacity(cfg: BenchConfig, wl: Workload, *, target: float = 0.9, lo: float = 1.0, hi: float | None = None,
+def run_capacity(cfg: BenchConfig, wl: Workload, *, targets: tuple[float, ...] = (0.9, 0.99), lo: float = 1.0,
+                 hi: float | None = None,
                  rel_tol: float = 0.05, max_iter: int = 8, max_expand: int = 4,
                  on_point: Callable[[float, float, dict[str, Any]], None] | None = None,
                  on_done: Callable[[RequestRecord], None] | None = None) -> tuple[Any, dict[float, RunOutcome]]:
-    """Bisect the rate scale for the highest one with SLO attainment >= target.
+    """Bisect the rate scale for the highest one with SLO attainment >= each target (runs
+    shared between targets); returns {target: CapacityResult} and every run's outcome.
 
     Without ``hi`` the scale doubles (or, if ``lo`` fails, halves) at most ``max_expand``
     times: every halving doubles a run's wall time, so a real server's search is kept short."""
@@ -382,6 +384,6 @@ def run_capacity(cfg: BenchConfig, wl: Workload, *, target: float = 0.9, lo: flo
         outcomes[scale] = o
         return o.summary
 
-    res = find_capacity(run, lo=lo, hi=hi, target=target, rel_tol=rel_tol, max_iter=max_iter, on_point=on_point,
-                        max_expand=max_expand)
+    res = find_capacities(run, lo=lo, hi=hi, targets=targets, rel_tol=rel_tol, max_iter=max_iter, on_point=on_point,
+                          max_expand=max_expand)
     return res, outcomes

@@ -142,14 +142,7 @@ def find_capacities(
     targets: tuple[float, ...] = (0.9, 0.99),
     **kw: Any,
 ) -> dict[float, CapacityResult]:
-    """Capacity at each attainment target, sharing every run between the searches: the
-    loosest target first, and each stricter search starts at the looser capacity."""
+    """Capacity at each attainment target, sharing every run between the searches (a
+    scale already run for one target is not run again for the next)."""
     seen: dict[float, Point] = {}
-    out: dict[float, CapacityResult] = {}
-    start = lo
-    for t in sorted(targets):
-        res = find_capacity(run, lo=start, target=t, seen=seen, **kw)
-        out[t] = res
-        if res.rate_scale > 0:
-            start = res.rate_scale
-    return out
+    return {t: find_capacity(run, lo=lo, target=t, seen=seen, **kw) for t in sorted(targets)}

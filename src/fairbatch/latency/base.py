@@ -34,6 +34,34 @@ class LatencyModel(ABC):
                 hi = mid
         return lo
 
+    def max_decodes(self, base: StepFeatures, contexts: list[int], budget: float) -> int:
+        """Largest ``j`` such that adding decodes (one token each) over the first ``j``
+        ``contexts`` to ``base`` keeps the predicted step within ``budget``: bisection over
+        prefix sums, O(log n) predictions, assuming time grows with every decode added."""
+        prefix = [0]
+        acc = 0
+        for c in contexts:
+            acc += c
+            prefix.append(acc)
+        predict = self.predict
+        s0, n0, c0, p0 = base.num_seqs, base.new_tokens, base.context_tokens, base.attention_pairs
+
+        def fits(j: int) -> bool:
+            c = prefix[j] + j
+            return predict(StepFeatures(s0 + j, n0 + j, c0 + c, p0 + c)) <= budget
+
+        m = len(contexts)
+        if fits(m):
+            return m
+        lo, hi = 0, m      # fits(lo) holds (adding nothing adds no time), fits(hi) does not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if fits(mid):
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
     def max_tokens_in(self, budget: float, context: int = 0) -> int:
         """Largest single-chunk step (``k`` new tokens over ``context`` cached tokens) that
         fits ``budget``: a convenience for token-budget recipes such as Sarathi-Serve's."""

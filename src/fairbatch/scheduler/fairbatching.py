@@ -206,27 +206,7 @@ class FairBatchingScheduler(Scheduler):
         n = len(reqs)
         m = n if feats.new_tokens + n <= token_cap else max(0, token_cap - feats.new_tokens)
         if T < _INF and m:
-            prefix = [0]
-            acc = 0
-            for r in reqs:
-                acc += r.num_computed
-                prefix.append(acc)
-            predict = self.latency.predict
-            base = (feats.num_seqs, feats.new_tokens, feats.context_tokens, feats.attention_pairs)
-
-            def fits(j: int) -> bool:
-                c = prefix[j] + j
-                return predict(StepFeatures(base[0] + j, base[1] + j, base[2] + c, base[3] + c)) <= T
-
-            if not fits(m):
-                lo, hi = 0, m      # fits(lo) holds (adding nothing), fits(hi) does not
-                while hi - lo > 1:
-                    mid = (lo + hi) // 2
-                    if fits(mid):
-                        lo = mid
-                    else:
-                        hi = mid
-                m = lo
+            m = self.latency.max_decodes(feats, [r.num_computed for r in reqs[:m]], T)
         chunks = plan.chunks
         added = added_ctx = 0
         now = self._step_now

@@ -249,27 +249,7 @@ class QoServeScheduler(Scheduler):
         n = len(reqs)
         m = n if feats.new_tokens + n <= cap else max(0, cap - feats.new_tokens)
         if T < _INF and m:
-            prefix = [0]
-            acc = 0
-            for r in reqs[:m]:
-                acc += r.num_computed
-                prefix.append(acc)
-            predict = self.latency.predict
-            s0, n0, c0, p0 = feats.num_seqs, feats.new_tokens, feats.context_tokens, feats.attention_pairs
-
-            def fits(j: int) -> bool:
-                c = prefix[j] + j
-                return predict(StepFeatures(s0 + j, n0 + j, c0 + c, p0 + c)) <= T
-
-            if not fits(m):
-                lo, hi = 0, m       # fits(lo) holds (adding nothing) or nothing is added
-                while hi - lo > 1:
-                    mid = (lo + hi) // 2
-                    if fits(mid):
-                        lo = mid
-                    else:
-                        hi = mid
-                m = lo
+            m = self.latency.max_decodes(feats, [r.num_computed for r in reqs[:m]], T)
         chunks = plan.chunks
         added = added_ctx = 0
         for req in reqs[:m]:

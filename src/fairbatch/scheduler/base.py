@@ -54,6 +54,9 @@ class SchedulerConfig:
     # fairbatching: seconds added to a prompt's deadline per prompt token still to compute
     # when ordering prefills (0: earliest deadline first)
     prefill_work_weight: float = 0.0005
+    # fairbatching: decodes ahead of their deadline may skip a step to make room for
+    # prefill (the paper's mechanism). Off: measured to cost capacity (ALGORITHM.md)
+    defer_decodes: bool = False
     # pace tokens this fraction inside the TPOT SLO: room for steps that overrun the
     # step-time model, which FairBatching (filling every step to its deadline) has none of
     tpot_margin: float = 0.0

@@ -143,7 +143,9 @@ class FairBatchingScheduler(Scheduler):
 
         # (a) urgent decodes: their deadline passes before the step after this one can
         # end (slack < T + tpot). Always scheduled, KV permitting.
-        if min_tpot == max_tpot:
+        if not cfg.defer_decodes:
+            urgent, rest = decodes, []   # every on-time decode runs every step
+        elif min_tpot == max_tpot:
             lim = now + T + min_tpot
             urgent = [r for r in decodes if r.deadline < lim]
             rest = [r for r in decodes if r.deadline >= lim] if len(urgent) < len(decodes) else []

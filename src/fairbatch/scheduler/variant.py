@@ -14,6 +14,7 @@ from typing import Any
 from fairbatch.scheduler.base import SchedulerConfig, policy_names
 
 _FIELDS = {f.name for f in fields(SchedulerConfig)}
+_BUDGETS = ("chunk_size", "max_num_batched_tokens")   # the token budget of each baseline
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,12 @@ class PolicyVariant:
         if not self.overrides:
             return self.name
         return self.name + ":" + ",".join(f"{k}={v}" for k, v in self.overrides)
+
+    @property
+    def short_label(self) -> str:
+        """For narrow tables: a token budget shows as its value (``sarathi:1024``)."""
+        parts = [str(v) if k in _BUDGETS else f"{k}={v}" for k, v in self.overrides]
+        return self.name + (":" + ",".join(parts) if parts else "")
 
     def config(self, base: SchedulerConfig) -> SchedulerConfig:
         """``base`` with this variant's fields set (validated)."""

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fairbatch.metrics import summary_table
+from fairbatch.scheduler.variant import parse_variant
 from fairbatch.sim.experiment import Scenario, capacities, prepare, run_policy
 
 # The fair comparison (docs/RESULTS.md): every policy with the same late-request handling
@@ -67,7 +68,7 @@ def run_simulate(sc: Scenario, policies: list[str], rate_scale: float | None, *,
     console.print(f"[bold]{sc.trace}[/]: {len(prep.entries)} requests at {prep.base_rate:.2f} req/s "
                   f"(x{rate_scale} = {prep.base_rate * rate_scale:.2f} req/s), {sc.model} on {sc.gpu} "
                   f"({prep.latency.kind} latency model, {prep.num_blocks} KV blocks), "
-                  f"{sc.instances} instance(s), SLO {describe_slos(sc)}")
+                  f"{sc.instances} instance(s), SLO {describe_slos(sc)}, late={prep.config.late} for every policy")
     results: list[dict[str, Any]] = []
     workers = max(1, min(jobs, len(job_list)))
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -86,7 +87,8 @@ def run_simulate(sc: Scenario, policies: list[str], rate_scale: float | None, *,
     runs = [r["row"] for r in results if "row" in r]
     caps = {r["policy"]: r["capacity"] for r in results if "capacity" in r}
     main_rows = [row for row in runs if row["rate_scale"] == rate_scale]
-    console.print(summary_table(main_rows, title=f"rate scale x{rate_scale}"))
+    shown = [{**row, "policy": parse_variant(row["policy"]).short_label} for row in main_rows]
+    console.print(summary_table(shown, title=f"rate scale x{rate_scale}"))
     for row in main_rows:
         if "per_class" in row:
             for name, cls in row["per_class"].items():

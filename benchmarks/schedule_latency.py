@@ -35,11 +35,17 @@ def bench(policy: str, n_running: int, steps: int, seed: int = 0) -> list[float]
         r = Request(f"run-{i}", now, rng.randint(64, 3000), 100_000,
                     SLO(600.0, rng.choice([0.03, 0.05, 0.1])))
         sched.add(r, now)
-    # Prefill them all (untimed), until every request is decoding.
-    while any(r.generated == 0 for r in sched.running) or sched.waiting:
+    # Prefill them all (untimed), until every request is decoding. Time-budget policies
+    # (fairbatching, qoserve) admit no prompt while the decodes alone fill the step, so
+    # for the warm-up only their steps may be as long as they allow.
+    saved = cfg.time_budget_min, cfg.qoserve_min_step_tokens
+    cfg.time_budget_min, cfg.qoserve_min_step_tokens = cfg.time_budget_max, cfg.qoserve_max_step_tokens
+    while any(r.generated == 0 for r in sched.running) or sched.num_waiting:
         plan = sched.schedule(now)
         now += model.predict(plan.features)
         sched.on_step_end(plan, StepResult(0.0), now)
+    cfg.time_budget_min, cfg.qoserve_min_step_tokens = saved
+    assert len(sched.running) == n_running, (policy, len(sched.running))
     times = []
     for s in range(steps):
         if s % 50 == 0:   # a trickle of new prompts keeps the prefill path exercised

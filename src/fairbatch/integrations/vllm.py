@@ -361,10 +361,7 @@ class _FairBatchMixin:
             log.warning("fairbatch: %s; scheduling it anyway", e)
             pol = self.fb_policy
             pol._by_id[m.request_id] = m
-            pol.waiting.append(m)
-            if hasattr(pol, "_heap"):
-                import heapq
-                heapq.heappush(pol._heap, (m.next_deadline(), next(pol._seq), m))
+            pol._enqueue(m)     # the policy's own queue order
 
     def _free_request(self, request: VllmRequest, delay_free_blocks: bool = False):
         out = super()._free_request(request, delay_free_blocks)

@@ -46,6 +46,7 @@ class OnlineLatencyModel(LatencyModel):
         self._since_refit = 0
         self.num_observed = 0
         self.refits = 0
+        self.refit_attempts = 0           # windows looked at (accepted, rejected or too thin)
         self.rejected_refits = 0
         self.last_fit_error: float | None = None
 
@@ -58,7 +59,7 @@ class OnlineLatencyModel(LatencyModel):
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "current": self.current.to_dict(), "refits": self.refits,
-                "rejected_refits": self.rejected_refits, "observed_steps": self.num_observed,
+                "refit_attempts": self.refit_attempts, "rejected_refits": self.rejected_refits, "observed_steps": self.num_observed,
                 "last_fit_median_rel_error": self.last_fit_error}
 
     # --- online fitting ----------------------------------------------------------------
@@ -81,6 +82,7 @@ class OnlineLatencyModel(LatencyModel):
     def refit(self) -> bool:
         """Fit the window now; keep the new model only if it is trustworthy."""
         self._since_refit = 0
+        self.refit_attempts += 1
         samples = list(self._samples)
         prefills = sum(1 for f, _ in samples if f.new_tokens > f.num_seqs)
         if len(samples) < 5 or prefills < self.min_prefill_samples or prefills == len(samples):

@@ -92,6 +92,7 @@ class EngineSnapshot:
     step_tokens: int = 0
     steps_run: int = 0
     latency_refits: int = 0
+    latency_refit_attempts: int = 0
     # the scheduler's late-request counts (late=relegate|reject): refused, put behind
     rejected: int = 0
     relegated: int = 0
@@ -296,6 +297,7 @@ class EngineLoop:
             step_errors=self.step_errors, step_seconds=self.step_seconds,
             step_predicted_seconds=self.step_predicted_seconds, busy_seconds=self.busy_seconds,
             step_tokens=self.step_tokens, steps_run=self.steps_run, latency_refits=self.latency_refits,
+            latency_refit_attempts=self._online.refit_attempts if self._online is not None else 0,
             rejected=sched.stats.rejected, relegated=sched.stats.relegated, time=now))
 
 

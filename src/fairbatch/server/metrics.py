@@ -201,7 +201,9 @@ class _StateCollector(Collector):
                      "(scheduling, output hand-off and new requests included).", snap.busy_seconds),
                     ("engine_step_tokens", "Tokens computed by engine steps (prefill and decode).", snap.step_tokens),
                     ("latency_model_refits", "Accepted online refits of the step-time model (--refit-latency).",
-                     snap.latency_refits)):
+                     snap.latency_refits),
+                    ("latency_model_refit_attempts", "Refit windows the online step-time model looked at; a "
+                     "window that fits badly (noisy steps) is not accepted.", snap.latency_refit_attempts)):
                 c = CounterMetricFamily(p + name, doc, labels=lab)
                 c.add_metric([m.model_name], value)
                 yield c

@@ -8,7 +8,6 @@ dummy model): one whose default TTFT (1 us) no request can meet, one with a minu
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
@@ -24,27 +23,10 @@ from fairbatch.cluster.proxy import RouterConfig, build_router_app  # noqa: E402
 from fairbatch.metrics.records import REJECTED  # noqa: E402
 from fairbatch.server.errors import DROPPED_REASON_HEADER, LATE_REJECT_REASON  # noqa: E402
 from fairbatch.server.runner import ServerThread  # noqa: E402
+from support import metric, wait_for  # noqa: E402
 
 FAST = RouterConfig(poll_interval=0.02, poll_timeout=2.0, down_poll_interval=0.05)
 HOPELESS = {"ttft_ms": 0.001}
-
-
-def wait_for(pred, what: str, timeout: float = 60.0) -> None:
-    """Until ``pred()`` holds (the timeout only turns a hang into a failure)."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            if all(f'{k}="{v}"' in line for k, v in labels.items()):
-                total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def fake_backend(name: str, budget: float, mode: str = "ok", retry_after: str = "1") -> FastAPI:

@@ -16,7 +16,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -37,29 +36,12 @@ from fairbatch.server.engine_loop import REJECTED as DELTA_REJECTED  # noqa: E40
 from fairbatch.server.engine_loop import Delta, EngineLoop, mirror  # noqa: E402
 from fairbatch.server.errors import DROPPED_REASON_HEADER, LATE_REJECT_REASON  # noqa: E402
 from fairbatch.sim import SimExecutor  # noqa: E402
+from support import metric, wait_for  # noqa: E402
 
 MODEL = "tiny-llama"
 HOPELESS = {"ttft_ms": 0.001}              # 1 us: refused at arrival under late=reject
 LOOSE = {"ttft_ms": 600_000, "tpot_ms": 60_000}
 SIM = LinearLatencyModel(a=0.010, b=1e-4)   # 10 ms per step + 0.1 ms per token
-
-
-def wait_for(pred, what: str, timeout: float = 60.0) -> None:
-    """Until ``pred()`` holds (the timeout only turns a hang into a failure)."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            if all(f'{k}="{v}"' in line for k, v in labels.items()):
-                total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def idle(app) -> bool:

@@ -48,7 +48,7 @@ import heapq
 from itertools import count
 from operator import attrgetter
 
-from fairbatch.plan import StepFeatures, StepPlan
+from fairbatch.plan import StepPlan
 from fairbatch.request import Request, RequestState
 from fairbatch.scheduler.base import Scheduler, register_policy
 from fairbatch.scheduler.late import Late

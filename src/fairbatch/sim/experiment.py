@@ -8,7 +8,7 @@ beyond the simulations themselves.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from fairbatch.cluster.routing import make_router

@@ -52,8 +52,11 @@ class SchedulerConfig:
     late_deadline_factor: float = float("inf")
     failed_decode_gap: float = 4.0       # relegated decodes get a token at least every this many TPOTs
     # fairbatching: seconds added to a prompt's deadline per prompt token still to compute
-    # when ordering prefills (0: earliest deadline first)
-    prefill_work_weight: float = 0.0005
+    # when ordering prefills (0: earliest deadline first). None: 0.5 ms when late requests
+    # are relegated or rejected (hopeless prompts are set aside already, so stay near
+    # EDF), 8 ms with late=serve (the order alone must push long prompts back); measured
+    # in docs/ALGORITHM.md
+    prefill_work_weight: float | None = None
     # fairbatching: decodes ahead of their deadline may skip a step to make room for
     # prefill (the paper's mechanism). Off: measured to cost capacity (ALGORITHM.md)
     defer_decodes: bool = False
@@ -72,6 +75,8 @@ class SchedulerConfig:
     def validate(self) -> None:
         """Raise ValueError on values no policy can run with."""
         Late.parse(self.late)
+        if self.prefill_work_weight is not None and not self.prefill_work_weight >= 0:
+            raise ValueError(f"prefill_work_weight must be >= 0, got {self.prefill_work_weight}")
         if not (self.late_deadline_factor > 0 and self.failed_decode_gap > 0):
             raise ValueError("late_deadline_factor and failed_decode_gap must be positive")
         if not self.qoserve_safety_factor >= 1.0:

@@ -61,6 +61,8 @@ class FairBatchingScheduler(Scheduler):
         self._heap: list[tuple[float, int, Request]] = []   # (next deadline, seq, request)
         self._seq = count()
         self._step_now = 0.0
+        w = config.prefill_work_weight
+        self._work_weight = w if w is not None else (0.008 if self.late is Late.SERVE else 0.0005)
         self.latency_model_changed()
 
     def latency_model_changed(self) -> None:
@@ -88,7 +90,7 @@ class FairBatchingScheduler(Scheduler):
     def _prefill_key(self, req: Request) -> float:
         """Order of prompts: the first-token deadline, plus ``prefill_work_weight`` seconds
         per prompt token still to compute (0: earliest deadline first)."""
-        return req.deadline + self.config.prefill_work_weight * (req.prompt_len - req.num_computed)
+        return req.deadline + self._work_weight * (req.prompt_len - req.num_computed)
 
     def _preempt(self, req: Request, plan: StepPlan) -> None:
         super()._preempt(req, plan)

@@ -8,13 +8,15 @@ left until its next one. Each step:
    ``[time_budget_min, time_budget_max]``; ``T_max`` with no decodes.
    (``time_budget_rule="min-slack"``: ``T = min slack``, measured worse: ALGORITHM.md.)
 2. **Formation** under ``T`` (predicted by the latency model, evaluated incrementally):
-   (a) *urgent* decodes, those whose deadline falls before ``now + T + pace``, by
-   deadline; always scheduled, even past ``T`` (the floor that keeps running requests on
-   their envelope); (b) prefills, partial ones then waiting ones, each by deadline, each
-   given the largest chunk that keeps the step within ``T`` (rounded down to
-   ``chunk_align``, at least ``min_chunk`` unless it finishes the prompt); (c) the
-   remaining decodes, by deadline, while the step stays within ``T``; (d) with ``late``
-   set, the decodes of relegated requests last (late.py, shared by every policy).
+   (a) every on-time decode, by deadline, always scheduled even past ``T`` (the floor
+   that keeps running requests on their envelope); with ``defer_decodes`` only the
+   *urgent* ones, whose deadline falls before ``now + T + pace``; (b) prefills, partial
+   ones then waiting ones, each in order of deadline plus ``prefill_work_weight`` per
+   prompt token left, each given the largest chunk that keeps the step within ``T``
+   (rounded down to ``chunk_align``, at least ``min_chunk`` unless it finishes the
+   prompt); (c) with ``defer_decodes``, the remaining decodes, by deadline, while the step
+   stays within ``T``; (d) with ``late`` set, the decodes of relegated requests last
+   (late.py, shared by every policy).
    If nothing fits, one ``min_chunk`` prefill runs so the instance always progresses.
    With ``tpot_margin`` m > 0, requests are paced at ``(1 - m) * tpot``
    (``Request.set_pace``): the margin absorbs steps that overrun the model, where pacing
@@ -25,8 +27,9 @@ left until its next one. Each step:
 4. **Load estimate**: the admission budget, prompt tokens this instance can still start
    within a TTFT horizon given the compute its decodes need (``admission_budget``).
 
-Waiting requests are kept in a heap keyed by their next deadline, which cannot change
-while they wait, so selecting prefills by slack costs O(log n), not a sort of the queue.
+Waiting requests are kept in a heap keyed by their prefill order (deadline plus the work
+term), which cannot change while they wait, so selecting prefills costs O(log n), not a
+sort of the queue. docs/ALGORITHM.md has what each rule measured.
 """
 
 from __future__ import annotations

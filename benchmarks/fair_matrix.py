@@ -47,6 +47,8 @@ def variants(slo: str) -> dict[str, str]:
     out["sarathi recipe"] = "sarathi"
     out["qoserve"] = "qoserve"
     out["fairbatching"] = "fairbatching"
+    # without the set-aside the other policies lack (with the work weight it had before)
+    out["fairbatching, no set-aside"] = "fairbatching:set_aside=false,prefill_work_weight=0.0005"
     if slo == "mixed":
         out |= {f"vllm-priority:{b}": f"vllm-priority:max_num_batched_tokens={b}" for b in VLLM_GRID}
     return out
@@ -128,7 +130,8 @@ def rows_of(group: list[dict[str, Any]]) -> list[tuple[str, dict | None, dict | 
             rows.append((f"{name}, best budget", b90, b99))
     by = {r["label"]: r for r in group}
     for label, row in (("vllm, default budget (8192)", "vllm:8192"), ("sarathi, recipe budget", "sarathi recipe"),
-                       ("qoserve", "qoserve"), ("fairbatching", "fairbatching")):
+                       ("qoserve", "qoserve"), ("fairbatching, no set-aside", "fairbatching, no set-aside"),
+                       ("fairbatching", "fairbatching")):
         if row in by:
             rows.append((label, by[row], by[row]))
     return rows

@@ -52,14 +52,19 @@ class SchedulerConfig:
     late_deadline_factor: float = float("inf")
     failed_decode_gap: float = 4.0       # relegated decodes get a token at least every this many TPOTs
     # fairbatching: seconds added to a prompt's deadline per prompt token still to compute
-    # when ordering prefills (0: earliest deadline first). None: 0.5 ms when late requests
-    # are relegated or rejected (hopeless prompts are set aside already, so stay near
-    # EDF), 8 ms with late=serve (the order alone must push long prompts back); measured
-    # in docs/ALGORITHM.md
+    # when ordering prefills (0: earliest deadline first). None: 0 when late requests are
+    # relegated or rejected (the set-aside below and relegation handle long prompts), 8 ms
+    # with late=serve (the order must push long prompts back too); docs/ALGORITHM.md
     prefill_work_weight: float | None = None
     # fairbatching: decodes ahead of their deadline may skip a step to make room for
     # prefill (the paper's mechanism). Off: measured to cost capacity (ALGORITHM.md)
     defer_decodes: bool = False
+    # fairbatching, with late=relegate|reject: Moore-Hodgson over the waiting prompts each
+    # step: whenever one would finish past its deadline at the prefill rate the decodes
+    # leave, the longest so far is admitted only after the others (a queue-aware version
+    # of the shared late test, which the other policies do not have: docs/RESULTS.md
+    # reports FairBatching with and without it)
+    set_aside: bool = True
     # pace tokens this fraction inside the TPOT SLO: room for steps that overrun the
     # step-time model, which FairBatching (filling every step to its deadline) has none of
     tpot_margin: float = 0.0

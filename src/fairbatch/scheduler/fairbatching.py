@@ -65,7 +65,7 @@ class FairBatchingScheduler(Scheduler):
         self._seq = count()
         self._step_now = 0.0
         w = config.prefill_work_weight
-        self._work_weight = w if w is not None else (0.008 if self.late is Late.SERVE else 0.0005)
+        self._work_weight = w if w is not None else (0.008 if self.late is Late.SERVE else 0.0)
         self.latency_model_changed()
 
     def latency_model_changed(self) -> None:
@@ -175,6 +175,8 @@ class FairBatchingScheduler(Scheduler):
                 else:
                     self._add_partial(req, T, token_cap, plan)
         # like vLLM, no admissions in a step that had to preempt
+        if cfg.set_aside and relegate and not plan.preempted and len(self._heap) > 1:
+            self._admit_set_aside(partials, T, token_cap, plan)
         while not plan.preempted and (head := self._waiting_head()) is not None:
             if not self._admit_waiting(head, self._heap, T, token_cap, plan):
                 break
@@ -245,6 +247,48 @@ class FairBatchingScheduler(Scheduler):
         if k == 0 and plan.is_empty:
             k = min(pending, max(cfg.min_chunk, 1), token_cap)   # progress floor
         return k
+
+    def _admit_set_aside(self, partials: list[Request], T: float, token_cap: int, plan: StepPlan) -> None:
+        """Moore-Hodgson over the waiting prompts: in priority order, at the prefill rate
+        the decodes leave, set aside the longest prompt whenever one would finish past its
+        deadline; admit the others in order, then the set-aside ones."""
+        now = self._step_now
+        key = self._prefill_key
+        cands = sorted({id(e[2]): e[2] for e in self._heap
+                        if e[2].state is RequestState.WAITING and not e[2].relegated
+                        and not e[2].generated}.values(), key=key)
+        # prompts past their deadline here were promoted back (late_deadline_factor): their
+        # turn has come, so they go first and are never set aside
+        promoted = [r for r in cands if r.deadline <= now]
+        if promoted:
+            cands = [r for r in cands if r.deadline > now]
+        if len(cands) < 2 and not promoted:
+            return
+        busy = self.latency.predict(plan.features) / T if plan.chunks else 0.0
+        rate = self._prefill_rate * max(0.1, 1.0 - busy)
+        t = sum(r.prompt_len - r.num_computed for r in partials if not r.relegated) / rate
+        kept: list[tuple[int, int, Request]] = []     # max-heap by remaining tokens
+        aside: list[Request] = []
+        for r in cands:
+            rem = r.prompt_len - r.num_computed
+            t += rem / rate
+            heapq.heappush(kept, (-rem, id(r), r))
+            if now + t > r.deadline:
+                neg, _, big = heapq.heappop(kept)
+                t += neg / rate
+                aside.append(big)
+        out = {id(r) for r in aside}
+        order = promoted + [r for r in cands if id(r) not in out] + sorted(aside, key=key)
+        feats = plan.features
+        for req in order:
+            if len(self.running) >= self.config.max_num_seqs or feats.new_tokens >= token_cap:
+                return
+            k = self._chunk(req, feats, T, token_cap, plan)
+            if k == 0 or not self._grow(req, req.num_computed + k):
+                return
+            self.waiting.remove(req)   # its heap entry goes stale (not WAITING)
+            self._admit(req)
+            plan.add(req, k)
 
     def _waiting_head(self) -> Request | None:
         """The waiting prompt that can still make its TTFT with the smallest key (stale heap

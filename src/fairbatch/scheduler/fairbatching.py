@@ -12,7 +12,8 @@ left until its next one. Each step:
    that keeps running requests on their envelope); with ``defer_decodes`` only the
    *urgent* ones, whose deadline falls before ``now + T + pace``; (b) prefills, partial
    ones then waiting ones, each in order of deadline plus ``prefill_work_weight`` per
-   prompt token left, each given the largest chunk that keeps the step within ``T``
+   prompt token left (with ``late`` relegating or rejecting, the waiting ones through a
+   Moore-Hodgson set-aside: ``_admit_set_aside``), each given the largest chunk that keeps the step within ``T``
    (rounded down to ``chunk_align``, at least ``min_chunk`` unless it finishes the
    prompt); (c) with ``defer_decodes``, the remaining decodes, by deadline, while the step
    stays within ``T``; (d) with ``late`` set, the decodes of relegated requests last

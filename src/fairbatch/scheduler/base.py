@@ -14,7 +14,7 @@ import heapq
 from collections import deque
 from dataclasses import dataclass, asdict
 from itertools import count
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 from fairbatch.kv import BlockAllocator
 from fairbatch.latency.base import LatencyModel
@@ -383,6 +383,33 @@ class Scheduler(ABC):
                 plan.add(req, k)
                 budget -= k
         return budget
+
+    def _add_decode_prefix(self, reqs: list[Request], plan: StepPlan, T: float, token_cap: int,
+                           reserve: Callable[[Request, int], bool]) -> None:
+        """Add a decode for the longest prefix of ``reqs`` (in order) that keeps the step's
+        predicted time within ``T`` (``inf``: all of them) and its tokens within
+        ``token_cap``; O(log n) latency-model calls (``LatencyModel.max_decodes``).
+        ``reserve(req, tokens)`` gets KV for one, preempting as the policy does."""
+        feats = plan.features
+        n = len(reqs)
+        m = n if feats.new_tokens + n <= token_cap else max(0, token_cap - feats.new_tokens)
+        if T < float("inf") and m:
+            m = self.latency.max_decodes(feats, [r.num_computed for r in reqs[:m]], T)
+        chunks = plan.chunks
+        added = added_ctx = 0
+        running = RequestState.RUNNING
+        for req in reqs[:m]:
+            if req.state is not running:
+                continue   # preempted earlier in this step
+            c = req.num_computed
+            if c < req.kv_slots or reserve(req, c + 1):
+                chunks.append((req, 1))
+                added += 1
+                added_ctx += c
+        feats.num_seqs += added
+        feats.new_tokens += added
+        feats.context_tokens += added_ctx + added
+        feats.attention_pairs += added_ctx + added
 
     def _admit(self, req: Request) -> None:
         """Move the head of the waiting queue into the running list."""

@@ -208,30 +208,10 @@ class FairBatchingScheduler(Scheduler):
             plan.add(req, k)
 
     def _add_decodes(self, reqs: list[Request], plan: StepPlan, T: float, token_cap: int) -> None:
-        """Add the longest prefix of ``reqs`` (in order) that keeps the step within ``T``
-        (``inf``: all of them, the urgent group) and the token cap. The prefix length is
-        found by bisection over prefix sums of the contexts, so it costs O(log n)
-        latency-model calls, and each decode added costs a comparison and an append."""
-        feats = plan.features
-        n = len(reqs)
-        m = n if feats.new_tokens + n <= token_cap else max(0, token_cap - feats.new_tokens)
-        if T < _INF and m:
-            m = self.latency.max_decodes(feats, [r.num_computed for r in reqs[:m]], T)
-        chunks = plan.chunks
-        added = added_ctx = 0
+        """The longest prefix of ``reqs`` that fits ``T`` (``inf``: all, the urgent group)."""
         now = self._step_now
-        for req in reqs[:m]:
-            if req.state is not RequestState.RUNNING:
-                continue   # preempted earlier in this step
-            c = req.num_computed
-            if c < req.kv_slots or self._reserve(req, c + 1, req.deadline - now, plan):
-                chunks.append((req, 1))
-                added += 1
-                added_ctx += c
-        feats.num_seqs += added
-        feats.new_tokens += added
-        feats.context_tokens += added_ctx + added
-        feats.attention_pairs += added_ctx + added
+        self._add_decode_prefix(reqs, plan, T, token_cap,
+                                lambda r, n: self._reserve(r, n, r.deadline - now, plan))
 
     def _chunk(self, req: Request, feats: StepFeatures, T: float, token_cap: int, plan: StepPlan) -> int:
         """Largest chunk of ``req``'s pending tokens that keeps the step within ``T``."""

@@ -242,28 +242,8 @@ class QoServeScheduler(Scheduler):
         return k
 
     def _add_decodes(self, reqs: list[Request], plan: StepPlan, T: float, cap: int) -> None:
-        """Add the longest prefix of ``reqs`` that keeps the predicted step within ``T``
-        (``inf``: all of them) and the token cap; the prefix is found by bisection over
-        prefix sums of the contexts, O(log n) latency-model calls."""
-        feats = plan.features
-        n = len(reqs)
-        m = n if feats.new_tokens + n <= cap else max(0, cap - feats.new_tokens)
-        if T < _INF and m:
-            m = self.latency.max_decodes(feats, [r.num_computed for r in reqs[:m]], T)
-        chunks = plan.chunks
-        added = added_ctx = 0
-        for req in reqs[:m]:
-            if req.state is not _RUNNING:
-                continue            # preempted earlier in this step
-            c = req.num_computed
-            if c < req.kv_slots or self._reserve(req, c + 1, plan):
-                chunks.append((req, 1))
-                added += 1
-                added_ctx += c
-        feats.num_seqs += added
-        feats.new_tokens += added
-        feats.context_tokens += added_ctx + added
-        feats.attention_pairs += added_ctx + added
+        """The longest prefix of ``reqs`` that fits ``T`` (``inf``: all of them) and ``cap``."""
+        self._add_decode_prefix(reqs, plan, T, cap, lambda r, n: self._reserve(r, n, plan))
 
     def _reserve(self, req: Request, num_tokens: int, plan: StepPlan) -> bool:
         """Allocate KV for ``req``; when short, preempt the running request outside this

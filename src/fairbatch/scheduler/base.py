@@ -14,7 +14,7 @@ import heapq
 from collections import deque
 from dataclasses import dataclass, asdict
 from itertools import count
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Sequence
 
 from fairbatch.kv import BlockAllocator
 from fairbatch.latency.base import LatencyModel
@@ -354,7 +354,7 @@ class Scheduler(ABC):
         req.kv_slots = alloc.num_allocated(req.request_id) * alloc.block_size
         return True
 
-    def _admit_fcfs(self, plan: StepPlan, budget: int, late_partials: list[Request] = (),  # type: ignore[assignment]
+    def _admit_fcfs(self, plan: StepPlan, budget: int, late_partials: Sequence[Request] = (),
                     admit: bool = True) -> int:
         """Admit waiting requests in queue order, each chunked to what is left of the token
         budget, until the budget, the sequence limit or the KV cache runs out: prompts that

@@ -176,9 +176,9 @@ class FairBatchingScheduler(Scheduler):
                 else:
                     self._add_partial(req, T, token_cap, plan)
         # like vLLM, no admissions in a step that had to preempt
-        if cfg.set_aside and relegate and not plan.preempted and len(self._heap) > 1:
-            self._admit_set_aside(partials, T, token_cap, plan)
-        while not plan.preempted and (head := self._waiting_head()) is not None:
+        set_aside = (cfg.set_aside and relegate and not plan.preempted and len(self._heap) > 1
+                     and self._admit_set_aside(partials, T, token_cap, plan))
+        while not set_aside and not plan.preempted and (head := self._waiting_head()) is not None:
             if not self._admit_waiting(head, self._heap, T, token_cap, plan):
                 break
         for req in late_partials:
@@ -229,22 +229,25 @@ class FairBatchingScheduler(Scheduler):
             k = min(pending, max(cfg.min_chunk, 1), token_cap)   # progress floor
         return k
 
-    def _admit_set_aside(self, partials: list[Request], T: float, token_cap: int, plan: StepPlan) -> None:
+    def _admit_set_aside(self, partials: list[Request], T: float, token_cap: int, plan: StepPlan) -> bool:
         """Moore-Hodgson over the waiting prompts: in priority order, at the prefill rate
         the decodes leave, set aside the longest prompt whenever one would finish past its
-        deadline; admit the others in order, then the set-aside ones."""
+        deadline; admit the others in order, then the set-aside ones, while they fit.
+        False when there was nothing to order (fewer than two prompts)."""
         now = self._step_now
         key = self._prefill_key
-        cands = sorted({id(e[2]): e[2] for e in self._heap
-                        if e[2].state is RequestState.WAITING and not e[2].relegated
-                        and not e[2].generated}.values(), key=key)
+        waiting = sorted({id(e[2]): e[2] for e in self._heap if e[2].state is RequestState.WAITING
+                          and not (e[2].relegated and not e[2].generated)}.values(), key=key)
+        # streams preempted for KV resume first; the set-aside orders prompts only
+        resumed = [r for r in waiting if r.generated]
+        cands = [r for r in waiting if not r.generated]
         # prompts past their deadline here were promoted back (late_deadline_factor): their
         # turn has come, so they go first and are never set aside
         promoted = [r for r in cands if r.deadline <= now]
         if promoted:
             cands = [r for r in cands if r.deadline > now]
-        if len(cands) < 2 and not promoted:
-            return
+        if len(cands) < 2 and not promoted and not resumed:
+            return False
         busy = self.latency.predict(plan.features) / T if plan.chunks else 0.0
         rate = self._prefill_rate * max(0.1, 1.0 - busy)
         t = sum(r.prompt_len - r.num_computed for r in partials if not r.relegated) / rate
@@ -259,17 +262,18 @@ class FairBatchingScheduler(Scheduler):
                 t += neg / rate
                 aside.append(big)
         out = {id(r) for r in aside}
-        order = promoted + [r for r in cands if id(r) not in out] + sorted(aside, key=key)
+        order = resumed + promoted + [r for r in cands if id(r) not in out] + sorted(aside, key=key)
         feats = plan.features
         for req in order:
             if len(self.running) >= self.config.max_num_seqs or feats.new_tokens >= token_cap:
-                return
+                return True
             k = self._chunk(req, feats, T, token_cap, plan)
             if k == 0 or not self._grow(req, req.num_computed + k):
-                return
+                return True
             self.waiting.remove(req)   # its heap entry goes stale (not WAITING)
             self._admit(req)
             plan.add(req, k)
+        return True
 
     def _waiting_head(self) -> Request | None:
         """The waiting prompt that can still make its TTFT with the smallest key (stale heap

@@ -7,7 +7,6 @@ import json
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fairbatch.metrics import summary_table
 from fairbatch.scheduler.variant import parse_variant
-from fairbatch.sim.experiment import Scenario, capacities, prepare, run_policy
+from fairbatch.sim.experiment import Scenario, capacities, prepare, prepare_json, run_policy
 
 # The fair comparison (docs/RESULTS.md): every policy with the same late-request handling
 # (SchedulerConfig.late), the token-budget baselines at the best budget of a sweep on the
@@ -37,14 +36,11 @@ class Job:
     targets: tuple[float, ...] = (0.9, 0.99)
 
 
-@lru_cache(maxsize=4)
-def _prepared(scenario_json: str):
-    return prepare(Scenario(**json.loads(scenario_json)))
 
 
 def _run(job: Job) -> dict[str, Any]:
     """Runs in a worker process: returns only what the report needs (no Request objects)."""
-    prep = _prepared(job.scenario)
+    prep = prepare_json(job.scenario)
     if job.rate_scale is None:
         caps = capacities(prep, job.policy, targets=job.targets, lo=1.0)
         return {"policy": job.policy, "capacity": {str(t): c.to_dict() for t, c in caps.items()}}

@@ -8,7 +8,9 @@ beyond the simulations themselves.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from typing import Any, Callable
 
 from fairbatch.cluster.routing import make_router
@@ -138,6 +140,13 @@ def prepare(sc: Scenario) -> Prepared:
         raise ValueError("instances must be >= 1")
     make_router(sc.router)   # validate early
     return Prepared(sc, entries, slos, latency, num_blocks, cfg, mean_rate(entries), truncated)
+
+
+@lru_cache(maxsize=4)
+def prepare_json(scenario_json: str) -> Prepared:
+    """``prepare`` of a Scenario sent as JSON, cached: worker processes of a pool receive
+    the scenario once per job and prepare it once."""
+    return prepare(Scenario(**json.loads(scenario_json)))
 
 
 def run_policy(prep: Prepared, policy: str, rate_scale: float = 1.0,

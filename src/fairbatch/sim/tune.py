@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from fairbatch.sim.experiment import Scenario, capacities, prepare
+from fairbatch.sim.experiment import Scenario, capacities, prepare, prepare_json
 
 # The budget knob of each token-budget policy, and the grid swept by default.
 KNOBS: dict[str, str] = {"sarathi": "chunk_size", "vllm": "max_num_batched_tokens",
@@ -38,13 +37,10 @@ class TunePoint:
     lo: float
 
 
-@lru_cache(maxsize=2)
-def _prepared(scenario_json: str):
-    return prepare(Scenario(**json.loads(scenario_json)))
 
 
 def _run(p: TunePoint) -> dict[str, Any]:
-    caps = capacities(_prepared(p.scenario), p.variant, targets=p.targets, lo=p.lo)
+    caps = capacities(prepare_json(p.scenario), p.variant, targets=p.targets, lo=p.lo)
     return {"variant": p.variant,
             "capacity": {str(t): {"rate_scale": c.rate_scale, "request_rate": c.request_rate, "status": c.status}
                          for t, c in caps.items()}}

@@ -253,10 +253,10 @@ class FairBatchingScheduler(Scheduler):
         t = sum(r.prompt_len - r.num_computed for r in partials if not r.relegated) / rate
         kept: list[tuple[int, int, Request]] = []     # max-heap by remaining tokens
         aside: list[Request] = []
-        for r in cands:
+        for i, r in enumerate(cands):
             rem = r.prompt_len - r.num_computed
             t += rem / rate
-            heapq.heappush(kept, (-rem, id(r), r))
+            heapq.heappush(kept, (-rem, -i, r))   # ties: the later in order goes
             if now + t > r.deadline:
                 neg, _, big = heapq.heappop(kept)
                 t += neg / rate

@@ -23,8 +23,17 @@ _COMMAND_MODULES = ("fairbatch.engine.commands", "fairbatch.server.commands", "f
                     "fairbatch.cluster.commands")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from fairbatch import __version__
+
+        console.print(__version__, highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(version: Annotated[Optional[bool], typer.Option(
+        "--version", callback=_print_version, is_eager=True, help="Print the version and exit.")] = None) -> None:
     """FairBatching: SLO-aware LLM serving."""
 
 

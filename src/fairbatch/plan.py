@@ -4,6 +4,7 @@ features that latency models are functions of (StepFeatures). No dependencies.""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from fairbatch.request import Request
 
@@ -93,9 +94,14 @@ class StepResult:
     ``duration``: seconds the step took (measured by the engine, predicted by the
     simulator). ``token_ids``: the token sampled for each request that reached the end of
     its known tokens (engine only; the simulator samples nothing). ``stopped``: requests
-    that hit EOS or a stop condition with that token (engine only).
+    that hit EOS or a stop condition with that token (engine only). ``logprobs``: for the
+    requests that asked, the sampled token's logprob entries; ``prompt_logprobs``: for the
+    requests that asked, ``(first prompt position, entries per position)`` of the prompt
+    tokens this step scored (engine only; None when nobody asked).
     """
 
     duration: float
     token_ids: dict[str, int] = field(default_factory=dict)
     stopped: set[str] = field(default_factory=set)
+    logprobs: dict[str, Any] | None = None
+    prompt_logprobs: dict[str, Any] | None = None

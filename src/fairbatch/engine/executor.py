@@ -15,12 +15,15 @@ import torch
 from fairbatch.engine.attention import AttentionBackend
 from fairbatch.engine.batch import BatchBuilder, StepInputs
 from fairbatch.engine.kv_cache import KVCache
+from fairbatch.engine.logits_ops import logprob_entries
 from fairbatch.engine.model import CausalLM
 from fairbatch.engine.ops import TorchOps
 from fairbatch.engine.sampler import Sampler, params_of
 from fairbatch.kv import BlockAllocator
 from fairbatch.plan import StepPlan, StepResult
 from fairbatch.request import Request
+
+PROMPT_LOGPROB_SLICE = 512      # prompt positions scored per logits matmul
 
 
 class EngineExecutor:
@@ -53,20 +56,24 @@ class EngineExecutor:
     def execute(self, plan: StepPlan) -> StepResult:
         cuda = self.device.type == "cuda"
         t0 = time.perf_counter()
-        logits, reqs = self._logits_for_sampling(plan)
-        tokens = self.sampler.sample(logits, reqs) if reqs else []
+        prompt_lp = self._prompt_logprob_rows(plan)
+        logits, reqs, hidden = self._logits_for_sampling(plan, keep_hidden=prompt_lp is not None)
+        prompt_out = self._prompt_logprobs(plan, prompt_lp, hidden) if prompt_lp is not None else None
+        stop_sets = [self._stop_set(r) for r in reqs]
+        tokens = self.sampler.sample(logits, reqs, stop_sets) if reqs else []
+        logprobs = self._sample_logprobs(logits, reqs, tokens)
         if cuda:
             torch.cuda.synchronize(self.device)
         duration = time.perf_counter() - t0
         token_ids: dict[str, int] = {}
         stopped: set[str] = set()
-        for req, tok in zip(reqs, tokens):
+        for req, tok, stops in zip(reqs, tokens, stop_sets):
             rid = req.request_id
             token_ids[rid] = tok
-            if tok in self._stop_set(req):
+            if tok in stops:
                 stopped.add(rid)
         self.steps += 1
-        return StepResult(duration, token_ids, stopped)
+        return StepResult(duration, token_ids, stopped, logprobs, prompt_out)
 
     def release(self, request: Request) -> None:
         self.builder.release(request)
@@ -81,17 +88,66 @@ class EngineExecutor:
             self._stops[req.request_id] = s
         return s
 
-    def _logits_for_sampling(self, plan: StepPlan) -> tuple[torch.Tensor, list[Request]]:
-        if self.graphs is not None:
+    def _logits_for_sampling(self, plan: StepPlan, keep_hidden: bool = False
+                             ) -> tuple[torch.Tensor, list[Request], torch.Tensor | None]:
+        """Logits of the rows that sample; with ``keep_hidden``, every row's hidden state too
+        (prompt logprobs), which rules out the decode graphs."""
+        if self.graphs is not None and not keep_hidden:
             out = self.graphs.try_run(plan)
             if out is not None:
-                return out
+                return out[0], out[1], None
         inputs = self.builder.build(plan)
         hidden = self.forward(inputs)
         if not inputs.sample_requests:
-            return hidden[:0, :0], []
+            return hidden[:0, :0], [], hidden
         rows = hidden.index_select(0, inputs.logits_indices)
-        return self.model.compute_logits(rows), inputs.sample_requests
+        return self.model.compute_logits(rows), inputs.sample_requests, hidden
+
+    # --- logprobs (only for requests that ask) ------------------------------------------------
+    def _sample_logprobs(self, logits: torch.Tensor, reqs: list[Request], tokens: list[int]
+                         ) -> dict[str, list] | None:
+        """The sampled tokens' logprobs from the raw logits (vLLM's default
+        ``logprobs_mode``: before penalties, temperature and filters)."""
+        want = [i for i, r in enumerate(reqs) if params_of(r).logprobs is not None]
+        if not want:
+            return None
+        idx = torch.tensor(want, device=logits.device)
+        lp = torch.log_softmax(logits.index_select(0, idx).float(), dim=-1)
+        entries = logprob_entries(lp, [tokens[i] for i in want], [params_of(reqs[i]).logprobs for i in want])
+        return {reqs[i].request_id: e for i, e in zip(want, entries)}
+
+    def _prompt_logprob_rows(self, plan: StepPlan) -> list[tuple[Request, int, int, int]] | None:
+        """For each chunk of a request that wants prompt logprobs: (request, first hidden
+        row of the chunk, first and last+1 prompt position it scores). The hidden state at
+        position ``p`` scores prompt token ``p + 1``."""
+        out = []
+        row = 0
+        for req, k in plan.chunks:
+            p = params_of(req).prompt_logprobs
+            c = req.num_computed
+            if p is not None:
+                lo, hi = c + 1, min(c + k, req.prompt_len - 1) + 1
+                if lo < hi:
+                    out.append((req, row, lo, hi))
+            row += k
+        return out or None
+
+    def _prompt_logprobs(self, plan: StepPlan, rows: list[tuple[Request, int, int, int]],
+                         hidden: torch.Tensor | None) -> dict[str, tuple[int, list]]:
+        out: dict[str, tuple[int, list]] = {}
+        assert hidden is not None
+        for req, row0, lo, hi in rows:
+            k = params_of(req).prompt_logprobs
+            entries: list = []
+            # slices bound the [rows, vocab] float32 temporaries of a long prompt chunk
+            for a in range(lo, hi, PROMPT_LOGPROB_SLICE):
+                b = min(hi, a + PROMPT_LOGPROB_SLICE)
+                start = row0 + (a - 1 - req.num_computed)
+                h = hidden[start:start + (b - a)]
+                lp = torch.log_softmax(self.model.compute_logits(h).float(), dim=-1)
+                entries.extend(logprob_entries(lp, req.prompt_token_ids[a:b], [k] * (b - a)))
+            out[req.request_id] = (lo, entries)
+        return out
 
     def forward(self, inputs: StepInputs) -> torch.Tensor:
         return self.model(inputs.input_ids, inputs.positions, inputs.meta, self.kv, self.backend, self.ops)

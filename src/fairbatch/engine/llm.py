@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -195,15 +196,18 @@ class LLM:
         return self.engine.tokenizer
 
     # --- public API ------------------------------------------------------------------------
-    def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
+    def generate(self, prompts: PromptInput | Sequence[PromptInput],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 *, progress: bool = False) -> list[RequestOutput]:
-        """Generate for every prompt (strings, or lists of token ids), all arriving now.
-        Outputs come back in prompt order. Raises ``ValueError`` before running anything
-        if a prompt is empty or longer than the context."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        prompts = list(prompts)
+                 *, progress: bool = False, use_tqdm: bool | None = None) -> list[RequestOutput]:
+        """Generate for every prompt, all arriving now; outputs come back in prompt order.
+
+        A prompt is what vLLM's ``LLM.generate`` takes: a string, a list of token ids,
+        ``{"prompt": "..."}`` or ``{"prompt_token_ids": [...]}``; or a list of these.
+        Raises ``ValueError`` before running anything if a prompt is empty, longer than
+        the context, or a dict with keys this engine does not take (multi-modal data)."""
+        if use_tqdm is not None:       # vLLM's name for the progress bar
+            progress = use_tqdm
+        prompts = _prompt_list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             sps = [sampling_params or SamplingParams()] * len(prompts)
         else:
@@ -216,6 +220,8 @@ class LLM:
     def make_request(self, prompt: str | Sequence[int], sp: SamplingParams, *, slo: SLO | None = None,
                      request_id: str | None = None) -> Request:
         """A scheduler ``Request`` for ``prompt`` (validated; ``arrival`` is set on submission)."""
+        prompt = _unwrap_prompt(prompt)
+        sp.check_vocab(self.engine.config.vocab_size)
         if isinstance(prompt, str):
             text: str | None = prompt
             ids = self.tokenizer.encode(prompt)
@@ -261,6 +267,7 @@ class LLM:
         bar = _Progress(len(order)) if progress else None
         i = 0
         idle_steps = 0
+        logprobs = _Logprobs()
 
         def done(req: Request) -> None:
             if on_finish is not None:
@@ -283,6 +290,8 @@ class LLM:
                         time.sleep(max(0.0, min(pending[i][0] - now, 0.05)))
                     continue
                 plan, result = inst.begin_step(now)
+                if result.logprobs or result.prompt_logprobs:
+                    logprobs.add(result)
                 for req in plan.rejected:       # refused while waiting or part-way through its prefill
                     done(req)
                 # tokens are stamped at the real end of the step (scheduling included)
@@ -299,15 +308,69 @@ class LLM:
         finally:
             if bar is not None:
                 bar.close()
-        return [self.output_of(r, t0) for r in order]
+        return [self.output_of(r, t0, logprobs) for r in order]
 
-    def output_of(self, req: Request, t0: float = 0.0) -> RequestOutput:
+    def output_of(self, req: Request, t0: float = 0.0, logprobs: "_Logprobs | None" = None) -> RequestOutput:
+        sp = req.sampling if isinstance(req.sampling, SamplingParams) else None
+        lp = plp = None
+        if sp is not None and sp.logprobs is not None:
+            lp = logprobs.sampled.get(req.request_id, []) if logprobs else []
+        if sp is not None and sp.prompt_logprobs is not None:
+            plp = logprobs.prompt.get(req.request_id, [None]) if logprobs else [None]
         return RequestOutput(
+            logprobs=lp, prompt_logprobs=plp,
             request_id=req.request_id, prompt=req.user_data if isinstance(req.user_data, str) else None,
             prompt_token_ids=list(req.prompt_token_ids or []), text=self.tokenizer.decode(req.output_token_ids),
             token_ids=list(req.output_token_ids), finish_reason=req.finish_reason, arrival=req.arrival,
             first_token_time=req.first_token_time, finish_time=req.finish_time,
             num_preemptions=req.num_preemptions)
+
+
+PromptInput = "str | Sequence[int] | dict[str, Any]"
+
+
+def _prompt_list(prompts: Any) -> list[Any]:
+    """One prompt or a list of them -> a list (a list of ints is one token-id prompt, as
+    in vLLM)."""
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]
+    return prompts
+
+
+def _unwrap_prompt(prompt: Any) -> str | Sequence[int]:
+    """vLLM's ``TextPrompt`` / ``TokensPrompt`` dicts -> a string or token ids."""
+    if not isinstance(prompt, dict):
+        return prompt
+    extra = set(prompt) - {"prompt", "prompt_token_ids"}
+    if extra:
+        raise ValueError(f"prompt keys not supported: {', '.join(sorted(extra))} "
+                         f"(this engine takes 'prompt' or 'prompt_token_ids')")
+    if "prompt_token_ids" in prompt:
+        return list(prompt["prompt_token_ids"])
+    if "prompt" in prompt:
+        return prompt["prompt"]
+    raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+
+
+class _Logprobs:
+    """Logprob entries the steps of one ``run`` reported, per request: the sampled
+    tokens', and the prompt's (position 0 is None; a recompute's repeats are dropped)."""
+
+    def __init__(self) -> None:
+        self.sampled: dict[str, list] = {}
+        self.prompt: dict[str, list] = {}
+
+    def add(self, result: Any) -> None:
+        for rid, entries in (result.logprobs or {}).items():
+            self.sampled.setdefault(rid, []).append(entries)
+        for rid, (lo, entries) in (result.prompt_logprobs or {}).items():
+            acc = self.prompt.setdefault(rid, [None])
+            skip = len(acc) - lo
+            if skip >= 0:
+                acc.extend(entries[skip:])
 
 
 class _Progress:

@@ -8,31 +8,90 @@ from dataclasses import dataclass, field
 
 @dataclass
 class SamplingParams:
-    """In the spirit of vLLM's. ``temperature == 0`` is greedy; ``top_k <= 0`` and
-    ``top_p == 1`` disable those filters; ``seed`` makes one request's samples
-    reproducible whatever else is in its batches (and across preemptions)."""
+    """vLLM's sampling parameters, with vLLM's names, defaults and meaning.
+
+    ``temperature == 0`` is greedy; ``top_k <= 0`` and ``top_p == 1`` disable those
+    filters; ``seed`` makes one request's samples reproducible whatever else is in its
+    batches (and across preemptions). Logits are processed in vLLM V1's order
+    (``engine/logits_ops.py``): ``allowed_token_ids``, ``min_tokens`` (EOS and
+    ``stop_token_ids`` impossible until that many tokens exist), ``logit_bias``,
+    ``repetition_penalty`` (prompt and output tokens), ``frequency_penalty`` and
+    ``presence_penalty`` (output tokens, as OpenAI defines them); greedy rows take the
+    argmax there, random rows go on through temperature, ``min_p``, top-k and top-p.
+    ``logprobs`` / ``prompt_logprobs``: how many top alternatives to report per sampled /
+    prompt token (0 = the chosen token only), from the raw logits as vLLM's default
+    ``logprobs_mode`` does."""
 
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
     seed: int | None = None
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    min_tokens: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    allowed_token_ids: list[int] | None = None
+    logit_bias: dict[int, float] | None = None
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.temperature < 0:
+        if not self.temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0 and self.top_k != -1:
             raise ValueError(f"top_k must be -1, 0 (off) or positive, got {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not -2 <= v <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {v}")
+        if not 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise ValueError(f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}], "
+                             f"got {self.repetition_penalty}")
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            raise ValueError("allowed_token_ids must not be empty")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and not 0 <= v <= MAX_LOGPROBS:
+                raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}], got {v}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+    @property
+    def has_penalties(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+    @property
+    def edits_logits(self) -> bool:
+        """Anything applied to the logits before the greedy argmax (vLLM's
+        non-argmax-invariant processing): then greedy rows need the processed logits too."""
+        return bool(self.has_penalties or self.allowed_token_ids is not None or self.logit_bias
+                    or self.min_tokens)
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """ValueError for a token id outside ``0..vocab_size-1`` in the token-id fields."""
+        for name, ids in (("stop_token_ids", self.stop_token_ids), ("allowed_token_ids", self.allowed_token_ids),
+                          ("logit_bias", list(self.logit_bias or ()))):
+            bad = next((t for t in ids or () if not 0 <= t < vocab_size), None)
+            if bad is not None:
+                raise ValueError(f"{name}: token id {bad} is outside the vocabulary (0..{vocab_size - 1})")
+
+
+MAX_LOGPROBS = 20                # vLLM's default max_logprobs
+MAX_REPETITION_PENALTY = 1e6     # vLLM has no upper bound; a finite one keeps the logits finite
 
 
 @dataclass
@@ -47,6 +106,10 @@ class RequestOutput:
     first_token_time: float | None = None
     finish_time: float | None = None
     num_preemptions: int = 0
+    # with SamplingParams.logprobs / prompt_logprobs: per token, ``[(token id, logprob,
+    # rank), ...]``, the token first, then the top k (prompt position 0: None)
+    logprobs: list | None = None
+    prompt_logprobs: list | None = None
 
     @property
     def ttft(self) -> float | None:

@@ -1,4 +1,5 @@
-"""Batched sampling: greedy, temperature, top-k, top-p, per-request seed.
+"""Batched sampling: vLLM's logits processing (``logits_ops``), then greedy, or temperature,
+min-p, top-k, top-p and a per-request seed.
 
 Random rows draw ``argmax(probs / E)`` with ``E ~ Exponential(1)`` per vocabulary entry,
 which samples exactly from ``probs`` without a CDF search. A seeded request's noise comes
@@ -9,8 +10,11 @@ shift its random stream.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
+
 import torch
 
+from fairbatch.engine.logits_ops import add_bias, allowed_only, apply_min_p, apply_penalties, block_tokens
 from fairbatch.engine.params import SamplingParams
 from fairbatch.request import Request
 
@@ -27,12 +31,17 @@ class Sampler:
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
-    def sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[int]:
-        """``logits``: [n, V] float32 rows, one per request in ``reqs``."""
+    def sample(self, logits: torch.Tensor, reqs: list[Request],
+               stop_sets: Sequence[Collection[int]] | None = None) -> list[int]:
+        """``logits``: [n, V] float32 rows, one per request in ``reqs`` (not modified).
+        ``stop_sets``: each request's EOS and stop token ids, which ``min_tokens`` holds
+        back while the request has fewer output tokens."""
         if not reqs:
             return []
         params = [params_of(r) for r in reqs]
         greedy = [p.greedy for p in params]
+        if any(p.edits_logits for p in params):
+            logits = process(logits, reqs, params, stop_sets)
         if all(greedy):
             return logits.argmax(dim=-1).tolist()
         V = logits.shape[1]
@@ -40,6 +49,8 @@ class Sampler:
         temps = torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)],
                              dtype=torch.float32, device=dev)
         scaled = logits / temps[:, None]
+        if any(p.min_p > 0 and not g for p, g in zip(params, greedy)):
+            scaled = apply_min_p(scaled, [0.0 if g else p.min_p for p, g in zip(params, greedy)])
         sorted_logits, order = scaled.sort(dim=-1, descending=True)
         ks = [p.top_k if p.top_k > 0 and not g else V for p, g in zip(params, greedy)]
         if min(ks) < V:
@@ -65,6 +76,27 @@ class Sampler:
             g_rows = torch.tensor(greedy, device=dev)
             tokens = torch.where(g_rows, logits.argmax(dim=-1), tokens)
         return tokens.tolist()
+
+
+def process(logits: torch.Tensor, reqs: Sequence[Request], params: Sequence[SamplingParams],
+            stop_sets: Sequence[Collection[int]] | None) -> torch.Tensor:
+    """The argmax-changing part of vLLM's logits processing, in its order: allowed token
+    ids, min_tokens, logit bias, penalties (``logits_ops``)."""
+    if any(p.allowed_token_ids is not None for p in params):
+        logits = allowed_only(logits, [p.allowed_token_ids for p in params])
+    if any(p.min_tokens for p in params):
+        blocked = [sorted(stop_sets[i]) if stop_sets is not None and r.generated < p.min_tokens else []
+                   for i, (r, p) in enumerate(zip(reqs, params))]
+        logits = block_tokens(logits, blocked)
+    if any(p.logit_bias for p in params):
+        logits = add_bias(logits, [p.logit_bias for p in params])
+    if any(p.has_penalties for p in params):
+        logits = apply_penalties(
+            logits, [(r.prompt_token_ids or []) if p.repetition_penalty != 1.0 else [] for r, p in zip(reqs, params)],
+            [r.output_token_ids if p.has_penalties else [] for r, p in zip(reqs, params)],
+            [p.repetition_penalty for p in params], [p.frequency_penalty for p in params],
+            [p.presence_penalty for p in params])
+    return logits
 
 
 def _mix(seed: int, j: int) -> int:

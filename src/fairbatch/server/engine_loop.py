@@ -55,6 +55,12 @@ class Delta:
     error: str | None = None              # the engine failed this request
     time: float = 0.0                     # end of the step that produced the tokens
     start: int = 0                        # index of the first of token_ids in the output
+    # for requests that asked: per token of token_ids, its logprob entries
+    # ``[(token id, logprob, rank), ...]`` (the token first, then the top k)
+    logprobs: list | None = None
+    # for requests that asked, once, with their first tokens: per prompt position, its
+    # entries (None for position 0, which nothing scores)
+    prompt_logprobs: list | None = None
 
     @property
     def done(self) -> bool:
@@ -113,6 +119,9 @@ class EngineLoop:
         self.step_tokens = 0
         self.steps_run = 0
         self._sent: dict[str, int] = {}     # request id -> output tokens already posted
+        # prompt logprobs of the requests that asked, gathered over their prefill chunks
+        # until their first token goes out (then dropped: a recompute scores them again)
+        self._prompt_lp: dict[str, list] = {}
         lat = instance.scheduler.latency
         self._online = lat if isinstance(lat, OnlineLatencyModel) else None
         self.latency_refits = 0
@@ -195,8 +204,11 @@ class EngineLoop:
                         early.append((req.request_id, Delta([], REJECTED, time=now)))
                         continue
                     self._sent[req.request_id] = 0
+                    if getattr(req.sampling, "prompt_logprobs", None) is not None:
+                        self._prompt_lp[req.request_id] = [None]    # position 0: nothing scores it
             elif kind == "abort":
                 for rid in payload:
+                    self._prompt_lp.pop(rid, None)
                     if self._sent.pop(rid, None) is not None:
                         inst.abort(rid, now)
             elif kind == "load":
@@ -225,6 +237,8 @@ class EngineLoop:
         # instance already released their KV and executor state
         deltas: list[tuple[str, Delta]] = [(r.request_id, Delta([], REJECTED, time=now)) for r in plan.rejected
                                            if sent.pop(r.request_id, None) is not None]
+        for r in plan.rejected:
+            self._prompt_lp.pop(r.request_id, None)
         if plan.is_empty:
             if deltas:
                 self.post_deltas(deltas)
@@ -237,6 +251,9 @@ class EngineLoop:
         self.step_tokens += plan.features.new_tokens
         end = now + result.duration
         fin = {r.request_id for r in finished}
+        if result.prompt_logprobs:
+            self._gather_prompt_logprobs(result.prompt_logprobs)
+        sample_lp = result.logprobs or {}
         for req, _ in plan.chunks:
             rid = req.request_id
             start = sent.get(rid)
@@ -250,10 +267,26 @@ class EngineLoop:
                     del sent[rid]
                 else:
                     sent[rid] = gen
-                deltas.append((rid, Delta(req.output_token_ids[start:gen], reason, time=end, start=start)))
+                delta = Delta(req.output_token_ids[start:gen], reason, time=end, start=start)
+                if rid in sample_lp:
+                    delta.logprobs = [sample_lp[rid]]
+                if rid in self._prompt_lp:
+                    delta.prompt_logprobs = self._prompt_lp.pop(rid)
+                deltas.append((rid, delta))
         if deltas:
             self.post_deltas(deltas)
         return plan
+
+    def _gather_prompt_logprobs(self, scored: dict[str, tuple[int, list]]) -> None:
+        """Append each request's newly scored prompt positions, once each: a request
+        preempted and recomputed scores its prompt again."""
+        for rid, (lo, entries) in scored.items():
+            acc = self._prompt_lp.get(rid)
+            if acc is None:
+                continue
+            skip = len(acc) - lo
+            if skip >= 0:
+                acc.extend(entries[skip:])
 
     def drop_all(self, message: str, *, notify: bool) -> None:
         """Abort every request in the instance (frees their blocks); tell their clients
@@ -265,6 +298,7 @@ class EngineLoop:
         ids = dict.fromkeys([*self._sent, *(r.request_id for r in sched.running),
                              *(r.request_id for r in sched.waiting), *(r.request_id for r in sched.relegated)])
         self._sent.clear()
+        self._prompt_lp.clear()
         for rid in ids:
             try:
                 inst.abort(rid, now)

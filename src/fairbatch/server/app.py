@@ -30,11 +30,14 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fairbatch.engine.params import SamplingParams
 from fairbatch.request import SLO
+from fairbatch.server.access import AccessControl, protected_paths
 from fairbatch.server.async_engine import AsyncEngine, EngineDead, QueueFull, RequestGroup, clock
+from fairbatch.server.body_limit import DEFAULT_BODY_TIMEOUT, BodyLimit, body_limit
 from fairbatch.server.errors import (
     DROPPED_REASON_HEADER,
     LATE_REJECT_REASON,
@@ -46,19 +49,24 @@ from fairbatch.server.errors import (
 )
 from fairbatch.server.metrics import CONTENT_TYPE, ServerMetrics
 from fairbatch.server.model import ServedModel
+from fairbatch.server.openapi import document_errors
 from fairbatch.server.output import OutputProcessor
 from fairbatch.server.protocol import MAX_CHOICES, ChatCompletionRequest, CompletionRequest, SLOField, _Sampling
 
 log = logging.getLogger("fairbatch.server")
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16      # OpenAI's default for /v1/completions
-
-
-MAX_BODY_BYTES = 64 << 20               # a 128k-token prompt as JSON ids is ~1 MB
+# A body larger than this is tokenized and turned into requests on a worker thread: the
+# tokenizer (Rust) and the checks run there while the event loop keeps streaming. Smaller
+# ones stay on the loop, where they cost less than the hop.
+OFFLOAD_BODY_BYTES = 64 << 10
 
 
 def build_app(model: ServedModel, *, backend: Any = None, max_pending: int = 4096, retry_after: int = 1,
-              metrics_prefix: str = "fairbatch", max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+              metrics_prefix: str = "fairbatch", max_body_bytes: int | None = None,
+              body_timeout: float | None = DEFAULT_BODY_TIMEOUT, max_choices: int = MAX_CHOICES,
+              default_max_tokens: int | None = None, api_key: str | None = None, protect_admin: bool = False,
+              loopback_only: bool = False) -> FastAPI:
     """An app serving ``model``; the engine starts and stops with the app's lifespan.
 
     ``backend``: where the engine loop runs (``engine_process.ProcessBackend`` from
@@ -67,7 +75,16 @@ def build_app(model: ServedModel, *, backend: Any = None, max_pending: int = 409
     ``max_pending``: requests (choices) the server holds at once, running or queued; one
     more is answered 503 with ``Retry-After: retry_after``. A request the scheduler refuses
     (``late=reject``) is answered 429 with the same ``Retry-After``. Bodies over
-    ``max_body_bytes`` are refused with 413 before they are buffered."""
+    ``max_body_bytes`` (default: ``body_limit`` of the model's context) are refused with
+    413 before they are buffered, bodies slower than ``body_timeout`` seconds with 408.
+
+    ``max_choices``: prompts x ``n`` one request may ask for. ``default_max_tokens``: the
+    output limit of a chat request that gives none (default, as vLLM: the rest of the
+    context; completions default to OpenAI's 16 either way).
+
+    ``api_key``: ``/v1/*`` needs ``Authorization: Bearer <key>`` (and ``/metrics``,
+    ``/profile``, ``/load`` too with ``protect_admin``). ``loopback_only``: answer only
+    requests whose ``Host`` is a loopback address (set when bound to one)."""
     metrics = ServerMetrics(model.name, prefix=metrics_prefix)
     engine = AsyncEngine(model, backend=backend, max_pending=max_pending, metrics=metrics)
     metrics.engine = engine
@@ -82,7 +99,12 @@ def build_app(model: ServedModel, *, backend: Any = None, max_pending: int = 409
 
     app = FastAPI(title="fairbatch", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible server on the FairBatching scheduler.")
-    app.add_middleware(_BodyLimit, max_bytes=max_body_bytes)
+    # Starlette runs the last added middleware first: the access check, then the body.
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes or body_limit(model.max_model_len), timeout=body_timeout)
+    app.add_middleware(AccessControl, api_key=api_key, protected=protected_paths(protect_admin),
+                       loopback_only=loopback_only)
+    document_errors(app, per_path={"/v1/models": (401, 421), "/health": (503,), "/load": (401, 421, 503),
+                                   "/profile": (401, 421, 503), "/metrics": (401, 421)})
     app.state.model = model
     app.state.engine = engine
     app.state.metrics = metrics
@@ -95,7 +117,7 @@ def build_app(model: ServedModel, *, backend: Any = None, max_pending: int = 409
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
-        message, param = format_validation_errors(list(e.errors()))
+        message, param = format_validation_errors(list(e.errors()), getattr(e, "body", None))
         return error_response(400, message, param)
 
     @app.exception_handler(StarletteHTTPException)
@@ -129,7 +151,10 @@ def build_app(model: ServedModel, *, backend: Any = None, max_pending: int = 409
         ttft = field.ttft_ms / 1000.0 if field.ttft_ms is not None else d.ttft
         tpot = field.tpot_ms / 1000.0 if field.tpot_ms is not None else d.tpot
         name = field.slo_class or ("custom" if (field.ttft_ms or field.tpot_ms) else d.name)
-        return SLO(ttft, tpot, name)
+        try:            # the schema bounds the milliseconds; this checks the seconds the scheduler gets
+            return SLO(ttft, tpot, name)
+        except ValueError as e:
+            raise bad_request(str(e), "slo") from None
 
     def sampling(body: _Sampling, max_tokens: int) -> SamplingParams:
         try:
@@ -153,18 +178,24 @@ def build_app(model: ServedModel, *, backend: Any = None, max_pending: int = 409
                        arrival: float, prefix: str) -> list[Any]:
         if msg := body.unsupported():
             raise bad_request(msg)
-        if len(prompts) * body.n > MAX_CHOICES:
-            raise bad_request(f"{len(prompts)} prompts x n={body.n} exceeds {MAX_CHOICES} choices per request", "n")
+        if len(prompts) * body.n > max_choices:
+            raise bad_request(f"{len(prompts)} prompts x n={body.n} exceeds {max_choices} choices per request", "n")
         if body.stop_token_ids:
             check_tokens(body.stop_token_ids, "stop_token_ids")
         slo = request_slo(body.slo)
-        reqs = []
-        for p, ids in enumerate(prompts):
-            check_tokens(ids, "prompt")
+        lengths = []
+        for ids in prompts:       # every length first: cheap, and bounds the vocabulary scan below
             try:
-                max_tokens = model.check_length(len(ids), limit if limit is not None else default_limit)
+                if limit is not None:
+                    lengths.append(model.check_length(len(ids), limit))
+                else:             # a default never fails a request: at most the context left (vLLM's rule)
+                    room = model.check_length(len(ids), None)
+                    lengths.append(room if default_limit is None else min(default_limit, room))
             except ValueError as e:
                 raise bad_request(str(e), "max_tokens" if ids and limit else "prompt") from None
+        reqs = []
+        for p, (ids, max_tokens) in enumerate(zip(prompts, lengths)):
+            check_tokens(ids, "prompt")
             sp = sampling(body, max_tokens)
             for j in range(body.n):
                 try:
@@ -231,20 +262,32 @@ def build_app(model: ServedModel, *, backend: Any = None, max_pending: int = 409
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
+    async def off_loop_if_heavy(raw: Request, fn: Any) -> Any:
+        """``fn()`` on a worker thread for a large body (tokenizing, scanning), else here."""
+        size = raw.headers.get("content-length", "")
+        if size.isdigit() and int(size) <= OFFLOAD_BODY_BYTES:
+            return fn()
+        return await run_in_threadpool(fn)
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, raw: Request) -> Response:
         arrival = clock()
         check_model(body.model)
-        try:
-            texts, prompts = split_prompt(body.prompt)
-        except ValueError as e:
-            raise bad_request(str(e), "prompt") from None
         rid = f"cmpl-{uuid.uuid4().hex}"
-        reqs = build_requests(body, prompts, body.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, arrival, rid)
-        echo = [None] * len(reqs)
-        if body.echo:
-            echo = [texts[i // body.n] if texts[i // body.n] is not None else model.decode(prompts[i // body.n])
-                    for i in range(len(reqs))]
+
+        def prepare() -> tuple[list[list[int]], list[Any], list[str | None]]:
+            try:
+                texts, prompts = split_prompt(body.prompt)
+            except ValueError as e:
+                raise bad_request(str(e), "prompt") from None
+            reqs = build_requests(body, prompts, body.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, arrival, rid)
+            echo: list[str | None] = [None] * len(reqs)
+            if body.echo:
+                echo = [texts[i // body.n] if texts[i // body.n] is not None
+                        else model.decode(prompts[i // body.n]) for i in range(len(reqs))]
+            return prompts, reqs, echo
+
+        prompts, reqs, echo = await off_loop_if_heavy(raw, prepare)
         group = submit(reqs)
         usage_prompt = sum(len(p) for p in prompts)
         stops = body.stop_strings()
@@ -287,15 +330,19 @@ def build_app(model: ServedModel, *, backend: Any = None, max_pending: int = 409
         check_model(body.model)
         if msg := body.unsupported():
             raise bad_request(msg)
-        messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-                    for m in body.messages]
-        try:
-            _, ids = model.chat_prompt(messages, add_generation_prompt=body.add_generation_prompt,
-                                       extra=body.chat_template_kwargs)
-        except ValueError as e:
-            raise bad_request(str(e), "messages") from None
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        reqs = build_requests(body, [ids], body.token_limit, None, arrival, rid)
+
+        def prepare() -> tuple[list[int], list[Any]]:
+            messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+                        for m in body.messages]
+            try:
+                _, ids = model.chat_prompt(messages, add_generation_prompt=body.add_generation_prompt,
+                                           extra=body.chat_template_kwargs)
+            except ValueError as e:
+                raise bad_request(str(e), "messages") from None
+            return ids, build_requests(body, [ids], body.token_limit, default_max_tokens, arrival, rid)
+
+        ids, reqs = await off_loop_if_heavy(raw, prepare)
         group = submit(reqs)
         stops = body.stop_strings()
         base = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model.name}
@@ -512,49 +559,3 @@ class _SSEResponse(StreamingResponse):
                     await aclose()
                 except Exception:   # noqa: BLE001
                     pass
-
-
-
-class _BodyLimit:
-    """Pure ASGI middleware: 413 for a body over ``max_bytes``, declared or streamed. The
-    body is read here (FastAPI buffers it whole anyway) and replayed to the app, whose
-    later ``receive`` calls go to the server (disconnect detection)."""
-
-    def __init__(self, app: Any, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH"):
-            await self.app(scope, receive, send)
-            return
-        limit = self.max_bytes
-        too_big = error_response(413, f"request body larger than {limit} bytes")
-        for name, value in scope.get("headers", ()):
-            if name == b"content-length" and value.isdigit() and int(value) > limit:
-                await too_big(scope, receive, send)
-                return
-        parts: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":      # gone before the body arrived
-                return
-            body = message.get("body", b"")
-            size += len(body)
-            if size > limit:
-                await too_big(scope, receive, send)
-                return
-            parts.append(body)
-            if not message.get("more_body", False):
-                break
-        replayed = False
-
-        async def replay() -> Any:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(parts), "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)

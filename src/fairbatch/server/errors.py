@@ -13,8 +13,11 @@ from fastapi.responses import JSONResponse
 _TYPES = {
     400: "BadRequestError",
     404: "NotFoundError",
+    401: "AuthenticationError",
     405: "MethodNotAllowedError",
+    408: "RequestTimeoutError",
     413: "RequestTooLargeError",
+    421: "MisdirectedRequestError",
     415: "UnsupportedMediaTypeError",
     429: "RateLimitError",
     499: "ClientClosedRequest",
@@ -57,8 +60,27 @@ def bad_request(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, param=param)
 
 
-def format_validation_errors(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+def _json_error(e: dict[str, Any], body: Any) -> str:
+    """A readable message for a body that is not JSON: where parsing stopped, and whether
+    the body simply ended there (a truncated upload)."""
+    loc = e.get("loc", ())
+    pos = loc[1] if len(loc) > 1 and isinstance(loc[1], int) else None
+    why = str((e.get("ctx") or {}).get("error") or "invalid JSON")
+    size = len(body) if isinstance(body, (str, bytes)) else None
+    if not size:
+        return "request body is empty or not valid JSON: expected a JSON object"
+    where = "" if pos is None else (" " if why.endswith(" at") else " at ") + f"character {pos}"
+    cut = "Unterminated" in why or (pos is not None and pos >= size - 1)
+    ended = " (the body ends before the JSON does: was it cut short?)" if cut else ""
+    return f"request body ({size} bytes) is not valid JSON: {why}{where}{ended}"
+
+
+def format_validation_errors(errors: list[dict[str, Any]], body: Any = None) -> tuple[str, str | None]:
     """FastAPI/pydantic error list -> (one readable message, the first offending field)."""
+    if errors and errors[0].get("type") == "json_invalid":
+        return _json_error(errors[0], body), None
+    if errors and errors[0].get("type") == "missing" and tuple(errors[0].get("loc", ())) == ("body",):
+        return "request body is empty: expected a JSON object", None
     parts = []
     param = None
     for e in errors[:5]:

@@ -95,6 +95,14 @@ def _raise_template_error(message: str) -> None:
     raise ValueError(f"chat template: {message}")
 
 
+def public_name(model: str) -> str:
+    """The id clients see for ``--model``: a preset's name, or a model directory's last
+    component. The full path would tell every client where the server keeps its files
+    (it is still accepted as ``model`` in requests)."""
+    p = Path(model)
+    return p.name if p.is_dir() and p.name else model
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What the front end knows of the engine: plain data, sent by an engine process once
@@ -119,7 +127,7 @@ class ModelInfo:
         args = engine.args
         tok_dir = args.tokenizer or (args.model if Path(args.model).is_dir() else None)
         cfg = llm.scheduler_config
-        return cls(name=name or str(args.model), model=str(args.model), policy=llm.policy,
+        return cls(name=name or public_name(str(args.model)), model=str(args.model), policy=llm.policy,
                    vocab_size=int(engine.config.vocab_size), max_model_len=int(cfg.max_model_len),
                    ttft_slo=cfg.ttft_slo, tpot_slo=cfg.tpot_slo, device=str(engine.device),
                    num_blocks=engine.allocator.num_blocks, block_size=engine.allocator.block_size,

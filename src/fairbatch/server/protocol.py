@@ -13,12 +13,22 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 
 I64_MAX = 2**63 - 1
 MAX_CHOICES = 256          # prompts x n in one request
 MAX_STOP = 16              # stop strings
 MAX_STOP_IDS = 1024        # stop token ids
+# List bounds, checked while the body is validated: an abusive list is refused before the
+# server walks it. The context bounds a prompt much more tightly (checked next, before the
+# vocabulary scan); these only cap what any context could hold.
+MAX_PROMPT_IDS = 1 << 20   # token ids in one prompt
+MAX_MESSAGES = 4096        # chat messages
+MAX_PARTS = 1024           # text parts of one message
+# A per-request SLO below this (milliseconds) is a typo or an attack, not an objective: one
+# microsecond. Checked on the value the scheduler gets (seconds), after the conversion, so
+# a denormal like 1e-321 that passes ``> 0`` but becomes 0.0 is a 400, not a 500.
+MIN_SLO_MS = 1e-3
 
 
 class _Body(BaseModel):
@@ -32,14 +42,21 @@ class SLOField(_Body):
     """Per-request latency objectives (milliseconds), overriding the server's defaults.
     ``class`` names the SLO class the request is counted under in /metrics."""
 
-    ttft_ms: Optional[float] = Field(default=None, gt=0, le=1e9)
-    tpot_ms: Optional[float] = Field(default=None, gt=0, le=1e9)
+    ttft_ms: Optional[float] = Field(default=None, ge=MIN_SLO_MS, le=1e9)
+    tpot_ms: Optional[float] = Field(default=None, ge=MIN_SLO_MS, le=1e9)
     slo_class: Optional[StrictStr] = Field(default=None, alias="class", max_length=64)
+
+    @field_validator("ttft_ms", "tpot_ms")
+    @classmethod
+    def _positive_in_seconds(cls, v: Optional[float]) -> Optional[float]:
+        if v is not None and not v / 1000.0 > 0:    # what the scheduler will be given
+            raise ValueError(f"must be at least {MIN_SLO_MS:g} ms")
+        return v
 
 
 class StreamOptions(_Body):
-    include_usage: Optional[bool] = False
-    continuous_usage_stats: Optional[bool] = False
+    include_usage: Optional[StrictBool] = False
+    continuous_usage_stats: Optional[StrictBool] = False
 
 
 class _Sampling(_Body):
@@ -50,10 +67,10 @@ class _Sampling(_Body):
     top_k: Optional[StrictInt] = Field(default=None, ge=-1, le=I64_MAX)
     seed: Optional[StrictInt] = Field(default=None, ge=-I64_MAX, le=I64_MAX)
     n: StrictInt = Field(default=1, ge=1, le=MAX_CHOICES)
-    stop: Optional[Union[StrictStr, list[StrictStr]]] = None
+    stop: Optional[Union[StrictStr, Annotated[list[StrictStr], Field(max_length=MAX_STOP)]]] = None
     stop_token_ids: Optional[list[TokenId]] = Field(default=None, max_length=MAX_STOP_IDS)
-    ignore_eos: bool = False
-    stream: Optional[bool] = False
+    ignore_eos: StrictBool = False
+    stream: Optional[StrictBool] = False
     stream_options: Optional[StreamOptions] = None
     priority: StrictInt = Field(default=0, ge=-(2**31), le=2**31 - 1)
     slo: Optional[SLOField] = None
@@ -62,13 +79,6 @@ class _Sampling(_Body):
     frequency_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
     logit_bias: Optional[dict[str, float]] = None
     best_of: Optional[StrictInt] = Field(default=None, ge=1, le=MAX_CHOICES)
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_list(cls, v: Any) -> Any:
-        if isinstance(v, list) and len(v) > MAX_STOP:
-            raise ValueError(f"at most {MAX_STOP} stop sequences")
-        return v
 
     def stop_strings(self) -> list[str]:
         if self.stop is None:
@@ -93,8 +103,11 @@ class CompletionRequest(_Sampling):
     """POST /v1/completions. ``prompt``: a text, a list of texts, a list of token ids, or
     a list of token-id lists (one choice per prompt, times ``n``)."""
 
-    prompt: Union[StrictStr, list[TokenId], list[StrictStr], list[list[TokenId]]]
-    echo: bool = False
+    prompt: Union[StrictStr, Annotated[list[TokenId], Field(max_length=MAX_PROMPT_IDS)],
+                  Annotated[list[StrictStr], Field(max_length=MAX_CHOICES)],
+                  Annotated[list[Annotated[list[TokenId], Field(max_length=MAX_PROMPT_IDS)]],
+                            Field(max_length=MAX_CHOICES)]]
+    echo: StrictBool = False
     logprobs: Optional[StrictInt] = Field(default=None, ge=0, le=20)
     suffix: Optional[StrictStr] = None
 
@@ -113,7 +126,7 @@ class TextPart(_Body):
 
 class ChatMessage(_Body):
     role: StrictStr = Field(max_length=64)
-    content: Optional[Union[StrictStr, list[TextPart]]] = None
+    content: Optional[Union[StrictStr, Annotated[list[TextPart], Field(max_length=MAX_PARTS)]]] = None
     name: Optional[StrictStr] = None
 
     def text(self) -> str:
@@ -127,14 +140,14 @@ class ChatMessage(_Body):
 class ChatCompletionRequest(_Sampling):
     """POST /v1/chat/completions."""
 
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: Optional[StrictInt] = Field(default=None, ge=1, le=I64_MAX)
-    logprobs: Optional[bool] = False
+    logprobs: Optional[StrictBool] = False
     top_logprobs: Optional[StrictInt] = Field(default=None, ge=0, le=20)
     tools: Optional[list[Any]] = None
     tool_choice: Optional[Any] = None
     response_format: Optional[dict[str, Any]] = None
-    add_generation_prompt: bool = True
+    add_generation_prompt: StrictBool = True
     chat_template_kwargs: Optional[dict[str, Any]] = None
 
     def unsupported(self) -> str | None:

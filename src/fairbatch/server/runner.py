@@ -7,12 +7,16 @@ up front and port 0 gives a free port whose number is known at once.
 
 from __future__ import annotations
 
+import resource
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
+
+from fairbatch.server.http_protocol import DEFAULT_HEADER_TIMEOUT, protocol_class
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -30,15 +34,53 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _config(app: Any, log_level: str, access_log: bool) -> uvicorn.Config:
+def default_max_connections() -> int:
+    """Connections served at once by default: what the process's file-descriptor limit
+    leaves after 128 for everything else (engine socket, model files, logs), at most 4096.
+    Past it uvicorn answers 503 rather than let ``accept`` fail for lack of descriptors."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 4096
+    return max(16, min(4096, soft - 128))
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """How long a connection may take and how many may be open (``serve`` and ``route``).
+
+    ``header_timeout``: a request head (line + headers) must arrive within it
+    (``http_protocol``). ``keep_alive``: an idle connection between requests is closed after
+    it. ``max_connections``: connections and requests in progress beyond it get 503
+    (uvicorn's ``limit_concurrency``); None: ``default_max_connections()``.
+    ``max_header_bytes``: a larger request head is a 400 (h11's limit)."""
+
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    keep_alive: int = 30
+    max_connections: int | None = None
+    max_header_bytes: int = 64 * 1024
+
+    def __post_init__(self) -> None:
+        if not self.header_timeout > 0:
+            raise ValueError("--header-timeout must be positive (seconds)")
+        if not self.keep_alive >= 1:
+            raise ValueError("--keep-alive-timeout must be >= 1 (seconds)")
+        if self.max_connections is not None and self.max_connections < 1:
+            raise ValueError("--max-connections must be >= 1")
+
+
+def _config(app: Any, log_level: str, access_log: bool, limits: ConnectionLimits | None = None) -> uvicorn.Config:
+    lim = limits or ConnectionLimits()
     # timeout_graceful_shutdown: streams still open at shutdown are cut after this long.
-    return uvicorn.Config(app, log_level=log_level, access_log=access_log, timeout_keep_alive=30,
-                          timeout_graceful_shutdown=5, lifespan="on")
+    return uvicorn.Config(app, log_level=log_level, access_log=access_log, timeout_keep_alive=lim.keep_alive,
+                          timeout_graceful_shutdown=5, lifespan="on", http=protocol_class(lim.header_timeout),
+                          limit_concurrency=lim.max_connections or default_max_connections(),
+                          h11_max_incomplete_event_size=lim.max_header_bytes)
 
 
-def serve_forever(app: Any, sock: socket.socket, *, log_level: str = "info", access_log: bool = False) -> None:
+def serve_forever(app: Any, sock: socket.socket, *, log_level: str = "info", access_log: bool = False,
+                  limits: ConnectionLimits | None = None) -> None:
     """Serve in the foreground until SIGINT / SIGTERM."""
-    server = uvicorn.Server(_config(app, log_level, access_log))
+    server = uvicorn.Server(_config(app, log_level, access_log, limits))
     server.run(sockets=[sock])
 
 
@@ -47,12 +89,12 @@ class ServerThread:
     loopback port in a daemon thread; stopped (engine thread included) on exit."""
 
     def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, *, log_level: str = "warning",
-                 start_timeout: float = 60.0) -> None:
+                 start_timeout: float = 60.0, limits: ConnectionLimits | None = None) -> None:
         self.app = app
         self.sock = bind_socket(host, port)
         self.host = host
         self.port = self.sock.getsockname()[1]
-        self.server = uvicorn.Server(_config(app, log_level, False))
+        self.server = uvicorn.Server(_config(app, log_level, False, limits))
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                         name="fairbatch-uvicorn", daemon=True)
         self._start_timeout = start_timeout

@@ -162,6 +162,8 @@ class FairBatchingScheduler(Scheduler):
         if urgent:
             urgent.sort(key=_by_deadline)
             self._add_decodes(urgent, plan, _INF, token_cap)
+        # the share of each step the decodes take: what is left is the prefill rate
+        decode_share = model.predict(plan.features) / T if plan.chunks else 0.0
 
         # (b) prefills: running partial prefills, then waiting prompts, each in priority
         # order (_prefill_key) and given the largest chunk that still fits T; then the
@@ -177,7 +179,7 @@ class FairBatchingScheduler(Scheduler):
                     self._add_partial(req, T, token_cap, plan)
         # like vLLM, no admissions in a step that had to preempt
         set_aside = (cfg.set_aside and relegate and not plan.preempted and len(self._heap) > 1
-                     and self._admit_set_aside(partials, T, token_cap, plan))
+                     and self._admit_set_aside(partials, T, token_cap, plan, decode_share))
         while not set_aside and not plan.preempted and (head := self._waiting_head()) is not None:
             if not self._admit_waiting(head, self._heap, T, token_cap, plan):
                 break
@@ -229,7 +231,8 @@ class FairBatchingScheduler(Scheduler):
             k = min(pending, max(cfg.min_chunk, 1), token_cap)   # progress floor
         return k
 
-    def _admit_set_aside(self, partials: list[Request], T: float, token_cap: int, plan: StepPlan) -> bool:
+    def _admit_set_aside(self, partials: list[Request], T: float, token_cap: int, plan: StepPlan,
+                         decode_share: float) -> bool:
         """Moore-Hodgson over the waiting prompts: in priority order, at the prefill rate
         the decodes leave, set aside the longest prompt whenever one would finish past its
         deadline; admit the others in order, then the set-aside ones, while they fit.
@@ -248,8 +251,9 @@ class FairBatchingScheduler(Scheduler):
             cands = [r for r in cands if r.deadline > now]
         if len(cands) < 2 and not promoted and not resumed:
             return False
-        busy = self.latency.predict(plan.features) / T if plan.chunks else 0.0
-        rate = self._prefill_rate * max(0.1, 1.0 - busy)
+        # the rate the decodes leave, not this step's: the chunks already in it (partial
+        # prefills) are counted below as work ahead of the waiting prompts
+        rate = self._prefill_rate * max(0.1, 1.0 - decode_share)
         t = sum(r.prompt_len - r.num_computed for r in partials if not r.relegated) / rate
         kept: list[tuple[int, int, Request]] = []     # max-heap by remaining tokens
         aside: list[Request] = []

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from fairbatch.cluster.routing import router_names
+from fairbatch.server.access import API_KEY_ENV
 
 ROUTER_HELP = f"Routing policy: {', '.join(router_names())}; options as NAME:count_sent=false."
 WORKERS_HELP = ("Router processes sharing the port: one spends 130-215 us of CPU per streamed token, so new "
@@ -37,14 +38,46 @@ def parse_backends(items: list[str]) -> list[str]:
     return urls
 
 
-def _router_config(poll_interval: float, poll_timeout: float):
+def _router_config(poll_interval: float, poll_timeout: float, *, host: str = "127.0.0.1",
+                   api_key: str | None = None, **options: Any):
     from fairbatch.cluster.proxy import RouterConfig
+    from fairbatch.server.access import api_key_from, is_loopback
 
     if not poll_interval > 0:
         raise ValueError("--poll-interval must be positive (seconds)")
     if not poll_timeout > 0:
         raise ValueError("--poll-timeout must be positive (seconds)")
-    return RouterConfig(poll_interval=poll_interval, poll_timeout=poll_timeout)
+    key = api_key_from(api_key)
+    if options.get("max_body_bytes") is None:
+        options.pop("max_body_bytes", None)
+    return RouterConfig(poll_interval=poll_interval, poll_timeout=poll_timeout, api_key=key, backend_api_key=key,
+                        loopback_only=is_loopback(host), **options)
+
+
+def _connection_limits(header_timeout: float, keep_alive_timeout: int, max_connections: int | None):
+    from fairbatch.server.runner import ConnectionLimits
+
+    return ConnectionLimits(header_timeout=header_timeout, keep_alive=keep_alive_timeout,
+                            max_connections=max_connections)
+
+
+# Options `route` and `cluster` share (the router's own), as typer annotations.
+ApiKey = Annotated[Optional[str], typer.Option(envvar=API_KEY_ENV, show_envvar=True, show_default=False,
+                                               help="Require Authorization: Bearer KEY on /v1/* (vLLM's "
+                                               "--api-key); also sent on the router's polls of the backends.")]
+ApiKeyAdmin = Annotated[bool, typer.Option(help="Require the API key on /metrics, /load and /backends too.")]
+BackendDetails = Annotated[bool, typer.Option(help="/backends also lists pids, node names and log paths.")]
+FailuresToMarkDown = Annotated[int, typer.Option(min=1, help="Consecutive failed polls that mark a backend "
+                                                 "unhealthy (a refused connection marks it at once).")]
+MaxBodyBytes = Annotated[Optional[int], typer.Option(min=1024, help="Largest request body (413 beyond); default "
+                                                     "9 MiB, a server's limit at a 128k context.")]
+HeaderTimeout = Annotated[float, typer.Option(min=0.001, help="Seconds a connection has to send a request's "
+                                              "line and headers.")]
+BodyTimeout = Annotated[float, typer.Option(min=0.001, help="Seconds a request body has to arrive (408).")]
+KeepAlive = Annotated[int, typer.Option(min=1, help="Seconds an idle connection is kept open.")]
+MaxConnections = Annotated[Optional[int], typer.Option(min=1, help="Connections + requests in progress; beyond "
+                                                       "it 503. Default: from the open-file limit (at most 4096).")]
+Port = Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on (0: any free port).")]
 
 
 def register(app: typer.Typer) -> None:
@@ -53,12 +86,21 @@ def register(app: typer.Typer) -> None:
         backend: Annotated[list[str], typer.Option("--backend", "-b", help="Backend base URL (an OpenAI-compatible server, e.g. `fairbatch serve`); repeat, or separate with commas.")],
         router: Annotated[str, typer.Option(help=ROUTER_HELP)] = "admission",
         host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-        port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8000,
+        port: Port = 8000,
         poll_interval: Annotated[float, typer.Option(help="Seconds between polls of each backend's /load.")] = 0.05,
-        poll_timeout: Annotated[float, typer.Option(help="A poll slower than this marks the backend unhealthy, seconds.")] = 2.0,
+        poll_timeout: Annotated[float, typer.Option(help="A poll slower than this fails, seconds.")] = 2.0,
+        failures_to_mark_down: FailuresToMarkDown = 3,
         log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
         access_log: Annotated[bool, typer.Option(help="Log every HTTP request.")] = False,
         workers: Annotated[int, typer.Option(help=WORKERS_HELP)] = 1,
+        api_key: ApiKey = None,
+        api_key_admin: ApiKeyAdmin = False,
+        backend_details: BackendDetails = False,
+        max_body_bytes: MaxBodyBytes = None,
+        header_timeout: HeaderTimeout = 10.0,
+        body_timeout: BodyTimeout = 60.0,
+        keep_alive_timeout: KeepAlive = 30,
+        max_connections: MaxConnections = None,
     ) -> None:
         """Route OpenAI requests over several servers by their load (streams through, retries, health checks)."""
         from fairbatch.cli import console, fail, listen_or_fail
@@ -68,7 +110,11 @@ def register(app: typer.Typer) -> None:
         try:
             urls = parse_backends(backend)
             r = make_router(router)
-            cfg = _router_config(poll_interval, poll_timeout)
+            cfg = _router_config(poll_interval, poll_timeout, host=host, api_key=api_key,
+                                 failures_to_mark_down=failures_to_mark_down, protect_admin=api_key_admin,
+                                 show_backend_details=backend_details, max_body_bytes=max_body_bytes,
+                                 body_timeout=body_timeout)
+            limits = _connection_limits(header_timeout, keep_alive_timeout, max_connections)
             if workers < 1:
                 raise ValueError("--workers must be >= 1")
         except ValueError as e:
@@ -79,7 +125,8 @@ def register(app: typer.Typer) -> None:
                       f"{'' if r.count_sent or not r.uses_load else ' (no sent-since-poll accounting)'} "
                       f"on http://{host}:{bound}{f' ({workers} worker processes)' if workers > 1 else ''}",
                       highlight=False)
-        serve_router(urls, router, cfg, sock, workers=workers, log_level=log_level, access_log=access_log)
+        serve_router(urls, router, cfg, sock, workers=workers, log_level=log_level, access_log=access_log,
+                     limits=limits)
 
     @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
     def cluster(
@@ -92,16 +139,25 @@ def register(app: typer.Typer) -> None:
         address: Annotated[Optional[str], typer.Option(help="An existing Ray cluster (e.g. auto, or ray://HEAD:10001); default: start a local one.")] = None,
         device: Annotated[str, typer.Option(help="auto (GPU replicas when there are GPUs), cuda or cpu.")] = "auto",
         cpus_per_replica: Annotated[float, typer.Option(help="CPUs Ray reserves for each replica.")] = 1.0,
-        replica_host: Annotated[Optional[str], typer.Option(help="Address replicas listen on; default 127.0.0.1 (0.0.0.0 with --address).")] = None,
+        replica_host: Annotated[Optional[str], typer.Option(help="Address replicas listen on; default 127.0.0.1 (with --address, give one the router can reach, e.g. 0.0.0.0, and an --api-key).")] = None,
         start_timeout: Annotated[float, typer.Option(help="Seconds to wait for the replicas to serve.")] = 600.0,
         log_dir: Annotated[Optional[str], typer.Option(help="Folder for the replicas' logs; default: a new temporary one.")] = None,
         router: Annotated[str, typer.Option(help=ROUTER_HELP)] = "admission",
         host: Annotated[str, typer.Option(help="Address the router listens on.")] = "127.0.0.1",
-        port: Annotated[int, typer.Option(help="Port the router listens on (0: any free port).")] = 8000,
+        port: Port = 8000,
         poll_interval: Annotated[float, typer.Option(help="Seconds between polls of each replica's /load.")] = 0.05,
-        poll_timeout: Annotated[float, typer.Option(help="A poll slower than this marks the replica unhealthy, seconds.")] = 2.0,
+        poll_timeout: Annotated[float, typer.Option(help="A poll slower than this fails, seconds.")] = 2.0,
+        failures_to_mark_down: FailuresToMarkDown = 3,
         log_level: Annotated[str, typer.Option(help="Log level of the router.")] = "info",
         router_workers: Annotated[int, typer.Option(help=WORKERS_HELP)] = 1,
+        api_key: ApiKey = None,
+        api_key_admin: ApiKeyAdmin = False,
+        backend_details: BackendDetails = False,
+        max_body_bytes: MaxBodyBytes = None,
+        header_timeout: HeaderTimeout = 10.0,
+        body_timeout: BodyTimeout = 60.0,
+        keep_alive_timeout: KeepAlive = 30,
+        max_connections: MaxConnections = None,
     ) -> None:
         """Start replicas of `fairbatch serve` (one per GPU, with Ray) and the router in front of them.
 
@@ -117,12 +173,18 @@ def register(app: typer.Typer) -> None:
             raise fail("--host/--port set the router's address; replicas get free ports (see --replica-host)")
         try:
             r = make_router(router)
-            cfg = _router_config(poll_interval, poll_timeout)
+            cfg = _router_config(poll_interval, poll_timeout, host=host, api_key=api_key,
+                                 failures_to_mark_down=failures_to_mark_down, protect_admin=api_key_admin,
+                                 show_backend_details=backend_details, max_body_bytes=max_body_bytes,
+                                 body_timeout=body_timeout)
+            limits = _connection_limits(header_timeout, keep_alive_timeout, max_connections)
             if router_workers < 1:
                 raise ValueError("--router-workers must be >= 1")
+            # the replicas get the key in their environment (not on a command line `ps` shows)
+            env = {API_KEY_ENV: cfg.api_key} if cfg.api_key else {}
             spec = ClusterSpec(replicas=replicas, serve_args=serve_args, launcher=launcher, address=address,
                                device=device, cpus_per_replica=cpus_per_replica, replica_host=replica_host,
-                               start_timeout=start_timeout, log_dir=log_dir)
+                               start_timeout=start_timeout, log_dir=log_dir, env=env)
             group = Cluster(spec, on_event=lambda m: console.print(m, highlight=False))
         except ValueError as e:
             raise fail(str(e)) from None
@@ -146,7 +208,7 @@ def register(app: typer.Typer) -> None:
             console.print(f"routing over {len(infos)} replica(s) with [bold]{r.name}[/] on http://{host}:{bound}",
                           highlight=False)
             serve_router([i.url for i in infos], router, cfg, sock, workers=router_workers,
-                         backend_meta=[i.meta() for i in infos], log_level=log_level)
+                         backend_meta=[i.meta() for i in infos], log_level=log_level, limits=limits)
         except (_Stop, KeyboardInterrupt):
             pass
         except LaunchError as e:

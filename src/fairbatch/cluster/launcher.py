@@ -212,9 +212,13 @@ class ClusterSpec:
     address: str | None = None           # Ray cluster address; None: start a local Ray instance
     device: str = "auto"                 # auto | cuda | cpu
     cpus_per_replica: float = 1.0
-    replica_host: str | None = None      # where replicas listen; default: 127.0.0.1 locally, 0.0.0.0 on a cluster
+    # Where replicas listen: 127.0.0.1 unless told otherwise, so that no replica is open to
+    # the network by default (with --address, replicas on other nodes need an address the
+    # router reaches: the caller must say which).
+    replica_host: str | None = None
     start_timeout: float = 600.0
     log_dir: str | None = None           # replica logs (on each node); default: a new temporary folder
+    env: dict[str, str] = field(default_factory=dict)   # extra environment of every replica (the API key)
 
 
 @dataclass
@@ -262,6 +266,9 @@ class Cluster:
             raise ValueError("--replicas must be >= 1")
         if spec.cpus_per_replica <= 0:
             raise ValueError("--cpus-per-replica must be positive")
+        if spec.launcher == "ray" and spec.address is not None and spec.replica_host is None:
+            raise ValueError("with --address, replicas may run on other nodes: give --replica-host (e.g. 0.0.0.0, "
+                             "with an --api-key, or an interface the router reaches); they bind 127.0.0.1 otherwise")
         self.spec = spec
         self.say = on_event or (lambda msg: None)
         self.replicas: list[ReplicaInfo] = []
@@ -305,7 +312,7 @@ class Cluster:
         os.makedirs(log_dir, exist_ok=True)
         visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
         for i in range(n):
-            env = {}
+            env = dict(spec.env)
             if gpu:
                 env["CUDA_VISIBLE_DEVICES"] = visible[i] if i < len(visible) else str(i)
             self._procs.append(ReplicaProcess(args, host=host, env=env, log_dir=log_dir, name=f"replica-{i}"))
@@ -361,9 +368,11 @@ class Cluster:
         res = ray.cluster_resources()
         n, gpu = self._plan(int(res.get("GPU", 0)) if spec.device != "cpu" else 0)
         self.gpu = gpu
-        host = spec.replica_host or ("127.0.0.1" if spec.address is None else "0.0.0.0")
+        host = spec.replica_host or "127.0.0.1"
         args = _device_args(spec.serve_args, gpu)
         opts: dict[str, Any] = {"num_cpus": spec.cpus_per_replica, "max_restarts": 0}
+        if spec.env:
+            opts["runtime_env"] = {"env_vars": dict(spec.env)}
         if gpu:
             opts["num_gpus"] = 1
         actor_cls = ray.remote(**opts)(ReplicaActor)

@@ -6,8 +6,11 @@
   seconds) and routes each ``POST /v1/completions`` / ``/v1/chat/completions`` with a
   routing policy of ``fairbatch.cluster.routing`` over the backends' loads, plus the
   router's own count of what it sent since each poll (``Router.observe``);
-- marks a backend that fails a poll or a request (connection refused, reset, timeout,
-  bad answer) unhealthy at once and sends it nothing until a poll succeeds again;
+- marks a backend unhealthy after ``failures_to_mark_down`` consecutive failed polls
+  (timeout, bad answer; default 3), or at once when a connection to it is refused or
+  reset (its process is gone), and sends it nothing until a poll succeeds again. One slow
+  poll is not a dead backend: a backend busy parsing a large body misses a poll and is
+  still the one to answer that body;
 - streams answers through (SSE), and retries on another backend a request that has not
   started: nothing was sent to the client yet — no response headers for a non-streaming
   request, no event carrying output (a chat stream's leading role-only event is held back
@@ -19,14 +22,20 @@
   picks among those not tried, and the backend stays healthy. When every backend refused
   it, the router answers 429 itself (``Retry-After``, the reason in
   ``x-llm-d-request-dropped-reason``). Other 4xx answers are the client's: passed
-  through, never retried.
+  through, never retried: a bad request is bad on every backend.
 - ends a stream that had started and then lost its backend with an OpenAI-format
   ``error`` event naming the backend and the cause (and no ``[DONE]``): the output cannot
   be resumed elsewhere, so the client is told clearly;
 - answers ``GET /health`` (200 while a backend is healthy), ``GET /v1/models`` (a healthy
   backend's), ``GET /load`` (the cluster's aggregate load, so routers can be stacked),
-  ``GET /backends`` (each backend's state) and ``GET /metrics`` (Prometheus, its own
-  ``fairbatch_router:`` series).
+  ``GET /backends`` (each backend's state; the launcher's pids, nodes and log paths only
+  with ``show_backend_details``) and ``GET /metrics`` (Prometheus, its own
+  ``fairbatch_router:`` series);
+- with ``api_key``, requires ``Authorization: Bearer KEY`` on ``/v1/*`` (and on
+  ``/metrics``, ``/load``, ``/backends`` with ``protect_admin``), polls backends with
+  ``backend_api_key``; bound to loopback, answers only loopback ``Host`` headers
+  (``server/access.py``). It starts answering only once every backend was polled once, so
+  no worker of several sharing a port routes on an empty view.
 
 A backend without ``/load`` (vLLM, SGLang) is polled on ``/health`` instead, and routed
 by the router's own in-flight counts. Everything lives in the app: no global state.
@@ -56,7 +65,10 @@ from prometheus_client.registry import Collector
 from fairbatch.cluster.router_workers import MULTIPROC_ENV
 from fairbatch.cluster.routing import Router, empty_load, load_from_json, make_router
 from fairbatch.scheduler.base import Load
+from fairbatch.server.access import AccessControl, protected_paths
+from fairbatch.server.body_limit import DEFAULT_BODY_TIMEOUT, BodyLimit, body_limit
 from fairbatch.server.errors import DROPPED_REASON_HEADER
+from fairbatch.server.openapi import document_errors
 
 log = logging.getLogger("fairbatch.router")
 
@@ -174,9 +186,11 @@ class Backend:
     down: asyncio.Event = field(default_factory=asyncio.Event)   # set when it goes unhealthy
     meta: dict[str, Any] = field(default_factory=dict)           # e.g. the launcher's pid / node
 
-    def info(self, now_wall: float) -> dict[str, Any]:
+    def info(self, now_wall: float, details: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {"url": self.url, "healthy": self.healthy, "error": self.error,
-                               "inflight": self.inflight, "has_load": self.has_load, **self.meta}
+                               "inflight": self.inflight, "has_load": self.has_load}
+        if details:
+            out.update(self.meta)
         if self.load is not None:
             ld = self.load
             out["load"] = {"running": ld.running, "waiting": ld.waiting, "kv_usage": ld.kv_usage,
@@ -287,9 +301,20 @@ class RouterConfig:
     poll_timeout: float = 2.0             # a poll slower than this fails the backend
     connect_timeout: float = 5.0          # connecting to a backend for a request
     down_poll_interval: float = 0.5       # polls of an unhealthy backend
-    failures_to_mark_down: int = 1        # consecutive failed polls that mark a backend unhealthy
+    failures_to_mark_down: int = 3        # consecutive failed polls that mark a backend unhealthy
     request_timeout: float | None = None  # whole request (None: none; health is the polls' job)
-    max_body_bytes: int = 64 << 20       # larger request bodies: 413 (as the server's limit)
+    max_body_bytes: int = body_limit(1 << 17)   # larger bodies: 413 (a server's limit at a 128k context)
+    body_timeout: float | None = DEFAULT_BODY_TIMEOUT   # a body slower than this: 408
+    api_key: str | None = None            # clients must send it (Bearer) on /v1/*
+    protect_admin: bool = False           # ... and on /metrics, /load, /backends
+    backend_api_key: str | None = None    # sent on the router's own polls of the backends
+    show_backend_details: bool = False    # /backends lists the launcher's pids, nodes, log paths
+    loopback_only: bool = False           # bound to loopback: only loopback Host headers
+    startup_wait: float | None = None     # wait this long for every backend's first poll (None: 2 x poll timeout + 1 s)
+
+    def __post_init__(self) -> None:
+        if self.failures_to_mark_down < 1:
+            raise ValueError("--failures-to-mark-down must be >= 1")
 
 
 class RouterState:
@@ -317,7 +342,8 @@ class RouterState:
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(cfg.request_timeout, connect=cfg.connect_timeout),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=1024))
-        self.poll_client = httpx.AsyncClient(timeout=httpx.Timeout(cfg.poll_timeout),
+        auth = {"Authorization": f"Bearer {cfg.backend_api_key}"} if cfg.backend_api_key else None
+        self.poll_client = httpx.AsyncClient(timeout=httpx.Timeout(cfg.poll_timeout), headers=auth,
                                              limits=httpx.Limits(max_connections=4 * len(self.backends) + 4))
         self.first_poll_done = asyncio.Event()
         self._polled = 0
@@ -355,6 +381,26 @@ class RouterState:
             b.down.set()
             self.metrics.marked_unhealthy.labels(b.url).inc()
             log.warning("backend %s marked unhealthy: %s", b.url, why)
+
+    def request_failed(self, b: Backend, why: str, e: BaseException) -> None:
+        """A request to ``b`` failed in transport. Refused or reset: its process is gone,
+        down at once. A timeout: a busy backend, counted like a failed poll."""
+        if isinstance(e, httpx.TimeoutException):
+            b.consecutive_failures += 1
+            if b.consecutive_failures >= self.config.failures_to_mark_down:
+                self.mark_down(b, why)
+        else:
+            self.mark_down(b, why)
+
+    async def wait_first_polls(self) -> None:
+        """Until every backend was polled once (bounded): a router that answers before that
+        sends everything to whichever backend it heard from first, or answers 503."""
+        cfg = self.config
+        wait = cfg.startup_wait if cfg.startup_wait is not None else 2 * cfg.poll_timeout + 1.0
+        try:
+            await asyncio.wait_for(self.first_poll_done.wait(), wait)
+        except asyncio.TimeoutError:
+            log.warning("not every backend answered its first poll within %.3g s; serving anyway", wait)
 
     def _failed_poll(self, b: Backend, why: str) -> None:
         self.metrics.poll_failures.labels(b.url).inc()
@@ -470,6 +516,7 @@ def build_router_app(backends: Sequence[str], router: str | Router = "admission"
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await state.start()
+        await state.wait_first_polls()
         try:
             yield
         finally:
@@ -478,6 +525,11 @@ def build_router_app(backends: Sequence[str], router: str | Router = "admission"
     app = FastAPI(title="fairbatch router", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible router over fairbatch (or any OpenAI-compatible) servers.")
     app.state.router = state
+    cfg = state.config
+    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes, timeout=cfg.body_timeout)
+    app.add_middleware(AccessControl, api_key=cfg.api_key, protected=protected_paths(cfg.protect_admin),
+                       loopback_only=cfg.loopback_only)
+    document_errors(app, per_path={"/health": (503,), "/v1/models": (401, 421, 503)})
 
     @app.get("/health")
     async def health() -> Response:
@@ -490,7 +542,7 @@ def build_router_app(backends: Sequence[str], router: str | Router = "admission"
     async def backends_info() -> JSONResponse:
         now = time.time()
         return JSONResponse({"router": state.router.name, "count_sent": state.router.count_sent,
-                             "backends": [b.info(now) for b in state.backends]})
+                             "backends": [b.info(now, cfg.show_backend_details) for b in state.backends]})
 
     @app.get("/load")
     async def load() -> JSONResponse:
@@ -501,14 +553,15 @@ def build_router_app(backends: Sequence[str], router: str | Router = "admission"
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
-    async def models() -> Response:
+    async def models(request: Request) -> Response:
         assert state.client is not None
         errors = []
+        auth = {k: v for k, v in request.headers.items() if k.lower() == "authorization"}
         for b in state.backends:
             if not b.healthy:
                 continue
             try:
-                r = await state.client.get(b.url + "/v1/models", timeout=state.config.poll_timeout * 5)
+                r = await state.client.get(b.url + "/v1/models", timeout=state.config.poll_timeout * 5, headers=auth)
             except httpx.HTTPError as e:
                 errors.append(f"{b.url}: {_describe(e)}")
                 continue
@@ -654,7 +707,7 @@ async def _attempt(state: RouterState, b: Backend, url: str, body: bytes, header
     try:
         resp: httpx.Response = await _race(client.send(req, stream=True), b, gone)
     except (httpx.TimeoutException, httpx.TransportError) as e:
-        state.mark_down(b, f"request failed: {_describe(e)}")
+        state.request_failed(b, f"request failed: {_describe(e)}", e)
         raise _Retry("transport", _describe(e)) from None
     ok = False
     try:
@@ -688,7 +741,7 @@ async def _attempt(state: RouterState, b: Backend, url: str, body: bytes, header
     except StopAsyncIteration:
         raise _Retry("stream_error", "the stream ended before any output") from None
     except (httpx.TimeoutException, httpx.TransportError) as e:
-        state.mark_down(b, f"request failed: {_describe(e)}")
+        state.request_failed(b, f"request failed: {_describe(e)}", e)
         raise _Retry("transport", _describe(e)) from None
     finally:
         if not ok:

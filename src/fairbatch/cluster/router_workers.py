@@ -39,13 +39,13 @@ def _setup_logging(log_level: str) -> None:
 
 
 def _serve_one(backends: Sequence[str], router: str, config: Any, backend_meta: Sequence[Mapping[str, Any]] | None,
-               sock: socket.socket, log_level: str, access_log: bool) -> None:
+               sock: socket.socket, log_level: str, access_log: bool, limits: Any = None) -> None:
     from fairbatch.cluster.proxy import build_router_app
     from fairbatch.server.runner import serve_forever
 
     _setup_logging(log_level)
     app = build_router_app(backends, router, config=config, backend_meta=backend_meta)
-    serve_forever(app, sock, log_level=log_level, access_log=access_log)
+    serve_forever(app, sock, log_level=log_level, access_log=access_log, limits=limits)
 
 
 class _Stopped(Exception):
@@ -54,13 +54,13 @@ class _Stopped(Exception):
 
 def serve_router(backends: Sequence[str], router: str, config: Any, sock: socket.socket, *, workers: int = 1,
                  backend_meta: Sequence[Mapping[str, Any]] | None = None, log_level: str = "info",
-                 access_log: bool = False) -> None:
+                 access_log: bool = False, limits: Any = None) -> None:
     """Serve until SIGINT / SIGTERM (or, with several workers, until one of them exits:
     the others are then stopped too, so a broken router never half-serves)."""
     if workers < 1:
         raise ValueError("--workers must be >= 1")
     if workers == 1:
-        _serve_one(backends, router, config, backend_meta, sock, log_level, access_log)
+        _serve_one(backends, router, config, backend_meta, sock, log_level, access_log, limits)
         return
     _setup_logging(log_level)
     metrics_dir = tempfile.mkdtemp(prefix="fairbatch-router-metrics-")
@@ -68,7 +68,7 @@ def serve_router(backends: Sequence[str], router: str, config: Any, sock: socket
     os.environ[MULTIPROC_ENV] = metrics_dir          # the workers import prometheus_client with it set
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_serve_one, name=f"fairbatch-router-{i}",
-                         args=(list(backends), router, config, backend_meta, sock, log_level, access_log))
+                         args=(list(backends), router, config, backend_meta, sock, log_level, access_log, limits))
              for i in range(workers)]
 
     def stop(signum: int, frame: Any) -> None:

@@ -168,6 +168,8 @@ class AsyncEngine:
         elif kind == "dead":
             self._error = str(payload)
             self._fail_all(self._error)
+        elif kind == "revived":         # a new engine process (engine_restart) serves from now on
+            self._error = None
 
     def _dispatch(self, deltas: list[tuple[str, Delta]]) -> None:
         """Hand each request's delta to its group and observe metrics, here, off the

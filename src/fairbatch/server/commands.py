@@ -3,11 +3,30 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+
+from fairbatch.server.access import API_KEY_ENV
+
+# What a queued request is assumed to wait behind when no queue cap is given: each running
+# request frees its slot after about this many output tokens at the TPOT SLO.
+QUEUE_CAP_OUTPUT_TOKENS = 32
+DEFAULT_MAX_CHOICES = 16
+
+
+def default_max_pending(max_num_seqs: int, ttft_slo: float, tpot_slo: float) -> int:
+    """The queue cap when ``--max-pending`` is not given, from the SLO: the running batch,
+    plus the requests that can still start within the TTFT SLO if each running request
+    frees its slot after ``QUEUE_CAP_OUTPUT_TOKENS`` tokens at the TPOT SLO. Anything
+    queued beyond that would wait past its TTFT, so it is better told 503 + Retry-After at
+    once (another replica, or later). ``--late reject`` refuses such requests more exactly,
+    from the scheduler's own prediction."""
+    turns = max(1, math.ceil(ttft_slo / (QUEUE_CAP_OUTPUT_TOKENS * tpot_slo)))
+    return max_num_seqs * (1 + turns)
 
 
 def scheduler_config_for(policy: str, *, ttft_slo: float, tpot_slo: float, max_num_batched_tokens: int,
@@ -83,8 +102,9 @@ def register(app: typer.Typer) -> None:
         policy: Annotated[str, typer.Option(help="Scheduling policy: fairbatching, sarathi, vllm, prefill-first.")] = "fairbatching",
         ttft_slo: Annotated[float, typer.Option(help="Default TTFT SLO, seconds (a request may override it with its `slo` field).")] = 1.0,
         tpot_slo: Annotated[float, typer.Option(help="Default TPOT SLO, seconds.")] = 0.05,
-        host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-        port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8000,
+        host: Annotated[str, typer.Option(help="Address to listen on (on a loopback address, requests "
+                                          "must name a loopback Host: DNS-rebinding guard).")] = "127.0.0.1",
+        port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on (0: any free port).")] = 8000,
         served_model_name: Annotated[Optional[str], typer.Option(help="Model id clients use; default: --model.")] = None,
         dtype: Annotated[str, typer.Option(help="auto, bfloat16, float16 or float32.")] = "auto",
         device: Annotated[Optional[str], typer.Option(help="cuda or cpu; default: cuda when available.")] = None,
@@ -94,7 +114,28 @@ def register(app: typer.Typer) -> None:
         max_num_batched_tokens: Annotated[int, typer.Option(help="Token budget per step (vllm policy).")] = 8192,
         num_kv_blocks: Annotated[Optional[int], typer.Option(help="KV-cache blocks; default: from GPU memory (1024 on CPU).")] = None,
         gpu_memory_utilization: Annotated[float, typer.Option(help="Fraction of GPU memory for weights + KV cache.")] = 0.9,
-        max_pending: Annotated[int, typer.Option(help="Requests held at once (running + queued); beyond it 503 + Retry-After.")] = 4096,
+        max_pending: Annotated[Optional[int], typer.Option(help="Requests held at once (running + queued); beyond it 503 + "
+                                                         "Retry-After. Default: from the SLO (docs/SERVING.md).")] = None,
+        max_choices: Annotated[int, typer.Option(min=1, max=256, help="Choices one request may ask for (prompts x n).")] = DEFAULT_MAX_CHOICES,
+        default_max_tokens: Annotated[Optional[int], typer.Option(min=1, help="Output limit of a chat request that "
+                                                                  "sets none; default: the rest of the context, as "
+                                                                  "vLLM (completions: 16, as OpenAI).")] = None,
+        api_key: Annotated[Optional[str], typer.Option(envvar=API_KEY_ENV, show_envvar=True, show_default=False,
+                                                       help="Require Authorization: Bearer KEY on /v1/* (as "
+                                                       "vLLM's --api-key).")] = None,
+        api_key_admin: Annotated[bool, typer.Option(help="Require the API key on /metrics, /profile and /load "
+                                                    "too (/health stays open).")] = False,
+        max_body_bytes: Annotated[Optional[int], typer.Option(min=1024, help="Largest request body (413 beyond); "
+                                                              "default: 1 MiB + 64 bytes per token of context.")] = None,
+        header_timeout: Annotated[float, typer.Option(min=0.001, help="Seconds a connection has to send a request's "
+                                                      "line and headers.")] = 10.0,
+        body_timeout: Annotated[float, typer.Option(min=0.001, help="Seconds a request body has to arrive (408).")] = 60.0,
+        keep_alive_timeout: Annotated[int, typer.Option(min=1, help="Seconds an idle connection is kept open.")] = 30,
+        max_connections: Annotated[Optional[int], typer.Option(min=1, help="Connections + requests in progress; "
+                                                               "beyond it 503. Default: from the open-file limit "
+                                                               "(at most 4096).")] = None,
+        engine_restarts: Annotated[int, typer.Option(min=0, help="Times a dead engine process is started again "
+                                                     "(0: never); /health answers 503 meanwhile.")] = 3,
         profile: Annotated[Optional[Path], typer.Option(help="Latency profile JSON for the scheduler (from `fairbatch profile`).")] = None,
         set_option: Annotated[Optional[list[str]], typer.Option("--set", help="Scheduler option KEY=VALUE; repeatable.")] = None,
         seed: Annotated[int, typer.Option(help="Seed for dummy weights and sampling.")] = 0,
@@ -122,8 +163,18 @@ def register(app: typer.Typer) -> None:
         from fairbatch.server.app import build_app
         from fairbatch.server.runner import serve_forever
 
+        from fairbatch.server.access import api_key_from, is_loopback
+        from fairbatch.server.runner import ConnectionLimits
+
+        if max_pending is None:
+            max_pending = default_max_pending(max_num_seqs, ttft_slo, tpot_slo) if ttft_slo > 0 and tpot_slo > 0 else 1
         if max_pending < 1:
             raise fail("--max-pending must be >= 1")
+        try:
+            limits = ConnectionLimits(header_timeout=header_timeout, keep_alive=keep_alive_timeout,
+                                      max_connections=max_connections)
+        except ValueError as e:
+            raise fail(str(e)) from None
         try:
             options = parse_options(set_option or [])
         except ValueError as e:
@@ -166,17 +217,24 @@ def register(app: typer.Typer) -> None:
                                      max_model_len=max_model_len, scheduler_options=options)
                 if cpu_threads is not None and cpu_threads < 1:
                     raise ValueError("--cpu-threads must be >= 1")
-                info, backend = spawn_engine(load_kwargs, name=served_model_name, warmup=warmup,
-                                             log_level=log_level)
+                spawn_kwargs = dict(name=served_model_name, warmup=warmup, log_level=log_level)
+                info, backend = spawn_engine(load_kwargs, **spawn_kwargs)
+                if engine_restarts > 0:
+                    from fairbatch.server.engine_restart import RestartingBackend
+
+                    backend = RestartingBackend(backend, lambda: spawn_engine(load_kwargs, **spawn_kwargs),
+                                                max_restarts=engine_restarts)
                 served = ServedModel(info)
         except (ValueError, OSError) as e:
             sock.close()
             raise fail(str(e)) from None
-        app_ = build_app(served, backend=backend, max_pending=max_pending)
+        app_ = build_app(served, backend=backend, max_pending=max_pending, max_body_bytes=max_body_bytes,
+                         body_timeout=body_timeout, max_choices=max_choices, default_max_tokens=default_max_tokens,
+                         api_key=api_key_from(api_key), protect_admin=api_key_admin, loopback_only=is_loopback(host))
         bound = sock.getsockname()
         late_mode = f", late={options['late']}" if "late" in options else ""
         console.print(f"serving [bold]{served.name}[/] ({served.device}, policy {policy}{late_mode}, "
                       f"{served.num_blocks} KV blocks, context {served.max_model_len}, "
                       f"SLO TTFT {ttft_slo:g}s / TPOT {tpot_slo * 1e3:g}ms) on http://{host}:{bound[1]}",
                       highlight=False)
-        serve_forever(app_, sock, log_level=log_level, access_log=access_log)
+        serve_forever(app_, sock, log_level=log_level, access_log=access_log, limits=limits)

@@ -12,6 +12,10 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+
+from fairbatch import cli_checks as check
+from fairbatch.request import DeadlineRule
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="FairBatching: SLO-aware LLM serving — simulator, engine, server, benchmark client.")
@@ -38,8 +42,14 @@ def _root(version: Annotated[Optional[bool], typer.Option(
 
 
 def fail(message: str) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    # The message quotes what the user typed (paths, class specs): escaped, and no emoji
+    # codes, so "[/]x.csv" or "a:x:0.03" print as typed instead of as rich markup.
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, emoji=False)
     return typer.Exit(2)
+
+
+def warn(message: str) -> None:
+    err_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, emoji=False)
 
 
 def listen_or_fail(host: str, port: int) -> Any:
@@ -59,19 +69,19 @@ def simulate(
     late: Annotated[Optional[str], typer.Option(help="Late requests, the same for every policy: serve, relegate or reject (docs/ALGORITHM.md).")] = None,
     rate_scale: Annotated[Optional[float], typer.Option(help="Multiply the trace's request rate by this. Default: near the baselines' capacity for the bundled traces, else 1.")] = None,
     search_capacity: Annotated[bool, typer.Option("--capacity", help="Bisect for each policy's capacity (highest rate with SLO attainment >= target).")] = False,
-    target: Annotated[Optional[list[float]], typer.Option(help="SLO attainment that defines capacity; repeatable. Default: 0.9 and 0.99.")] = None,
+    target: Annotated[Optional[list[float]], typer.Option(callback=check.fractions, help="SLO attainment that defines capacity, in (0, 1]; repeatable. Default: 0.9 and 0.99.")] = None,
     sweep: Annotated[bool, typer.Option(help="Also run 0.8x and 1.2x the rate, for the attainment-vs-rate plot.")] = True,
     ttft_slo: Annotated[float, typer.Option(help="TTFT SLO, seconds.")] = 1.0,
     tpot_slo: Annotated[float, typer.Option(help="TPOT SLO, seconds.")] = 0.05,
     slo_classes: Annotated[Optional[str], typer.Option(help='SLO class mix "name:TTFT_s:TPOT_s:share,...".')] = None,
     slo_by_tag: Annotated[Optional[str], typer.Option(help='SLO class from the trace\'s tag, e.g. "API log=batch:5:0.15,Conversation log=chat:1:0.05".')] = None,
-    deadline_rule: Annotated[str, typer.Option(help="Per-token deadlines: tpot-safe or envelope.")] = "tpot-safe",
+    deadline_rule: Annotated[DeadlineRule, typer.Option(help="Per-token deadlines (docs/ALGORITHM.md).")] = DeadlineRule.TPOT_SAFE,
     num_requests: Annotated[Optional[int], typer.Option(help="Use only the first N requests of the trace.")] = None,
-    request_rate: Annotated[Optional[float], typer.Option(help="Re-time arrivals at this mean rate (req/s); needed for lengths-only traces.")] = None,
+    request_rate: Annotated[Optional[float], typer.Option(callback=check.positive, help="Re-time arrivals at this mean rate (req/s, > 0); needed for lengths-only traces.")] = None,
     burstiness: Annotated[float, typer.Option(help="Gamma shape of re-timed arrivals: 1 = Poisson, < 1 burstier.")] = 1.0,
     instances: Annotated[int, typer.Option(help="Number of instances behind a router.")] = 1,
     router: Annotated[str, typer.Option(help="round_robin, least_requests, llumnix or admission.")] = "round_robin",
-    load_interval: Annotated[float, typer.Option(help="How stale the router's view of instance loads may be, seconds.")] = 0.0,
+    load_interval: Annotated[float, typer.Option(callback=check.non_negative, help="How stale the router's view of instance loads may be, seconds (>= 0).")] = 0.0,
     model: Annotated[str, typer.Option(help="Model preset.")] = "llama-3-8b",
     gpu: Annotated[str, typer.Option(help="GPU preset.")] = "h100",
     profile: Annotated[Optional[Path], typer.Option(help="Latency profile JSON (from `fairbatch profile`).")] = None,
@@ -79,7 +89,7 @@ def simulate(
     set_option: Annotated[Optional[list[str]], typer.Option("--set", help="Scheduler option KEY=VALUE, e.g. chunk_size=512; repeatable.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for SLO class draws and arrival processes.")] = 0,
     jobs: Annotated[int, typer.Option(help="Parallel simulation processes.")] = 0,
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the JSON report here.")] = None,
+    json_path: Annotated[Optional[Path], typer.Option("--json", callback=check.output_file, help="Write the JSON report here.")] = None,
     out: Annotated[Path, typer.Option(help="Directory for the JSON report and plots.")] = Path("fairbatch-out"),
 ) -> None:
     """Simulate policies on a trace: TTFT/TPOT percentiles, SLO and envelope attainment, goodput, capacity."""
@@ -89,6 +99,8 @@ def simulate(
 
     policies = list(policy or DEFAULT_POLICIES)
     targets = tuple(sorted(target or (0.9, 0.99)))
+    if profile is not None and (why := check.profile_mismatch(profile, model, gpu)):
+        warn(why)
     try:
         for p in policies:
             parse_variant(p)
@@ -97,7 +109,7 @@ def simulate(
         sc = Scenario(trace=trace, num_requests=num_requests, request_rate=request_rate, burstiness=burstiness,
                       model=model, gpu=gpu,
                       profile=str(profile) if profile else None, ttft_slo=ttft_slo, tpot_slo=tpot_slo,
-                      slo_classes=slo_classes, slo_by_tag=slo_by_tag, deadline_rule=deadline_rule,
+                      slo_classes=slo_classes, slo_by_tag=slo_by_tag, deadline_rule=deadline_rule.value,
                       instances=instances, router=router, load_interval=load_interval,
                       max_model_len=max_model_len, seed=seed,
                       scheduler=scheduler_options(set_option, late))
@@ -121,9 +133,9 @@ def tune(
     gpu: Annotated[str, typer.Option(help="GPU preset.")] = "h100",
     profile: Annotated[Optional[Path], typer.Option(help="Latency profile JSON (from `fairbatch profile` or a server's GET /profile).")] = None,
     set_option: Annotated[Optional[list[str]], typer.Option("--set", help="Scheduler option KEY=VALUE; repeatable.")] = None,
-    target: Annotated[Optional[list[float]], typer.Option(help="SLO attainment targets; repeatable. Default: 0.9 and 0.99.")] = None,
+    target: Annotated[Optional[list[float]], typer.Option(callback=check.fractions, help="SLO attainment targets, in (0, 1]; repeatable. Default: 0.9 and 0.99.")] = None,
     jobs: Annotated[int, typer.Option(help="Parallel simulation processes.")] = 0,
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the JSON report here.")] = None,
+    json_path: Annotated[Optional[Path], typer.Option("--json", callback=check.output_file, help="Write the JSON report here.")] = None,
 ) -> None:
     """Sweep a baseline's token budget: capacity at each value, and the best (compare against that)."""
     from fairbatch.sim.command import default_jobs

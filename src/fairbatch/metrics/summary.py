@@ -83,7 +83,7 @@ class _Columns:
     rejected: B
     relegated: B
     preemptions: F64
-    cls: npt.NDArray[np.str_]
+    cls: npt.NDArray[Any]     # SLO class: names per batch, codes (StreamingSummary.classes) per run
     ttft: F64              # NaN where no first token
     e2e: F64               # NaN where no end time
     tpot: F64              # NaN where output_len <= 1
@@ -168,27 +168,33 @@ def _dist(values_s: F64, metric: str, percentiles: Sequence[float]) -> dict[str,
     return out
 
 
-def _peaks(c: _Columns, ok: B) -> tuple[float, int]:
-    """vLLM's max_output_tokens_per_s and max_concurrent_requests over successful ones."""
+def _peak_tokens(c: _Columns, ok: B) -> float:
+    """vLLM's max_output_tokens_per_s over the successful requests in ``ok``: output
+    tokens in 1-s buckets from the first one's arrival."""
     if not ok.any():
-        return 0.0, 0
+        return 0.0
+    t0 = float(c.arrival[ok].min())
+    tok = c.tok[ok[c.tok_rec]]
+    if not len(tok):
+        return 0.0
+    buckets = np.floor(np.maximum(tok - t0, 0.0)).astype(np.int64)  # 1-s buckets
+    return float(np.bincount(buckets).max())
+
+
+def _peak_concurrency(c: _Columns, ok: B) -> int:
+    """vLLM's max_concurrent_requests over the successful requests in ``ok``."""
+    if not ok.any():
+        return 0
     starts, ends = c.arrival[ok], c.end[ok]
     ends = np.where(np.isnan(ends), starts, ends)
-    t0 = float(starts.min())
-    tok = c.tok[ok[c.tok_rec]]
-    peak_tok = 0.0
-    if len(tok):
-        buckets = np.floor(np.maximum(tok - t0, 0.0)).astype(np.int64)  # 1-s buckets
-        peak_tok = float(np.bincount(buckets).max())
     times = np.concatenate([starts, ends])
     delta = np.concatenate([np.ones(len(starts), np.int64), -np.ones(len(ends), np.int64)])
     order = np.lexsort((delta, times))          # departures (-1) before arrivals at ties
-    peak_conc = int(max(0, np.cumsum(delta[order]).max()))
-    return peak_tok, peak_conc
+    return int(max(0, np.cumsum(delta[order]).max()))
 
 
 def _summarize_sel(
-    c: _Columns, sel: B, duration: float, percentiles: Sequence[float]
+    c: _Columns, sel: B, duration: float, percentiles: Sequence[float], tokens: _Tokens
 ) -> dict[str, Any]:
     n = int(sel.sum())
     ok = sel & c.success
@@ -206,7 +212,7 @@ def _summarize_sel(
     def frac(m: B) -> float:
         return float(m.sum()) / n if n else 0.0
 
-    peak_tok, peak_conc = _peaks(c, ok)
+    peak_tok, peak_conc = tokens.peak(ok), _peak_concurrency(c, ok)
 
     out: dict[str, Any] = {
         "duration": float(duration),
@@ -226,7 +232,7 @@ def _summarize_sel(
     e2e = c.e2e[ok]
     out |= _dist(ttft[~np.isnan(ttft)], "ttft", percentiles)
     out |= _dist(tpot[~np.isnan(tpot)], "tpot", percentiles)
-    out |= _dist(c.gap[ok[c.gap_rec]], "itl", percentiles)
+    out |= tokens.itl(ok, percentiles)
     out |= _dist(e2e[~np.isnan(e2e)], "e2el", percentiles)
     out |= {
         "slo_attainment": frac(good),
@@ -238,6 +244,41 @@ def _summarize_sel(
         "relegated": int((sel & c.relegated).sum()),
     }
     return out
+
+
+class _Tokens:
+    """The token-level numbers of a selection: exact from every token, or, for a run too
+    large to keep its tokens (``stream.StreamingSummary`` sketched), from one SLO class's
+    ITL sketch and per-second token counts (``code``: that class, None: all)."""
+
+    def __init__(self, c: _Columns, stream: Any = None, code: int | None = None) -> None:
+        self.c, self.stream, self.code = c, stream, code
+
+    def itl(self, ok: B, percentiles: Sequence[float]) -> dict[str, float]:
+        if self.stream is None:
+            return _dist(self.c.gap[ok[self.c.gap_rec]], "itl", percentiles)
+        from fairbatch.metrics.itl import GapSketch
+
+        sketches = self.stream._sketch
+        if self.code is not None:
+            sk = sketches.get(self.code) or GapSketch(self.stream.relative_accuracy)
+        else:
+            sk = GapSketch(self.stream.relative_accuracy)
+            for part in sketches.values():
+                sk.merge(part)
+        return sk.dist_ms("itl", percentiles, percentile_key)
+
+    def peak(self, ok: B) -> float:
+        if self.stream is None:
+            return _peak_tokens(self.c, ok)
+        per_s = self.stream._per_s
+        parts = [per_s[self.code]] if self.code in per_s else [] if self.code is not None else list(per_s.values())
+        if not parts:
+            return 0.0
+        total = np.zeros(max(len(p) for p in parts), np.int64)
+        for p in parts:
+            total[: len(p)] += p
+        return float(total.max())
 
 
 def summarize(
@@ -252,20 +293,49 @@ def summarize(
     capacity criterion. Per-class summaries share the run's duration, so their
     throughputs add up to the total. JSON-ready: plain ints and floats only.
     """
-    recs = list(records)
-    c = _columns(recs)
+    from fairbatch.metrics.stream import StreamingSummary
+
+    stream = StreamingSummary()
+    for r in records:
+        stream.add(r)
+    return stream.summary(duration=duration, percentiles=percentiles)
+
+
+def summarize_columns(stream: Any, *, duration: float | None, percentiles: Sequence[float]) -> dict[str, Any]:
+    """The summary of a ``StreamingSummary``'s requests (what ``summarize`` returns).
+
+    Sketched (a run past ``itl.EXACT_LIMIT`` gaps), two numbers are approximate and the
+    summary says so with ``itl_relative_accuracy``: ITL percentiles, within that relative
+    error (mean and std stay exact); ``max_output_tokens_per_s``, whose 1-s buckets start
+    at ``stream.start`` (the earliest successful arrival when the sketch began, normally
+    the run's first) rather than at the earliest successful arrival of the selection.
+    """
+    n = stream.n
+    k = stream.cols
+    tok, tok_rec, gap, gap_rec = stream.exact_tokens()
+    c = _Columns(
+        arrival=k["arrival"][:n], prompt_len=k["prompt_len"][:n], output_len=k["output_len"][:n],
+        ttft_slo=k["ttft_slo"][:n], tpot_slo=k["tpot_slo"][:n], success=k["success"][:n],
+        rejected=k["rejected"][:n], relegated=k["relegated"][:n], preemptions=k["preemptions"][:n],
+        cls=k["cls"][:n], ttft=k["ttft"][:n], e2e=k["e2e"][:n], tpot=k["tpot"][:n], end=k["end"][:n],
+        envelope_ok=k["envelope_ok"][:n], tok=tok, tok_rec=tok_rec, gap=gap, gap_rec=gap_rec,
+    )
+    sketched = stream if stream.sketched else None
     if duration is None:
         ends = c.end[~np.isnan(c.end)]
         last = max(float(ends.max()) if len(ends) else -np.inf,
-                   float(c.tok.max()) if len(c.tok) else -np.inf,
-                   float(c.arrival.max()) if len(recs) else 0.0)
-        duration = last - float(c.arrival.min()) if len(recs) else 0.0
-    everything = np.ones(len(recs), dtype=np.bool_)
-    out = _summarize_sel(c, everything, float(duration), percentiles)
-    classes = np.unique(c.cls)
-    if len(classes) > 1:
+                   stream.tok_max,
+                   float(c.arrival.max()) if n else 0.0)
+        duration = last - float(c.arrival.min()) if n else 0.0
+    everything = np.ones(n, dtype=np.bool_)
+    out = _summarize_sel(c, everything, float(duration), percentiles, _Tokens(c, sketched))
+    present = sorted(name for name, code in stream.classes.items() if (c.cls == code).any())
+    if len(present) > 1:
         out["per_class"] = {
-            str(k): _summarize_sel(c, c.cls == k, float(duration), percentiles)
-            for k in classes
+            name: _summarize_sel(c, c.cls == stream.classes[name], float(duration), percentiles,
+                                 _Tokens(c, sketched, stream.classes[name]))
+            for name in present
         }
+    if sketched is not None:
+        out["itl_relative_accuracy"] = stream.relative_accuracy
     return out

@@ -18,7 +18,8 @@ from fairbatch.instance import Executor, Instance
 from fairbatch.kv import BlockAllocator
 from fairbatch.latency.base import LatencyModel
 from fairbatch.latency.profiles import load_latency_model
-from fairbatch.metrics import CapacityResult, find_capacities, find_capacity, record_from_request, summarize
+from fairbatch.metrics import CapacityResult, find_capacities, find_capacity
+from fairbatch.metrics.stream import StreamingSummary
 from fairbatch.request import SLO, DeadlineRule
 from fairbatch.scheduler.base import SchedulerConfig, make_scheduler
 from fairbatch.scheduler.variant import parse_variant
@@ -166,8 +167,11 @@ def run_policy(prep: Prepared, policy: str, rate_scale: float = 1.0,
         executor = make_executor(prep.latency, k) if make_executor else SimExecutor(prep.latency)
         instances.append(Instance(sched, executor, name=f"instance-{k}"))
     router = make_router(sc.router) if sc.instances > 1 else None
-    outcome = simulate(requests, instances, router, load_interval=sc.load_interval, progress=progress)
-    summary = summarize([record_from_request(r) for r in outcome.requests])
+    # each request is summarised as it leaves (metrics.stream), as in a run too large to keep
+    stream = StreamingSummary()
+    outcome = simulate(requests, instances, router, load_interval=sc.load_interval, progress=progress,
+                       on_done=stream.add_request)
+    summary = stream.summary()
     summary["request_rate"] = prep.base_rate * rate_scale
     summary["num_preemptions"] = outcome.preemptions
     summary["sim_wall_time_s"] = outcome.wall_time

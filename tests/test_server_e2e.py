@@ -218,7 +218,8 @@ def test_errors_are_openai_shaped(http, client):
         ({"prompt": [[]]}, 400),
         ({"prompt": "x", "temperature": -1}, 400),
         ({"prompt": "x", "max_tokens": 0}, 400),
-        ({"prompt": "x", "logprobs": 2}, 400),
+        ({"prompt": "x", "logprobs": 21}, 400),                 # over vLLM's max_logprobs
+        ({"prompt": "x", "response_format": {"type": "json_object"}}, 400),   # refused, not ignored
         ({}, 400),
     ]
     for body, status in cases:

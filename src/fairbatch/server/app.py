@@ -47,11 +47,13 @@ from fairbatch.server.errors import (
     error_response,
     format_validation_errors,
 )
+from fairbatch.server.logprobs import chat_logprobs, completion_logprobs, prompt_logprobs_json
 from fairbatch.server.metrics import CONTENT_TYPE, ServerMetrics
 from fairbatch.server.model import ServedModel
 from fairbatch.server.openapi import document_errors
 from fairbatch.server.output import OutputProcessor
 from fairbatch.server.protocol import MAX_CHOICES, ChatCompletionRequest, CompletionRequest, SLOField, _Sampling
+from fairbatch.server.sampling import logprobs_count, sampling_params
 
 log = logging.getLogger("fairbatch.server")
 
@@ -158,14 +160,7 @@ def build_app(model: ServedModel, *, backend: Any = None, max_pending: int = 409
 
     def sampling(body: _Sampling, max_tokens: int) -> SamplingParams:
         try:
-            return SamplingParams(
-                max_tokens=max_tokens,
-                temperature=1.0 if body.temperature is None else body.temperature,
-                top_p=1.0 if body.top_p is None else body.top_p,
-                top_k=0 if body.top_k is None else body.top_k,
-                seed=body.seed,
-                stop_token_ids=[t for t in (body.stop_token_ids or [])],
-                ignore_eos=body.ignore_eos)
+            return sampling_params(body, max_tokens, model.vocab_size)
         except ValueError as e:
             raise bad_request(str(e)) from None
 
@@ -290,26 +285,41 @@ def build_app(model: ServedModel, *, backend: Any = None, max_pending: int = 409
         prompts, reqs, echo = await off_loop_if_heavy(raw, prepare)
         group = submit(reqs)
         usage_prompt = sum(len(p) for p in prompts)
-        stops = body.stop_strings()
         base = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model.name}
+        k = logprobs_count(body)
+        offsets = [0] * len(reqs)          # text_offset of each choice's next logprob token
 
-        def choice(i: int, text: str, reason: str | None) -> dict[str, Any]:
-            return {"index": i, "text": text, "logprobs": None, "finish_reason": reason, "stop_reason": None}
+        def choice(i: int, text: str, reason: str | None, proc: OutputProcessor, first: bool) -> dict[str, Any]:
+            """One choice's chunk (or whole answer); ``first``: its first, which carries the
+            echoed prompt (and the prompt's logprobs), as vLLM sends it with the first token."""
+            entries = proc.take_logprobs() if k is not None else []
+            if first and body.echo:
+                text = (echo[i] or "") + text
+                if k is not None:
+                    entries = list((proc.prompt_logprobs or [None])) + entries
+            logprobs = None
+            if k is not None:
+                logprobs = completion_logprobs(entries, k, model.decode, offsets[i])
+                offsets[i] += sum(len(t) for t in logprobs["tokens"])
+            out = {"index": i, "text": text, "logprobs": logprobs, "finish_reason": reason,
+                   "stop_reason": proc.stop_reason if reason is not None else None}
+            if first and body.prompt_logprobs is not None:
+                out["prompt_logprobs"] = prompt_logprobs_json(proc.prompt_logprobs, model.decode)
+            return out
 
         if body.stream:
             usage_opts = body.stream_options
-            outputs = await _first_output(_choices(group, model, stops, retry_after), group, raw)
+            outputs = await _first_output(_choices(group, model, body, retry_after), group, raw)
 
             async def events() -> AsyncIterator[str]:
-                if body.echo:
-                    for i, t in enumerate(echo):
-                        yield _sse({**base, "choices": [choice(i, t or "", None)]})
+                started: set[int] = set()
                 async for ev in outputs:
                     if isinstance(ev, _Failure):
                         yield _sse(error_body(ev.status, ev.message))
                         break
                     i, text, reason, procs = ev
-                    chunk = {**base, "choices": [choice(i, text, reason)]}
+                    chunk = {**base, "choices": [choice(i, text, reason, procs[i], i not in started)]}
+                    started.add(i)
                     if usage_opts and usage_opts.continuous_usage_stats:
                         chunk["usage"] = _usage(usage_prompt, procs)
                     yield _sse(chunk)
@@ -320,8 +330,9 @@ def build_app(model: ServedModel, *, backend: Any = None, max_pending: int = 409
 
             return _SSEResponse(events(), group)
 
-        results = await _collect(group, model, stops, raw, retry_after)
-        choices = [choice(i, (echo[i] or "") + text, reason) for i, (text, reason) in enumerate(results)]
+        results = await _collect(group, model, body, raw, retry_after)
+        procs = procs_of(group)
+        choices = [choice(i, text, reason, procs[i], True) for i, (text, reason) in enumerate(results)]
         return JSONResponse({**base, "choices": choices, "usage": _usage(usage_prompt, procs_of(group))})
 
     @app.post("/v1/chat/completions")
@@ -344,28 +355,38 @@ def build_app(model: ServedModel, *, backend: Any = None, max_pending: int = 409
 
         ids, reqs = await off_loop_if_heavy(raw, prepare)
         group = submit(reqs)
-        stops = body.stop_strings()
         base = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model.name}
+        k = logprobs_count(body)
+
+        def chat_lp(proc: OutputProcessor) -> dict[str, Any] | None:
+            return chat_logprobs(proc.take_logprobs(), k, model.decode) if k is not None else None
 
         if body.stream:
             usage_opts = body.stream_options
-            outputs = await _first_output(_choices(group, model, stops, retry_after), group, raw)
+            outputs = await _first_output(_choices(group, model, body, retry_after), group, raw)
 
             async def events() -> AsyncIterator[str]:
-                for i in range(len(reqs)):
-                    yield _sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                     "logprobs": None, "finish_reason": None}]})
+                started: set[int] = set()
                 async for ev in outputs:
                     if isinstance(ev, _Failure):
                         yield _sse(error_body(ev.status, ev.message))
                         break
                     i, text, reason, procs = ev
+                    # a choice's role chunk goes out with its first token, in one write:
+                    # a client stamping TTFT at the first chunk measures the first token
+                    head = ""
+                    if i not in started:
+                        started.add(i)
+                        head = _sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                          "logprobs": None, "finish_reason": None}]})
                     delta = {"content": text} if (text or reason is None) else {}
-                    chunk = {**base, "choices": [{"index": i, "delta": delta, "logprobs": None,
+                    chunk = {**base, "choices": [{"index": i, "delta": delta, "logprobs": chat_lp(procs[i]),
                                                   "finish_reason": reason}]}
+                    if reason is not None:
+                        chunk["choices"][0]["stop_reason"] = procs[i].stop_reason
                     if usage_opts and usage_opts.continuous_usage_stats:
                         chunk["usage"] = _usage(len(ids), procs)
-                    yield _sse(chunk)
+                    yield head + _sse(chunk)
                 else:
                     if usage_opts and usage_opts.include_usage:
                         yield _sse({**base, "choices": [], "usage": _usage(len(ids), procs_of(group))})
@@ -373,13 +394,16 @@ def build_app(model: ServedModel, *, backend: Any = None, max_pending: int = 409
 
             return _SSEResponse(events(), group)
 
-        results = await _collect(group, model, stops, raw, retry_after)
+        results = await _collect(group, model, body, raw, retry_after)
+        procs = procs_of(group)
         return JSONResponse({
             "id": rid, "object": "chat.completion", "created": base["created"], "model": model.name,
             "choices": [{"index": i, "message": {"role": "assistant", "content": text},
-                         "logprobs": None, "finish_reason": reason, "stop_reason": None}
+                         "logprobs": chat_lp(procs[i]), "finish_reason": reason, "stop_reason": procs[i].stop_reason}
                         for i, (text, reason) in enumerate(results)],
-            "usage": _usage(len(ids), procs_of(group))})
+            "usage": _usage(len(ids), procs),
+            "prompt_logprobs": prompt_logprobs_json(procs[0].prompt_logprobs, model.decode)
+            if body.prompt_logprobs is not None else None})
 
     return app
 
@@ -423,7 +447,7 @@ def _refusal(req: Any, retry_after: int) -> _Failure:
 Output = tuple[int, str, "str | None", list[OutputProcessor]]
 
 
-async def _choices(group: RequestGroup, model: ServedModel, stops: Sequence[str], retry_after: int = 1
+async def _choices(group: RequestGroup, model: ServedModel, body: _Sampling, retry_after: int = 1
                    ) -> AsyncIterator[Output | _Failure]:
     """Every delta of every choice as ``(index, text, finish_reason, processors)``; one item
     per engine step per choice (also when its text is held back and empty), so a client
@@ -431,7 +455,10 @@ async def _choices(group: RequestGroup, model: ServedModel, stops: Sequence[str]
     failed a request or the scheduler refused one. Aborts whatever is left when it ends,
     however it ends."""
     n = len(group.requests)
-    procs = [OutputProcessor(model.decode, stops) for _ in range(n)]
+    stops = body.stop_strings()
+    procs = [OutputProcessor(model.decode, stops, include_stop_str=body.include_stop_str_in_output,
+                             min_tokens=body.min_tokens, stop_token_ids=body.stop_token_ids or ())
+             for _ in range(n)]
     group.processors = procs   # type: ignore[attr-defined]
     closed: set[int] = set()
     try:
@@ -445,11 +472,14 @@ async def _choices(group: RequestGroup, model: ServedModel, stops: Sequence[str]
             if d.rejected:
                 yield _refusal(group.requests[idx], retry_after)
                 return
-            text = procs[idx].feed(d.token_ids, final=d.finish_reason is not None)
+            proc = procs[idx]
+            proc.add_logprobs(d.logprobs, d.prompt_logprobs)
+            text = proc.feed(d.token_ids, final=d.finish_reason is not None,
+                             stopped_by_token=d.finish_reason == "stop")
             reason = d.finish_reason
-            if procs[idx].finish_reason == "stop":
+            if proc.finish_reason == "stop" and reason is None:
                 reason = "stop"
-                group.abort(idx)
+                group.abort(idx, finished=True)     # a stop string: finished, not aborted
             if reason is not None:
                 closed.add(idx)
             yield idx, text, reason, procs
@@ -501,7 +531,7 @@ async def _prepend(first: Output, rest: AsyncIterator[Output | _Failure]) -> Asy
         await rest.aclose()         # type: ignore[attr-defined]
 
 
-async def _collect(group: RequestGroup, model: ServedModel, stops: Sequence[str], raw: Request,
+async def _collect(group: RequestGroup, model: ServedModel, body: _Sampling, raw: Request,
                    retry_after: int = 1) -> list[tuple[str, str | None]]:
     """Run a non-streaming request to the end; abort it if the client disconnects first.
     Raises ``APIError`` if the engine failed it (500) or the scheduler refused it (429)."""
@@ -509,7 +539,7 @@ async def _collect(group: RequestGroup, model: ServedModel, stops: Sequence[str]
     reasons: list[str | None] = [None] * len(group.requests)
 
     async def consume() -> _Failure | None:
-        async for ev in _choices(group, model, stops, retry_after):
+        async for ev in _choices(group, model, body, retry_after):
             if isinstance(ev, _Failure):
                 return ev
             i, text, reason, _ = ev

@@ -49,12 +49,14 @@ class RequestGroup:
     def finished(self) -> bool:
         return not self.live
 
-    def abort(self, index: int | None = None) -> None:
-        """Abort one choice (``index``) or every unfinished one; idempotent."""
+    def abort(self, index: int | None = None, *, finished: bool = False) -> None:
+        """Abort one choice (``index``) or every unfinished one; idempotent. ``finished``:
+        the choice is complete (a stop string matched), so metrics count it as finished
+        with reason "stop", not as aborted."""
         reqs = self.requests if index is None else [self.requests[index]]
         ids = [r.request_id for r in reqs if r.request_id in self.live]
         if ids:
-            self.engine.abort(ids)
+            self.engine.abort(ids, finished=finished)
 
 
 class AsyncEngine:
@@ -119,8 +121,9 @@ class AsyncEngine:
         self.backend.send("add", list(requests))
         return group
 
-    def abort(self, request_ids: Sequence[str]) -> None:
-        """Forget the requests now; the engine frees their KV blocks at its next step boundary."""
+    def abort(self, request_ids: Sequence[str], *, finished: bool = False) -> None:
+        """Forget the requests now; the engine frees their KV blocks at its next step boundary.
+        ``finished``: they ended on a stop string (counted as finished, reason "stop")."""
         ids = []
         for rid in request_ids:
             entry = self._groups.pop(rid, None)
@@ -130,7 +133,10 @@ class AsyncEngine:
                 self.num_active -= 1
                 ids.append(rid)
                 if self.metrics is not None:
-                    self.metrics.on_abort(group.requests[idx])
+                    if finished:
+                        self.metrics.on_finish(group.requests[idx], reason="stop")
+                    else:
+                        self.metrics.on_abort(group.requests[idx])
         if ids and self.alive:
             self.backend.send("abort", ids)
 

@@ -100,9 +100,10 @@ class ServerMetrics:
             else:
                 itl.observe(times[j] - times[j - 1])
 
-    def on_finish(self, req: Request) -> None:
+    def on_finish(self, req: Request, reason: str | None = None) -> None:
+        """``req`` finished (``reason``: when the front end ended it, on a stop string)."""
         m = self.model_name
-        self.request_success.labels(m, req.finish_reason or "length").inc()
+        self.request_success.labels(m, reason or req.finish_reason or "length").inc()
         first = req.first_token_time
         n = len(req.token_times)
         end = req.finish_time if req.finish_time is not None else (req.token_times[-1] if n else None)

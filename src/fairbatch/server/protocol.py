@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 
+from fairbatch.server.unsupported import CHAT, COMMON, COMPLETIONS, refused_field
+
 I64_MAX = 2**63 - 1
 MAX_CHOICES = 256          # prompts x n in one request
 MAX_STOP = 16              # stop strings
@@ -79,6 +81,13 @@ class _Sampling(_Body):
     frequency_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
     logit_bias: Optional[dict[str, float]] = None
     best_of: Optional[StrictInt] = Field(default=None, ge=1, le=MAX_CHOICES)
+    # vLLM's sampling extensions (their meaning: engine/params.py SamplingParams)
+    min_tokens: StrictInt = Field(default=0, ge=0, le=I64_MAX)
+    repetition_penalty: Optional[float] = Field(default=None, gt=0, le=1e6)
+    min_p: Optional[float] = Field(default=None, ge=0, le=1)
+    allowed_token_ids: Optional[list[TokenId]] = Field(default=None, min_length=1, max_length=1 << 20)
+    prompt_logprobs: Optional[StrictInt] = Field(default=None, ge=0, le=20)
+    include_stop_str_in_output: bool = False
 
     def stop_strings(self) -> list[str]:
         if self.stop is None:
@@ -87,16 +96,13 @@ class _Sampling(_Body):
         return [s for s in items if s]
 
     def unsupported(self) -> str | None:
-        """The first requested feature this server does not implement, if any."""
-        if self.presence_penalty:
-            return "presence_penalty is not supported"
-        if self.frequency_penalty:
-            return "frequency_penalty is not supported"
-        if self.logit_bias:
-            return "logit_bias is not supported"
+        """The first requested feature this server does not implement, if any
+        (``server/unsupported.py`` lists the fields refused rather than ignored)."""
         if self.best_of is not None and self.best_of != self.n:
             return "best_of other than n is not supported"
-        return None
+        if self.stream_options is not None and not self.stream:
+            return "stream_options can only be set when stream is true"
+        return refused_field(self, COMMON)
 
 
 class CompletionRequest(_Sampling):
@@ -112,11 +118,9 @@ class CompletionRequest(_Sampling):
     suffix: Optional[StrictStr] = None
 
     def unsupported(self) -> str | None:
-        if self.logprobs is not None:
-            return "logprobs are not supported"
         if self.suffix:
             return "suffix is not supported"
-        return super().unsupported()
+        return super().unsupported() or refused_field(self, COMPLETIONS)
 
 
 class TextPart(_Body):
@@ -151,15 +155,15 @@ class ChatCompletionRequest(_Sampling):
     chat_template_kwargs: Optional[dict[str, Any]] = None
 
     def unsupported(self) -> str | None:
-        if self.logprobs or self.top_logprobs:
-            return "logprobs are not supported"
+        if self.top_logprobs and not self.logprobs:
+            return "top_logprobs needs logprobs set to true"
         if self.tools:
             return "tools are not supported"
         if self.tool_choice not in (None, "none", "auto"):
             return "tool_choice is not supported"
         if self.response_format and self.response_format.get("type", "text") != "text":
             return "response_format other than text is not supported"
-        return super().unsupported()
+        return super().unsupported() or refused_field(self, CHAT)
 
     @property
     def token_limit(self) -> int | None:

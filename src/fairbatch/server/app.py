@@ -54,6 +54,7 @@ from fairbatch.server.openapi import document_errors
 from fairbatch.server.output import OutputProcessor
 from fairbatch.server.protocol import MAX_CHOICES, ChatCompletionRequest, CompletionRequest, SLOField, _Sampling
 from fairbatch.server.sampling import logprobs_count, sampling_params
+from fairbatch.server.vllm_routes import add_vllm_routes
 
 log = logging.getLogger("fairbatch.server")
 
@@ -213,6 +214,8 @@ def build_app(model: ServedModel, *, backend: Any = None, max_pending: int = 409
         return [None] * len(prompt), [list(p) for p in prompt]
 
     # --- endpoints ---------------------------------------------------------------------------
+    add_vllm_routes(app, model, engine)     # /tokenize, /detokenize, /version, /ping
+
     @app.get("/health")
     async def health() -> Response:
         if not engine.alive:

@@ -29,6 +29,7 @@ from fairbatch.cluster.proxy import (  # noqa: E402
     estimate_prompt_tokens,
 )
 from fairbatch.server.runner import ServerThread  # noqa: E402
+from support import metric, wait_for  # noqa: E402
 
 FAST = RouterConfig(poll_interval=0.02, poll_timeout=0.5, down_poll_interval=0.05)
 
@@ -42,6 +43,9 @@ def fake_backend(name: str, budget: float = 10_000.0) -> FastAPI:
     app.state.hits = 0
     app.state.closed = 0
     app.state.release = asyncio.Event()
+    app.state.gate = threading.Event()   # opened by the test thread
+    app.state.fail_polls = 0          # this many next /load polls answer 500
+    app.state.load_auth = None        # the Authorization header of the last /load poll
 
     def chunk(i: int, text: str, reason=None, chat=False) -> bytes:
         if chat:
@@ -51,7 +55,11 @@ def fake_backend(name: str, budget: float = 10_000.0) -> FastAPI:
         return b"data: " + json.dumps({"id": f"{name}-{i}", "choices": [ch]}).encode() + b"\n\n"
 
     @app.get("/load")
-    async def load():
+    async def load(request: Request):
+        app.state.load_auth = request.headers.get("authorization")
+        if app.state.fail_polls > 0:
+            app.state.fail_polls -= 1
+            return JSONResponse({"error": "busy"}, status_code=500)
         if app.state.load_mode == "404":
             return JSONResponse({"error": "no"}, status_code=404)
         if app.state.load_mode == "fail":
@@ -74,6 +82,9 @@ def fake_backend(name: str, budget: float = 10_000.0) -> FastAPI:
         if mode == "busy":
             return JSONResponse({"error": {"message": "at capacity"}}, status_code=503, headers={"Retry-After": "1"})
         if mode == "bad":
+            return JSONResponse({"error": {"message": "bad prompt", "code": 400}}, status_code=400)
+        if mode == "bad_slow":        # a body the backend takes long to refuse (a large bad body)
+            await asyncio.to_thread(app.state.gate.wait)
             return JSONResponse({"error": {"message": "bad prompt", "code": 400}}, status_code=400)
         n = body.get("max_tokens", 3)
 
@@ -124,25 +135,23 @@ def dead_url() -> str:
 
 
 class Cluster:
-    def __init__(self, n: int, router: str = "round_robin", budgets=None, dead: int = 0, load_modes=None) -> None:
+    def __init__(self, n: int, router: str = "round_robin", budgets=None, dead: int = 0, load_modes=None,
+                 config: RouterConfig = FAST) -> None:
         self.apps = [fake_backend(f"b{i}", (budgets or [1e4] * n)[i]) for i in range(n)]
         for a, m in zip(self.apps, load_modes or []):
             a.state.load_mode = m
         self.servers = [ServerThread(a, log_level="critical").start() for a in self.apps]
         self.urls = [s.url for s in self.servers] + [dead_url() for _ in range(dead)]
-        self.router_app = build_router_app(self.urls, router, config=FAST)
+        self.router_app = build_router_app(self.urls, router, config=config)
         self.router = ServerThread(self.router_app, log_level="critical").start()
         self.http = httpx.Client(base_url=self.router.url, timeout=20)
         self.wait_healthy(n)
 
-    def wait_healthy(self, n: int, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+    def wait_healthy(self, n: int) -> None:
+        def healthy() -> bool:
             r = self.http.get("/health")
-            if r.status_code == 200 and r.json()["healthy_backends"] == n:
-                return
-            time.sleep(0.02)
-        raise AssertionError(self.http.get("/backends").json())
+            return r.status_code == 200 and r.json()["healthy_backends"] == n
+        wait_for(healthy, f"{n} healthy backends")
 
     def post(self, stream=True, chat=False, **body):
         path = "/v1/chat/completions" if chat else "/v1/completions"
@@ -241,7 +250,6 @@ def test_no_healthy_backend_is_a_clear_503() -> None:
     app = build_router_app([dead_url()], "admission", config=RouterConfig(poll_interval=0.02, poll_timeout=0.5,
                                                                           max_body_bytes=1000))
     with ServerThread(app, log_level="critical") as s, httpx.Client(base_url=s.url, timeout=10) as h:
-        time.sleep(0.2)
         r = h.post("/v1/completions", json={"prompt": [1], "max_tokens": 2})
         assert r.status_code == 503 and "no healthy backend" in r.json()["error"]["message"]
         assert r.headers["retry-after"] == "1"
@@ -295,15 +303,14 @@ def test_all_busy_answers_the_backends_503(make_cluster) -> None:
 def test_request_waiting_on_a_backend_that_goes_unhealthy_moves(make_cluster) -> None:
     c = make_cluster(2, router="round_robin")
     c.apps[0].state.mode = "hang"
-    t0 = time.monotonic()
-
-    def fail_polls() -> None:
-        time.sleep(0.3)
-        c.apps[0].state.load_mode = "fail"
-    threading.Thread(target=fail_polls, daemon=True).start()
-    r = c.post()
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("r", c.post()), daemon=True)
+    t.start()
+    wait_for(lambda: c.apps[0].state.hits == 1, "the request to wait on backend 0")
+    c.apps[0].state.load_mode = "fail"          # its polls fail from now on: marked down, the request moves
+    t.join(30)
+    r = out["r"]
     assert r.status_code == 200 and r.headers["x-fairbatch-backend"] == c.urls[1]
-    assert time.monotonic() - t0 < 5
     assert f'retries_total{{backend="{c.urls[0]}",reason="unhealthy"}}' in c.metrics()
     # it comes back once its polls succeed again
     c.apps[0].state.load_mode = "ok"
@@ -334,16 +341,9 @@ def test_client_going_away_closes_the_backend_stream(make_cluster) -> None:
             for line in r.iter_lines():
                 if line.startswith("data:"):
                     break
-    deadline = time.monotonic() + 5
-    while c.apps[0].state.closed < 1 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_for(lambda: c.apps[0].state.closed >= 1, "the backend stream to close")
     assert c.apps[0].state.closed == 1
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        if c.http.get("/backends").json()["backends"][0]["inflight"] == 0:
-            break
-        time.sleep(0.02)
-    assert c.http.get("/backends").json()["backends"][0]["inflight"] == 0
+    wait_for(lambda: c.http.get("/backends").json()["backends"][0]["inflight"] == 0, "nothing in flight")
 
 
 def test_backend_without_load_endpoint_is_polled_on_health(make_cluster) -> None:
@@ -388,10 +388,7 @@ def test_every_stream_is_counted_once_however_the_client_closes(make_cluster) ->
                     break
     ok = f'fairbatch_router:requests_total{{backend="{c.urls[0]}",status="200"}} 20.0'
     gone = f'fairbatch_router:requests_total{{backend="{c.urls[0]}",status="499"}} 1.0'
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and not (ok in c.metrics() and gone in c.metrics()):
-        time.sleep(0.02)
-    assert ok in c.metrics() and gone in c.metrics(), c.metrics()
+    wait_for(lambda: ok in c.metrics() and gone in c.metrics(), "both counts")
 
 
 def test_router_workers_share_the_port_and_sum_their_counters() -> None:
@@ -412,17 +409,17 @@ def test_router_workers_share_the_port_and_sum_their_counters() -> None:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "COLUMNS": "200"})
     url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return httpx.get(url + "/health", timeout=10).status_code == 200
+        except httpx.HTTPError:
+            return False
+
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        else:
-            raise AssertionError("router did not come up")
+        # Every worker answers only once it polled every backend (the app's start-up), so
+        # the first 200 from any of them is enough: none routes on an empty view after it.
+        wait_for(up, "the router to come up", timeout=120)
         n = 24
         for i in range(n):
             # a new connection each time, so the kernel spreads them over the workers
@@ -436,10 +433,95 @@ def test_router_workers_share_the_port_and_sum_their_counters() -> None:
             assert counted == n
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
+        out, _ = proc.communicate(timeout=60)
         for s in servers:
             s.stop()
     assert proc.returncode == 0, out
     assert "3 worker processes" in out
     with pytest.raises(httpx.HTTPError):
         httpx.get(url + "/health", timeout=2)
+
+
+# --- hardening (issue #14): health marking, final 4xx, readiness, what /backends shows, auth ----------
+def test_a_few_failed_polls_do_not_mark_a_backend_down(make_cluster) -> None:
+    c = make_cluster(1)
+    c.apps[0].state.fail_polls = FAST.failures_to_mark_down - 1
+    wait_for(lambda: c.apps[0].state.fail_polls == 0 and metric(c.metrics(), "fairbatch_router:poll_failures_total")
+             >= FAST.failures_to_mark_down - 1, "the failing polls")
+    assert metric(c.metrics(), "fairbatch_router:backend_marked_unhealthy_total") == 0
+    assert c.post(stream=False).status_code == 200
+    c.apps[0].state.fail_polls = FAST.failures_to_mark_down          # enough in a row: down, then up again
+    wait_for(lambda: metric(c.metrics(), "fairbatch_router:backend_marked_unhealthy_total") == 1, "the mark")
+    c.wait_healthy(1)
+
+
+def test_a_4xx_from_a_stalled_backend_is_final(make_cluster) -> None:
+    """A body the backend is slow to refuse (it misses polls meanwhile) gets that backend's
+    400, and no other backend ever sees it."""
+    c = make_cluster(3)
+    for a in c.apps:
+        a.state.mode = "bad_slow"
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("r", c.post(stream=False)), daemon=True)
+    t.start()
+    wait_for(lambda: sum(a.state.hits for a in c.apps) == 1, "the request to reach a backend")
+    busy = next(a for a in c.apps if a.state.hits == 1)
+    busy.state.fail_polls = FAST.failures_to_mark_down - 1                  # it misses polls while busy
+    wait_for(lambda: busy.state.fail_polls == 0, "the missed polls")
+    busy.state.gate.set()
+    t.join(30)
+    assert out["r"].status_code == 400 and out["r"].json()["error"]["message"] == "bad prompt"
+    assert sum(a.state.hits for a in c.apps) == 1
+
+
+def test_the_router_answers_only_once_every_backend_was_polled() -> None:
+    servers = [ServerThread(fake_backend(f"b{i}"), log_level="critical").start() for i in range(3)]
+    router = None
+    try:
+        router = ServerThread(build_router_app([s.url for s in servers], "round_robin", config=FAST),
+                              log_level="critical").start()
+        # no waiting here: uvicorn accepts only after the app's start-up, which polled every backend
+        r = httpx.get(router.url + "/health", timeout=10)
+        assert r.status_code == 200 and r.json()["healthy_backends"] == 3
+    finally:
+        if router is not None:
+            router.stop()
+        for s in servers:
+            s.stop()
+
+
+def _asgi(app, fn):
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as c:
+            return await fn(c)
+    return asyncio.run(go())
+
+
+def test_backends_shows_launcher_details_only_when_asked() -> None:
+    meta = [{"pid": 4242, "node": "gpu-node-7", "log": "/var/log/replica-0.log", "gpus": ["0"]}]
+    for details in (False, True):
+        app = build_router_app(["http://127.0.0.1:9"], "round_robin",
+                               config=RouterConfig(show_backend_details=details), backend_meta=meta)
+        info = _asgi(app, lambda c: c.get("/backends")).json()["backends"][0]
+        assert ("pid" in info and info["log"] == meta[0]["log"]) is details
+        assert ("node" in info) is details
+
+
+def test_router_api_key_and_host_check() -> None:
+    cfg = RouterConfig(api_key="k", protect_admin=True, loopback_only=True)
+    app = build_router_app(["http://127.0.0.1:9"], "round_robin", config=cfg)
+
+    async def calls(c):
+        return [(await c.post("/v1/completions", json={"prompt": "x"})).status_code,
+                (await c.get("/backends")).status_code,
+                (await c.get("/backends", headers={"Authorization": "Bearer k"})).status_code,
+                (await c.get("/health", headers={"Host": "127.0.0.1"})).status_code,
+                (await c.get("/backends", headers={"Authorization": "Bearer k", "Host": "evil.test"})).status_code]
+
+    assert _asgi(app, calls) == [401, 401, 200, 503, 421]
+
+
+def test_router_polls_with_the_backend_key(make_cluster) -> None:
+    c = make_cluster(1, config=RouterConfig(poll_interval=0.02, poll_timeout=0.5, backend_api_key="bk"))
+    wait_for(lambda: c.apps[0].state.load_auth is not None, "a poll")
+    assert c.apps[0].state.load_auth == "Bearer bk"

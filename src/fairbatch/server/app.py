@@ -103,7 +103,8 @@ def build_app(model: ServedModel, *, backend: Any = None, max_pending: int = 409
     app = FastAPI(title="fairbatch", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible server on the FairBatching scheduler.")
     # Starlette runs the last added middleware first: the access check, then the body.
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes or body_limit(model.max_model_len), timeout=body_timeout)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes or body_limit(model.max_model_len), timeout=body_timeout,
+                       why="" if max_body_bytes else f" (the limit for a {model.max_model_len}-token context)")
     app.add_middleware(AccessControl, api_key=api_key, protected=protected_paths(protect_admin),
                        loopback_only=loopback_only)
     document_errors(app, per_path={"/v1/models": (401, 421), "/health": (503,), "/load": (401, 421, 503),

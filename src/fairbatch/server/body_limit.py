@@ -37,18 +37,19 @@ class BodyLimit:
     buffers it whole anyway) and replayed to the app, whose later ``receive`` calls go to
     the server (disconnect detection)."""
 
-    def __init__(self, app: Any, max_bytes: int, timeout: float | None = DEFAULT_BODY_TIMEOUT) -> None:
+    def __init__(self, app: Any, max_bytes: int, timeout: float | None = DEFAULT_BODY_TIMEOUT,
+                 why: str = "") -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.timeout = timeout
+        self.why = why                  # appended to the 413's message
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH"):
             await self.app(scope, receive, send)
             return
         limit = self.max_bytes
-        too_big = error_response(413, f"request body larger than {limit} bytes (the limit follows the "
-                                 f"model's context)")
+        too_big = error_response(413, f"request body larger than {limit} bytes{self.why}")
         for name, value in scope.get("headers", ()):
             if name == b"content-length" and value.isdigit() and int(value) > limit:
                 await too_big(scope, receive, send)

@@ -154,10 +154,12 @@ def test_killing_a_replica_mid_run_loses_no_unstarted_request(routed, tmp_path) 
     assert len(failed) == router_metric(url, "midstream_failures_total", backend=reps[1].url)
     assert len(failed) < n - 15
     # what came after the kill finished on the other replica
-    later = [r for r in recs if r.arrival > killed_at[0] + 0.5]
+    later = [r for r in recs if r.arrival > killed_at[0]]     # could not have started on the dead replica
     assert later and all(r.success for r in later)
-    info = httpx.get(url + "/backends", timeout=5).json()["backends"]
-    assert [b["healthy"] for b in info] == [True, False]
+    # the killed replica is down; the other one may miss a poll on a loaded machine, but a
+    # backend is marked down only after several in a row, and comes back: wait, don't sample
+    wait_for(lambda: [b["healthy"] for b in httpx.get(url + "/backends", timeout=10).json()["backends"]]
+             == [True, False], 120, "the live replica healthy and the killed one down")
 
 
 # --- `fairbatch cluster` -----------------------------------------------------------------------------

@@ -9,7 +9,6 @@ import asyncio
 import json
 import socket
 import threading
-import time
 
 import pytest
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 
 import pytest
 
@@ -20,6 +19,7 @@ openai = pytest.importorskip("openai")
 from fairbatch.server import ServerThread, build_app, load_served_model  # noqa: E402
 from fairbatch.server.engine_process import EngineStartError, spawn_engine  # noqa: E402
 from fairbatch.server.model import ServedModel  # noqa: E402
+from support import wait_for  # noqa: E402
 
 MODEL = "tiny-llama"
 LOAD = dict(model=MODEL, load_format="dummy", policy="fairbatching", cpu_threads=1, ttft_slo=5.0, tpot_slo=1.0,
@@ -32,15 +32,13 @@ def spawn_server():
     return ServerThread(app).start(), app
 
 
-def wait_engine_idle(http: httpx.Client, timeout: float = 15.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def wait_engine_idle(http: httpx.Client) -> dict:
+    def idle() -> bool:
         load = http.get("/load").json()
-        if load["free_blocks"] == load["num_blocks"] and load["num_requests"] == 0 \
-                and load["num_requests_in_server"] == 0:
-            return load
-        time.sleep(0.05)
-    raise AssertionError(f"engine not idle: {load}")
+        return load["free_blocks"] == load["num_blocks"] and load["num_requests"] == 0 \
+            and load["num_requests_in_server"] == 0
+    wait_for(idle, "the engine to be idle")
+    return http.get("/load").json()
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +127,7 @@ def test_a_dead_engine_fails_requests_and_health():
 
             t = threading.Thread(target=long_request)
             t.start()
-            time.sleep(1.0)
+            wait_for(lambda: app.state.engine.num_active == 1, "the request to be in flight")
             os.kill(app.state.engine.backend.proc.pid, signal.SIGKILL)
             t.join(30)
             assert not t.is_alive(), "the request hung after the engine died"
@@ -154,12 +152,16 @@ def test_refit_latency_learns_this_hosts_step_times():
                                                    "max_tokens": 40, "ignore_eos": True})
             assert r.status_code == 200
 
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(12)]
-        for t in threads:          # staggered: prefills land in different steps, among decodes
-            t.start()
-            time.sleep(0.05)
-        for t in threads:
-            t.join(120)
+        # Four waves of three concurrent requests, one wave after the other: at least 4 x 40
+        # steps (a refit is tried every 50) with prefills in several of them, however fast or
+        # slow (loaded) the machine is.
+        for wave in range(4):
+            threads = [threading.Thread(target=one, args=(3 * wave + j,)) for j in range(3)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(300)
+                assert not t.is_alive(), "a request hung"
         wait_engine_idle(http)
         text = http.get("/metrics").text
         # The loop fed its measured steps to the model, which looked at a refit window;

@@ -60,3 +60,60 @@ def test_load_view_routes_as_recomputing_every_load(prep4, monkeypatch, router, 
     assert fast[0] == slow[0]            # every request to the same instance
     assert fast[1] == slow[1]            # and the same summary, to the bit
     assert len(set(fast[0])) == 4
+
+
+# --- streaming and splitting ------------------------------------------------------------------------
+import numpy as np  # noqa: E402
+
+from fairbatch.request import SLO  # noqa: E402
+from fairbatch.sim.split import Cluster, Workload, run_cluster, split_reason  # noqa: E402
+from fairbatch.workload import scale_rate  # noqa: E402
+
+_RUN_ONLY = ("sim_wall_time_s", "request_rate", "num_preemptions", "requests_per_instance")
+
+
+def _workload(prep, scale: float) -> Workload:
+    entries = scale_rate(prep.entries, scale)
+    return Workload(np.array([e.arrival for e in entries]), np.array([e.prompt_len for e in entries], np.int32),
+                    np.array([e.output_len for e in entries], np.int32),
+                    SLO(prep.scenario.ttft_slo, prep.scenario.tpot_slo))
+
+
+@pytest.mark.parametrize("router", ["round_robin", "admission"])
+def test_streamed_run_summarises_as_keeping_every_request(prep4, router) -> None:
+    """Requests built one at a time and dropped as they leave: the summary of the run that
+    keeps them all (run_policy), to the bit."""
+    p = replace(prep4, scenario=replace(prep4.scenario, router=router))
+    kept = run_policy(p, "fairbatching", 14.0)
+    cluster = Cluster("fairbatching", p.config, p.num_blocks, p.latency, router)
+    streamed = run_cluster(cluster, _workload(p, 14.0), 4)
+    want = {k: v for k, v in kept.summary.items() if k not in _RUN_ONLY}
+    assert json.dumps(streamed.summary.summary(), sort_keys=True) == json.dumps(want, sort_keys=True)
+    assert streamed.assigned == kept.outcome.assigned and streamed.steps == kept.outcome.steps
+
+
+def test_round_robin_splits_over_processes_exactly(prep4) -> None:
+    cluster = Cluster("fairbatching:late=reject", prep4.config, prep4.num_blocks, prep4.latency, "round_robin")
+    work = _workload(prep4, 14.0)
+    one = run_cluster(cluster, work, 4, jobs=1)
+    two = run_cluster(cluster, work, 4, jobs=2)
+    assert (one.jobs, two.jobs) == (1, 2)
+    assert json.dumps(one.summary.summary(), sort_keys=True) == json.dumps(two.summary.summary(), sort_keys=True)
+    assert (one.steps, one.assigned, one.busy_time, one.end_time) == (two.steps, two.assigned, two.busy_time,
+                                                                       two.end_time)
+
+
+def test_load_aware_routers_are_not_split(prep4) -> None:
+    assert split_reason("round_robin") is None
+    for router in ("least_requests", "llumnix", "admission"):
+        assert "cannot be simulated apart" in split_reason(router)
+    cluster = Cluster("vllm", prep4.config, prep4.num_blocks, prep4.latency, "least_requests")
+    assert run_cluster(cluster, _workload(prep4, 4.0), 4, jobs=2).jobs == 1
+
+
+def test_streamed_requests_must_come_in_arrival_order(prep4) -> None:
+    work = _workload(prep4, 1.0)
+    reqs = list(work.requests())[:3]
+    insts = Cluster("vllm", prep4.config, prep4.num_blocks, prep4.latency).instances(1)
+    with pytest.raises(ValueError, match="arrival order"):
+        loop.simulate(iter(reqs[::-1]), insts, keep_requests=False)

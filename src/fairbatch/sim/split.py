@@ -1,0 +1,180 @@
+"""Cluster simulations in bounded memory, and split over processes where that is exact.
+
+A ``Workload`` is a run's requests as arrays (arrival, prompt and output lengths, SLO);
+Request objects are built one at a time as the loop reaches them and summarised as they
+leave (``metrics.stream``), so a million requests cost a few arrays, not a million
+objects and their token times.
+
+**Splitting** (``jobs`` > 1). Instances interact only through the router. A router that
+reads no load (``Router.uses_load`` false: ``round_robin``) decides from the arrival order
+alone, so every decision is made first, in one pass, and each process then simulates its
+own instances on their own requests: the same trajectories, step for step, as one process
+running them all (the tests compare summaries to the bit). A load-aware router
+(``least_requests``, ``llumnix``, ``admission``) decides each arrival from every
+instance's state at that moment, which depends on every earlier decision and step; no
+split of the instances reproduces that, and an approximate one (e.g. routing on loads
+exchanged every few milliseconds) would be a different router. Those run in one process
+(``split_reason`` says why), whatever ``jobs`` is.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import numpy.typing as npt
+
+from fairbatch.cluster.routing import make_router
+from fairbatch.instance import Instance
+from fairbatch.kv import BlockAllocator
+from fairbatch.latency.base import LatencyModel
+from fairbatch.metrics.stream import StreamingSummary
+from fairbatch.request import SLO, DeadlineRule, Request
+from fairbatch.scheduler.base import SchedulerConfig, make_scheduler
+from fairbatch.scheduler.variant import parse_variant
+from fairbatch.sim.executor import SimExecutor
+from fairbatch.sim.loop import simulate
+
+
+@dataclass
+class Workload:
+    """A run's requests in arrival order, as arrays (one SLO for all)."""
+
+    arrival: npt.NDArray[np.float64]
+    prompt_len: npt.NDArray[np.int32]
+    output_len: npt.NDArray[np.int32]
+    slo: SLO
+    deadline_rule: DeadlineRule = DeadlineRule.TPOT_SAFE
+
+    def __post_init__(self) -> None:
+        n = len(self.arrival)
+        if not (len(self.prompt_len) == len(self.output_len) == n):
+            raise ValueError("arrival, prompt_len and output_len must have one entry per request")
+        if n > 1 and not (np.diff(self.arrival) >= 0).all():
+            raise ValueError("arrivals must be sorted")
+
+    def __len__(self) -> int:
+        return len(self.arrival)
+
+    def subset(self, idx: npt.NDArray[np.int64]) -> Workload:
+        return Workload(self.arrival[idx], self.prompt_len[idx], self.output_len[idx], self.slo, self.deadline_rule)
+
+    def requests(self) -> Iterator[Request]:
+        """One Request at a time (the loop keeps only those in flight)."""
+        slo, rule = self.slo, self.deadline_rule
+        for i, (a, p, o) in enumerate(zip(self.arrival.tolist(), self.prompt_len.tolist(),
+                                          self.output_len.tolist())):
+            yield Request(f"r{i}", a, p, o, slo, deadline_rule=rule)
+
+
+@dataclass
+class Cluster:
+    """Everything to build the instances: policy (or variant), scheduler config, KV blocks,
+    latency model, router spec, load staleness."""
+
+    policy: str
+    config: SchedulerConfig
+    num_blocks: int
+    latency: LatencyModel
+    router: str = "round_robin"
+    load_interval: float = 0.0
+
+    def instances(self, n: int) -> list[Instance]:
+        variant = parse_variant(self.policy)
+        return [Instance(make_scheduler(variant.name, variant.config(self.config), BlockAllocator(self.num_blocks, 16),
+                                        self.latency), SimExecutor(self.latency), name=f"instance-{k}")
+                for k in range(n)]
+
+
+@dataclass
+class SplitResult:
+    summary: StreamingSummary
+    instances: int
+    jobs: int                                   # processes actually used
+    wall_time: float
+    end_time: float = 0.0
+    steps: list[int] = field(default_factory=list)
+    busy_time: list[float] = field(default_factory=list)
+    assigned: list[int] = field(default_factory=list)
+    preemptions: int = 0
+    rejected: int = 0
+    unfinished: int = 0
+
+
+def split_reason(router: str) -> str | None:
+    """None if runs with this router can be split over processes exactly, else why not."""
+    if make_router(router).uses_load:
+        return (f"router {router!r} reads every instance's load at each arrival: its decisions depend on the "
+                "whole cluster's state, so instances cannot be simulated apart (one process)")
+    return None
+
+
+def _run_group(cluster: Cluster, work: Workload, gidx: npt.NDArray[np.int64] | None,
+               route: npt.NDArray[np.int32] | None, n_inst: int, start: float) -> SplitResult:
+    """Simulate ``n_inst`` instances on ``work``; ``route``: each request's (local) instance,
+    decided in advance, else the cluster's router decides; ``gidx``: each request's index
+    in the whole run (None: the same)."""
+    t0 = time.perf_counter()
+    instances = cluster.instances(n_inst)
+    stream = StreamingSummary(start=start)
+    if gidx is None:
+        on_done = stream.add_request
+    else:
+        g = gidx.tolist()
+        def on_done(j: int, req: Request) -> None:
+            stream.add_request(g[j], req)
+    router = make_router(cluster.router) if route is None and n_inst > 1 else None
+    r = route.tolist() if route is not None else None
+    out = simulate(work.requests(), instances, router, load_interval=cluster.load_interval,
+                   keep_requests=False, on_done=on_done, route=r.__getitem__ if r is not None else None)
+    stream.flush()
+    return SplitResult(stream, n_inst, 1, time.perf_counter() - t0, out.end_time, out.steps, out.busy_time,
+                       out.assigned, out.preemptions, out.rejected, out.unfinished)
+
+
+def _run_group_args(args: tuple) -> SplitResult:
+    return _run_group(*args)
+
+
+def run_cluster(cluster: Cluster, work: Workload, n_inst: int, *, jobs: int = 1) -> SplitResult:
+    """Simulate ``work`` on ``n_inst`` instances; over ``jobs`` processes when the router
+    allows it exactly (``split_reason``), else in this one."""
+    t0 = time.perf_counter()
+    start = float(work.arrival[0]) if len(work) else 0.0
+    if jobs <= 1 or n_inst <= 1 or split_reason(cluster.router) is not None:
+        res = _run_group(cluster, work, None, None, n_inst, start)
+        res.wall_time = time.perf_counter() - t0
+        return res
+    # every decision first: a router that reads no load sees only the prompt lengths, in order
+    router = make_router(cluster.router)
+    idle = [None] * n_inst
+    choose = router.choose
+    inst = np.fromiter((choose(p, idle) for p in work.prompt_len.tolist()), np.int32, len(work))  # type: ignore[arg-type]
+    jobs = min(jobs, n_inst)
+    groups = [list(range(j, n_inst, jobs)) for j in range(jobs)]   # instances of each process
+    args = []
+    for g in groups:
+        local = np.full(n_inst, -1, np.int32)
+        local[g] = np.arange(len(g), dtype=np.int32)
+        gidx = np.flatnonzero(local[inst] >= 0)
+        args.append((cluster, work.subset(gidx), gidx, local[inst[gidx]], len(g), start))
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        parts = list(pool.map(_run_group_args, args))
+    total = SplitResult(StreamingSummary(start=start), n_inst, jobs, 0.0)
+    steps = [0] * n_inst
+    busy = [0.0] * n_inst
+    assigned = [0] * n_inst
+    for g, part in zip(groups, parts, strict=True):
+        total.summary.merge(part.summary)
+        for loc, k in enumerate(g):
+            steps[k], busy[k], assigned[k] = part.steps[loc], part.busy_time[loc], part.assigned[loc]
+        total.end_time = max(total.end_time, part.end_time)
+        total.preemptions += part.preemptions
+        total.rejected += part.rejected
+        total.unfinished += part.unfinished
+    total.steps, total.busy_time, total.assigned = steps, busy, assigned
+    total.wall_time = time.perf_counter() - t0
+    return total

@@ -88,7 +88,7 @@ def build_app(model: ServedModel, *, backend: Any = None, max_pending: int = 409
     ``api_key``: ``/v1/*`` needs ``Authorization: Bearer <key>`` (and ``/metrics``,
     ``/profile``, ``/load`` too with ``protect_admin``). ``loopback_only``: answer only
     requests whose ``Host`` is a loopback address (set when bound to one)."""
-    metrics = ServerMetrics(model.name, prefix=metrics_prefix)
+    metrics = ServerMetrics(model.name, prefix=metrics_prefix, max_model_len=model.max_model_len)
     engine = AsyncEngine(model, backend=backend, max_pending=max_pending, metrics=metrics)
     metrics.engine = engine
 

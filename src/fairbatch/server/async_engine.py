@@ -193,6 +193,8 @@ class AsyncEngine:
                 mirror(req, delta)
             group.queue.put_nowait((idx, delta))
             if metrics is not None and delta.error is None:
+                if delta.scheduled is not None:
+                    metrics.on_scheduled(req, delta.scheduled)
                 if delta.rejected:
                     metrics.on_late_reject(req)
                 else:

@@ -157,6 +157,9 @@ def register(app: typer.Typer) -> None:
                                                    "default is 0).")] = 0.1,
         engine_thread: Annotated[bool, typer.Option(help="Run the engine on a thread of the server process "
                                                     "instead of its own process (slower under load).")] = False,
+        metrics_prefix: Annotated[str, typer.Option(help="Prefix of the /metrics names: 'vllm' publishes them as "
+                                                    "vLLM's (vllm:num_requests_running, ...), so vLLM dashboards "
+                                                    "work unchanged.")] = "fairbatch",
     ) -> None:
         """Serve a model with an OpenAI-compatible API (completions, chat, /metrics, /load)."""
         from fairbatch.cli import console, fail, listen_or_fail, parse_options
@@ -230,7 +233,8 @@ def register(app: typer.Typer) -> None:
             raise fail(str(e)) from None
         app_ = build_app(served, backend=backend, max_pending=max_pending, max_body_bytes=max_body_bytes,
                          body_timeout=body_timeout, max_choices=max_choices, default_max_tokens=default_max_tokens,
-                         api_key=api_key_from(api_key), protect_admin=api_key_admin, loopback_only=is_loopback(host))
+                         api_key=api_key_from(api_key), protect_admin=api_key_admin, loopback_only=is_loopback(host),
+                         metrics_prefix=metrics_prefix)
         bound = sock.getsockname()
         late_mode = f", late={options['late']}" if "late" in options else ""
         console.print(f"serving [bold]{served.name}[/] ({served.device}, policy {policy}{late_mode}, "

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,9 @@ from fairbatch.request import Request, RequestState
 from fairbatch.scheduler.base import Load
 
 log = logging.getLogger("fairbatch.server")
+
+# vLLM's iteration_tokens_total buckets: tokens computed by one engine step
+ITERATION_TOKENS_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 clock = time.perf_counter
 
@@ -61,6 +65,10 @@ class Delta:
     # for requests that asked, once, with their first tokens: per prompt position, its
     # entries (None for position 0, which nothing scores)
     prompt_logprobs: list | None = None
+    # with the first tokens: when the request was first scheduled (the end of its queue
+    # time, vLLM's scheduled_ts); with the last: its preemptions
+    scheduled: float | None = None
+    num_preemptions: int = 0
 
     @property
     def done(self) -> bool:
@@ -102,6 +110,8 @@ class EngineSnapshot:
     # the scheduler's late-request counts (late=relegate|reject): refused, put behind
     rejected: int = 0
     relegated: int = 0
+    # steps by tokens computed: counts per ITERATION_TOKENS_BUCKETS bucket (+Inf last)
+    iteration_tokens: tuple[int, ...] = ()
     time: float = 0.0
 
 
@@ -122,6 +132,9 @@ class EngineLoop:
         # prompt logprobs of the requests that asked, gathered over their prefill chunks
         # until their first token goes out (then dropped: a recompute scores them again)
         self._prompt_lp: dict[str, list] = {}
+        self._scheduled: dict[str, float] = {}      # first scheduled, until its first delta
+        self._unscheduled: set[str] = set()         # added, never scheduled yet
+        self.iteration_tokens = [0] * (len(ITERATION_TOKENS_BUCKETS) + 1)
         lat = instance.scheduler.latency
         self._online = lat if isinstance(lat, OnlineLatencyModel) else None
         self.latency_refits = 0
@@ -204,11 +217,14 @@ class EngineLoop:
                         early.append((req.request_id, Delta([], REJECTED, time=now)))
                         continue
                     self._sent[req.request_id] = 0
+                    self._unscheduled.add(req.request_id)
                     if getattr(req.sampling, "prompt_logprobs", None) is not None:
                         self._prompt_lp[req.request_id] = [None]    # position 0: nothing scores it
             elif kind == "abort":
                 for rid in payload:
                     self._prompt_lp.pop(rid, None)
+                    self._scheduled.pop(rid, None)
+                    self._unscheduled.discard(rid)
                     if self._sent.pop(rid, None) is not None:
                         inst.abort(rid, now)
             elif kind == "load":
@@ -239,6 +255,8 @@ class EngineLoop:
                                            if sent.pop(r.request_id, None) is not None]
         for r in plan.rejected:
             self._prompt_lp.pop(r.request_id, None)
+            self._unscheduled.discard(r.request_id)
+            self._scheduled.pop(r.request_id, None)
         if plan.is_empty:
             if deltas:
                 self.post_deltas(deltas)
@@ -249,6 +267,12 @@ class EngineLoop:
         self.step_seconds += result.duration
         self.step_predicted_seconds += inst.scheduler.latency.predict(plan.features)
         self.step_tokens += plan.features.new_tokens
+        self.iteration_tokens[bisect_left(ITERATION_TOKENS_BUCKETS, plan.features.new_tokens)] += 1
+        if self._unscheduled:
+            for req, _ in plan.chunks:
+                if req.request_id in self._unscheduled:
+                    self._unscheduled.discard(req.request_id)
+                    self._scheduled[req.request_id] = now
         end = now + result.duration
         fin = {r.request_id for r in finished}
         if result.prompt_logprobs:
@@ -272,6 +296,10 @@ class EngineLoop:
                     delta.logprobs = [sample_lp[rid]]
                 if rid in self._prompt_lp:
                     delta.prompt_logprobs = self._prompt_lp.pop(rid)
+                if rid in self._scheduled:
+                    delta.scheduled = self._scheduled.pop(rid)
+                if reason is not None:
+                    delta.num_preemptions = req.num_preemptions
                 deltas.append((rid, delta))
         if deltas:
             self.post_deltas(deltas)
@@ -299,6 +327,8 @@ class EngineLoop:
                              *(r.request_id for r in sched.waiting), *(r.request_id for r in sched.relegated)])
         self._sent.clear()
         self._prompt_lp.clear()
+        self._scheduled.clear()
+        self._unscheduled.clear()
         for rid in ids:
             try:
                 inst.abort(rid, now)
@@ -332,7 +362,8 @@ class EngineLoop:
             step_predicted_seconds=self.step_predicted_seconds, busy_seconds=self.busy_seconds,
             step_tokens=self.step_tokens, steps_run=self.steps_run, latency_refits=self.latency_refits,
             latency_refit_attempts=self._online.refit_attempts if self._online is not None else 0,
-            rejected=sched.stats.rejected, relegated=sched.stats.relegated, time=now))
+            rejected=sched.stats.rejected, relegated=sched.stats.relegated,
+            iteration_tokens=tuple(self.iteration_tokens), time=now))
 
 
 def mirror(req: Request, delta: Delta) -> None:
@@ -343,6 +374,7 @@ def mirror(req: Request, delta: Delta) -> None:
     if delta.finish_reason is not None:
         req.finish_reason = delta.finish_reason
         req.finish_time = delta.time
+        req.num_preemptions = delta.num_preemptions
         if delta.rejected:
             req.state = RequestState.REJECTED
 

@@ -12,12 +12,13 @@ thread-safe); gauges are read from the engine's snapshot at scrape time.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from fairbatch.request import Request
@@ -35,12 +36,32 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0
 E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
                120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 OBJECTIVES = ("ttft", "tpot", "both", "envelope")
+PREEMPTION_BUCKETS = (1, 2, 3, 4, 5, 10, 20)       # vLLM's request_num_preemptions buckets
+
+
+def buckets_1_2_5(limit: int) -> tuple[int, ...]:
+    """1, 2, 5, 10, 20, 50, ... up to ``limit``: vLLM's token-count buckets (up to the
+    context length)."""
+    out: list[int] = []
+    scale = 1
+    while True:
+        for m in (1, 2, 5):
+            if m * scale > limit:
+                return tuple(out)
+            out.append(m * scale)
+        scale *= 10
+
+
+def valid_prefix(prefix: str) -> str:
+    if not re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", prefix):
+        raise ValueError(f"metrics prefix {prefix!r} is not a Prometheus name (letters, digits, _)")
+    return prefix
 
 
 class ServerMetrics:
-    def __init__(self, model_name: str, prefix: str = "fairbatch") -> None:
+    def __init__(self, model_name: str, prefix: str = "fairbatch", max_model_len: int = 1 << 17) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.prefix = prefix
+        self.prefix = valid_prefix(prefix)
         self.model_name = model_name
         p = prefix + ":"
         lab = ["model_name"]
@@ -63,6 +84,26 @@ class ServerMetrics:
                               buckets=ITL_BUCKETS, registry=r)
         self.e2e = Histogram(p + "e2e_request_latency_seconds", "End-to-end request latency.", lab,
                              buckets=E2E_BUCKETS, registry=r)
+        # vLLM's per-request phases (vllm/v1/metrics/loggers.py): queued until first
+        # scheduled, scheduled until the first token, first token until the last
+        self.queue_time = Histogram(p + "request_queue_time_seconds", "Time from arrival to first scheduled.",
+                                    lab, buckets=E2E_BUCKETS, registry=r)
+        self.prefill_time = Histogram(p + "request_prefill_time_seconds", "Time from first scheduled to the first "
+                                      "token.", lab, buckets=E2E_BUCKETS, registry=r)
+        self.decode_time = Histogram(p + "request_decode_time_seconds", "Time from the first token to the last.",
+                                     lab, buckets=E2E_BUCKETS, registry=r)
+        self.inference_time = Histogram(p + "request_inference_time_seconds", "Time from first scheduled to the "
+                                        "last token.", lab, buckets=E2E_BUCKETS, registry=r)
+        tokens = buckets_1_2_5(max_model_len)
+        self.req_prompt_tokens = Histogram(p + "request_prompt_tokens", "Prompt tokens of each finished request.",
+                                           lab, buckets=tokens, registry=r)
+        self.req_generation_tokens = Histogram(p + "request_generation_tokens", "Generated tokens of each finished "
+                                               "request.", lab, buckets=tokens, registry=r)
+        self.req_max_tokens = Histogram(p + "request_params_max_tokens", "max_tokens of each finished request.",
+                                        lab, buckets=tokens, registry=r)
+        self.req_preemptions = Histogram(p + "request_num_preemptions", "Preemptions of each finished request.",
+                                         lab, buckets=PREEMPTION_BUCKETS, registry=r)
+        self._scheduled: dict[str, float] = {}      # request id -> first scheduled, until it ends
         self.slo_requests = Counter(p + "slo_requests", "Requests counted for SLO attainment: finished, and "
                                     "refused for lateness (late=reject; each a miss).",
                                     lab + ["slo_class"], registry=r)
@@ -100,6 +141,10 @@ class ServerMetrics:
             else:
                 itl.observe(times[j] - times[j - 1])
 
+    def on_scheduled(self, req: Request, when: float) -> None:
+        """The engine scheduled ``req`` for the first time at ``when``."""
+        self._scheduled[req.request_id] = when
+
     def on_finish(self, req: Request, reason: str | None = None) -> None:
         """``req`` finished (``reason``: when the front end ended it, on a stop string)."""
         m = self.model_name
@@ -107,6 +152,7 @@ class ServerMetrics:
         first = req.first_token_time
         n = len(req.token_times)
         end = req.finish_time if req.finish_time is not None else (req.token_times[-1] if n else None)
+        self._phases(req, first, req.token_times[-1] if n else None)
         if end is not None:
             self._e2e.observe(end - req.arrival)
         tpot = None
@@ -127,7 +173,24 @@ class ServerMetrics:
             a[1] += int(ttft_ok and tpot_ok)
             a[2] += int(env_ok)
 
+    def _phases(self, req: Request, first: float | None, last: float | None) -> None:
+        m = self.model_name
+        scheduled = self._scheduled.pop(req.request_id, None)
+        if scheduled is not None:
+            self.queue_time.labels(m).observe(max(0.0, scheduled - req.arrival))
+            if first is not None:
+                self.prefill_time.labels(m).observe(max(0.0, first - scheduled))
+            if last is not None:
+                self.inference_time.labels(m).observe(max(0.0, last - scheduled))
+        if first is not None and last is not None:
+            self.decode_time.labels(m).observe(last - first)
+        self.req_prompt_tokens.labels(m).observe(req.prompt_len)
+        self.req_generation_tokens.labels(m).observe(len(req.token_times))
+        self.req_max_tokens.labels(m).observe(req.max_new_tokens)
+        self.req_preemptions.labels(m).observe(req.num_preemptions)
+
     def on_abort(self, req: Request) -> None:
+        self._scheduled.pop(req.request_id, None)
         self._aborted.inc()
 
     def on_reject(self, n: int = 1) -> None:
@@ -138,6 +201,7 @@ class ServerMetrics:
         """The scheduler refused ``req`` (late=reject, 429): it could not meet its TTFT. It
         counts for SLO attainment as a miss, as ``metrics.summarize`` counts it."""
         self._late_rejected.inc()
+        self._scheduled.pop(req.request_id, None)
         cls = req.slo.name
         self.slo_requests.labels(self.model_name, cls).inc()
         with self._lock:
@@ -183,6 +247,8 @@ class _StateCollector(Collector):
             yield gauge("admission_budget_tokens", "Prompt tokens the instance can still start within TTFT "
                         "(the scheduler's load estimate for routers).", snap.admission_budget)
             yield gauge("queued_prefill_tokens", "Prompt tokens not yet computed.", snap.queued_prefill_tokens)
+            if snap.iteration_tokens:
+                yield _iteration_tokens(p, m.model_name, snap)
             c = CounterMetricFamily(p + "num_preemptions", "Recompute preemptions.", labels=lab)
             c.add_metric([m.model_name], snap.preemptions)
             yield c
@@ -209,6 +275,7 @@ class _StateCollector(Collector):
                 c.add_metric([m.model_name], value)
                 yield c
         if eng is not None:
+            yield _cache_config_info(p, eng.model)
             yield gauge("num_requests_in_server", "Requests accepted and not finished (running, waiting, "
                         "or on their way to the engine).", eng.num_active)
             c = CounterMetricFamily(p + "engine_step_errors", "Engine steps that raised.", labels=lab)
@@ -225,3 +292,32 @@ class _StateCollector(Collector):
             e.add_metric([m.model_name, cls], env)
         yield g
         yield e
+
+
+def _iteration_tokens(p: str, model_name: str, snap: Any) -> HistogramMetricFamily:
+    """vLLM's iteration_tokens_total: engine steps by tokens computed, from the engine's
+    per-bucket counts."""
+    from fairbatch.server.engine_loop import ITERATION_TOKENS_BUCKETS
+
+    h = HistogramMetricFamily(p + "iteration_tokens_total", "Tokens computed per engine step.",
+                              labels=["model_name"])
+    cum = 0
+    buckets = []
+    for le, count in zip([*map(float, ITERATION_TOKENS_BUCKETS), float("inf")], snap.iteration_tokens):
+        cum += count
+        buckets.append(("+Inf" if le == float("inf") else repr(le), cum))
+    h.add_metric([model_name], buckets, sum_value=snap.step_tokens)
+    return h
+
+
+def _cache_config_info(p: str, model: Any) -> GaugeMetricFamily:
+    """vLLM's cache_config_info: the KV cache's configuration as labels of a gauge at 1
+    (dashboards read num_gpu_blocks and block_size from it)."""
+    info = getattr(model, "info", None)
+    labels = {"block_size": str(getattr(info, "block_size", "")), "num_gpu_blocks": str(model.num_blocks),
+              "num_cpu_blocks": "0", "cache_dtype": "auto", "enable_prefix_caching": "False",
+              "engine": "0"}
+    g = GaugeMetricFamily(p + "cache_config_info", "Information of the engine's KV cache configuration.",
+                          labels=list(labels))
+    g.add_metric(list(labels.values()), 1.0)
+    return g

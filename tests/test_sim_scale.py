@@ -19,10 +19,10 @@ class _SlowLoads:
     whose view is ``interval`` or more seconds old, as the simulator did before
     ``sim.loads.LoadView``."""
 
-    def __init__(self, instances, interval: float) -> None:
+    def __init__(self, instances, interval: float, reads=None) -> None:
         self.instances = instances
         self.interval = interval
-        self.loads = [None] * len(instances)
+        self.loads = [None] * len(instances)   # full loads, whatever the router reads
 
     def mark(self, k: int) -> None:
         pass
@@ -50,7 +50,8 @@ def _run(prep, router: str, interval: float, policy: str, scale: float):
 
 
 @pytest.mark.parametrize("interval", [0.0, 0.05, 1.0])
-@pytest.mark.parametrize("router", ["least_requests", "llumnix", "admission", "admission:count_sent=false"])
+@pytest.mark.parametrize("router", ["least_requests", "llumnix", "admission", "admission:count_sent=false",
+                                    "least_requests:count_sent=false"])
 @pytest.mark.parametrize("policy", ["fairbatching", "vllm", "fairbatching:late=reject"])
 def test_load_view_routes_as_recomputing_every_load(prep4, monkeypatch, router, interval, policy) -> None:
     # overloaded (x14 on 4 instances): queues, preemptions and refusals change the loads

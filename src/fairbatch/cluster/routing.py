@@ -40,6 +40,9 @@ _INF = float("inf")
 class Router(ABC):
     name: ClassVar[str] = "abstract"
     uses_load: ClassVar[bool] = True   # False: the router never reads Load (no polling needed)
+    # the Load fields the policy reads (None: any): a simulator may measure only those
+    # (sim.loads), since a full load walks the instance's queues and running requests
+    reads: ClassVar[frozenset[str] | None] = None
 
     def __init__(self, *, count_sent: bool = True, block_size: int = 16) -> None:
         if block_size < 1:
@@ -127,6 +130,7 @@ class Router(ABC):
 class RoundRobinRouter(Router):
     name = "round_robin"
     uses_load = False
+    reads = frozenset()
 
     def __init__(self, **kw: Any) -> None:
         super().__init__(**kw)
@@ -147,6 +151,7 @@ class LeastRequestsRouter(Router):
     """vLLM data-parallel style: fewest running + waiting requests (+ sent since the poll)."""
 
     name = "least_requests"
+    reads = frozenset({"running", "waiting"})
 
     def _pick(self, prompt_len: int, loads: Sequence[Load], cand: Sequence[int]) -> int:
         sent = self.sent_reqs if self.count_sent else None
@@ -165,6 +170,7 @@ class LlumnixRouter(Router):
     an empty instance is infinitely free."""
 
     name = "llumnix"
+    reads = frozenset({"running", "waiting", "free_blocks", "queued_prefill_tokens"})
 
     def freeness(self, ld: Load, i: int) -> float:
         bs = self.block_size
@@ -191,6 +197,7 @@ class AdmissionRouter(Router):
     soonest. Budgets are in prompt tokens, less the tokens sent since the last poll."""
 
     name = "admission"
+    reads = frozenset({"admission_budget"})
 
     def budget(self, ld: Load, i: int) -> float:
         b = ld.admission_budget

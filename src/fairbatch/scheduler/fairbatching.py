@@ -344,19 +344,23 @@ class FairBatchingScheduler(Scheduler):
         by the free KV slots, since an admitted prompt must also fit the cache.
         """
         cfg = self.config
-        f = StepFeatures()
+        n = ctx = 0
         min_tpot = _INF
         horizon = _INF
         for r in self.running:
             if r.slo.ttft < horizon:
                 horizon = r.slo.ttft
             if r.generated > 0 and r.num_computed >= r.prompt_len:
-                f.add(r.num_computed, 1)
+                n += 1
+                ctx += r.num_computed
                 if r.pace < min_tpot:
                     min_tpot = r.pace
         if horizon == _INF:
             horizon = cfg.ttft_slo   # idle: the default class's TTFT
-        busy = self.latency.predict(f) / min_tpot if f.num_seqs else 0.0
+        # the step of every decode, summed at once: a decode with c cached tokens adds one
+        # sequence, one token, c + 1 context tokens and c + 1 attention pairs (StepFeatures.add)
+        f = StepFeatures(n, n, ctx + n, float(ctx + n))
+        busy = self.latency.predict(f) / min_tpot if n else 0.0
         free_frac = max(0.0, 1.0 - busy)
         compute_tokens = free_frac * horizon * self._prefill_rate
         a = self.allocator

@@ -13,6 +13,11 @@ view is refreshed at the first arrival ``interval`` or more seconds after its la
 refresh (refreshes in time order, so a deque holds them), and only then does a dirty
 instance's new load become visible.
 
+Only what the router reads is measured (``Router.reads``): a router of request counts
+(``least_requests``) gets them in O(1), without the walk over queues and running requests
+that queued prompt tokens and the admission budget need; the fields it does not read are
+then marked unmeasured (``queued_prefill_tokens`` -1, ``admission_budget`` NaN).
+
 A ``Load`` object is reused while its instance is unchanged. The routers' sent-since-poll
 accounting treats a Load object it has not seen as including every send so far; a reused
 object is the same measurement, and no send went to that instance since it was made (a
@@ -28,16 +33,31 @@ from typing import Sequence
 from fairbatch.instance import Instance
 from fairbatch.scheduler.base import Load
 
+# fields the scheduler knows without walking its requests
+_COUNTS = frozenset({"running", "waiting", "kv_usage", "free_blocks", "num_blocks"})
+
+
+def count_load(inst: Instance, now: float) -> Load:
+    """The O(1) part of ``Scheduler.load``; the rest marked unmeasured (-1, NaN)."""
+    s = inst.scheduler
+    a = s.allocator
+    return Load(running=len(s.running), waiting=s.num_waiting, kv_usage=a.usage, free_blocks=a.num_free,
+                num_blocks=a.num_blocks, queued_prefill_tokens=-1, admission_budget=float("nan"), time=now)
+
 
 class LoadView:
     """``view``: each instance's load as the router holds it; ``refresh(now)`` before
     each routing decision, ``mark(k)`` whenever instance ``k`` changed."""
 
-    __slots__ = ("instances", "interval", "view", "_dirty", "_is_dirty", "_due", "_current")
+    __slots__ = ("instances", "interval", "view", "_dirty", "_is_dirty", "_due", "_current", "_measure")
 
-    def __init__(self, instances: Sequence[Instance], interval: float) -> None:
+    def __init__(self, instances: Sequence[Instance], interval: float,
+                 reads: frozenset[str] | None = None) -> None:
+        """``reads``: the Load fields the router reads (None: all of them)."""
         self.instances = instances
         self.interval = interval
+        counts_only = reads is not None and reads <= _COUNTS
+        self._measure = count_load if counts_only else (lambda inst, now: inst.load(now))
         n = len(instances)
         self.view: list[Load | None] = [None] * n        # what the router reads
         self._current: list[Load | None] = [None] * n    # the latest load computed
@@ -53,7 +73,7 @@ class LoadView:
     def _load(self, k: int, now: float) -> Load:
         if self._is_dirty[k]:
             self._is_dirty[k] = False
-            ld = self._current[k] = self.instances[k].load(now)
+            ld = self._current[k] = self._measure(self.instances[k], now)
             return ld
         return self._current[k]  # type: ignore[return-value]
 
@@ -63,10 +83,10 @@ class LoadView:
             # always fresh: only the changed instances need a new load
             dirty = self._dirty
             if dirty:
-                instances, current, is_dirty = self.instances, self._current, self._is_dirty
+                instances, current, is_dirty, measure = self.instances, self._current, self._is_dirty, self._measure
                 for k in dirty:
                     is_dirty[k] = False
-                    view[k] = current[k] = instances[k].load(now)
+                    view[k] = current[k] = measure(instances[k], now)
                 dirty.clear()
             return view  # type: ignore[return-value]
         due = self._due

@@ -82,7 +82,8 @@ def simulate(
     seq = 0
     rejected = 0
     end_time = 0.0
-    loads = LoadView(instances, load_interval) if router is not None and router.uses_load and route is None else None
+    loads = (LoadView(instances, load_interval, getattr(router, "reads", None))
+             if router is not None and router.uses_load and route is None else None)
     mark = loads.mark if loads is not None else None
     inflight: dict[int, Request] = {}      # arrival index -> request, until it leaves
 

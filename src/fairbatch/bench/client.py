@@ -100,9 +100,13 @@ async def _sse_lines(resp: httpx.Response):
 
 
 async def send_request(client: httpx.AsyncClient, url: str, req: BenchRequest, payload: dict[str, Any],
-                       *, check_length: bool = True) -> RequestRecord:
-    """POST ``payload`` to ``url`` and stream the answer into a RequestRecord."""
+                       *, check_length: bool = True, events: dict[str, list[float]] | None = None) -> RequestRecord:
+    """POST ``payload`` to ``url`` and stream the answer into a RequestRecord. ``events``:
+    where to keep the arrival time of every event with ``choices`` (by request id), for
+    ITLs counted per event as vLLM counts them."""
     times: list[float] = []
+    if events is not None:
+        events[req.request_id] = times
     usage_tokens: int | None = None
     done = False
     error: str | None = None

@@ -66,8 +66,24 @@ def register(app: typer.Typer) -> None:
         seed: Annotated[int, typer.Option(help="Seed for prompts, SLO classes and arrival processes.")] = 0,
         timeout: Annotated[float, typer.Option(help="Per-request timeout, seconds.")] = 6 * 3600.0,
         label: Annotated[Optional[str], typer.Option(help="Name of this run in the JSON (default: the server's policy).")] = None,
-        save_result: Annotated[Optional[Path], typer.Option(help="Write the JSON result here.")] = None,
+        save_result: Annotated[bool, typer.Option("--save-result", help="Write the JSON result (vLLM's flag; "
+                                                  "`--save-result PATH` also works).")] = False,
+        result_dir: Annotated[Optional[Path], typer.Option(help="Directory of the --save-result file (default: .).")] = None,
+        result_filename: Annotated[Optional[str], typer.Option(help="File name of the --save-result file (default: "
+                                                               "vLLM's LABEL-RATEqps-MODEL-DATE.json).")] = None,
         save_detailed: Annotated[bool, typer.Option(help="Also save per-request lists (ttfts, itls, errors...).")] = False,
+        dataset_name: Annotated[Optional[str], typer.Option(help="vLLM's dataset: random (lengths from "
+                                                            "--random-input-len/--random-output-len); default: --trace.")] = None,
+        random_input_len: Annotated[int, typer.Option(help="Prompt tokens with --dataset-name random.")] = 1024,
+        random_output_len: Annotated[int, typer.Option(help="Output tokens with --dataset-name random.")] = 128,
+        random_range_ratio: Annotated[float, typer.Option(help="Lengths uniform in [L(1-r), L(1+r)].")] = 0.0,
+        ignore_eos: Annotated[bool, typer.Option("--ignore-eos/--no-ignore-eos", help="Ask for exactly the trace's "
+                                                 "output lengths (default on: the lengths are the trace's).")] = True,
+        percentile_metrics: Annotated[str, typer.Option(help="Latency metrics with percentiles: any of "
+                                                        "ttft,tpot,itl,e2el.")] = "ttft,tpot,itl,e2el",
+        metric_percentiles: Annotated[str, typer.Option(help='Percentiles to report, e.g. "50,90,99".')] = "50,90,95,99",
+        max_failure_ratio: Annotated[float, typer.Option(help="Exit with status 1 when more than this fraction of "
+                                                         "the requests failed (refusals, 429, not counted).")] = 0.0,
     ) -> None:
         """Replay a trace against an OpenAI-compatible server: vLLM's result block and JSON, SLO attainment, capacity."""
         from fairbatch.bench.run import BenchConfig, BenchError, prepare
@@ -76,6 +92,11 @@ def register(app: typer.Typer) -> None:
 
         extra = list(ctx.args)
         goodput_items = list(goodput or [])
+        save_path: Path | None = None
+        paths = [a for a in extra if not a.startswith("-") and not GOODPUT_RE.match(a)]
+        if save_result and len(paths) == 1:
+            save_path = Path(paths[0])          # the older `--save-result PATH`
+            extra.remove(paths[0])
         if extra:
             # `--goodput ttft:500 tpot:50` (vLLM's nargs="+" syntax): the second item lands here.
             if goodput_items and all(GOODPUT_RE.match(a) for a in extra):
@@ -98,6 +119,24 @@ def register(app: typer.Typer) -> None:
                 raise fail(f"--extra-body is not valid JSON: {e}") from None
             if not isinstance(body, dict):
                 raise fail("--extra-body must be a JSON object")
+        try:
+            percentiles = tuple(float(p) for p in metric_percentiles.split(",") if p.strip())
+            metrics_asked = tuple(m.strip() for m in percentile_metrics.split(",") if m.strip())
+        except ValueError:
+            raise fail(f"--metric-percentiles {metric_percentiles!r}: expected numbers like 50,90,99") from None
+        if not percentiles or not all(0 < p < 100 for p in percentiles):
+            raise fail("--metric-percentiles must be numbers in (0, 100)")
+        if bad := [m for m in metrics_asked if m not in ("ttft", "tpot", "itl", "e2el")]:
+            raise fail(f"--percentile-metrics: unknown {', '.join(bad)} (choose from ttft,tpot,itl,e2el)")
+        if dataset_name not in (None, "random", "sharegpt", "custom"):
+            raise fail(f"--dataset-name {dataset_name!r}: choose random (or give a trace with --trace)")
+        if dataset_name in ("sharegpt", "custom"):
+            raise fail(f"--dataset-name {dataset_name} is not supported: bench sends token-id prompts of known "
+                       f"lengths; use --dataset-name random or a length trace with --trace")
+        if not 0 <= max_failure_ratio <= 1:
+            raise fail("--max-failure-ratio must be in [0, 1]")
+        if not save_result and (result_dir is not None or result_filename is not None):
+            raise fail("--result-dir/--result-filename need --save-result")
         targets = tuple(sorted(target or (0.9, 0.99)))
         if not all(0 < t <= 1 for t in targets):
             raise fail("--target must be in (0, 1]")
@@ -107,14 +146,35 @@ def register(app: typer.Typer) -> None:
             burstiness=burstiness, ttft_slo=gp.get("ttft", ttft_slo if ttft_slo is not None else 1.0),
             tpot_slo=gp.get("tpot", tpot_slo if tpot_slo is not None else 0.05), slo_classes=slo_classes,
             max_model_len=max_model_len, max_concurrency=max_concurrency, send_slo=send_slo, seed=seed,
-            timeout=timeout, label=label, extra_body=body, workers=workers)
+            timeout=timeout, label=label, extra_body=body, workers=workers, ignore_eos=ignore_eos,
+            dataset_name=dataset_name, random_input_len=random_input_len, random_output_len=random_output_len,
+            random_range_ratio=random_range_ratio, percentiles=percentiles, percentile_metrics=metrics_asked,
+            goodput=bool(gp or ttft_slo is not None or tpot_slo is not None or slo_classes))
         try:
             wl = prepare(cfg)
-            run_bench(cfg, wl, search_capacity=search_capacity, targets=targets, lo=capacity_lo,
-                      hi=capacity_hi, rel_tol=rel_tol, save_result=save_result, detailed=save_detailed,
-                      console=console)
+            if save_result and save_path is None:
+                save_path = result_path(cfg, wl, result_dir, result_filename)
+            report = run_bench(cfg, wl, search_capacity=search_capacity, targets=targets, lo=capacity_lo,
+                               hi=capacity_hi, rel_tol=rel_tol, save_result=save_path, detailed=save_detailed,
+                               console=console)
         except (BenchError, TraceError, ValueError, OSError) as e:
             raise fail(str(e)) from None
+        failed = report["failed"] - report.get("rejected", 0)
+        sent = report["completed"] + report["failed"]
+        if sent and failed / sent > max_failure_ratio:
+            console.print(f"{failed} of {sent} requests failed, more than --max-failure-ratio "
+                          f"{max_failure_ratio:g}", highlight=False)
+            raise typer.Exit(1)
+
+
+def result_path(cfg, wl, result_dir: Path | None, result_filename: str | None) -> Path:
+    """Where --save-result writes: vLLM's directory and default name."""
+    from fairbatch.bench.vllm_compat import result_filename as default_name
+
+    rate = cfg.request_rate if cfg.request_rate is not None else wl.base_rate * cfg.rate_scale
+    name = result_filename or default_name(cfg.label or _label(wl), rate if math.isfinite(rate) else "inf",
+                                           cfg.max_concurrency, wl.model)
+    return (result_dir or Path(".")) / name
 
 
 def run_bench(cfg, wl, *, search_capacity: bool, targets: tuple[float, ...], lo: float, hi: float | None, rel_tol: float,

@@ -23,7 +23,15 @@ import httpx
 import numpy as np
 
 from fairbatch.bench.client import BenchRequest, make_payload, send_request
-from fairbatch.metrics import RequestRecord, find_capacities, summarize
+from fairbatch.bench.vllm_compat import (
+    itl_summary,
+    keep_percentile_metrics,
+    max_concurrent_requests,
+    normalize_arrivals,
+    random_entries,
+)
+from fairbatch.metrics import DEFAULT_PERCENTILES, RequestRecord, find_capacities, summarize
+from fairbatch.metrics.summary import LATENCY_METRICS
 from fairbatch.metrics.records import REJECTED
 from fairbatch.request import SLO
 from fairbatch.workload import (
@@ -34,6 +42,7 @@ from fairbatch.workload import (
     load_trace,
     mean_rate,
     parse_slo_classes,
+    retime,
     truncate_to_context,
 )
 
@@ -69,6 +78,14 @@ class BenchConfig:
     # client processes: one Python event loop spends ~146 us of CPU per streamed token,
     # so near 7,000 tokens/s the client, not the server, sets TTFT
     workers: int = 1
+    # vllm bench serve's options
+    dataset_name: str | None = None             # random: lengths below instead of a trace
+    random_input_len: int = 1024
+    random_output_len: int = 128
+    random_range_ratio: float = 0.0
+    percentiles: tuple[float, ...] = DEFAULT_PERCENTILES
+    percentile_metrics: tuple[str, ...] = LATENCY_METRICS
+    goodput: bool = True                        # report request_goodput (vLLM: only with --goodput)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -141,15 +158,22 @@ def prepare(cfg: BenchConfig) -> Workload:
 
     # Arrivals exactly as `fairbatch simulate` draws them (same trace, n, rate, seed: same times).
     arrival = GammaArrivals(cfg.request_rate, cfg.burstiness) if cfg.request_rate is not None else None
-    try:
-        available = len(load_trace(cfg.trace, arrival=arrival or GammaArrivals(1.0), seed=cfg.seed))
-        n = available if cfg.num_prompts is None else min(cfg.num_prompts, available)
-        entries = load_trace(cfg.trace, arrival=arrival, num_requests=n, seed=cfg.seed)
-    except TraceError as e:
-        if arrival is None and "no arrival times" in str(e):
-            raise BenchError(f"{cfg.trace} has request lengths but no arrival times: time it with "
-                             f"--request-rate R (and --burstiness B)") from None
-        raise
+    if cfg.dataset_name == "random":
+        entries = retime(random_entries(cfg.num_prompts or 1000, cfg.random_input_len, cfg.random_output_len,
+                                        cfg.random_range_ratio, cfg.seed), arrival or GammaArrivals(math.inf),
+                         seed=cfg.seed)
+    else:
+        try:
+            available = len(load_trace(cfg.trace, arrival=arrival or GammaArrivals(1.0), seed=cfg.seed))
+            n = available if cfg.num_prompts is None else min(cfg.num_prompts, available)
+            entries = load_trace(cfg.trace, arrival=arrival, num_requests=n, seed=cfg.seed)
+        except TraceError as e:
+            if arrival is None and "no arrival times" in str(e):
+                raise BenchError(f"{cfg.trace} has request lengths but no arrival times: time it with "
+                                 f"--request-rate R (and --burstiness B)") from None
+            raise
+    if cfg.request_rate is not None:      # the configured rate exactly, as vLLM rescales its gaps
+        entries = normalize_arrivals(entries, cfg.request_rate)
     limit = cfg.max_model_len or info.get("max_model_len")
     truncated = 0
     if isinstance(limit, int) and limit >= 2:
@@ -192,7 +216,7 @@ async def _warmup_alone(cfg: BenchConfig, wl: Workload) -> None:
 async def _run_async(cfg: BenchConfig, wl: Workload, rate_scale: float,
                      on_done: Callable[[RequestRecord], None] | None, *, warmup: bool = True,
                      start: float | None = None, on_start: Callable[[], None] | None = None
-                     ) -> tuple[list[RequestRecord], float]:
+                     ) -> tuple[list[RequestRecord], float, dict[str, list[float]]]:
     """Send ``wl.requests`` at ``start + arrival / rate_scale`` (``start``: now, or a
     ``perf_counter`` time shared with other client processes: CLOCK_MONOTONIC, host-wide).
     ``on_start`` runs after the warm-up, before the first request."""
@@ -200,6 +224,7 @@ async def _run_async(cfg: BenchConfig, wl: Workload, rate_scale: float,
     limits = httpx.Limits(max_connections=cfg.max_concurrency, max_keepalive_connections=cfg.max_concurrency or 512)
     timeout = httpx.Timeout(cfg.timeout, connect=min(60.0, cfg.timeout))
     sem = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
+    events: dict[str, list[float]] = {}
     async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
         if warmup and cfg.warmup:
             await _warmup(client, url, cfg, wl.model, wl.requests[0])
@@ -211,9 +236,9 @@ async def _run_async(cfg: BenchConfig, wl: Workload, rate_scale: float,
                                    extra_body=cfg.extra_body)
             if sem is not None:
                 async with sem:
-                    rec = await send_request(client, url, req, payload, check_length=cfg.ignore_eos)
+                    rec = await send_request(client, url, req, payload, check_length=cfg.ignore_eos, events=events)
             else:
-                rec = await send_request(client, url, req, payload, check_length=cfg.ignore_eos)
+                rec = await send_request(client, url, req, payload, check_length=cfg.ignore_eos, events=events)
             if on_done is not None:
                 on_done(rec)
             return rec
@@ -229,11 +254,13 @@ async def _run_async(cfg: BenchConfig, wl: Workload, rate_scale: float,
             tasks.append(asyncio.create_task(one(req)))
         records = list(await asyncio.gather(*tasks))
         duration = time.perf_counter() - start
-    return records, duration
+    return records, duration, events
 
 
-def _worker(cfg: BenchConfig, wl: Workload, rate_scale: float, start: float) -> list[RequestRecord]:
-    return asyncio.run(_run_async(cfg, wl, rate_scale, None, warmup=False, start=start))[0]
+def _worker(cfg: BenchConfig, wl: Workload, rate_scale: float, start: float
+            ) -> tuple[list[RequestRecord], dict[str, list[float]]]:
+    records, _, events = asyncio.run(_run_async(cfg, wl, rate_scale, None, warmup=False, start=start))
+    return records, events
 
 
 def _ready() -> None:
@@ -242,7 +269,8 @@ def _ready() -> None:
 
 def _run_workers(cfg: BenchConfig, wl: Workload, rate_scale: float,
                  on_done: Callable[[RequestRecord], None] | None,
-                 on_start: Callable[[], None] | None = None) -> tuple[list[RequestRecord], float]:
+                 on_start: Callable[[], None] | None = None
+                 ) -> tuple[list[RequestRecord], float, dict[str, list[float]]]:
     """The same schedule from ``cfg.workers`` client processes: request i goes to process
     i mod workers, each sends its share at the shared start + arrival, and the records
     come back in the original order."""
@@ -262,8 +290,10 @@ def _run_workers(cfg: BenchConfig, wl: Workload, rate_scale: float,
         futures = {pool.submit(_worker, cfg, replace(wl, requests=wl.requests[i::k], entries=[]), rate_scale,
                                start): i for i in range(k) if wl.requests[i::k]}
         parts: dict[int, list[RequestRecord]] = {}
+        events: dict[str, list[float]] = {}
         for f in as_completed(futures):
-            parts[futures[f]] = f.result()
+            parts[futures[f]], ev = f.result()
+            events.update(ev)
             if on_done is not None:
                 for rec in parts[futures[f]]:
                     on_done(rec)
@@ -271,53 +301,78 @@ def _run_workers(cfg: BenchConfig, wl: Workload, rate_scale: float,
     records: list[RequestRecord] = [None] * len(wl.requests)   # type: ignore[list-item]
     for i, part in parts.items():
         records[i::k] = part
-    return records, duration
+    return records, duration, events
 
 
-RELEGATED_METRIC = "fairbatch:request_relegated_total"
+# Counters read from the server's /metrics, under any prefix (fairbatch:, or vllm: with
+# `fairbatch serve --metrics-prefix vllm`, or vLLM's own server for preemptions).
+RELEGATED_METRIC = "request_relegated_total"
+PREEMPTIONS_METRIC = "num_preemptions_total"
 
 
-def server_relegated(cfg: BenchConfig) -> float | None:
-    """The server's count of requests its scheduler relegated (late=relegate|reject), from
-    its ``/metrics``; None when it does not report one (another server, a router)."""
+def server_counters(cfg: BenchConfig) -> dict[str, float] | None:
+    """The server's relegation and preemption counts (summed over labels), by the names
+    above; a name it does not report is absent; None when /metrics cannot be read."""
     try:
         r = httpx.get(_url(cfg.base_url, "/metrics"), timeout=10.0)
     except httpx.HTTPError:
         return None
     if r.status_code != 200:
         return None
-    total = None
+    out: dict[str, float] = {}
     for line in r.text.splitlines():
-        if line.startswith(RELEGATED_METRIC + "{") or line.startswith(RELEGATED_METRIC + " "):
+        if line.startswith("#"):
+            continue
+        head, _, value = line.rpartition(" ")
+        name = head.split("{", 1)[0].rsplit(":", 1)[-1]
+        if name in (RELEGATED_METRIC, PREEMPTIONS_METRIC) and ":" in head.split("{", 1)[0]:
             try:
-                total = (total or 0.0) + float(line.rsplit(" ", 1)[1])
+                out[name] = out.get(name, 0.0) + float(value)
             except ValueError:
-                return None
-    return total
+                continue
+    return out
+
+
+def server_relegated(cfg: BenchConfig) -> float | None:
+    """The server's count of requests its scheduler relegated (late=relegate|reject); None
+    when it does not report one (another server, a router)."""
+    return (server_counters(cfg) or {}).get(RELEGATED_METRIC)
 
 
 def run_once(cfg: BenchConfig, wl: Workload, rate_scale: float = 1.0,
              on_done: Callable[[RequestRecord], None] | None = None) -> RunOutcome:
     """Replay the workload once with arrivals compressed by ``rate_scale``.
 
-    A client cannot see which requests the server relegated; when the server's
-    ``/metrics`` has the count, the summary's ``relegated`` is how many it relegated
-    during the run (``server_relegated`` says so: None when the server has no count)."""
-    before: list[float | None] = [None]
+    A client cannot see which requests the server relegated or preempted; when the
+    server's ``/metrics`` has the counts, the summary's ``relegated`` and
+    ``mean_preemptions`` come from their growth during the run (``server_relegated``
+    says so: None when the server has no count; ``mean_preemptions`` is then None)."""
+    before: list[dict[str, float] | None] = [None]
 
     def on_start() -> None:           # after the warm-up: its probe is not the run's
-        before[0] = server_relegated(cfg)
+        before[0] = server_counters(cfg)
 
     if cfg.workers > 1:
-        records, duration = _run_workers(cfg, wl, rate_scale, on_done, on_start)
+        records, duration, events = _run_workers(cfg, wl, rate_scale, on_done, on_start)
     else:
-        records, duration = asyncio.run(_run_async(cfg, wl, rate_scale, on_done, on_start=on_start))
-    summary = summarize(records, duration=duration)
-    after = server_relegated(cfg) if before[0] is not None else None
+        records, duration, events = asyncio.run(_run_async(cfg, wl, rate_scale, on_done, on_start=on_start))
+    summary = summarize(records, duration=duration, percentiles=cfg.percentiles)
+    # vLLM's ITL (per stream event) and peak concurrency (per second), not the simulator's
+    summary |= itl_summary(records, events, cfg.percentiles)
+    summary["max_concurrent_requests"] = max_concurrent_requests(records)
+    summary = keep_percentile_metrics(summary, cfg.percentile_metrics)
+    if not cfg.goodput:
+        summary["request_goodput"] = None
+    after = server_counters(cfg) if before[0] is not None else None
+    b, a = before[0] or {}, after or {}
     summary["server_relegated"] = None
-    if before[0] is not None and after is not None:
-        summary["server_relegated"] = summary["relegated"] = int(after - before[0])
-    rate = wl.base_rate * rate_scale
+    if RELEGATED_METRIC in b and RELEGATED_METRIC in a:
+        summary["server_relegated"] = summary["relegated"] = int(a[RELEGATED_METRIC] - b[RELEGATED_METRIC])
+    summary["mean_preemptions"] = None
+    if PREEMPTIONS_METRIC in b and PREEMPTIONS_METRIC in a and records:
+        summary["mean_preemptions"] = (a[PREEMPTIONS_METRIC] - b[PREEMPTIONS_METRIC]) / len(records)
+    # what was configured (vLLM prints that), scaled like the arrivals
+    rate = cfg.request_rate * rate_scale if cfg.request_rate is not None else wl.base_rate * rate_scale
     summary["request_rate"] = rate if math.isfinite(rate) else "inf"
     summary["rate_scale"] = rate_scale
     reasons = Counter(r.error for r in records if not r.success)

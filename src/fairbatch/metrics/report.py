@@ -53,7 +53,8 @@ def format_summary_block(
     out.append(_line("Total input tokens:", s.get("total_input_tokens", 0)))
     out.append(_line("Total generated tokens:", s.get("total_output_tokens", 0)))
     out.append(_line("Request throughput (req/s):", s.get("request_throughput", 0.0), ".2f"))
-    out.append(_line("Request goodput (req/s):", s.get("request_goodput", 0.0), ".2f"))
+    if s.get("request_goodput", 0.0) is not None:      # None: no goodput SLO asked for (vLLM omits the line)
+        out.append(_line("Request goodput (req/s):", s.get("request_goodput", 0.0), ".2f"))
     out.append(_line("Output token throughput (tok/s):", s.get("output_throughput", 0.0), ".2f"))
     out.append(_line("Peak output token throughput (tok/s):",
                      s.get("max_output_tokens_per_s", 0.0), ".2f"))
@@ -75,7 +76,8 @@ def format_summary_block(
                        ("TPOT attainment (%):", "tpot_attainment"),
                        ("Envelope attainment (%):", "envelope_attainment")):
         out.append(_line(label, 100.0 * s.get(key, 0.0), ".2f"))
-    out.append(_line("Mean preemptions per request:", s.get("mean_preemptions", 0.0), ".2f"))
+    if s.get("mean_preemptions", 0.0) is not None:     # None: not known (a client cannot see them)
+        out.append(_line("Mean preemptions per request:", s.get("mean_preemptions", 0.0), ".2f"))
     out.append(_line("Rejected requests (SLO misses):", s.get("rejected", 0)))
     out.append(_line("Relegated requests:", s.get("relegated", 0)))
     for cls, cs in (s.get("per_class") or {}).items():

@@ -95,7 +95,7 @@ def test_vllm_flags_end_to_end(server, tmp_path):
     r = runner.invoke(cli, ["bench", "--base-url", server.url, "--dataset-name", "random", "--random-input-len", "8",
                             "--random-output-len", "3", "--num-prompts", "6", "--request-rate", "40",
                             "--ignore-eos", "--percentile-metrics", "ttft,itl", "--metric-percentiles", "50,99",
-                            "--save-result", "--result-dir", str(tmp_path)])
+                            "--save-result", "--result-dir", str(tmp_path), "--save-detailed"])
     assert r.exit_code == 0, r.output
     assert "Request rate configured (RPS):           40.00" in r.output
     assert "Request goodput" not in r.output                  # no SLO asked for: no goodput line
@@ -107,6 +107,10 @@ def test_vllm_flags_end_to_end(server, tmp_path):
     assert not any(k.endswith("_tpot_ms") or k.endswith("_e2el_ms") for k in res)
     assert res["total_input_tokens"] == 6 * 8 and res["total_output_tokens"] == 6 * 3
     assert res["mean_preemptions"] == 0.0                     # read from our server's /metrics
+    for key in ("latencies", "start_times", "queue_times", "ttfts", "itls", "input_lens", "output_lens"):
+        assert len(res[key]) == 6, key
+    assert all(lat >= ttft > 0 for lat, ttft in zip(res["latencies"], res["ttfts"]))
+    assert all(q >= 0 for q in res["queue_times"])
     # an explicit file name, and goodput when an SLO is given
     r = runner.invoke(cli, ["bench", "--base-url", server.url, "--dataset-name", "random", "--random-input-len", "4",
                             "--random-output-len", "2", "--num-prompts", "3", "--request-rate", "inf",

@@ -102,10 +102,25 @@ class Workload:
 
 
 @dataclass
+class ClientTimes:
+    """What the client saw besides the records: every request's stream-event times (vLLM's
+    ITLs are per event) and its queue time (sent this long after it was due: the
+    ``--max-concurrency`` wait and the client's own lag; vLLM's ``queue_times``)."""
+
+    events: dict[str, list[float]] = field(default_factory=dict)
+    queue: dict[str, float] = field(default_factory=dict)
+
+    def update(self, other: "ClientTimes") -> None:
+        self.events.update(other.events)
+        self.queue.update(other.queue)
+
+
+@dataclass
 class RunOutcome:
     rate_scale: float
     summary: dict[str, Any]
     records: list[RequestRecord]
+    times: ClientTimes = field(default_factory=ClientTimes)
 
 
 def _url(base: str, path: str) -> str:
@@ -216,7 +231,7 @@ async def _warmup_alone(cfg: BenchConfig, wl: Workload) -> None:
 async def _run_async(cfg: BenchConfig, wl: Workload, rate_scale: float,
                      on_done: Callable[[RequestRecord], None] | None, *, warmup: bool = True,
                      start: float | None = None, on_start: Callable[[], None] | None = None
-                     ) -> tuple[list[RequestRecord], float, dict[str, list[float]]]:
+                     ) -> tuple[list[RequestRecord], float, ClientTimes]:
     """Send ``wl.requests`` at ``start + arrival / rate_scale`` (``start``: now, or a
     ``perf_counter`` time shared with other client processes: CLOCK_MONOTONIC, host-wide).
     ``on_start`` runs after the warm-up, before the first request."""
@@ -224,7 +239,8 @@ async def _run_async(cfg: BenchConfig, wl: Workload, rate_scale: float,
     limits = httpx.Limits(max_connections=cfg.max_concurrency, max_keepalive_connections=cfg.max_concurrency or 512)
     timeout = httpx.Timeout(cfg.timeout, connect=min(60.0, cfg.timeout))
     sem = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
-    events: dict[str, list[float]] = {}
+    times = ClientTimes()
+    events = times.events
     async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
         if warmup and cfg.warmup:
             await _warmup(client, url, cfg, wl.model, wl.requests[0])
@@ -239,6 +255,7 @@ async def _run_async(cfg: BenchConfig, wl: Workload, rate_scale: float,
                     rec = await send_request(client, url, req, payload, check_length=cfg.ignore_eos, events=events)
             else:
                 rec = await send_request(client, url, req, payload, check_length=cfg.ignore_eos, events=events)
+            times.queue[req.request_id] = max(0.0, rec.arrival - (start + req.arrival / rate_scale))
             if on_done is not None:
                 on_done(rec)
             return rec
@@ -254,13 +271,13 @@ async def _run_async(cfg: BenchConfig, wl: Workload, rate_scale: float,
             tasks.append(asyncio.create_task(one(req)))
         records = list(await asyncio.gather(*tasks))
         duration = time.perf_counter() - start
-    return records, duration, events
+    return records, duration, times
 
 
 def _worker(cfg: BenchConfig, wl: Workload, rate_scale: float, start: float
-            ) -> tuple[list[RequestRecord], dict[str, list[float]]]:
-    records, _, events = asyncio.run(_run_async(cfg, wl, rate_scale, None, warmup=False, start=start))
-    return records, events
+            ) -> tuple[list[RequestRecord], ClientTimes]:
+    records, _, times = asyncio.run(_run_async(cfg, wl, rate_scale, None, warmup=False, start=start))
+    return records, times
 
 
 def _ready() -> None:
@@ -270,7 +287,7 @@ def _ready() -> None:
 def _run_workers(cfg: BenchConfig, wl: Workload, rate_scale: float,
                  on_done: Callable[[RequestRecord], None] | None,
                  on_start: Callable[[], None] | None = None
-                 ) -> tuple[list[RequestRecord], float, dict[str, list[float]]]:
+                 ) -> tuple[list[RequestRecord], float, ClientTimes]:
     """The same schedule from ``cfg.workers`` client processes: request i goes to process
     i mod workers, each sends its share at the shared start + arrival, and the records
     come back in the original order."""
@@ -290,10 +307,10 @@ def _run_workers(cfg: BenchConfig, wl: Workload, rate_scale: float,
         futures = {pool.submit(_worker, cfg, replace(wl, requests=wl.requests[i::k], entries=[]), rate_scale,
                                start): i for i in range(k) if wl.requests[i::k]}
         parts: dict[int, list[RequestRecord]] = {}
-        events: dict[str, list[float]] = {}
+        times = ClientTimes()
         for f in as_completed(futures):
-            parts[futures[f]], ev = f.result()
-            events.update(ev)
+            parts[futures[f]], part_times = f.result()
+            times.update(part_times)
             if on_done is not None:
                 for rec in parts[futures[f]]:
                     on_done(rec)
@@ -301,7 +318,7 @@ def _run_workers(cfg: BenchConfig, wl: Workload, rate_scale: float,
     records: list[RequestRecord] = [None] * len(wl.requests)   # type: ignore[list-item]
     for i, part in parts.items():
         records[i::k] = part
-    return records, duration, events
+    return records, duration, times
 
 
 # Counters read from the server's /metrics, under any prefix (fairbatch:, or vllm: with
@@ -353,12 +370,12 @@ def run_once(cfg: BenchConfig, wl: Workload, rate_scale: float = 1.0,
         before[0] = server_counters(cfg)
 
     if cfg.workers > 1:
-        records, duration, events = _run_workers(cfg, wl, rate_scale, on_done, on_start)
+        records, duration, times = _run_workers(cfg, wl, rate_scale, on_done, on_start)
     else:
-        records, duration, events = asyncio.run(_run_async(cfg, wl, rate_scale, on_done, on_start=on_start))
+        records, duration, times = asyncio.run(_run_async(cfg, wl, rate_scale, on_done, on_start=on_start))
     summary = summarize(records, duration=duration, percentiles=cfg.percentiles)
     # vLLM's ITL (per stream event) and peak concurrency (per second), not the simulator's
-    summary |= itl_summary(records, events, cfg.percentiles)
+    summary |= itl_summary(records, times.events, cfg.percentiles)
     summary["max_concurrent_requests"] = max_concurrent_requests(records)
     summary = keep_percentile_metrics(summary, cfg.percentile_metrics)
     if not cfg.goodput:
@@ -377,7 +394,7 @@ def run_once(cfg: BenchConfig, wl: Workload, rate_scale: float = 1.0,
     summary["rate_scale"] = rate_scale
     reasons = Counter(r.error for r in records if not r.success)
     summary["failure_reasons"] = dict(reasons.most_common())
-    return RunOutcome(rate_scale, summary, records)
+    return RunOutcome(rate_scale, summary, records, times)
 
 
 def result_json(cfg: BenchConfig, wl: Workload, outcome: RunOutcome, *, detailed: bool = False,
@@ -416,6 +433,10 @@ def result_json(cfg: BenchConfig, wl: Workload, outcome: RunOutcome, *, detailed
         out["ttfts"] = [r.ttft if r.ttft is not None else 0.0 for r in recs]
         out["itls"] = [r.itls.tolist() for r in recs]
         out["slo_classes"] = [r.slo_class for r in recs]
+        # vLLM's: end-to-end latency (to the last event), send time, client queue time
+        out["latencies"] = [(r.finish_time - r.arrival) if r.finish_time is not None else 0.0 for r in recs]
+        out["start_times"] = [r.arrival for r in recs]
+        out["queue_times"] = [outcome.times.queue.get(r.request_id, 0.0) for r in recs]
         out["errors"] = [r.error or "" for r in recs]
     return out
 

@@ -162,3 +162,19 @@ def test_generate_takes_vllm_prompt_shapes(llm):
     assert a[0].token_ids == b[0].token_ids == c[0].token_ids == d[0].token_ids
     with pytest.raises(ValueError, match="multi_modal_data"):
         llm.generate({"prompt": "x", "multi_modal_data": {}}, sp)
+
+
+def test_prompt_logprobs_across_prefill_chunks(llm):
+    """A prompt prefilled in chunks of 4 tokens is scored exactly as in one pass."""
+    from fairbatch import LLM
+
+    chunked = LLM("tiny-llama", load_format="dummy", num_kv_blocks=64, max_model_len=256, max_num_batched_tokens=4)
+    prompt = list(range(20, 31))
+    sp = SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=2, logprobs=0)
+    [a] = chunked.generate([prompt], sp)
+    [b] = llm.generate([prompt], sp)
+    assert len(a.prompt_logprobs) == len(prompt) and a.prompt_logprobs[0] is None
+    for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
+        assert [t for t, _, _ in x] == [t for t, _, _ in y]
+        assert [lp for _, lp, _ in x] == pytest.approx([lp for _, lp, _ in y], abs=1e-4)
+    assert a.token_ids == b.token_ids

@@ -231,3 +231,36 @@ def test_server_idles_after_all_this(server):
     app = server.app
     wait_for(lambda: app.state.engine.num_active == 0 and app.state.model.allocator.num_free
              == app.state.model.allocator.num_blocks, "every request released")
+
+
+def test_engine_process_gives_the_same_answers(http):
+    """The same requests through the engine in its own process (what `fairbatch serve`
+    runs): logprobs, prompt logprobs and stop reasons cross the process boundary intact."""
+    from fairbatch.server.engine_process import spawn_engine
+    from fairbatch.server.model import ServedModel
+
+    info, backend = spawn_engine(dict(model=MODEL, load_format="dummy", policy="vllm", cpu_threads=1),
+                                 warmup=False, log_level="WARNING")
+    bodies = [dict(max_tokens=4, ignore_eos=True, logprobs=2, prompt_logprobs=1, echo=True),
+              dict(max_tokens=12, allowed_token_ids=[65, 66], stop_token_ids=[66], logit_bias={"66": 50}),
+              dict(max_tokens=5, min_tokens=3, ignore_eos=True, repetition_penalty=1.3, frequency_penalty=0.5)]
+    with ServerThread(build_app(ServedModel(info), backend=backend)) as remote, \
+            httpx.Client(base_url=remote.url, timeout=60) as rc:
+        for body in bodies:
+            here = complete(http, **body)["choices"]
+            r = rc.post("/v1/completions", json={"prompt": PROMPT, "temperature": 0, **body})
+            assert r.status_code == 200, r.text
+            there = r.json()["choices"]
+            assert json.dumps(there, sort_keys=True) == json.dumps(here, sort_keys=True) or \
+                _close(there, here), body
+
+
+def _close(a, b) -> bool:
+    """Equal up to float rounding in logprob values."""
+    if isinstance(a, float) and isinstance(b, float):
+        return abs(a - b) < 1e-4
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+    return a == b

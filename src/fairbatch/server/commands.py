@@ -169,6 +169,12 @@ def register(app: typer.Typer) -> None:
         from fairbatch.server.access import api_key_from, is_loopback
         from fairbatch.server.runner import ConnectionLimits
 
+        from fairbatch.server.metrics import valid_prefix
+
+        try:
+            valid_prefix(metrics_prefix)        # before the model loads, as one line
+        except ValueError as e:
+            raise fail(str(e)) from None
         if max_pending is None:
             max_pending = default_max_pending(max_num_seqs, ttft_slo, tpot_slo) if ttft_slo > 0 and tpot_slo > 0 else 1
         if max_pending < 1:

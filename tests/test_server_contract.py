@@ -233,3 +233,29 @@ def test_models_shows_a_directory_by_its_name(tmp_path):
     d.mkdir(parents=True)
     assert public_name(str(d)) == "My-Model-7B"
     assert public_name("tiny-llama") == "tiny-llama"
+
+
+def test_a_body_with_too_many_values_is_refused_before_the_event_loop_parses_it(http):
+    from fairbatch.server.body_precheck import DEFAULT_MIN_BYTES
+    from fairbatch.server.json_values import max_json_values
+
+    n = DEFAULT_MIN_BYTES                      # "1," per id: twice the size that goes to the helper
+    r = http.post("/v1/completions", content=b'{"prompt": [' + b"1," * n + b'1]}',
+                  headers={"content-type": "application/json"})
+    assert r.status_code == 400 and f"more than {max_json_values(CONTEXT)} JSON values" in error_of(r)
+    cut = b'{"prompt": [' + b"1," * n                                  # large and truncated
+    r = http.post("/v1/completions", content=cut, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "cut short" in error_of(r)
+    ok = json.dumps({"prompt": [5] * 100, "max_tokens": 2, "ignore_eos": True, "user": "u" * n}).encode()
+    r = http.post("/v1/completions", content=ok, headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text        # large in bytes, few values: served
+
+
+def test_a_text_far_over_the_context_is_not_tokenized_whole(http, model, monkeypatch):
+    seen: list[int] = []
+    encode = model.tokenizer.encode
+    monkeypatch.setattr(model.tokenizer, "encode", lambda text: seen.append(len(text)) or encode(text))
+    text = "word " * 200_000                   # 1 MB of text for a 256-token context
+    r = http.post("/v1/completions", json={"prompt": text, "max_tokens": 1})
+    assert r.status_code == 400 and "context length" in error_of(r)
+    assert seen and max(seen) <= CONTEXT * model.PROBE_CHARS_PER_TOKEN

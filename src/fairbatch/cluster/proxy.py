@@ -67,6 +67,7 @@ from fairbatch.cluster.routing import Router, empty_load, load_from_json, make_r
 from fairbatch.scheduler.base import Load
 from fairbatch.server.access import AccessControl, protected_paths
 from fairbatch.server.body_limit import DEFAULT_BODY_TIMEOUT, BodyLimit, body_limit
+from fairbatch.server.body_precheck import LargeBodyCheck, max_json_values
 from fairbatch.server.errors import DROPPED_REASON_HEADER
 from fairbatch.server.openapi import document_errors
 
@@ -526,6 +527,7 @@ def build_router_app(backends: Sequence[str], router: str | Router = "admission"
                   description="OpenAI-compatible router over fairbatch (or any OpenAI-compatible) servers.")
     app.state.router = state
     cfg = state.config
+    app.add_middleware(LargeBodyCheck, max_values=max_json_values(1 << 17))   # the router parses bodies too
     app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes, timeout=cfg.body_timeout)
     app.add_middleware(AccessControl, api_key=cfg.api_key, protected=protected_paths(cfg.protect_admin),
                        loopback_only=cfg.loopback_only)

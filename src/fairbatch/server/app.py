@@ -38,6 +38,7 @@ from fairbatch.request import SLO
 from fairbatch.server.access import AccessControl, protected_paths
 from fairbatch.server.async_engine import AsyncEngine, EngineDead, QueueFull, RequestGroup, clock
 from fairbatch.server.body_limit import DEFAULT_BODY_TIMEOUT, BodyLimit, body_limit
+from fairbatch.server.body_precheck import LargeBodyCheck, max_json_values
 from fairbatch.server.errors import (
     DROPPED_REASON_HEADER,
     LATE_REJECT_REASON,
@@ -53,7 +54,7 @@ from fairbatch.server.model import ServedModel
 from fairbatch.server.openapi import document_errors
 from fairbatch.server.output import OutputProcessor
 from fairbatch.server.protocol import MAX_CHOICES, ChatCompletionRequest, CompletionRequest, SLOField, _Sampling
-from fairbatch.server.sampling import logprobs_count, sampling_params
+from fairbatch.server.sampling import logprobs_count, prompt_logprobs_count, sampling_params
 from fairbatch.server.vllm_routes import add_vllm_routes
 
 log = logging.getLogger("fairbatch.server")
@@ -102,7 +103,9 @@ def build_app(model: ServedModel, *, backend: Any = None, max_pending: int = 409
 
     app = FastAPI(title="fairbatch", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible server on the FairBatching scheduler.")
-    # Starlette runs the last added middleware first: the access check, then the body.
+    # Starlette runs the last added middleware first: the access check, the body's size and
+    # time, then a large body's value count (in a helper process), then FastAPI's parsing.
+    app.add_middleware(LargeBodyCheck, max_values=max_json_values(model.max_model_len))
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes or body_limit(model.max_model_len), timeout=body_timeout,
                        why="" if max_body_bytes else f" (the limit for a {model.max_model_len}-token context)")
     app.add_middleware(AccessControl, api_key=api_key, protected=protected_paths(protect_admin),
@@ -291,6 +294,7 @@ def build_app(model: ServedModel, *, backend: Any = None, max_pending: int = 409
         usage_prompt = sum(len(p) for p in prompts)
         base = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model.name}
         k = logprobs_count(body)
+        prompt_k = prompt_logprobs_count(body)
         offsets = [0] * len(reqs)          # text_offset of each choice's next logprob token
 
         def choice(i: int, text: str, reason: str | None, proc: OutputProcessor, first: bool) -> dict[str, Any]:
@@ -307,7 +311,7 @@ def build_app(model: ServedModel, *, backend: Any = None, max_pending: int = 409
                 offsets[i] += sum(len(t) for t in logprobs["tokens"])
             out = {"index": i, "text": text, "logprobs": logprobs, "finish_reason": reason,
                    "stop_reason": proc.stop_reason if reason is not None else None}
-            if first and body.prompt_logprobs is not None:
+            if first and prompt_k is not None:      # asked for, or echo with logprobs (as vLLM)
                 out["prompt_logprobs"] = prompt_logprobs_json(proc.prompt_logprobs, model.decode)
             return out
 

@@ -49,7 +49,10 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         limit = self.max_bytes
-        too_big = error_response(413, f"request body larger than {limit} bytes{self.why}")
+        # Connection: close: the rest of the body is not worth reading. Without it the server
+        # reads (and drops) what the client still sends, tens of MB, on the event loop.
+        too_big = error_response(413, f"request body larger than {limit} bytes{self.why}",
+                                 headers={"Connection": "close"})
         for name, value in scope.get("headers", ()):
             if name == b"content-length" and value.isdigit() and int(value) > limit:
                 await too_big(scope, receive, send)

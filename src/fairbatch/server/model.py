@@ -175,12 +175,29 @@ class ServedModel:
             torch.cuda.set_device(dev.index if dev.index is not None else torch.cuda.current_device())
 
     # --- tokenizer -----------------------------------------------------------------------
+    # A text longer than this many characters per token of context is first tokenized in
+    # part: if that part alone overflows the context, the rest is never tokenized. Building
+    # the id list of a text is C code that holds the GIL (tens of millions of ids: seconds
+    # in which no other stream moves); no real tokenizer averages 8 characters a token.
+    PROBE_CHARS_PER_TOKEN = 8
+
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of ``text``; ValueError for text no tokenizer can take (lone surrogates)."""
+        """Token ids of ``text``; ValueError for text no tokenizer can take (lone surrogates)
+        and for text that is certainly longer than the context."""
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as e:
             raise ValueError(f"the text is not valid Unicode: {e.reason} at position {e.start}") from None
+        probe = self.max_model_len * self.PROBE_CHARS_PER_TOKEN
+        if len(text) > probe:
+            head = self._encode(text[:probe], add_special_tokens)
+            if len(head) >= self.max_model_len:
+                raise ValueError(f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                                 f"your prompt is longer: its first {probe} of {len(text)} characters are already "
+                                 f"{len(head)} tokens.")
+        return self._encode(text, add_special_tokens)
+
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
         if not add_special_tokens:
             raw = getattr(self.tokenizer, "_tok", None)   # HFTokenizer wraps tokenizers.Tokenizer
             if raw is not None:

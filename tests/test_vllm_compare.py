@@ -1,0 +1,224 @@
+"""Our server and vLLM's, same model directory (a tiny Llama config with dummy weights,
+one byte-level BPE tokenizer), same requests: the same fields, the same shapes, the same
+kind of answer (200 or 400). Values differ (each draws its own random weights); what is
+compared is what a vLLM client reads.
+
+Opt-in, since vLLM's CPU server takes a minute or two to start: set
+``FAIRBATCH_VLLM_PYTHON`` to the python of a venv with vLLM's CPU build (``bash
+ci/vllm-setup.sh`` makes one; ``FAIRBATCH_VLLM_PYTHON=~/.cache/fairbatch/vllm-venv/bin/python``).
+Skipped otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+VLLM_PYTHON = os.environ.get("FAIRBATCH_VLLM_PYTHON")
+if not VLLM_PYTHON or not Path(VLLM_PYTHON).expanduser().exists():
+    pytest.skip("FAIRBATCH_VLLM_PYTHON (a venv with vLLM's CPU build) not set", allow_module_level=True)
+pytest.importorskip("tokenizers")
+pytest.importorskip("torch")
+httpx = pytest.importorskip("httpx")
+
+from fairbatch.server import ServerThread, build_app, load_served_model  # noqa: E402
+
+CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 128,
+    "intermediate_size": 256, "num_attention_heads": 2, "num_key_value_heads": 1,
+    "num_hidden_layers": 2, "vocab_size": 512, "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "torch_dtype": "float32",
+    "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
+}
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+# ids, timestamps and fields only one server has
+VOLATILE = {"id", "created", "model", "system_fingerprint", "service_tier", "kv_transfer_params",
+            "prompt_token_ids", "token_ids", "reasoning_content", "reasoning", "annotations", "audio",
+            "function_call", "tool_calls", "refusal", "prompt_tokens_details", "completion_tokens_details"}
+
+
+def make_model_dir(path: Path) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    (path / "config.json").write_text(json.dumps(CONFIG))
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(["hello world, how are you today? fine thanks, and you?"] * 20, trainer)
+    tk.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>", "chat_template": TEMPLATE, "add_bos_token": False}))
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    d = make_model_dir(tmp_path_factory.mktemp("model"))
+    port = _free_port()
+    log = d / "vllm.log"
+    cmd = [str(Path(VLLM_PYTHON).expanduser()), "-m", "vllm.entrypoints.openai.api_server", "--model", str(d),
+           "--served-model-name", "m", "--load-format", "dummy", "--enforce-eager", "--max-model-len", "512",
+           "--dtype", "float32", "--kv-cache-memory-bytes", str(32 << 20), "--max-num-batched-tokens", "512",
+           "--host", "127.0.0.1", "--port", str(port)]
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT,
+                                env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
+    base = f"http://127.0.0.1:{port}"
+    model = load_served_model(str(d), load_format="dummy", cpu_threads=1, served_model_name="m", max_model_len=512)
+    try:
+        deadline = time.monotonic() + 300      # a hang becomes a failure, not a wait forever
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"vLLM exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"vLLM not up:\n{log.read_text()[-4000:]}")
+            time.sleep(1)
+        with ServerThread(build_app(model, metrics_prefix="vllm")) as ours, \
+                httpx.Client(base_url=base, timeout=120) as theirs_c, \
+                httpx.Client(base_url=ours.url, timeout=120) as ours_c:
+            ours_c.model_id = model.name
+            theirs_c.model_id = "m"
+            yield theirs_c, ours_c
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def shape(x):
+    """Types and lengths, not values."""
+    if isinstance(x, dict):
+        return {k: shape(v) for k, v in x.items() if k not in VOLATILE}
+    if isinstance(x, list):
+        return [shape(v) for v in x]
+    if isinstance(x, bool):
+        return "bool"
+    if isinstance(x, (int, float)):
+        return "number"
+    return type(x).__name__
+
+
+def assert_same_fields(theirs, ours, where="$"):
+    """Every field vLLM answers with a value, ours has, with the same shape (a dict keyed
+    by token text or token id may have other keys: compared by size)."""
+    if isinstance(theirs, dict) and isinstance(ours, dict):
+        keyed_by_data = all(k.lstrip("-").isdigit() for k in theirs) or where.endswith("top_logprobs[]")
+        if keyed_by_data:
+            assert 0 < len(ours) <= max(len(theirs), 1) + 1 if theirs else True, where
+            return
+        for k, v in theirs.items():
+            if v is None or v == "NoneType":
+                continue
+            assert k in ours, f"{where}.{k} missing in ours"
+            assert_same_fields(v, ours[k], f"{where}.{k}")
+    elif isinstance(theirs, list) and isinstance(ours, list):
+        if where.endswith(".bytes"):          # a token's UTF-8 bytes: its length is the token's
+            assert set(theirs) <= {"number"} and set(ours) <= {"number"}, where
+            return
+        assert len(theirs) == len(ours), f"{where}: {len(theirs)} vs {len(ours)} items"
+        for i, (a, b) in enumerate(zip(theirs, ours)):
+            assert_same_fields(a, b, f"{where}[]")
+    else:
+        assert theirs == ours, f"{where}: {theirs} vs {ours}"
+
+
+def both(servers, method, path, body=None):
+    out = []
+    for c in servers:
+        b = None if body is None else {**body, **({"model": c.model_id} if "model" in body else {})}
+        out.append(c.request(method, path, json=b))
+    return out
+
+
+@pytest.mark.parametrize("body", [
+    {"prompt": "hello world", "max_tokens": 4, "ignore_eos": True, "temperature": 0},
+    {"prompt": "hello world", "max_tokens": 4, "ignore_eos": True, "temperature": 0, "logprobs": 2},
+    {"prompt": "hello world", "max_tokens": 3, "ignore_eos": True, "temperature": 0, "logprobs": 1, "echo": True},
+    {"prompt": "hello world", "max_tokens": 2, "ignore_eos": True, "temperature": 0, "prompt_logprobs": 1},
+    {"prompt": "hello", "max_tokens": 5, "ignore_eos": True, "min_tokens": 2, "repetition_penalty": 1.2,
+     "presence_penalty": 0.5, "frequency_penalty": 0.5, "min_p": 0.1, "allowed_token_ids": [40, 41, 42],
+     "logit_bias": {"41": 3}},
+])
+def test_completions_same_fields(servers, body):
+    theirs, ours = both(servers, "POST", "/v1/completions", {**body, "model": "m"})
+    assert theirs.status_code == ours.status_code == 200, (theirs.text, ours.text)
+    assert_same_fields(shape(theirs.json()), shape(ours.json()))
+
+
+@pytest.mark.parametrize("body", [
+    {"max_tokens": 3, "ignore_eos": True, "temperature": 0},
+    {"max_tokens": 3, "ignore_eos": True, "temperature": 0, "logprobs": True, "top_logprobs": 2},
+])
+def test_chat_same_fields(servers, body):
+    msgs = [{"role": "user", "content": "hello world"}]
+    theirs, ours = both(servers, "POST", "/v1/chat/completions", {**body, "messages": msgs, "model": "m"})
+    assert theirs.status_code == ours.status_code == 200, (theirs.text, ours.text)
+    assert_same_fields(shape(theirs.json()), shape(ours.json()))
+
+
+def test_stop_reason_same(servers):
+    body = {"prompt": "hi", "max_tokens": 8, "temperature": 0, "allowed_token_ids": [40, 41],
+            "logit_bias": {"41": 100}, "stop_token_ids": [41], "model": "m"}
+    theirs, ours = both(servers, "POST", "/v1/completions", body)
+    a, b = theirs.json()["choices"][0], ours.json()["choices"][0]
+    assert (a["finish_reason"], a["stop_reason"], a["text"]) == (b["finish_reason"], b["stop_reason"], b["text"]) \
+        == ("stop", 41, "")
+
+
+@pytest.mark.parametrize("bad", [{"repetition_penalty": -5}, {"min_p": 2}, {"logprobs": 21},
+                                 {"min_tokens": 9, "max_tokens": 2}, {"prompt_logprobs": 21},
+                                 {"stream_options": {"include_usage": True}}])
+def test_same_refusals(servers, bad):
+    body = {"prompt": "hi", "max_tokens": 2, "model": "m", **bad}
+    theirs, ours = both(servers, "POST", "/v1/completions", body)
+    assert theirs.status_code == ours.status_code == 400, (bad, theirs.text, ours.text)
+
+
+def test_utility_endpoints_same_fields(servers):
+    for method, path, body in (("POST", "/tokenize", {"prompt": "hello world"}),
+                               ("POST", "/tokenize", {"prompt": "hello", "return_token_strs": True}),
+                               ("POST", "/tokenize", {"messages": [{"role": "user", "content": "hi"}]}),
+                               ("POST", "/detokenize", {"tokens": [40, 41, 42]}),
+                               ("GET", "/version", None)):
+        theirs, ours = both(servers, method, path, body)
+        assert theirs.status_code == ours.status_code == 200, (path, theirs.text, ours.text)
+        if path != "/version":
+            assert theirs.json() == ours.json(), path        # same tokenizer: same answer
+        assert set(theirs.json()) == set(ours.json())
+    theirs, ours = both(servers, "GET", "/ping")
+    assert theirs.status_code == ours.status_code == 200
+
+
+def test_metric_names_are_vllms(servers):
+    theirs, ours = both(servers, "GET", "/metrics")
+    names = lambda t: {ln.split("{")[0].split(" ")[0] for ln in t.splitlines() if ln.startswith("vllm:")}
+    wanted = {"vllm:request_queue_time_seconds_sum", "vllm:request_prefill_time_seconds_sum",
+              "vllm:request_decode_time_seconds_sum", "vllm:request_prompt_tokens_sum",
+              "vllm:request_generation_tokens_sum", "vllm:iteration_tokens_total_sum", "vllm:cache_config_info",
+              "vllm:num_requests_running", "vllm:kv_cache_usage_perc", "vllm:time_to_first_token_seconds_sum",
+              "vllm:e2e_request_latency_seconds_sum", "vllm:request_success_total", "vllm:num_preemptions_total"}
+    assert wanted <= names(theirs.text)
+    assert wanted <= names(ours.text)

@@ -222,3 +222,35 @@ def test_metric_names_are_vllms(servers):
               "vllm:e2e_request_latency_seconds_sum", "vllm:request_success_total", "vllm:num_preemptions_total"}
     assert wanted <= names(theirs.text)
     assert wanted <= names(ours.text)
+
+
+def _events(client, path, body) -> list[dict]:
+    out = []
+    with client.stream("POST", path, json={**body, "model": client.model_id, "stream": True}) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                out.append(json.loads(line[6:]))
+    return out
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 3,
+                              "ignore_eos": True, "temperature": 0, "stream_options": {"include_usage": True}}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 2,
+                              "ignore_eos": True, "temperature": 0, "logprobs": True, "top_logprobs": 1}),
+    ("/v1/completions", {"prompt": "hello world", "max_tokens": 3, "ignore_eos": True, "temperature": 0,
+                         "echo": True, "stream_options": {"include_usage": True}}),
+    ("/v1/completions", {"prompt": "hello world", "max_tokens": 2, "ignore_eos": True, "temperature": 0,
+                         "logprobs": 1}),
+])
+def test_streams_same_chunks(servers, path, body):
+    """Chunk by chunk: the same number of events, each with the same fields (a chat
+    stream's role chunk first, the echo with the first token, usage last)."""
+    theirs, ours = (_events(c, path, body) for c in servers)
+    assert len(theirs) == len(ours), (theirs, ours)
+    for a, b in zip(theirs, ours):
+        assert_same_fields(shape(a), shape(b))
+    if "chat" in path:
+        assert theirs[0]["choices"][0]["delta"].get("role") == ours[0]["choices"][0]["delta"].get("role") \
+            == "assistant"

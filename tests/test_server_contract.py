@@ -84,6 +84,8 @@ def test_openapi_documents_400_and_the_other_errors_not_422(http):
         ref = spec["paths"][path]["post"]["responses"]["400"]["content"]["application/json"]["schema"]["$ref"]
         assert ref.endswith("/ErrorResponse")
     assert "ErrorResponse" in spec["components"]["schemas"]
+    assert "text/event-stream" in spec["paths"]["/v1/completions"]["post"]["responses"]["200"]["content"]
+    assert "text/plain" in spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
 
 
 def test_a_schema_violation_is_answered_as_documented(http):

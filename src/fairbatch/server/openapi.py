@@ -41,10 +41,13 @@ OTHER_ERRORS = (401, 405, 421, 503)
 
 def document_errors(app: FastAPI, *, body_errors: Sequence[int] = BODY_ERRORS,
                     other_errors: Sequence[int] = OTHER_ERRORS,
-                    per_path: Mapping[str, Sequence[int]] | None = None) -> None:
+                    per_path: Mapping[str, Sequence[int]] | None = None,
+                    streaming: Sequence[str] = ("/v1/completions", "/v1/chat/completions"),
+                    plain_text: Sequence[str] = ("/metrics",)) -> None:
     """Replace ``app.openapi`` with a generator whose operations list these errors:
     ``body_errors`` on operations with a request body, ``other_errors`` elsewhere,
-    ``per_path[path]`` where given."""
+    ``per_path[path]`` where given. A 200 of a ``streaming`` path may also be an SSE stream
+    (``stream: true``); one of a ``plain_text`` path is text (Prometheus)."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is not None:
@@ -62,6 +65,11 @@ def document_errors(app: FastAPI, *, body_errors: Sequence[int] = BODY_ERRORS,
                 codes = (per_path or {}).get(path) or (body_errors if "requestBody" in op else other_errors)
                 for code in codes:
                     responses.setdefault(str(code), {"description": DESCRIPTIONS.get(code, "Error"), "content": ref})
+                ok = responses.get("200")
+                if ok is not None and path in streaming:
+                    ok.setdefault("content", {})["text/event-stream"] = {"schema": {"type": "string"}}
+                if ok is not None and path in plain_text:
+                    ok["content"] = {"text/plain": {"schema": {"type": "string"}}}
         app.openapi_schema = schema
         return schema
 

@@ -87,7 +87,7 @@ class _Sampling(_Body):
     min_p: Optional[float] = Field(default=None, ge=0, le=1)
     allowed_token_ids: Optional[list[TokenId]] = Field(default=None, min_length=1, max_length=1 << 20)
     prompt_logprobs: Optional[StrictInt] = Field(default=None, ge=0, le=20)
-    include_stop_str_in_output: bool = False
+    include_stop_str_in_output: StrictBool = False
 
     def stop_strings(self) -> list[str]:
         if self.stop is None:

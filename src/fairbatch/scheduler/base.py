@@ -312,14 +312,20 @@ class Scheduler(ABC):
         policy computed from it at construction."""
 
     def load(self, now: float) -> Load:
-        queued = sum(r.prompt_len + r.generated - r.num_computed for r in self.waiting)
-        queued += sum(r.prompt_len + r.generated - r.num_computed for r in self.relegated)
-        queued += sum(r.prompt_len - r.num_computed for r in self.running if r.num_computed < r.prompt_len)
+        queued = self.queued_prefill_tokens()
         a = self.allocator
         return Load(
             running=len(self.running), waiting=self.num_waiting, kv_usage=a.usage,
             free_blocks=a.num_free, num_blocks=a.num_blocks, queued_prefill_tokens=queued,
             admission_budget=self.admission_budget(now, queued), time=now)
+
+    def queued_prefill_tokens(self) -> int:
+        """Prompt tokens not yet computed: waiting requests' (a preempted one's output
+        too, to be recomputed) and running partial prefills' (``Load``'s field; O(requests))."""
+        queued = sum(r.prompt_len + r.generated - r.num_computed for r in self.waiting)
+        queued += sum(r.prompt_len + r.generated - r.num_computed for r in self.relegated)
+        queued += sum(r.prompt_len - r.num_computed for r in self.running if r.num_computed < r.prompt_len)
+        return queued
 
     def admission_budget(self, now: float, queued_prefill_tokens: int) -> float:
         """Prompt tokens this instance can still take (policies with a better estimate

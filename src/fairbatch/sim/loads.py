@@ -15,8 +15,9 @@ instance's new load become visible.
 
 Only what the router reads is measured (``Router.reads``): a router of request counts
 (``least_requests``) gets them in O(1), without the walk over queues and running requests
-that queued prompt tokens and the admission budget need; the fields it does not read are
-then marked unmeasured (``queued_prefill_tokens`` -1, ``admission_budget`` NaN).
+that queued prompt tokens and the admission budget need; ``llumnix`` gets the queued
+tokens without the budget. Fields a router does not read are marked unmeasured
+(``queued_prefill_tokens`` -1, ``admission_budget`` NaN).
 
 A ``Load`` object is reused while its instance is unchanged. The routers' sent-since-poll
 accounting treats a Load object it has not seen as including every send so far; a reused
@@ -45,6 +46,27 @@ def count_load(inst: Instance, now: float) -> Load:
                 num_blocks=a.num_blocks, queued_prefill_tokens=-1, admission_budget=float("nan"), time=now)
 
 
+def queue_load(inst: Instance, now: float) -> Load:
+    """``count_load`` and the queued prompt tokens (``llumnix``), without the admission
+    budget's walk over the running decodes."""
+    ld = count_load(inst, now)
+    ld.queued_prefill_tokens = inst.scheduler.queued_prefill_tokens()
+    return ld
+
+
+def full_load(inst: Instance, now: float) -> Load:
+    return inst.load(now)
+
+
+def measure_for(reads: frozenset[str] | None):
+    """The cheapest measurement that has every field in ``reads`` (None: all)."""
+    if reads is not None and reads <= _COUNTS:
+        return count_load
+    if reads is not None and reads <= _COUNTS | {"queued_prefill_tokens"}:
+        return queue_load
+    return full_load
+
+
 class LoadView:
     """``view``: each instance's load as the router holds it; ``refresh(now)`` before
     each routing decision, ``mark(k)`` whenever instance ``k`` changed."""
@@ -56,8 +78,7 @@ class LoadView:
         """``reads``: the Load fields the router reads (None: all of them)."""
         self.instances = instances
         self.interval = interval
-        counts_only = reads is not None and reads <= _COUNTS
-        self._measure = count_load if counts_only else (lambda inst, now: inst.load(now))
+        self._measure = measure_for(reads)
         n = len(instances)
         self.view: list[Load | None] = [None] * n        # what the router reads
         self._current: list[Load | None] = [None] * n    # the latest load computed

@@ -72,8 +72,8 @@ def test_percentile_metric_selection_and_file_name():
     from datetime import datetime
 
     name = result_filename("vllm", 10.0, 8, "org/Model-8B", datetime(2026, 11, 30, 5, 6, 7))
-    assert name == "vllm-10qps-concurrency8-Model-8B-20261130-050607.json"
-    assert result_filename("x", "inf", None, "m", datetime(2026, 11, 30)) == "x-infqps-m-20261130-000000.json"
+    assert name == "vllm-10.0qps-concurrency8-Model-8B-20261130-050607.json"
+    assert result_filename("x", float("inf"), None, "m", datetime(2026, 11, 30)) == "x-infqps-m-20261130-000000.json"
 
 
 def test_random_dataset_lengths():
@@ -100,7 +100,7 @@ def test_vllm_flags_end_to_end(server, tmp_path):
     assert "Request rate configured (RPS):           40.00" in r.output
     assert "Request goodput" not in r.output                  # no SLO asked for: no goodput line
     [path] = list(tmp_path.glob("*.json"))
-    assert path.name.startswith("fairbatching-40qps-tiny-llama-")
+    assert path.name.startswith("openai-40.0qps-tiny-llama-")     # vLLM's name for the same run
     res = json.loads(path.read_text())
     assert res["completed"] == 6 and res["request_rate"] == 40 and res["request_goodput"] is None
     assert {"p50_ttft_ms", "p99_ttft_ms", "p99_itl_ms", "mean_itl_ms"} <= set(res)

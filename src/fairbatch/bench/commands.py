@@ -172,8 +172,8 @@ def result_path(cfg, wl, result_dir: Path | None, result_filename: str | None) -
     from fairbatch.bench.vllm_compat import result_filename as default_name
 
     rate = cfg.request_rate if cfg.request_rate is not None else wl.base_rate * cfg.rate_scale
-    name = result_filename or default_name(cfg.label or _label(wl), rate if math.isfinite(rate) else "inf",
-                                           cfg.max_concurrency, wl.model)
+    # vLLM names the file by --label, else by its backend ("openai"), never by the server
+    name = result_filename or default_name(cfg.label or "openai", rate, cfg.max_concurrency, wl.model)
     return (result_dir or Path(".")) / name
 
 

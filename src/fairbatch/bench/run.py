@@ -433,11 +433,13 @@ def result_json(cfg: BenchConfig, wl: Workload, outcome: RunOutcome, *, detailed
         out["ttfts"] = [r.ttft if r.ttft is not None else 0.0 for r in recs]
         out["itls"] = [r.itls.tolist() for r in recs]
         out["slo_classes"] = [r.slo_class for r in recs]
-        # vLLM's: end-to-end latency (to the last event), send time, client queue time
-        out["latencies"] = [(r.finish_time - r.arrival) if r.finish_time is not None else 0.0 for r in recs]
         out["start_times"] = [r.arrival for r in recs]
-        out["queue_times"] = [outcome.times.queue.get(r.request_id, 0.0) for r in recs]
         out["errors"] = [r.error or "" for r in recs]
+    # vLLM keeps these two lists even without --save-detailed: end-to-end latency (to the
+    # last event) and client queue time
+    recs = outcome.records
+    out["latencies"] = [(r.finish_time - r.arrival) if r.finish_time is not None else 0.0 for r in recs]
+    out["queue_times"] = [outcome.times.queue.get(r.request_id, 0.0) for r in recs]
     return out
 
 

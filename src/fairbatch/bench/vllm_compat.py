@@ -69,13 +69,13 @@ def keep_percentile_metrics(summary: dict[str, Any], metrics: Sequence[str]) -> 
     return {k: v for k, v in summary.items() if not pat.match(k)}
 
 
-def result_filename(label: str, request_rate: Any, max_concurrency: int | None, model: str,
+def result_filename(label: str, request_rate: float, max_concurrency: int | None, model: str,
                     when: datetime | None = None) -> str:
-    """vLLM's default: ``{label}-{rate}qps[-concurrency{C}]-{model}-{YYYYmmdd-HHMMSS}.json``."""
-    rate = request_rate if isinstance(request_rate, str) else f"{request_rate:g}"
+    """vLLM's default: ``{label}-{rate}qps[-concurrency{C}]-{model}-{YYYYmmdd-HHMMSS}.json``,
+    the rate as vLLM's float argument prints (``10.0``, ``inf``)."""
     conc = f"-concurrency{max_concurrency}" if max_concurrency is not None else ""
     stamp = (when or datetime.now()).strftime("%Y%m%d-%H%M%S")
-    return f"{label}-{rate}qps{conc}-{model.rstrip('/').split('/')[-1]}-{stamp}.json"
+    return f"{label}-{float(request_rate)}qps{conc}-{model.rstrip('/').split('/')[-1]}-{stamp}.json"
 
 
 def random_entries(n: int, input_len: int, output_len: int, range_ratio: float, seed: int) -> list[TraceEntry]:

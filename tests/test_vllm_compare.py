@@ -98,6 +98,7 @@ def servers(tmp_path_factory):
                 httpx.Client(base_url=base, timeout=120) as theirs_c, \
                 httpx.Client(base_url=ours.url, timeout=120) as ours_c:
             ours_c.model_id = model.name
+            ours_c.model_dir = str(d)
             theirs_c.model_id = "m"
             yield theirs_c, ours_c
     finally:
@@ -254,3 +255,41 @@ def test_streams_same_chunks(servers, path, body):
     if "chat" in path:
         assert theirs[0]["choices"][0]["delta"].get("role") == ours[0]["choices"][0]["delta"].get("role") \
             == "assistant"
+
+
+VLLM_BENCH = ("import argparse, sys\n"
+              "from vllm.benchmarks.serve import add_cli_args, main\n"
+              "p = argparse.ArgumentParser(); add_cli_args(p); main(p.parse_args(sys.argv[1:]))\n")
+
+
+def test_bench_is_a_drop_in_for_vllm_bench_serve(servers, tmp_path):
+    """`vllm bench serve` and `fairbatch bench`, the same flags, against our server: the
+    same result block lines (ours adds an SLO section) and every key of vLLM's JSON."""
+    from typer.testing import CliRunner
+
+    from fairbatch.cli import app as cli
+
+    _, ours = servers
+    tokenizer = ours.model_dir
+    flags = ["--base-url", str(ours.base_url).rstrip("/"), "--model", "m", "--dataset-name", "random",
+             "--random-input-len", "16", "--random-output-len", "4", "--num-prompts", "6", "--request-rate", "20",
+             "--ignore-eos", "--goodput", "ttft:60000", "--percentile-metrics", "ttft,tpot,itl",
+             "--metric-percentiles", "99", "--save-result", "--result-filename", "r.json"]
+    theirs = subprocess.run([str(Path(VLLM_PYTHON).expanduser()), "-c", VLLM_BENCH, *flags, "--tokenizer", tokenizer,
+                             "--result-dir", str(tmp_path / "vllm")], capture_output=True, text=True, timeout=600)
+    assert theirs.returncode == 0, theirs.stdout[-3000:] + theirs.stderr[-3000:]
+    r = CliRunner().invoke(cli, ["bench", *flags, "--result-dir", str(tmp_path / "fb")])
+    assert r.exit_code == 0, r.output
+
+    def block(text: str) -> list[str]:
+        lines = text.splitlines()
+        start = next(i for i, ln in enumerate(lines) if "Serving Benchmark Result" in ln)
+        return [ln[:40].rstrip() for ln in lines[start:] if ln.strip()]
+
+    v_lines, f_lines = block(theirs.stdout), block(r.output)
+    slo = f_lines.index(next(ln for ln in f_lines if "SLO Attainment" in ln))
+    assert f_lines[:slo] == v_lines[:slo]
+    v = json.loads((tmp_path / "vllm" / "r.json").read_text())
+    f = json.loads((tmp_path / "fb" / "r.json").read_text())
+    assert set(v) - set(f) <= {"rtfx"}                   # an ASR-only metric
+    assert f["request_rate"] == v["request_rate"] == 20.0 and f["completed"] == v["completed"] == 6

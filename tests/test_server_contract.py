@@ -261,3 +261,21 @@ def test_a_text_far_over_the_context_is_not_tokenized_whole(http, model, monkeyp
     r = http.post("/v1/completions", json={"prompt": text, "max_tokens": 1})
     assert r.status_code == 400 and "context length" in error_of(r)
     assert seen and max(seen) <= CONTEXT * model.PROBE_CHARS_PER_TOKEN
+
+
+def test_the_body_check_helper_is_replaced_when_it_dies(model):
+    from fairbatch.server.body_precheck import DEFAULT_MIN_BYTES, LargeBodyCheck
+
+    app = build_app(model)
+    with ServerThread(app) as s, httpx.Client(base_url=s.url, timeout=60) as http:
+        check = app.middleware_stack
+        while not isinstance(check, LargeBodyCheck):       # find the middleware in the stack
+            check = check.app
+        many = b'{"prompt": [' + b"1," * DEFAULT_MIN_BYTES + b'1]}'
+        post = lambda: http.post("/v1/completions", content=many, headers={"content-type": "application/json"})  # noqa: E731
+        assert post().status_code == 400
+        for p in list(check._pool._processes.values()):    # kill the helper
+            p.kill()
+            p.join()
+        r = post()
+        assert r.status_code == 400 and "JSON values" in error_of(r)

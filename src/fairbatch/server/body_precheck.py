@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from fairbatch.server.errors import error_response, format_validation_errors
@@ -60,8 +61,7 @@ class LargeBodyCheck:
         message = await receive()
         body = message.get("body", b"") if message["type"] == "http.request" else b""
         if len(body) >= self.min_bytes and not message.get("more_body", False):
-            loop = asyncio.get_running_loop()
-            kind, info = await loop.run_in_executor(self._executor(), count_values, body, self.max_values)
+            kind, info = await self._count(body)
             if kind == "invalid":
                 pos, why = info
                 text, _ = format_validation_errors([{"type": "json_invalid", "loc": ("body", pos),
@@ -83,6 +83,18 @@ class LargeBodyCheck:
             return await receive()
 
         await self.app(scope, replay, send)
+
+    async def _count(self, body: bytes) -> tuple[str, Any]:
+        """The helper's count; a helper that died (killed, out of memory) is replaced once."""
+        loop = asyncio.get_running_loop()
+        for attempt in range(2):
+            try:
+                return await loop.run_in_executor(self._executor(), count_values, body, self.max_values)
+            except BrokenProcessPool:
+                self._pool = None
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
 
     def _lifespan_receive(self, receive: Any) -> Any:
         async def wrapped() -> Any:

@@ -130,3 +130,28 @@ def test_failure_ratio_sets_the_exit_status(server):
     assert runner.invoke(cli, [*args, "--max-failure-ratio", "1"]).exit_code == 0
     bad = runner.invoke(cli, [*args, "--dataset-name", "sharegpt"])
     assert bad.exit_code == 2 and "sharegpt" in bad.output
+
+
+def test_text_datasets_tokenized_by_the_server(server, tmp_path):
+    sharegpt = tmp_path / "sg.json"
+    sharegpt.write_text(json.dumps([
+        {"conversations": [{"from": "human", "value": "hello there friend"}, {"from": "gpt", "value": "fine thanks"}]},
+        {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "too short a prompt"}]},
+        {"conversations": [{"from": "human", "value": "only one turn"}]},
+        {"conversations": [{"from": "human", "value": "what is two plus two"}, {"from": "gpt", "value": "four!"}]},
+    ]))
+    r = runner.invoke(cli, ["bench", "--base-url", server.url, "--dataset-name", "sharegpt", "--dataset-path",
+                            str(sharegpt), "--num-prompts", "10", "--request-rate", "inf", "--save-result",
+                            "--result-dir", str(tmp_path), "--result-filename", "sg.json.out", "--save-detailed"])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "sg.json.out").read_text())
+    # the byte tokenizer: one token per byte; the 2-token prompt and the 1-turn one are skipped
+    assert sorted(zip(res["input_lens"], res["output_lens"])) == [(18, 11), (20, 5)]
+    custom = tmp_path / "c.jsonl"
+    custom.write_text('{"prompt": "abcd"}\n\n{"prompt": "efghij"}\n')
+    r = runner.invoke(cli, ["bench", "--base-url", server.url, "--dataset-name", "custom", "--dataset-path",
+                            str(custom), "--custom-output-len", "3", "--request-rate", "inf", "--save-result",
+                            "--result-dir", str(tmp_path), "--result-filename", "c.out", "--save-detailed"])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "c.out").read_text())
+    assert res["input_lens"] == [4, 6] and res["output_lens"] == [3, 3]

@@ -73,10 +73,17 @@ def register(app: typer.Typer) -> None:
                                                                "vLLM's LABEL-RATEqps-MODEL-DATE.json).")] = None,
         save_detailed: Annotated[bool, typer.Option(help="Also save per-request lists (ttfts, itls, errors...).")] = False,
         dataset_name: Annotated[Optional[str], typer.Option(help="vLLM's dataset: random (lengths from "
-                                                            "--random-input-len/--random-output-len); default: --trace.")] = None,
+                                                            "--random-input-len/--random-output-len), sharegpt or "
+                                                            "custom (--dataset-path; tokenized by the server's "
+                                                            "/tokenize); default: --trace.")] = None,
         random_input_len: Annotated[int, typer.Option(help="Prompt tokens with --dataset-name random.")] = 1024,
         random_output_len: Annotated[int, typer.Option(help="Output tokens with --dataset-name random.")] = 128,
         random_range_ratio: Annotated[float, typer.Option(help="Lengths uniform in [L(1-r), L(1+r)].")] = 0.0,
+        dataset_path: Annotated[Optional[str], typer.Option(help="The file of --dataset-name sharegpt (JSON) or "
+                                                            "custom (JSONL of {\"prompt\": ...}).")] = None,
+        sharegpt_output_len: Annotated[Optional[int], typer.Option(min=1, help="Output tokens of every ShareGPT "
+                                                                   "request (default: its answer's length).")] = None,
+        custom_output_len: Annotated[int, typer.Option(min=1, help="Output tokens of every custom request.")] = 256,
         ignore_eos: Annotated[bool, typer.Option("--ignore-eos/--no-ignore-eos", help="Ask for exactly the trace's "
                                                  "output lengths (default on: the lengths are the trace's).")] = True,
         percentile_metrics: Annotated[str, typer.Option(help="Latency metrics with percentiles: any of "
@@ -129,10 +136,7 @@ def register(app: typer.Typer) -> None:
         if bad := [m for m in metrics_asked if m not in ("ttft", "tpot", "itl", "e2el")]:
             raise fail(f"--percentile-metrics: unknown {', '.join(bad)} (choose from ttft,tpot,itl,e2el)")
         if dataset_name not in (None, "random", "sharegpt", "custom"):
-            raise fail(f"--dataset-name {dataset_name!r}: choose random (or give a trace with --trace)")
-        if dataset_name in ("sharegpt", "custom"):
-            raise fail(f"--dataset-name {dataset_name} is not supported: bench sends token-id prompts of known "
-                       f"lengths; use --dataset-name random or a length trace with --trace")
+            raise fail(f"--dataset-name {dataset_name!r}: choose random, sharegpt or custom (or a trace with --trace)")
         if not 0 <= max_failure_ratio <= 1:
             raise fail("--max-failure-ratio must be in [0, 1]")
         if not save_result and (result_dir is not None or result_filename is not None):
@@ -148,7 +152,8 @@ def register(app: typer.Typer) -> None:
             max_model_len=max_model_len, max_concurrency=max_concurrency, send_slo=send_slo, seed=seed,
             timeout=timeout, label=label, extra_body=body, workers=workers, ignore_eos=ignore_eos,
             dataset_name=dataset_name, random_input_len=random_input_len, random_output_len=random_output_len,
-            random_range_ratio=random_range_ratio, percentiles=percentiles, percentile_metrics=metrics_asked,
+            random_range_ratio=random_range_ratio, dataset_path=dataset_path, sharegpt_output_len=sharegpt_output_len,
+            custom_output_len=custom_output_len, percentiles=percentiles, percentile_metrics=metrics_asked,
             goodput=bool(gp or ttft_slo is not None or tpot_slo is not None or slo_classes))
         try:
             wl = prepare(cfg)

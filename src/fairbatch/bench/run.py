@@ -23,6 +23,7 @@ import httpx
 import numpy as np
 
 from fairbatch.bench.client import BenchRequest, make_payload, send_request
+from fairbatch.bench.datasets import load_text_dataset
 from fairbatch.bench.vllm_compat import (
     itl_summary,
     keep_percentile_metrics,
@@ -83,6 +84,9 @@ class BenchConfig:
     random_input_len: int = 1024
     random_output_len: int = 128
     random_range_ratio: float = 0.0
+    dataset_path: str | None = None              # sharegpt / custom: the file
+    sharegpt_output_len: int | None = None
+    custom_output_len: int = 256
     percentiles: tuple[float, ...] = DEFAULT_PERCENTILES
     percentile_metrics: tuple[str, ...] = LATENCY_METRICS
     goodput: bool = True                        # report request_goodput (vLLM: only with --goodput)
@@ -173,7 +177,15 @@ def prepare(cfg: BenchConfig) -> Workload:
 
     # Arrivals exactly as `fairbatch simulate` draws them (same trace, n, rate, seed: same times).
     arrival = GammaArrivals(cfg.request_rate, cfg.burstiness) if cfg.request_rate is not None else None
-    if cfg.dataset_name == "random":
+    texts: list[list[int]] | None = None         # a text dataset's prompts, as the server tokenizes them
+    if cfg.dataset_name in ("sharegpt", "custom"):
+        pairs = load_text_dataset(cfg.dataset_name, cfg.dataset_path, cfg.num_prompts or 1000, cfg.base_url, model,
+                                  seed=cfg.seed, sharegpt_output_len=cfg.sharegpt_output_len,
+                                  custom_output_len=cfg.custom_output_len)
+        texts = [ids for ids, _ in pairs]
+        entries = retime([TraceEntry(0.0, len(ids), out, None) for ids, out in pairs],
+                         arrival or GammaArrivals(math.inf), seed=cfg.seed)
+    elif cfg.dataset_name == "random":
         entries = retime(random_entries(cfg.num_prompts or 1000, cfg.random_input_len, cfg.random_output_len,
                                         cfg.random_range_ratio, cfg.seed), arrival or GammaArrivals(math.inf),
                          seed=cfg.seed)
@@ -203,7 +215,10 @@ def prepare(cfg: BenchConfig) -> Workload:
     rng = np.random.default_rng(cfg.seed)
     requests = []
     for i, (e, slo) in enumerate(zip(entries, slos, strict=True)):
-        ids = rng.integers(PROMPT_ID_LOW, PROMPT_ID_HIGH + 1, size=e.prompt_len).tolist()
+        if texts is not None:
+            ids = texts[i][:e.prompt_len]       # truncated to the context like the trace's lengths
+        else:
+            ids = rng.integers(PROMPT_ID_LOW, PROMPT_ID_HIGH + 1, size=e.prompt_len).tolist()
         requests.append(BenchRequest(f"bench-{i}", e.arrival, ids, e.output_len, slo))
     return Workload(entries, requests, base_rate, truncated, model, info)
 

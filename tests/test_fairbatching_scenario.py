@@ -74,3 +74,28 @@ def test_set_aside_puts_the_longest_prompt_behind_when_it_would_make_others_miss
     assert first(set_aside=True)[:2] == ["B", "C"]
     assert first(set_aside=False)[0] == "A"
     assert first(set_aside=True, late_deadline_factor=1e9)[:2] == ["B", "C"]
+
+
+@pytest.mark.parametrize("budget", [0.6, 1.0])
+def test_kv_pressure_shortens_steps(budget: float) -> None:
+    """With the KV cache past kv_pressure_usage, a step lasts at most kv_pressure_budget x
+    the tightest pace, so decodes finish and free blocks sooner (1.0: the pace, as without
+    pressure)."""
+    pace = 0.1
+    cfg = SchedulerConfig(max_model_len=2048, kv_pressure_usage=0.9, kv_pressure_budget=budget)
+    prompt = 64   # 19 requests of 64 + 15 tokens take 5 blocks each: 95 of 100 blocks
+    sched = make_scheduler("fairbatching", cfg, BlockAllocator(100), MODEL)
+    inst = Instance(sched, SimExecutor(MODEL))
+    for i in range(19):
+        inst.add(Request(f"r{i}", 0.0, prompt, 15, SLO(ttft=5.0, tpot=pace)), 0.0)
+    now = 0.0
+    budgets = []
+    while inst.has_work():
+        decoding = len(sched.running) == 19 and all(r.generated for r in sched.running)
+        plan, result, _ = inst.step(now)
+        now += result.duration
+        if decoding:
+            budgets.append(plan.time_budget)
+    # the first decode step starts at 76 of 100 blocks (prompts only), the rest at 95
+    assert budgets[0] == pytest.approx(pace)
+    assert len(budgets) >= 10 and all(b == pytest.approx(budget * pace) for b in budgets[1:])

@@ -65,6 +65,11 @@ class SchedulerConfig:
     # of the shared late test, which the other policies do not have: docs/RESULTS.md
     # reports FairBatching with and without it)
     set_aside: bool = True
+    # fairbatching: once more than kv_pressure_usage of the KV blocks are in use, steps
+    # last at most kv_pressure_budget x the tightest pace (1: off), so decodes finish and
+    # free blocks sooner than preemption would (docs/ALGORITHM.md)
+    kv_pressure_usage: float = 0.9
+    kv_pressure_budget: float = 0.6
     # pace tokens this fraction inside the TPOT SLO: room for steps that overrun the
     # step-time model, which FairBatching (filling every step to its deadline) has none of
     tpot_margin: float = 0.0
@@ -84,6 +89,9 @@ class SchedulerConfig:
             raise ValueError(f"prefill_work_weight must be >= 0, got {self.prefill_work_weight}")
         if not (self.late_deadline_factor > 0 and self.failed_decode_gap > 0):
             raise ValueError("late_deadline_factor and failed_decode_gap must be positive")
+        if not (0.0 < self.kv_pressure_usage <= 1.0 and 0.0 < self.kv_pressure_budget <= 1.0):
+            raise ValueError("kv_pressure_usage and kv_pressure_budget must be in (0, 1], got "
+                             f"{self.kv_pressure_usage}, {self.kv_pressure_budget}")
         if not self.qoserve_safety_factor >= 1.0:
             raise ValueError(f"qoserve_safety_factor must be >= 1, got {self.qoserve_safety_factor}")
         if not self.qoserve_priority_weight >= 0.0:

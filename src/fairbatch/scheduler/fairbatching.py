@@ -67,6 +67,7 @@ class FairBatchingScheduler(Scheduler):
         self._step_now = 0.0
         w = config.prefill_work_weight
         self._work_weight = w if w is not None else (0.008 if self.late is Late.SERVE else 0.0)
+        self._kv_pressure_free = (1.0 - config.kv_pressure_usage) * allocator.num_blocks
         self.latency_model_changed()
 
     def latency_model_changed(self) -> None:
@@ -141,6 +142,11 @@ class FairBatchingScheduler(Scheduler):
             T = min_deadline - now
             if cfg.time_budget_rule == "max-slack-tpot" and min_tpot > T:
                 T = min_tpot
+            # KV nearly full: shorter steps, so running requests finish and free their
+            # blocks sooner instead of being preempted and recomputed
+            a = self.allocator
+            if a.num_free < self._kv_pressure_free:
+                T = min(T, cfg.kv_pressure_budget * min_tpot)
             T = min(max(T, cfg.time_budget_min), cfg.time_budget_max)
         else:
             T = cfg.time_budget_max
@@ -321,11 +327,11 @@ class FairBatchingScheduler(Scheduler):
         while not self._grow(req, num_tokens):
             in_plan = {id(r) for r, _ in plan.chunks}
             victim = None
-            best = (slack, req.admitted_at)
+            best = (req.relegated, slack, req.admitted_at)
             for r in self.running:
                 if r is req or id(r) in in_plan:
                     continue
-                key = (self._slack(r), r.admitted_at)
+                key = (r.relegated, self._slack(r), r.admitted_at)
                 if key > best:
                     best, victim = key, r
             if victim is None:

@@ -108,7 +108,10 @@ class EngineExecutor:
                          ) -> dict[str, list] | None:
         """The sampled tokens' logprobs from the raw logits (vLLM's default
         ``logprobs_mode``: before penalties, temperature and filters)."""
-        want = [i for i, r in enumerate(reqs) if params_of(r).logprobs is not None]
+        params = [params_of(r) for r in reqs]
+        if all(p.plain for p in params):
+            return None
+        want = [i for i, p in enumerate(params) if p.logprobs is not None]
         if not want:
             return None
         idx = torch.tensor(want, device=logits.device)
@@ -120,9 +123,12 @@ class EngineExecutor:
         """For each chunk of a request that wants prompt logprobs: (request, first hidden
         row of the chunk, first and last+1 prompt position it scores). The hidden state at
         position ``p`` scores prompt token ``p + 1``."""
+        chunks = plan.chunks
+        if all(params_of(req).plain for req, _ in chunks):
+            return None
         out = []
         row = 0
-        for req, k in plan.chunks:
+        for req, k in chunks:
             p = params_of(req).prompt_logprobs
             c = req.num_computed
             if p is not None:

@@ -38,6 +38,10 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    # Nothing beyond temperature / top-k / top-p / seed: the engine's per-step checks for
+    # logits processing and logprobs pass such requests at one attribute read. Set at
+    # construction: parameters are not changed once made (as vLLM's).
+    plain: bool = field(init=False, repr=False, compare=False, default=True)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -65,6 +69,8 @@ class SamplingParams:
             v = getattr(self, name)
             if v is not None and not 0 <= v <= MAX_LOGPROBS:
                 raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}], got {v}")
+        self.plain = not (self.edits_logits or self.min_p or self.logprobs is not None
+                          or self.prompt_logprobs is not None)
 
     @property
     def greedy(self) -> bool:

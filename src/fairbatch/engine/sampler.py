@@ -40,7 +40,7 @@ class Sampler:
             return []
         params = [params_of(r) for r in reqs]
         greedy = [p.greedy for p in params]
-        if any(p.edits_logits for p in params):
+        if not all(p.plain for p in params) and any(p.edits_logits for p in params):
             logits = process(logits, reqs, params, stop_sets)
         if all(greedy):
             return logits.argmax(dim=-1).tolist()
@@ -49,7 +49,7 @@ class Sampler:
         temps = torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)],
                              dtype=torch.float32, device=dev)
         scaled = logits / temps[:, None]
-        if any(p.min_p > 0 and not g for p, g in zip(params, greedy)):
+        if not all(p.plain for p in params) and any(p.min_p > 0 and not g for p, g in zip(params, greedy)):
             scaled = apply_min_p(scaled, [0.0 if g else p.min_p for p, g in zip(params, greedy)])
         sorted_logits, order = scaled.sort(dim=-1, descending=True)
         ks = [p.top_k if p.top_k > 0 and not g else V for p, g in zip(params, greedy)]

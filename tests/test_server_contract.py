@@ -104,6 +104,12 @@ def test_booleans_are_strict(http, field, value):
     assert field in error_of(r)
 
 
+@pytest.mark.parametrize("field, value", [("temperature", True), ("top_p", "0.5"), ("slo", {"ttft_ms": False})])
+def test_numbers_are_strict(http, field, value):
+    r = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, field: value})
+    assert r.status_code == 400 and field in error_of(r), r.text
+
+
 def test_chat_booleans_are_strict(http):
     r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
                                                 "add_generation_prompt": "false"})

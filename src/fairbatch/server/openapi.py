@@ -67,7 +67,7 @@ def document_errors(app: FastAPI, *, body_errors: Sequence[int] = BODY_ERRORS,
                     responses.setdefault(str(code), {"description": DESCRIPTIONS.get(code, "Error"), "content": ref})
                 ok = responses.get("200")
                 if ok is not None and path in streaming:
-                    ok.setdefault("content", {})["text/event-stream"] = {"schema": {"type": "string"}}
+                    ok.setdefault("content", {})["text/event-stream"] = {}   # SSE: events of the JSON above
                 if ok is not None and path in plain_text:
                     ok["content"] = {"text/plain": {"schema": {"type": "string"}}}
         app.openapi_schema = schema

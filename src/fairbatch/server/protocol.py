@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
 
 from fairbatch.server.unsupported import CHAT, COMMON, COMPLETIONS, refused_field
 
@@ -44,8 +44,8 @@ class SLOField(_Body):
     """Per-request latency objectives (milliseconds), overriding the server's defaults.
     ``class`` names the SLO class the request is counted under in /metrics."""
 
-    ttft_ms: Optional[float] = Field(default=None, ge=MIN_SLO_MS, le=1e9)
-    tpot_ms: Optional[float] = Field(default=None, ge=MIN_SLO_MS, le=1e9)
+    ttft_ms: Optional[StrictFloat] = Field(default=None, ge=MIN_SLO_MS, le=1e9)
+    tpot_ms: Optional[StrictFloat] = Field(default=None, ge=MIN_SLO_MS, le=1e9)
     slo_class: Optional[StrictStr] = Field(default=None, alias="class", max_length=64)
 
     @field_validator("ttft_ms", "tpot_ms")
@@ -64,8 +64,8 @@ class StreamOptions(_Body):
 class _Sampling(_Body):
     model: Optional[StrictStr] = None
     max_tokens: Optional[StrictInt] = Field(default=None, ge=1, le=I64_MAX)
-    temperature: Optional[float] = Field(default=None, ge=0, le=1e6)
-    top_p: Optional[float] = Field(default=None, gt=0, le=1)
+    temperature: Optional[StrictFloat] = Field(default=None, ge=0, le=1e6)
+    top_p: Optional[StrictFloat] = Field(default=None, gt=0, le=1)
     top_k: Optional[StrictInt] = Field(default=None, ge=-1, le=I64_MAX)
     seed: Optional[StrictInt] = Field(default=None, ge=-I64_MAX, le=I64_MAX)
     n: StrictInt = Field(default=1, ge=1, le=MAX_CHOICES)
@@ -77,14 +77,14 @@ class _Sampling(_Body):
     priority: StrictInt = Field(default=0, ge=-(2**31), le=2**31 - 1)
     slo: Optional[SLOField] = None
     user: Optional[StrictStr] = None
-    presence_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
-    frequency_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
-    logit_bias: Optional[dict[str, float]] = None
+    presence_penalty: Optional[StrictFloat] = Field(default=None, ge=-2, le=2)
+    frequency_penalty: Optional[StrictFloat] = Field(default=None, ge=-2, le=2)
+    logit_bias: Optional[dict[str, StrictFloat]] = None
     best_of: Optional[StrictInt] = Field(default=None, ge=1, le=MAX_CHOICES)
     # vLLM's sampling extensions (their meaning: engine/params.py SamplingParams)
     min_tokens: StrictInt = Field(default=0, ge=0, le=I64_MAX)
-    repetition_penalty: Optional[float] = Field(default=None, gt=0, le=1e6)
-    min_p: Optional[float] = Field(default=None, ge=0, le=1)
+    repetition_penalty: Optional[StrictFloat] = Field(default=None, gt=0, le=1e6)
+    min_p: Optional[StrictFloat] = Field(default=None, ge=0, le=1)
     allowed_token_ids: Optional[list[TokenId]] = Field(default=None, min_length=1, max_length=1 << 20)
     prompt_logprobs: Optional[StrictInt] = Field(default=None, ge=0, le=20)
     include_stop_str_in_output: StrictBool = False

@@ -6,8 +6,10 @@
 Starts ``fairbatch serve --model tiny-llama --load-format dummy --cpu-threads 1`` (engine
 in its own process, as deployed) on 127.0.0.1. A victim client streams a long completion
 and records when each token event arrives; first alone ("quiet"), then while an abuser
-sends, one after another, the bodies below ("abuse"). Reported: the victim's median, p99
-and longest gap between events in each phase, and each abusive body's status and time.
+sends, one after another, the bodies below ("abuse": from a little before the first body to
+a little after the last; "while_bodies_arrive": from the first body's send to the last
+one's answer). Reported: the victim's median, p99 and longest gap between events in each,
+each gap over 30 ms with the body in flight then, and each abusive body's status and time.
 
 Bodies: the largest list of token ids under the body limit; the same as text; a 60 MB
 list of token ids (the issue's: parsed and validated before the old limit refused it);
@@ -111,10 +113,13 @@ async def main_async(url: str, limit: int, max_tokens: int, only: list[int] | No
     await started.wait()                              # the victim streams before the abuse starts
     go.set()
     results = await loop.run_in_executor(None, q.get)
-    p.join()
     stop.set()
     loud = await stream
-    return {"quiet": gaps_ms(quiet), "abuse": gaps_ms(loud), "long_gaps": long_gaps(loud, results),
+    p.join()                                          # after the victim: joining blocks this loop
+    t0, t1 = results[0]["window"][0], results[-1]["window"][1]
+    during = [[t for t in times if t0 <= t <= t1] for times in loud]
+    return {"quiet": gaps_ms(quiet), "abuse": gaps_ms(loud), "while_bodies_arrive": gaps_ms(during),
+            "long_gaps": long_gaps(loud, results),
             "bodies": [{k: v for k, v in r.items() if k != "window"} for r in results]}
 
 

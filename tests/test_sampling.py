@@ -178,3 +178,22 @@ def test_prompt_logprobs_across_prefill_chunks(llm):
         assert [t for t, _, _ in x] == [t for t, _, _ in y]
         assert [lp for _, lp, _ in x] == pytest.approx([lp for _, lp, _ in y], abs=1e-4)
     assert a.token_ids == b.token_ids
+
+
+def test_vllm_style_outputs_and_n(llm):
+    """``out.outputs[i]`` as vLLM's LLM.generate returns them: n samples per prompt (a
+    seeded request's j-th sample seeded seed + j), logprobs as {id: Logprob}."""
+    sp = SamplingParams(max_tokens=6, temperature=1.0, seed=7, n=3, logprobs=1, ignore_eos=True)
+    [out] = llm.generate("hello", sp)
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert out.outputs[0].token_ids == out.token_ids and out.outputs[0].text == out.text
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1          # different seeds, different samples
+    [again] = llm.generate("hello", sp)
+    assert [c.token_ids for c in again.outputs] == [c.token_ids for c in out.outputs]
+    c = out.outputs[1]
+    assert len(c.logprobs) == 6 and all(next(iter(d)) == t for d, t in zip(c.logprobs, c.token_ids))
+    assert c.cumulative_logprob == pytest.approx(sum(d[t].logprob for d, t in zip(c.logprobs, c.token_ids)))
+    assert c.finish_reason == "length" and c.stop_reason is None and out.finished
+    stopped = llm.generate([[5, 6]], SamplingParams(max_tokens=8, temperature=0, allowed_token_ids=[40, 41],
+                                                    logit_bias={41: 50.0}, stop_token_ids=[41]))[0].outputs[0]
+    assert stopped.finish_reason == "stop" and stopped.stop_reason == 41

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from fairbatch.engine.executor import EngineExecutor
 from fairbatch.engine.kv_cache import KVCache
 from fairbatch.engine.model import TORCH_DTYPES, CausalLM
 from fairbatch.engine.ops import make_ops
+from fairbatch.engine.outputs import CompletionOutput, logprob_dicts
 from fairbatch.engine.params import RequestOutput, SamplingParams
 from fairbatch.engine.sampler import Sampler
 from fairbatch.engine.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
@@ -214,8 +215,19 @@ class LLM:
             sps = list(sampling_params)
             if len(sps) != len(prompts):
                 raise ValueError(f"{len(sps)} sampling params for {len(prompts)} prompts")
-        reqs = [self.make_request(p, sp) for p, sp in zip(prompts, sps)]
-        return self.run([(0.0, r) for r in reqs], progress=progress)
+        # n samples of a prompt are n requests; a seeded one's j-th gets seed + j, as vLLM's
+        reqs = [[self.make_request(p, replace(sp, seed=sp.seed + j) if j and sp.seed is not None else sp)
+                 for j in range(sp.n)] for p, sp in zip(prompts, sps)]
+        outs = iter(self.run([(0.0, r) for group in reqs for r in group], progress=progress))
+        results = []
+        for group in reqs:
+            samples = [next(outs) for _ in group]
+            first = samples[0]
+            first.outputs = [s.outputs[0] for s in samples]
+            for j, c in enumerate(first.outputs):
+                c.index = j
+            results.append(first)
+        return results
 
     def make_request(self, prompt: str | Sequence[int], sp: SamplingParams, *, slo: SLO | None = None,
                      request_id: str | None = None) -> Request:
@@ -317,8 +329,16 @@ class LLM:
             lp = logprobs.sampled.get(req.request_id, []) if logprobs else []
         if sp is not None and sp.prompt_logprobs is not None:
             plp = logprobs.prompt.get(req.request_id, [None]) if logprobs else [None]
+        text = self.tokenizer.decode(req.output_token_ids)
+        stop_reason = None
+        if req.finish_reason == "stop" and sp is not None and req.output_token_ids \
+                and req.output_token_ids[-1] in sp.stop_token_ids:
+            stop_reason = req.output_token_ids[-1]
+        completion = CompletionOutput(
+            0, text, list(req.output_token_ids), sum(e[0][1] for e in lp) if lp is not None else None,
+            logprob_dicts(lp, self.tokenizer.decode), req.finish_reason, stop_reason)
         return RequestOutput(
-            logprobs=lp, prompt_logprobs=plp,
+            logprobs=lp, prompt_logprobs=plp, outputs=[completion],
             request_id=req.request_id, prompt=req.user_data if isinstance(req.user_data, str) else None,
             prompt_token_ids=list(req.prompt_token_ids or []), text=self.tokenizer.decode(req.output_token_ids),
             token_ids=list(req.output_token_ids), finish_reason=req.finish_reason, arrival=req.arrival,

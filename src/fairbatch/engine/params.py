@@ -23,6 +23,7 @@ class SamplingParams:
     ``logprobs_mode`` does."""
 
     max_tokens: int = 16
+    n: int = 1                     # samples per prompt (the offline LLM; the server has its own n)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -46,6 +47,8 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
         if not self.temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -116,6 +119,13 @@ class RequestOutput:
     # rank), ...]``, the token first, then the top k (prompt position 0: None)
     logprobs: list | None = None
     prompt_logprobs: list | None = None
+    # vLLM's view: one CompletionOutput per sample (SamplingParams.n), ``outputs[0]`` the
+    # sample the fields above describe (engine/outputs.py)
+    outputs: list = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
 
     @property
     def ttft(self) -> float | None:

@@ -157,6 +157,8 @@ def test_stop_string_reason_include_and_metrics(http, server):
     ("/v1/chat/completions", {"top_logprobs": 2}, "logprobs"),
     ("/v1/chat/completions", {"structured_outputs": {"choice": ["a"]}}, "structured_outputs"),
     ("/v1/chat/completions", {"continue_final_message": True}, "continue_final_message"),
+    ("/v1/completions", {"add_special_tokens": False}, "add_special_tokens"),
+    ("/v1/chat/completions", {"add_special_tokens": True}, "add_special_tokens"),
 ])
 def test_unsupported_or_invalid_is_a_clear_400(http, path, body, word):
     base = {"prompt": "x"} if "chat" not in path else {"messages": [{"role": "user", "content": "x"}]}

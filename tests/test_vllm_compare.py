@@ -220,7 +220,8 @@ def test_metric_names_are_vllms(servers):
               "vllm:request_decode_time_seconds_sum", "vllm:request_prompt_tokens_sum",
               "vllm:request_generation_tokens_sum", "vllm:iteration_tokens_total_sum", "vllm:cache_config_info",
               "vllm:num_requests_running", "vllm:kv_cache_usage_perc", "vllm:time_to_first_token_seconds_sum",
-              "vllm:e2e_request_latency_seconds_sum", "vllm:request_success_total", "vllm:num_preemptions_total"}
+              "vllm:e2e_request_latency_seconds_sum", "vllm:request_success_total", "vllm:num_preemptions_total",
+              "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total"}
     assert wanted <= names(theirs.text)
     assert wanted <= names(ours.text)
 

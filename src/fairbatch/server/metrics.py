@@ -104,6 +104,13 @@ class ServerMetrics:
         self.req_preemptions = Histogram(p + "request_num_preemptions", "Preemptions of each finished request.",
                                          lab, buckets=PREEMPTION_BUCKETS, registry=r)
         self._scheduled: dict[str, float] = {}      # request id -> first scheduled, until it ends
+        # vLLM's prefix-cache counters, for dashboards that plot the hit rate: this engine
+        # has no prefix cache, so every prompt token is a query and none is a hit
+        self.prefix_cache_queries = Counter(p + "prefix_cache_queries", "Prompt tokens looked up in the prefix "
+                                            "cache (every one: there is none).", lab, registry=r)
+        self.prefix_cache_hits = Counter(p + "prefix_cache_hits", "Prompt tokens found in the prefix cache "
+                                         "(always 0: there is none).", lab, registry=r)
+        self.prefix_cache_hits.labels(model_name)    # exported at 0 from the start
         self.slo_requests = Counter(p + "slo_requests", "Requests counted for SLO attainment: finished, and "
                                     "refused for lateness (late=reject; each a miss).",
                                     lab + ["slo_class"], registry=r)
@@ -129,6 +136,7 @@ class ServerMetrics:
     # --- events (event loop thread) --------------------------------------------------------
     def on_arrival(self, req: Request) -> None:
         self._prompt_tokens.inc(req.prompt_len)
+        self.prefix_cache_queries.labels(self.model_name).inc(req.prompt_len)
 
     def on_tokens(self, req: Request, start: int, end: int) -> None:
         """Output tokens ``start..end-1`` of ``req`` were just produced."""

@@ -36,6 +36,7 @@ COMMON: dict[str, tuple[Any, ...]] = {
 }
 COMPLETIONS: dict[str, tuple[Any, ...]] = {
     "response_format": _OFF,
+    "add_special_tokens": (None, True),     # vLLM's default here: the tokenizer's BOS is added
 }
 CHAT: dict[str, tuple[Any, ...]] = {
     "chat_template": _OFF,
@@ -47,6 +48,7 @@ CHAT: dict[str, tuple[Any, ...]] = {
     "audio": _OFF, "prediction": _OFF,
     "modalities": (None, [], ["text"]),
     "parallel_tool_calls": (None, True, False),
+    "add_special_tokens": (None, False),    # vLLM's default here: the template writes its own
 }
 
 

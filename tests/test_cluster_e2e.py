@@ -175,7 +175,7 @@ def test_cluster_two_cpu_replicas_bench_and_clean_shutdown(launcher, tmp_path) -
     port = free_port("127.0.0.1")
     cmd = FAIRBATCH + ["cluster", "--replicas", "2", "--launcher", launcher, "--port", str(port),
                        "--log-dir", str(tmp_path / "logs"), "--poll-interval", "0.05", "--log-level", "warning",
-                       "--router", "least_requests", *SERVE]
+                       "--router", "least_requests", "--backend-details", *SERVE]   # pids in /backends
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
                             start_new_session=True)
     lines: list[str] = []
@@ -187,7 +187,7 @@ def test_cluster_two_cpu_replicas_bench_and_clean_shutdown(launcher, tmp_path) -
         wait_for(lambda: any("routing over 2 replica(s)" in x for x in lines) or proc.poll() is not None, 150,
                  "the cluster to start")
         assert proc.poll() is None, "".join(lines)
-        wait_for(lambda: httpx.get(url + "/health", timeout=2).json().get("healthy_backends") == 2, 30,
+        wait_for(lambda: httpx.get(url + "/health", timeout=10).json().get("healthy_backends") == 2, 120,
                  "both replicas healthy")
         backends = httpx.get(url + "/backends", timeout=5).json()["backends"]
         pids = [b["pid"] for b in backends]

@@ -3,26 +3,30 @@ one byte-level BPE tokenizer), same requests: the same fields, the same shapes, 
 kind of answer (200 or 400). Values differ (each draws its own random weights); what is
 compared is what a vLLM client reads.
 
-Opt-in, since vLLM's CPU server takes a minute or two to start: set
-``FAIRBATCH_VLLM_PYTHON`` to the python of a venv with vLLM's CPU build (``bash
-ci/vllm-setup.sh`` makes one; ``FAIRBATCH_VLLM_PYTHON=~/.cache/fairbatch/vllm-venv/bin/python``).
-Skipped otherwise.
+Runs where vLLM is at hand, since its CPU server takes a minute or two to start: under
+the python of the venv ``bash ci/vllm-setup.sh`` makes (``VENV/bin/python -m pytest
+tests/test_vllm_compare.py``, beside the plugin tests), or from any venv with
+``FAIRBATCH_VLLM_PYTHON`` set to that python. Skipped otherwise (the default run).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 VLLM_PYTHON = os.environ.get("FAIRBATCH_VLLM_PYTHON")
+if not VLLM_PYTHON and importlib.util.find_spec("vllm") is not None:
+    VLLM_PYTHON = sys.executable          # running inside vLLM's venv
 if not VLLM_PYTHON or not Path(VLLM_PYTHON).expanduser().exists():
-    pytest.skip("FAIRBATCH_VLLM_PYTHON (a venv with vLLM's CPU build) not set", allow_module_level=True)
+    pytest.skip("no vLLM: run under its venv's python or set FAIRBATCH_VLLM_PYTHON", allow_module_level=True)
 pytest.importorskip("tokenizers")
 pytest.importorskip("torch")
 httpx = pytest.importorskip("httpx")

@@ -215,20 +215,35 @@ class StreamingSummary:
         return summarize_columns(self, duration=duration, percentiles=percentiles)
 
     def exact_tokens(self) -> tuple[F64, npt.NDArray[np.int64], F64, npt.NDArray[np.int64]]:
-        """(token times, their request, gaps, their request) in request order: exact mode."""
+        """(token times, their request, gaps, their request), exact mode. Gaps come in
+        request order, as ``summarize`` pools them (their mean and std depend on the
+        order to the last bit); token times in any (they are only counted)."""
         def cat(parts):
             if not parts:
                 return np.zeros(0), np.zeros(0, np.int64)
-            v = np.concatenate([p[0] for p in parts])
-            r = np.concatenate([p[1] for p in parts])
-            if len(r) > 1 and not (r[1:] >= r[:-1]).all():
-                order = np.argsort(r, kind="stable")   # finish order -> request order
-                v, r = v[order], r[order]
-            return v, r
-        return (*cat(self._tok), *cat(self._gap))
+            return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+        tok, tok_rec = cat(self._tok)
+        gap, gap_rec = cat(self._gap)
+        if len(gap_rec) > 1 and not (gap_rec[1:] >= gap_rec[:-1]).all():
+            order = _runs_in_order(gap_rec)   # finish order -> request order
+            gap, gap_rec = gap[order], gap_rec[order]
+        return tok, tok_rec, gap, gap_rec
 
     def class_names(self) -> list[str]:
         names = [""] * len(self.classes)
         for name, code in self.classes.items():
             names[code] = name
         return names
+
+
+def _runs_in_order(rec: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """The permutation that sorts ``rec`` (runs of one request each, requests unique) by
+    request, keeping each run's order: one sort of the runs, not of every element."""
+    starts = np.concatenate([[0], np.flatnonzero(rec[1:] != rec[:-1]) + 1])
+    lengths = np.diff(np.append(starts, len(rec)))
+    by_request = np.argsort(rec[starts], kind="stable")
+    lens = lengths[by_request]
+    # the k-th element of the output is element j of run r: starts[r] + j
+    first = np.repeat(starts[by_request] - (np.cumsum(lens) - lens), lens)
+    return first + np.arange(len(rec), dtype=np.int64)

@@ -197,3 +197,19 @@ def test_vllm_style_outputs_and_n(llm):
     stopped = llm.generate([[5, 6]], SamplingParams(max_tokens=8, temperature=0, allowed_token_ids=[40, 41],
                                                     logit_bias={41: 50.0}, stop_token_ids=[41]))[0].outputs[0]
     assert stopped.finish_reason == "stop" and stopped.stop_reason == 41
+
+
+def test_stop_strings_end_offline_requests_early(llm):
+    letters = list(range(97, 123))
+    base = dict(max_tokens=16, temperature=0, ignore_eos=True, allowed_token_ids=letters)
+    [full] = llm.generate([[1, 2, 3]], SamplingParams(**base))
+    stop = full.text[4:6]
+    cut = full.text.find(stop)
+    [out] = llm.generate([[1, 2, 3]], SamplingParams(**base, stop=[stop]))
+    c = out.outputs[0]
+    assert c.text == out.text == full.text[:cut] and c.finish_reason == "stop" and c.stop_reason == stop
+    assert len(c.token_ids) < 16 and c.token_ids == full.token_ids[:len(c.token_ids)]    # ended early
+    [kept] = llm.generate([[1, 2, 3]], SamplingParams(**base, stop=stop, include_stop_str_in_output=True))
+    assert kept.text == full.text[:cut + len(stop)]
+    a = llm.engine.allocator
+    assert a.num_free == a.num_blocks and not llm.scheduler.has_work()    # the aborted request freed its KV

@@ -27,6 +27,7 @@ from fairbatch.engine.ops import make_ops
 from fairbatch.engine.outputs import CompletionOutput, logprob_dicts
 from fairbatch.engine.params import RequestOutput, SamplingParams
 from fairbatch.engine.sampler import Sampler
+from fairbatch.engine.stop_strings import StopStrings
 from fairbatch.engine.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 from fairbatch.engine.weights import WeightsError, init_dummy, load_safetensors
 from fairbatch.instance import Instance
@@ -280,6 +281,9 @@ class LLM:
         i = 0
         idle_steps = 0
         logprobs = _Logprobs()
+        stops = StopStrings(self.tokenizer.decode)
+        for req in order:
+            stops.watch(req)
 
         def done(req: Request) -> None:
             if on_finish is not None:
@@ -307,7 +311,11 @@ class LLM:
                 for req in plan.rejected:       # refused while waiting or part-way through its prefill
                     done(req)
                 # tokens are stamped at the real end of the step (scheduling included)
-                finished = inst.end_step(plan, result, clock() - t0)
+                end = clock() - t0
+                finished = inst.end_step(plan, result, end)
+                if stops.watching:
+                    for req in stops.after_step([r for r, _ in plan.chunks], lambda rid: inst.abort(rid, end)):
+                        done(req)
                 if plan.is_empty:
                     idle_steps = 0 if plan.rejected else idle_steps + 1
                     if idle_steps > 10000 and not self.scheduler.running:
@@ -320,7 +328,10 @@ class LLM:
         finally:
             if bar is not None:
                 bar.close()
-        return [self.output_of(r, t0, logprobs) for r in order]
+        outputs = [self.output_of(r, t0, logprobs) for r in order]
+        for req, out in zip(order, outputs):
+            stops.apply(req, out)
+        return outputs
 
     def output_of(self, req: Request, t0: float = 0.0, logprobs: "_Logprobs | None" = None) -> RequestOutput:
         sp = req.sampling if isinstance(req.sampling, SamplingParams) else None

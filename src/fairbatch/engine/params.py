@@ -31,6 +31,10 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    # stop strings: the offline LLM watches them (engine/stop_strings.py); the server's
+    # front end has its own (the request's ``stop``), so it leaves these empty
+    stop: list[str] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
     min_tokens: int = 0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -47,6 +51,9 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if isinstance(self.stop, str):      # vLLM takes one string too
+            self.stop = [self.stop]
+        self.stop = [x for x in self.stop if x]
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
         if not self.temperature >= 0:

@@ -102,7 +102,7 @@ def bench(url: str, args: argparse.Namespace, policy: str, scale: float, work: P
               "tokens_per_step": delta["engine_step_tokens"] / n, "new_triton_kernels": triton_kernels() - kernels}
     return {"scale": scale, "result": r, "engine": engine, "rate": r.get("request_rate"), "completed": r["completed"], "failed": r.get("failed", 0),
             "ttft50": r["median_ttft_ms"], "ttft99": r["p99_ttft_ms"], "tpot50": r["median_tpot_ms"],
-            "tpot99": r["p99_tpot_ms"], "att": r["slo_attainment"], "goodput": r["request_goodput"],
+            "tpot99": r["p99_tpot_ms"], "att": r["slo_attainment"], "goodput": r.get("request_goodput"),
             "wall_s": time.monotonic() - t0}
 
 
@@ -199,7 +199,7 @@ def main() -> None:
             continue
         print(f"{r['policy']:13s} {r['scale']:6g} {r['rate']:6.2f} {r['completed']:5d} {r['failed']:4d} "
               f"{r['ttft50']:7.0f} {r['ttft99']:7.0f} {r['tpot50']:6.1f} {r['tpot99']:6.1f} {r['att']:6.3f} "
-              f"{r['goodput']:7.2f} {r['wall_s']:5.0f} {r['engine']['step_ms']:6.1f} "
+              f"{r['goodput'] if r['goodput'] is not None else float('nan'):7.2f} {r['wall_s']:5.0f} {r['engine']['step_ms']:6.1f} "
               f"{r['engine']['measured_over_predicted']:9.2f} {r['engine']['busy_over_step']:9.2f} "
               f"{r['engine']['busy_over_predicted']:9.2f} "
               f"{r['engine']['new_triton_kernels']:4d}")

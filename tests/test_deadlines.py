@@ -107,3 +107,23 @@ def test_fairbatching_paces_with_its_margin() -> None:
     assert q.pace == 0.05
     with pytest.raises(ValueError, match="tpot_margin"):
         make_scheduler("fairbatching", SchedulerConfig(tpot_margin=1.0), BlockAllocator(100, 16), model)
+
+
+def test_first_token_planned_early_keeps_the_slo() -> None:
+    """A scheduler's TTFT margin moves the first token's planned deadline only: a first
+    token after it but within the SLO is on time, and later deadlines follow the SLO."""
+    from fairbatch.kv import BlockAllocator
+    from fairbatch.latency.linear import LinearLatencyModel
+    from fairbatch.scheduler import SchedulerConfig, make_scheduler
+
+    sched = make_scheduler("qoserve", SchedulerConfig(ttft_margin=0.3), BlockAllocator(100),
+                           LinearLatencyModel(a=0.01, b=1e-4))
+    r = Request("a", 10.0, 100, 5, SLO(1.0, 0.1))
+    sched.add(r, 10.0)
+    assert r.next_deadline() == pytest.approx(10.7)
+    r.record_token(10.9)                 # past the planned deadline, inside the SLO
+    assert not r.ttft_missed
+    assert r.next_deadline() == pytest.approx(11.0)
+    tight = Request("b", 10.0, 100, 5, SLO(0.2, 0.1))
+    sched.add(tight, 10.0)
+    assert tight.next_deadline() == pytest.approx(10.1)   # at most half the TTFT

@@ -128,6 +128,13 @@ class Request:
         self.arrival = float(arrival)
         self.deadline = self.arrival + self.slo.ttft
 
+    def plan_first_token_early(self, lead: float) -> None:
+        """Schedule the first token ``lead`` seconds before its TTFT deadline (a host's
+        margin for delivering it); the SLO, and what counts as missing it, are unchanged."""
+        if self.generated:
+            raise ValueError(f"request {self.request_id}: the first token already exists")
+        self.deadline = self.arrival + self.slo.ttft - lead
+
     def set_pace(self, interval: float) -> None:
         """Space this request's token deadlines ``interval`` apart instead of its TPOT SLO
         (a policy's safety margin). Only before its first token: the deadlines after it are
@@ -181,7 +188,7 @@ class Request:
         first_token_time)`` (TPOT-safe), fixed once the first token exists."""
         if self.generated == 0:
             self.first_token_time = now
-            env0 = self.deadline                     # arrival + ttft
+            env0 = self.arrival + self.slo.ttft     # (the planned deadline may be earlier)
             self.ttft_missed = now > env0
             base = now if (self._safe and now < env0) else env0
             self.deadline = base + self.pace

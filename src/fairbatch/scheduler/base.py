@@ -70,6 +70,10 @@ class SchedulerConfig:
     # free blocks sooner than preemption would (docs/ALGORITHM.md)
     kv_pressure_usage: float = 0.9
     kv_pressure_budget: float = 0.6
+    # every policy: plan first tokens this many seconds before their TTFT deadline, room
+    # for what a server adds after the step (IPC, detokenizing, streaming); at most half
+    # the TTFT. The SLO is unchanged (docs/ALGORITHM.md, "The served stack")
+    ttft_margin: float = 0.0
     # pace tokens this fraction inside the TPOT SLO: room for steps that overrun the
     # step-time model, which FairBatching (filling every step to its deadline) has none of
     tpot_margin: float = 0.0
@@ -89,6 +93,8 @@ class SchedulerConfig:
             raise ValueError(f"prefill_work_weight must be >= 0, got {self.prefill_work_weight}")
         if not (self.late_deadline_factor > 0 and self.failed_decode_gap > 0):
             raise ValueError("late_deadline_factor and failed_decode_gap must be positive")
+        if not self.ttft_margin >= 0.0:
+            raise ValueError(f"ttft_margin must be >= 0, got {self.ttft_margin}")
         if not (0.0 < self.kv_pressure_usage <= 1.0 and 0.0 < self.kv_pressure_budget <= 1.0):
             raise ValueError("kv_pressure_usage and kv_pressure_budget must be in (0, 1], got "
                              f"{self.kv_pressure_usage}, {self.kv_pressure_budget}")
@@ -170,6 +176,8 @@ class Scheduler(ABC):
                 f"request {req.request_id}: {total} tokens need more KV blocks than the cache has "
                 f"({self.allocator.num_blocks} blocks of {self.allocator.block_size})")
         req.state = RequestState.WAITING
+        if self.config.ttft_margin and not req.generated:
+            req.plan_first_token_early(min(self.config.ttft_margin, 0.5 * req.slo.ttft))
         self._by_id[req.request_id] = req
         if self.late is not Late.SERVE and self._watch(req, now, arriving=True):
             return   # refused (state REJECTED) or relegated at arrival

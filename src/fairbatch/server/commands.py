@@ -155,6 +155,10 @@ def register(app: typer.Typer) -> None:
                                                    "SLO: room for steps that overrun the step-time model "
                                                    "(a real engine's do; the simulator's do not, its "
                                                    "default is 0).")] = 0.1,
+        ttft_margin: Annotated[float, typer.Option(help="Every policy plans first tokens this many seconds "
+                                                   "before their TTFT deadline: room for what the server "
+                                                   "adds after the step (IPC, detokenizing, streaming; "
+                                                   "docs/ALGORITHM.md). At most half a request's TTFT.")] = 0.1,
         engine_thread: Annotated[bool, typer.Option(help="Run the engine on a thread of the server process "
                                                     "instead of its own process (slower under load).")] = False,
         metrics_prefix: Annotated[str, typer.Option(help="Prefix of the /metrics names: 'vllm' publishes them as "
@@ -191,6 +195,9 @@ def register(app: typer.Typer) -> None:
         if not 0.0 <= tpot_margin < 1.0:
             raise fail("--tpot-margin must be in [0, 1)")
         options.setdefault("tpot_margin", tpot_margin)
+        if not ttft_margin >= 0.0:
+            raise fail("--ttft-margin must be >= 0")
+        options.setdefault("ttft_margin", ttft_margin)
         if late is not None:
             from fairbatch.scheduler.late import Late
 

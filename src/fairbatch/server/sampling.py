@@ -22,9 +22,12 @@ def logprobs_count(body: Any) -> int | None:
 
 
 def prompt_logprobs_count(body: Any) -> int | None:
+    """``prompt_logprobs``, or with ``echo`` and none given, ``logprobs`` (vLLM's rule:
+    echoed prompt tokens carry logprobs too)."""
     k = body.prompt_logprobs
-    if getattr(body, "echo", False) is True and isinstance(body.logprobs, int) and not isinstance(body.logprobs, bool):
-        k = max(k or 0, body.logprobs)     # echoed prompt tokens carry logprobs too
+    lp = body.logprobs
+    if k is None and getattr(body, "echo", False) is True and isinstance(lp, int) and not isinstance(lp, bool):
+        k = lp
     return k
 
 

@@ -63,7 +63,7 @@ def run_one(args: argparse.Namespace, router: str) -> dict:
         "prepare_s": round(t_prep, 2), "sim_wall_s": round(res.wall_time, 1),
         "sim_cpu_s_this_process": round(time.process_time() - c0, 1), "summary_s": round(t_sum, 2),
         "us_per_request": round(1e6 * res.wall_time / max(len(work), 1), 1),
-        "peak_rss_gb": round(max(self_rss, child_rss), 2),
+        "peak_rss_gib": round(max(self_rss, child_rss), 2),
         "simulated_s": round(res.end_time, 1), "steps": sum(res.steps), "preemptions": res.preemptions,
         "unfinished": res.unfinished, "output_tokens": s["total_output_tokens"],
         "slo_attainment": round(s["slo_attainment"], 4), "p99_ttft_ms": round(s["p99_ttft_ms"], 1),
@@ -93,7 +93,7 @@ def main() -> None:
     print(f"{args.requests:,} requests over {args.instances} instances at "
           f"{args.rate_per_instance * args.instances:g} req/s, {args.policy}, jobs {args.jobs}; "
           f"python {platform.python_version()} on {platform.machine()}")
-    print(f"{'router':15s} {'wall s':>7s} {'us/req':>7s} {'peak GB':>8s} {'jobs':>4s} {'steps':>10s} "
+    print(f"{'router':15s} {'wall s':>7s} {'us/req':>7s} {'peak GiB':>8s} {'jobs':>4s} {'steps':>10s} "
           f"{'SLO att':>8s} {'p99 ITL':>8s}")
     for r in routers:
         cmd = [sys.executable, __file__, "--one", "--router", r] + [
@@ -103,7 +103,7 @@ def main() -> None:
             print(f"{r}: failed\n{out.stderr}")
             continue
         row = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{r:15s} {row['sim_wall_s']:7.1f} {row['us_per_request']:7.1f} {row['peak_rss_gb']:8.2f} "
+        print(f"{r:15s} {row['sim_wall_s']:7.1f} {row['us_per_request']:7.1f} {row['peak_rss_gib']:8.2f} "
               f"{row['jobs']:4d} {row['steps']:10d} {row['slo_attainment']:8.4f} {row['p99_itl_ms']:8.2f}"
               + (" (one process: load-aware router)" if row["not_split"] else ""))
         print("  " + json.dumps(row))

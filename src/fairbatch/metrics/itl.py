@@ -28,7 +28,7 @@ from ddsketch import DDSketch
 
 F64 = npt.NDArray[np.float64]
 
-EXACT_LIMIT = 1 << 23             # 8.4M gaps (~200 MB with their record indices and token times)
+EXACT_LIMIT = 1 << 23             # 8.4M gaps (~270 MB with their request indices and token times)
 RELATIVE_ACCURACY = 0.005         # the sketch's guarantee on every percentile
 
 

@@ -1,9 +1,11 @@
 """Pydantic models of the OpenAI request bodies the server accepts.
 
 Field names, types and defaults follow the OpenAI API (and vLLM's extensions where
-OpenAI has none: ``ignore_eos``, ``top_k``, ``stop_token_ids``, ``priority``); ``slo`` is
-ours. Unknown fields are accepted and ignored, as vLLM does, so clients that send other
-servers' extensions still work. Numbers are bounded and must be finite: a value the
+OpenAI has none: ``ignore_eos``, ``top_k``, ``min_p``, ``min_tokens``,
+``repetition_penalty``, ``allowed_token_ids``, ``stop_token_ids``, ``prompt_logprobs``,
+``include_stop_str_in_output``, ``priority``); ``slo`` is ours. Fields this server knows
+and does not implement are refused (``unsupported.py``); unknown ones are accepted and
+ignored, as vLLM does, so clients that send other servers' extensions still work. Numbers are bounded and must be finite: a value the
 engine cannot use is a 400 here, never an error deep in a step.
 
 Responses are built as plain dicts in ``app.py`` (they only ever leave as JSON).

@@ -3,7 +3,11 @@
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with SSE
 streaming and ``stream_options.include_usage``), ``GET /v1/models``, ``GET /health``,
 ``GET /metrics`` (Prometheus), ``GET /load`` (the scheduler's load estimate, for routers),
-``GET /profile`` (the scheduler's current step-time model, loadable by the simulator).
+``GET /profile`` (the scheduler's current step-time model, loadable by the simulator),
+and vLLM's ``/tokenize``, ``/detokenize``, ``/version``, ``/ping`` (``vllm_routes.py``).
+Request fields and answers are vLLM's: its sampling parameters (``sampling.py``),
+logprob shapes (``logprobs.py``), ``stop_reason``; fields it cannot honour are 400s
+(``unsupported.py``).
 
 Robustness rules: every request is validated before it reaches the engine (bad body,
 unknown model, over-long prompt -> 400/404 in OpenAI's error format); a full server

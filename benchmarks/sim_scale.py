@@ -83,7 +83,10 @@ def main() -> None:
     ap.add_argument("--trace", default="azure-conv")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--jobs", type=int, default=1,
-                    help="processes; used only by routers that read no load (round_robin), exactly")
+                    help="split the instances over N processes; exact, and used, only for routers that "
+                         "read no load (round_robin: decisions depend on arrival order alone). "
+                         "least_requests, llumnix and admission read every instance's state at each "
+                         "arrival, so they cannot be split exactly and run in one process")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)   # a child: one router, JSON out
     args = ap.parse_args()
     routers = args.router or list(ROUTERS)

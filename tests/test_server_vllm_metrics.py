@@ -39,6 +39,8 @@ def test_vllm_named_request_metrics(served):
     assert metric(text, "vllm:request_prompt_tokens_sum") == sum(map(len, prompts))
     assert metric(text, "vllm:request_generation_tokens_sum") == 4 * n
     assert metric(text, "vllm:request_success_total", finished_reason="length") == n
+    assert metric(text, "vllm:request_params_n_count") == n and metric(text, "vllm:request_params_n_sum") == n
+    assert metric(text, "vllm:request_max_num_generation_tokens_sum") == 4 * n
     # phases add up: queue + prefill = TTFT, per request and so in sum
     q, pf = metric(text, "vllm:request_queue_time_seconds_sum"), metric(text, "vllm:request_prefill_time_seconds_sum")
     assert q + pf == pytest.approx(metric(text, "vllm:time_to_first_token_seconds_sum"), rel=1e-6, abs=1e-9)
@@ -70,3 +72,15 @@ def test_bad_prefix_is_refused():
 
     with pytest.raises(ValueError, match="prefix"):
         ServerMetrics("m", prefix="vllm:")
+
+
+def test_n_counts_per_prompt_as_vllm(served):
+    http, _ = served
+    before = http.get("/metrics").text
+    r = http.post("/v1/completions", json={"prompt": [[5, 6, 7], [8, 9]], "n": 2, "max_tokens": 3,
+                                            "ignore_eos": True})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 4
+    after = http.get("/metrics").text
+    grew = lambda name: metric(after, name) - metric(before, name)
+    assert grew("vllm:request_params_n_count") == 2 and grew("vllm:request_params_n_sum") == 4
+    assert grew("vllm:request_max_num_generation_tokens_sum") == 6

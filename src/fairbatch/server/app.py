@@ -495,6 +495,9 @@ async def _choices(group: RequestGroup, model: ServedModel, body: _Sampling, ret
             if reason is not None:
                 closed.add(idx)
             yield idx, text, reason, procs
+        metrics = getattr(group.engine, "metrics", None)
+        if metrics is not None:       # every choice finished: vLLM's per-request n and longest output
+            metrics.on_request_done(body.n, [p.num_tokens for p in procs])
     finally:
         group.abort()
 

@@ -37,6 +37,7 @@ E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30
                120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 OBJECTIVES = ("ttft", "tpot", "both", "envelope")
 PREEMPTION_BUCKETS = (1, 2, 3, 4, 5, 10, 20)       # vLLM's request_num_preemptions buckets
+PARAMS_N_BUCKETS = (1, 2, 5, 10, 20)               # vLLM's request_params_n buckets
 
 
 def buckets_1_2_5(limit: int) -> tuple[int, ...]:
@@ -101,6 +102,10 @@ class ServerMetrics:
                                                "request.", lab, buckets=tokens, registry=r)
         self.req_max_tokens = Histogram(p + "request_params_max_tokens", "max_tokens of each finished request.",
                                         lab, buckets=tokens, registry=r)
+        self.req_params_n = Histogram(p + "request_params_n", "n of each finished request.", lab,
+                                      buckets=PARAMS_N_BUCKETS, registry=r)
+        self.req_max_generation = Histogram(p + "request_max_num_generation_tokens", "Longest output of the n "
+                                            "samples of each finished request.", lab, buckets=tokens, registry=r)
         self.req_preemptions = Histogram(p + "request_num_preemptions", "Preemptions of each finished request.",
                                          lab, buckets=PREEMPTION_BUCKETS, registry=r)
         self._scheduled: dict[str, float] = {}      # request id -> first scheduled, until it ends
@@ -180,6 +185,14 @@ class ServerMetrics:
             a[0] += 1
             a[1] += int(ttft_ok and tpot_ok)
             a[2] += int(env_ok)
+
+    def on_request_done(self, n: int, output_tokens: list[int]) -> None:
+        """Every choice of an HTTP request finished: its prompts' ``n`` samples each count
+        as one vLLM request (n, its longest output)."""
+        m = self.model_name
+        for i in range(0, len(output_tokens), n):
+            self.req_params_n.labels(m).observe(n)
+            self.req_max_generation.labels(m).observe(max(output_tokens[i:i + n]))
 
     def _phases(self, req: Request, first: float | None, last: float | None) -> None:
         m = self.model_name

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 import pytest
 
@@ -20,21 +19,17 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from fairbatch.server import ServerThread, build_app, load_served_model  # noqa: E402
+from support import wait_for  # noqa: E402
 
 MODEL = "tiny-llama"
 CONTEXT = 64        # small context: any valid fuzzed request generates at most 63 tokens
 
 
-def wait_idle(app, timeout: float = 15.0) -> None:
+def wait_idle(app) -> None:
     model, engine = app.state.model, app.state.engine
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if model.allocator.num_free == model.allocator.num_blocks and engine.num_active == 0 \
-                and not model.scheduler.has_work():
-            model.allocator.check_invariants()
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"not idle: {model.allocator.num_used} blocks used, {engine.num_active} active")
+    wait_for(lambda: model.allocator.num_free == model.allocator.num_blocks and engine.num_active == 0
+             and not model.scheduler.has_work(), "the server to be idle (every KV block free)")
+    model.allocator.check_invariants()
 
 
 @pytest.fixture(scope="module")

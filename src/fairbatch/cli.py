@@ -142,6 +142,8 @@ def tune(
     from fairbatch.sim.experiment import Scenario
     from fairbatch.sim.tune import print_tune, tune as run_tune, write_tune
 
+    if profile is not None and (why := check.profile_mismatch(profile, model, gpu)):
+        warn(why)
     try:
         values = tuple(int(v) for v in grid.split(",")) if grid else None
     except ValueError:

@@ -64,7 +64,8 @@ def simulate(
     ``keep_requests`` (default): ``requests`` in any order, sorted here by arrival, and all
     kept in the outcome. Otherwise they must come in arrival order (an iterator is fine)
     and are dropped as they leave; ``on_done(i, request)`` sees each one then (finished,
-    refused, or aborted at the end), ``i`` its arrival index, to summarise it.
+    refused, or aborted at the end), ``i`` its arrival index, to summarise it. The loop
+    keeps that index in each request's ``user_data``.
     """
     if not instances:
         raise ValueError("need at least one instance")

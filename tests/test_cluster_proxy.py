@@ -77,6 +77,7 @@ def fake_backend(name: str, budget: float = 10_000.0) -> FastAPI:
     async def handle(request: Request, chat: bool):
         body = await request.json()
         app.state.hits += 1
+        app.state.request_auth = request.headers.get("authorization")
         mode = app.state.mode
         if mode == "busy":
             return JSONResponse({"error": {"message": "at capacity"}}, status_code=503, headers={"Retry-After": "1"})
@@ -520,7 +521,11 @@ def test_router_api_key_and_host_check() -> None:
     assert _asgi(app, calls) == [401, 401, 200, 503, 421]
 
 
-def test_router_polls_with_the_backend_key(make_cluster) -> None:
-    c = make_cluster(1, config=RouterConfig(poll_interval=0.02, poll_timeout=0.5, backend_api_key="bk"))
+def test_router_speaks_to_backends_with_the_backend_key(make_cluster) -> None:
+    c = make_cluster(1, config=RouterConfig(poll_interval=0.02, poll_timeout=0.5, api_key="client-key",
+                                            backend_api_key="bk"))
     wait_for(lambda: c.apps[0].state.load_auth is not None, "a poll")
     assert c.apps[0].state.load_auth == "Bearer bk"
+    r = c.http.post("/v1/completions", json={"prompt": [1], "max_tokens": 2},
+                    headers={"Authorization": "Bearer client-key"})
+    assert r.status_code == 200 and c.apps[0].state.request_auth == "Bearer bk"

@@ -39,7 +39,7 @@ def parse_backends(items: list[str]) -> list[str]:
 
 
 def _router_config(poll_interval: float, poll_timeout: float, *, host: str = "127.0.0.1",
-                   api_key: str | None = None, **options: Any):
+                   api_key: str | None = None, backend_api_key: str | None = None, **options: Any):
     from fairbatch.cluster.proxy import RouterConfig
     from fairbatch.server.access import api_key_from, is_loopback
 
@@ -50,7 +50,8 @@ def _router_config(poll_interval: float, poll_timeout: float, *, host: str = "12
     key = api_key_from(api_key)
     if options.get("max_body_bytes") is None:
         options.pop("max_body_bytes", None)
-    return RouterConfig(poll_interval=poll_interval, poll_timeout=poll_timeout, api_key=key, backend_api_key=key,
+    backend_key = backend_api_key or key
+    return RouterConfig(poll_interval=poll_interval, poll_timeout=poll_timeout, api_key=key, backend_api_key=backend_key,
                         loopback_only=is_loopback(host), **options)
 
 
@@ -65,6 +66,9 @@ def _connection_limits(header_timeout: float, keep_alive_timeout: int, max_conne
 ApiKey = Annotated[Optional[str], typer.Option(envvar=API_KEY_ENV, show_envvar=True, show_default=False,
                                                help="Require Authorization: Bearer KEY on /v1/* (vLLM's "
                                                "--api-key); also sent on the router's polls of the backends.")]
+BackendApiKey = Annotated[Optional[str], typer.Option(envvar="FAIRBATCH_BACKEND_API_KEY", show_envvar=True,
+                                                      show_default=False, help="Key the router sends to the "
+                                                      "backends (polls and requests); default: --api-key.")]
 ApiKeyAdmin = Annotated[bool, typer.Option(help="Require the API key on /metrics, /load and /backends too.")]
 BackendDetails = Annotated[bool, typer.Option(help="/backends also lists pids, node names and log paths.")]
 FailuresToMarkDown = Annotated[int, typer.Option(min=1, help="Consecutive failed polls that mark a backend "
@@ -94,6 +98,7 @@ def register(app: typer.Typer) -> None:
         access_log: Annotated[bool, typer.Option(help="Log every HTTP request.")] = False,
         workers: Annotated[int, typer.Option(help=WORKERS_HELP)] = 1,
         api_key: ApiKey = None,
+        backend_api_key: BackendApiKey = None,
         api_key_admin: ApiKeyAdmin = False,
         backend_details: BackendDetails = False,
         max_body_bytes: MaxBodyBytes = None,
@@ -111,9 +116,9 @@ def register(app: typer.Typer) -> None:
             urls = parse_backends(backend)
             r = make_router(router)
             cfg = _router_config(poll_interval, poll_timeout, host=host, api_key=api_key,
-                                 failures_to_mark_down=failures_to_mark_down, protect_admin=api_key_admin,
-                                 show_backend_details=backend_details, max_body_bytes=max_body_bytes,
-                                 body_timeout=body_timeout)
+                                 backend_api_key=backend_api_key, failures_to_mark_down=failures_to_mark_down,
+                                 protect_admin=api_key_admin, show_backend_details=backend_details,
+                                 max_body_bytes=max_body_bytes, body_timeout=body_timeout)
             limits = _connection_limits(header_timeout, keep_alive_timeout, max_connections)
             if workers < 1:
                 raise ValueError("--workers must be >= 1")

@@ -558,7 +558,7 @@ def build_router_app(backends: Sequence[str], router: str | Router = "admission"
     async def models(request: Request) -> Response:
         assert state.client is not None
         errors = []
-        auth = {k: v for k, v in request.headers.items() if k.lower() == "authorization"}
+        auth = {k: v for k, v in _backend_headers(state.config, request).items() if k.lower() == "authorization"}
         for b in state.backends:
             if not b.healthy:
                 continue
@@ -576,6 +576,16 @@ def build_router_app(backends: Sequence[str], router: str | Router = "admission"
     for path in _ROUTED_PATHS:
         app.add_api_route(path, route, methods=["POST"], include_in_schema=True)
     return app
+
+
+def _backend_headers(cfg: RouterConfig, request: Request) -> dict[str, str]:
+    """The client's headers worth forwarding; with ``backend_api_key`` the router speaks to
+    the backends with its own key (the client's, checked here, may not be theirs)."""
+    headers = {k: v for k, v in request.headers.items() if k.lower() in _FORWARD_REQUEST_HEADERS}
+    if cfg.backend_api_key:
+        headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+        headers["authorization"] = f"Bearer {cfg.backend_api_key}"
+    return headers
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -627,7 +637,7 @@ async def _proxy(state: RouterState, request: Request) -> Response:
         return _error(400, "request body must be a JSON object")
     stream = obj.get("stream") is True
     prompt_len = estimate_prompt_tokens(path, obj)
-    headers = {k: v for k, v in request.headers.items() if k.lower() in _FORWARD_REQUEST_HEADERS}
+    headers = _backend_headers(state.config, request)
     headers.setdefault("content-type", "application/json")
     query = request.url.query
     gone = asyncio.ensure_future(_wait_disconnect(request))

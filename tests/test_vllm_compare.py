@@ -225,7 +225,9 @@ def test_metric_names_are_vllms(servers):
               "vllm:request_generation_tokens_sum", "vllm:iteration_tokens_total_sum", "vllm:cache_config_info",
               "vllm:num_requests_running", "vllm:kv_cache_usage_perc", "vllm:time_to_first_token_seconds_sum",
               "vllm:e2e_request_latency_seconds_sum", "vllm:request_success_total", "vllm:num_preemptions_total",
-              "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total"}
+              "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total", "vllm:request_params_n_sum",
+              "vllm:request_max_num_generation_tokens_sum", "vllm:request_params_max_tokens_sum",
+              "vllm:request_inference_time_seconds_sum", "vllm:request_num_preemptions_sum"}
     assert wanted <= names(theirs.text)
     assert wanted <= names(ours.text)
 
@@ -251,12 +253,30 @@ def _events(client, path, body) -> list[dict]:
                          "logprobs": 1}),
 ])
 def test_streams_same_chunks(servers, path, body):
-    """Chunk by chunk: the same number of events, each with the same fields (a chat
-    stream's role chunk first, the echo with the first token, usage last)."""
+    """Chunk by chunk: the first chunk (a chat stream's role, a completion's echo), the
+    token chunks, the finishing one and the usage one carry the same fields. vLLM may pack
+    several tokens into one chunk when its loop falls behind, so chunks are compared by
+    their fields, not counted."""
     theirs, ours = (_events(c, path, body) for c in servers)
-    assert len(theirs) == len(ours), (theirs, ours)
-    for a, b in zip(theirs, ours):
-        assert_same_fields(shape(a), shape(b))
+
+    def fields(x):
+        if isinstance(x, dict):      # dicts keyed by token text or id: their type only
+            return {k: type(v).__name__ if k in ("top_logprobs", "prompt_logprobs") else fields(v)
+                    for k, v in x.items() if k not in VOLATILE and v is not None}
+        if isinstance(x, list):
+            return [fields(x[0])] if x and not isinstance(x[0], (int, float)) else "list"
+        return shape(x)
+
+    def kinds(events):
+        """first chunk, token chunks, finishing chunk, usage chunk"""
+        with_choices = [e for e in events if e.get("choices")]
+        finishing = [e for e in with_choices if e["choices"][0].get("finish_reason")]
+        usage = [e for e in events if not e.get("choices")]
+        return ([fields(with_choices[0])], [fields(e) for e in with_choices[1:-1]][:1],
+                [fields(finishing[-1])] if finishing else [], [fields(e) for e in usage])
+
+    for t, o in zip(kinds(theirs), kinds(ours)):
+        assert t == o or not t, (t, o)
     if "chat" in path:
         assert theirs[0]["choices"][0]["delta"].get("role") == ours[0]["choices"][0]["delta"].get("role") \
             == "assistant"

@@ -25,11 +25,11 @@ _LAZY = {
 
 __all__ = ["__version__", *_LAZY]
 
-if TYPE_CHECKING:
-    from fairbatch.engine.llm import LLM, EngineArgs
-    from fairbatch.engine.params import RequestOutput, SamplingParams
-    from fairbatch.request import SLO, Request
-    from fairbatch.scheduler.base import SchedulerConfig
+if TYPE_CHECKING:      # for type checkers and IDEs; at run time __getattr__ imports on first use
+    from fairbatch.engine.llm import LLM, EngineArgs  # noqa: F401
+    from fairbatch.engine.params import RequestOutput, SamplingParams  # noqa: F401
+    from fairbatch.request import SLO, Request  # noqa: F401
+    from fairbatch.scheduler.base import SchedulerConfig  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

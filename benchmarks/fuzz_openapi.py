@@ -54,7 +54,8 @@ def main() -> None:
                   "-n", str(args.max_examples), "--seed", str(args.seed), "--request-timeout", "60",
                   "--continue-on-failure", "--report", "har", "--report-har-path", str(har)]
             t0 = time.perf_counter()
-            run = subprocess.run(st, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+            run = subprocess.run(st, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"},
+                                 cwd=d)       # its example database (.schemathesis/) goes with the temp dir
             seconds = time.perf_counter() - t0
             entries = json.loads(har.read_text())["log"]["entries"] if har.exists() else []
         statuses = collections.Counter(e["response"]["status"] for e in entries)

@@ -70,6 +70,9 @@ class SchedulerConfig:
     # free blocks sooner than preemption would (docs/ALGORITHM.md)
     kv_pressure_usage: float = 0.9
     kv_pressure_budget: float = 0.6
+    # fairbatching: weight of each step's measured / predicted time in the moving average
+    # that shortens the time budget while steps overrun the model (0: off)
+    step_overrun_gain: float = 0.05
     # every policy: plan first tokens this many seconds before their TTFT deadline, room
     # for what a server adds after the step (IPC, detokenizing, streaming); at most half
     # the TTFT. The SLO is unchanged (docs/ALGORITHM.md, "The served stack")
@@ -93,6 +96,8 @@ class SchedulerConfig:
             raise ValueError(f"prefill_work_weight must be >= 0, got {self.prefill_work_weight}")
         if not (self.late_deadline_factor > 0 and self.failed_decode_gap > 0):
             raise ValueError("late_deadline_factor and failed_decode_gap must be positive")
+        if not 0.0 <= self.step_overrun_gain <= 1.0:
+            raise ValueError(f"step_overrun_gain must be in [0, 1], got {self.step_overrun_gain}")
         if not self.ttft_margin >= 0.0:
             raise ValueError(f"ttft_margin must be >= 0, got {self.ttft_margin}")
         if not (0.0 < self.kv_pressure_usage <= 1.0 and 0.0 < self.kv_pressure_budget <= 1.0):

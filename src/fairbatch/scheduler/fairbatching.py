@@ -39,7 +39,7 @@ import heapq
 from itertools import count
 from operator import attrgetter
 
-from fairbatch.plan import StepFeatures, StepPlan
+from fairbatch.plan import StepFeatures, StepPlan, StepResult
 from fairbatch.request import Request, RequestState
 from fairbatch.scheduler.base import Scheduler, register_policy
 from fairbatch.scheduler.late import Late
@@ -68,6 +68,7 @@ class FairBatchingScheduler(Scheduler):
         w = config.prefill_work_weight
         self._work_weight = w if w is not None else (0.008 if self.late is Late.SERVE else 0.0)
         self._kv_pressure_free = (1.0 - config.kv_pressure_usage) * allocator.num_blocks
+        self._overrun = 1.0      # recent measured / predicted step time (moving average)
         self.latency_model_changed()
 
     def latency_model_changed(self) -> None:
@@ -101,6 +102,15 @@ class FairBatchingScheduler(Scheduler):
         super()._preempt(req, plan)
         if not (req.relegated and not req.generated):
             heapq.heappush(self._heap, (self._prefill_key(req), next(self._seq), req))
+
+    def on_step_end(self, plan: StepPlan, result: StepResult, now: float) -> list[Request]:
+        # Steps fill the time budget exactly, so a stretch of steps slower than the model
+        # makes paced requests late; track it and plan the next steps that much shorter.
+        # (A simulator whose steps take exactly the model's time never moves it from 1.)
+        g = self.config.step_overrun_gain
+        if g and plan.predicted_time > 0.0 and result.duration > 0.0:
+            self._overrun += g * (result.duration / plan.predicted_time - self._overrun)
+        return super().on_step_end(plan, result, now)
 
     # --- batch formation -------------------------------------------------------------------
     def _form(self, now: float) -> StepPlan:
@@ -150,6 +160,8 @@ class FairBatchingScheduler(Scheduler):
             T = min(max(T, cfg.time_budget_min), cfg.time_budget_max)
         else:
             T = cfg.time_budget_max
+        if self._overrun > 1.0:
+            T /= self._overrun   # steps have lately run longer than the model says
         token_cap = cfg.max_num_batched_tokens
         plan = StepPlan(time_budget=T, token_budget=token_cap)
 

@@ -75,6 +75,9 @@ def main() -> None:
         cells = []
         for key, fmt in (("slo_attainment", ".3f"), ("median_ttft_ms", ".0f"), ("p99_ttft_ms", ".0f"),
                          ("median_tpot_ms", ".1f"), ("p99_tpot_ms", ".1f"), ("request_goodput", ".2f")):
+            if sim.get(key) is None or real.get(key) is None:   # goodput: only when the bench was given an SLO
+                cells.append("n/a")
+                continue
             s, x = float(sim[key]), float(real[key])
             diff = "" if key == "slo_attainment" else f" ({rel(s, x)})"
             cells.append(f"{s:{fmt}} / {x:{fmt}}{diff}")

@@ -5,7 +5,9 @@ left until its next one. Each step:
 
 1. **Time budget** ``T = max(min slack, min pace)`` over running decodes (a step shorter
    than one token interval buys little and costs a whole weight read), clamped to
-   ``[time_budget_min, time_budget_max]``; ``T_max`` with no decodes.
+   ``[time_budget_min, time_budget_max]``; ``T_max`` with no decodes. Under KV pressure
+   (``kv_pressure_usage``) at most ``kv_pressure_budget`` x the tightest pace; divided by
+   the recent measured / predicted step time while steps overrun the model.
    (``time_budget_rule="min-slack"``: ``T = min slack``, measured worse: ALGORITHM.md.)
 2. **Formation** under ``T`` (predicted by the latency model, evaluated incrementally):
    (a) every on-time decode, by deadline, always scheduled even past ``T`` (the floor

@@ -12,17 +12,12 @@ import pytest
 from typer.testing import CliRunner
 
 from fairbatch.cli import app as cli
-from fairbatch.cluster.routing import (
-    AdmissionRouter,
-    Load,
-    make_router,
-    parse_router_spec,
-    router_names,
-)
 from fairbatch.instance import Instance
 from fairbatch.kv import BlockAllocator
 from fairbatch.request import DeadlineRule
+from fairbatch.routing import AdmissionRouter, make_router, parse_router_spec, router_names
 from fairbatch.scheduler import make_scheduler
+from fairbatch.scheduler.base import Load
 from fairbatch.sim import SimExecutor, simulate
 from fairbatch.sim.experiment import Scenario, capacity, prepare, run_policy
 from fairbatch.workload import make_requests, scale_rate

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from fairbatch.cluster.routing import router_names
+from fairbatch.routing import router_names
 from fairbatch.server.access import API_KEY_ENV
 
 ROUTER_HELP = f"Routing policy: {', '.join(router_names())}; options as NAME:count_sent=false."
@@ -110,7 +110,7 @@ def register(app: typer.Typer) -> None:
         """Route OpenAI requests over several servers by their load (streams through, retries, health checks)."""
         from fairbatch.cli import console, fail, listen_or_fail
         from fairbatch.cluster.router_workers import serve_router
-        from fairbatch.cluster.routing import make_router
+        from fairbatch.routing import make_router
 
         try:
             urls = parse_backends(backend)
@@ -171,7 +171,7 @@ def register(app: typer.Typer) -> None:
         from fairbatch.cli import console, fail, listen_or_fail
         from fairbatch.cluster.launcher import Cluster, ClusterSpec, LaunchError
         from fairbatch.cluster.router_workers import serve_router
-        from fairbatch.cluster.routing import make_router
+        from fairbatch.routing import make_router
 
         serve_args = ["--model", model, "--load-format", load_format, "--policy", policy, *ctx.args]
         if "--port" in ctx.args or "--host" in ctx.args:

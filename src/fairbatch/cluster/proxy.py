@@ -63,7 +63,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from fairbatch.cluster.router_workers import MULTIPROC_ENV
-from fairbatch.cluster.routing import Router, empty_load, load_from_json, make_router
+from fairbatch.cluster.backend_load import empty_load, load_from_json
+from fairbatch.routing import Router, make_router
 from fairbatch.scheduler.base import Load
 from fairbatch.server.access import AccessControl, protected_paths
 from fairbatch.server.body_limit import DEFAULT_BODY_TIMEOUT, BodyLimit, body_limit

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from typing import Any, Callable
 
-from fairbatch.cluster.routing import make_router
+from fairbatch.routing import make_router
 from fairbatch.instance import Executor, Instance
 from fairbatch.kv import BlockAllocator
 from fairbatch.latency.base import LatencyModel

@@ -19,7 +19,7 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
-from fairbatch.cluster.routing import Router
+from fairbatch.routing import Router
 from fairbatch.instance import Instance
 from fairbatch.request import Request, RequestState
 from fairbatch.sim.loads import LoadView

@@ -27,7 +27,7 @@ from typing import Iterator
 import numpy as np
 import numpy.typing as npt
 
-from fairbatch.cluster.routing import make_router
+from fairbatch.routing import make_router
 from fairbatch.instance import Instance
 from fairbatch.kv import BlockAllocator
 from fairbatch.latency.base import LatencyModel

@@ -1,0 +1,17 @@
+"""Routing policies: which instance gets a new request.
+
+A layer of its own between the scheduler (whose ``Load`` the policies read) and the two
+hosts that route: the cluster simulator (``fairbatch.sim``) and the HTTP router
+(``fairbatch.cluster``). It imports nothing of either.
+
+- ``base.py``: ``Router``, the interface and the sent-since-poll accounting;
+- ``policies.py``: round robin, least requests, Llumnix, admission budget;
+- ``registry.py``: routers by name and spec (``make_router``).
+"""
+
+from fairbatch.routing.base import Router
+from fairbatch.routing.policies import AdmissionRouter, LeastRequestsRouter, LlumnixRouter, RoundRobinRouter
+from fairbatch.routing.registry import make_router, parse_router_spec, router_names
+
+__all__ = ["AdmissionRouter", "LeastRequestsRouter", "LlumnixRouter", "RoundRobinRouter", "Router",
+           "make_router", "parse_router_spec", "router_names"]

@@ -16,16 +16,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import json
-import os
 import statistics
-import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 
-FAIRBATCH = [sys.executable, "-c", "from fairbatch.cli import main; main()"]
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_server import burst_client, report, tiny_server  # noqa: E402
 
 
 async def one(c: httpx.AsyncClient, url: str, i: int) -> tuple[int | str, float | None]:
@@ -46,8 +45,7 @@ async def one(c: httpx.AsyncClient, url: str, i: int) -> tuple[int | str, float 
 
 
 async def burst(url: str, n: int) -> list[tuple[int | str, float | None]]:
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as c:
+    async with burst_client(timeout=600) as c:
         return await asyncio.gather(*(one(c, url, i) for i in range(n)))
 
 
@@ -59,23 +57,12 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8360)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    cmd = FAIRBATCH + ["serve", "--model", "tiny-llama", "--load-format", "dummy", "--cpu-threads", "1", "--port",
-                       str(args.port), "--log-level", "warning", "--max-num-seqs", "64", "--ttft-slo", "1",
-                       "--tpot-slo", "0.05"]
+    extra = ["--max-num-seqs", "64", "--ttft-slo", "1", "--tpot-slo", "0.05"]
     if args.max_pending is not None:
-        cmd += ["--max-pending", str(args.max_pending)]
+        extra += ["--max-pending", str(args.max_pending)]
     if args.late is not None:
-        cmd += ["--late", args.late]
-    proc = subprocess.Popen(cmd, env={**os.environ, "COLUMNS": "200"})
-    url = f"http://127.0.0.1:{args.port}"
-    try:
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        extra += ["--late", args.late]
+    with tiny_server(args.port, *extra) as url:
         res = asyncio.run(burst(url, args.requests))
         ttfts = sorted(t for s, t in res if s == 200 and t is not None)
         out = {"statuses": {str(k): v for k, v in collections.Counter(s for s, _ in res).items()},
@@ -83,13 +70,7 @@ def main() -> None:
         if ttfts:
             out.update(ttft_median_s=round(statistics.median(ttfts), 3), ttft_p90_s=round(ttfts[int(0.9 * (len(ttfts) - 1))], 3),
                        ttft_max_s=round(ttfts[-1], 3), met_1s=round(sum(t <= 1.0 for t in ttfts) / len(ttfts), 3))
-        print(json.dumps(out, indent=2))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(out, f, indent=2)
-    finally:
-        proc.terminate()
-        proc.wait(30)
+        report(out, args.json)
 
 
 if __name__ == "__main__":

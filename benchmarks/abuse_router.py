@@ -15,28 +15,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import json
 import multiprocessing as mp
-import os
-import subprocess
 import sys
 import time
+from contextlib import ExitStack
+from pathlib import Path
 
 import httpx
 
-FAIRBATCH = [sys.executable, "-c", "from fairbatch.cli import main; main()"]
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_server import burst_client, local_url, report, running, tiny_serve_cmd, wait_healthy  # noqa: E402
+
 BAD = b'{"prompt": [' + b"12345," * 10_000_000 + b'1]}'
-
-
-def wait_up(url: str) -> None:
-    for _ in range(900):
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"{url} did not start")
 
 
 def abuser(url: str, n: int, out: "mp.Queue", go: "mp.Event") -> None:
@@ -55,8 +45,7 @@ def abuser(url: str, n: int, out: "mp.Queue", go: "mp.Event") -> None:
 
 
 async def small_requests(url: str, n: int, started: "mp.Event") -> collections.Counter:
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as c:
+    async with burst_client(timeout=600) as c:
         async def one(i: int) -> int | str:
             try:
                 r = await c.post(url + "/v1/completions", json={"prompt": [1 + i % 90, 2, 3], "max_tokens": 8,
@@ -78,20 +67,17 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8330)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    env = {**os.environ, "COLUMNS": "200"}
     limit = ["--max-body-bytes", str(args.max_body_bytes)] if args.max_body_bytes else []
-    serve = ["serve", "--model", "tiny-llama", "--load-format", "dummy", "--cpu-threads", "1", "--max-model-len",
-             "2048", "--log-level", "warning", "--ttft-slo", "30", "--tpot-slo", "5", "--max-pending", "1024"]
-    procs = [subprocess.Popen(FAIRBATCH + serve + ["--port", str(args.port + 1 + i)] + limit, env=env)
-             for i in range(2)]
-    urls = [f"http://127.0.0.1:{args.port + 1 + i}" for i in range(2)]
-    try:
-        for u in urls:
-            wait_up(u)
-        procs.append(subprocess.Popen(FAIRBATCH + ["route", "--backend", urls[0], "--backend", urls[1], "--port",
-                                                   str(args.port), "--log-level", "warning"] + limit, env=env))
-        url = f"http://127.0.0.1:{args.port}"
-        wait_up(url)
+    serve = ["--max-model-len", "2048", "--ttft-slo", "30", "--tpot-slo", "5", "--max-pending", "1024", *limit]
+    ports = [args.port + 1 + i for i in range(2)]
+    urls = [local_url(p) for p in ports]
+    url = local_url(args.port)
+    with ExitStack() as servers:
+        replicas = [servers.enter_context(running(tiny_serve_cmd(port, *serve))) for port in ports]
+        for u, proc in zip(urls, replicas):          # the replicas start side by side
+            wait_healthy(u, proc, tries=900)
+        servers.enter_context(running(["route", "--backend", urls[0], "--backend", urls[1], "--port", str(args.port),
+                                       "--log-level", "warning", *limit], url, tries=900))
         ctx = mp.get_context("spawn")
         q, go = ctx.Queue(), ctx.Event()
         p = ctx.Process(target=abuser, args=(url, args.bad, q, go))
@@ -102,17 +88,8 @@ def main() -> None:
         metrics = httpx.get(url + "/metrics", timeout=30).text
         marked = sum(float(ln.rsplit(" ", 1)[1]) for ln in metrics.splitlines()
                      if ln.startswith("fairbatch_router:backend_marked_unhealthy_total"))
-        out = {"small_statuses": {str(k): v for k, v in small.items()}, "bad_bodies": bad,
-               "backends_marked_unhealthy": marked, "max_body_bytes": args.max_body_bytes or "default"}
-        print(json.dumps(out, indent=2))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(out, f, indent=2)
-    finally:
-        for pr in procs:
-            pr.terminate()
-        for pr in procs:
-            pr.wait(30)
+        report({"small_statuses": {str(k): v for k, v in small.items()}, "bad_bodies": bad,
+                "backends_marked_unhealthy": marked, "max_body_bytes": args.max_body_bytes or "default"}, args.json)
 
 
 if __name__ == "__main__":

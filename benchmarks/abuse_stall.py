@@ -22,15 +22,15 @@ import argparse
 import asyncio
 import json
 import multiprocessing as mp
-import os
 import statistics
-import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 
-FAIRBATCH = [sys.executable, "-c", "from fairbatch.cli import main; main()"]
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_server import report, tiny_server  # noqa: E402
 
 
 def bodies(limit: int) -> list[tuple[str, bytes]]:
@@ -143,23 +143,10 @@ def main() -> None:
     ap.add_argument("--only", type=int, action="append", help="send only these bodies (0-based; repeatable)")
     ap.add_argument("--repeat", type=int, default=1, help="send the bodies this many times")
     args = ap.parse_args()
-    cmd = FAIRBATCH + ["serve", "--model", "tiny-llama", "--load-format", "dummy", "--cpu-threads", "1",
-                       "--max-model-len", "2048", "--port", str(args.port), "--log-level", "warning",
-                       "--ttft-slo", "5", "--tpot-slo", "1"]
+    extra = ["--max-model-len", "2048", "--ttft-slo", "5", "--tpot-slo", "1"]
     if args.max_body_bytes is not None:
-        cmd += ["--max-body-bytes", str(args.max_body_bytes)]
-    proc = subprocess.Popen(cmd, env={**os.environ, "COLUMNS": "200"})
-    url = f"http://127.0.0.1:{args.port}"
-    try:
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        else:
-            raise SystemExit("the server did not start")
+        extra += ["--max-body-bytes", str(args.max_body_bytes)]
+    with tiny_server(args.port, *extra) as url:
         try:
             from fairbatch.server.body_limit import body_limit
 
@@ -168,13 +155,7 @@ def main() -> None:
             limit = args.max_body_bytes or 64 << 20
         out = asyncio.run(main_async(url, limit, args.max_tokens, args.only, args.repeat))
         out["max_body_bytes"] = limit
-        print(json.dumps(out, indent=2))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(out, f, indent=2)
-    finally:
-        proc.terminate()
-        proc.wait(30)
+        report(out, args.json)
 
 
 if __name__ == "__main__":

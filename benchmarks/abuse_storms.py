@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 
-FAIRBATCH = [sys.executable, "-c", "from fairbatch.cli import main; main()"]
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_server import burst_client, local_url, report, running, tiny_serve_cmd  # noqa: E402
+
 TOKENS = 24
 
 
@@ -48,8 +50,7 @@ async def client(c: httpx.AsyncClient, url: str, i: int, hang_up: bool) -> str |
 
 
 async def storm(url: str, clients: int) -> list[str]:
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
-    async with httpx.AsyncClient(timeout=300, limits=limits) as c:
+    async with burst_client(timeout=300) as c:
         out = await asyncio.gather(*(client(c, url, i, i % 3 == 0) for i in range(clients)))
     return [e for e in out if e is not None]
 
@@ -98,31 +99,14 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8350)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    proc = subprocess.Popen(FAIRBATCH + ["serve", "--model", "tiny-llama", "--load-format", "dummy", "--cpu-threads",
-                                         "1", "--port", str(args.port), "--log-level", "warning", "--max-model-len",
-                                         "2048"], env={**os.environ, "COLUMNS": "200"})
-    url = f"http://127.0.0.1:{args.port}"
-    try:
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+    url = local_url(args.port)
+    with running(tiny_serve_cmd(args.port, "--max-model-len", "2048"), url) as proc:
         storms = []
         for _ in range(args.storms):
             failures = asyncio.run(storm(url, args.clients))
             storms.append({"failed": len(failures), "examples": failures[:3], "idle_after": idle(url)})
         kills = [kill_once(url, proc.pid) for _ in range(args.kills)]
-        out = {"storms": storms, "kills": kills}
-        print(json.dumps(out, indent=2))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(out, f, indent=2)
-    finally:
-        proc.terminate()
-        proc.wait(30)
+        report({"storms": storms, "kills": kills}, args.json)
 
 
 if __name__ == "__main__":

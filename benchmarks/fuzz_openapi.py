@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,8 @@ from pathlib import Path
 
 import httpx
 
-FAIRBATCH = [sys.executable, "-c", "from fairbatch.cli import main; main()"]
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_server import ENV, tiny_server, write_json  # noqa: E402
 
 
 def main() -> None:
@@ -34,27 +34,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", default=None, help="also write the result here")
     args = ap.parse_args()
-    cmd = FAIRBATCH + ["serve", "--model", "tiny-llama", "--load-format", "dummy", "--cpu-threads", "1",
-                       "--max-model-len", "256", "--port", str(args.port), "--log-level", "warning"]
-    server = subprocess.Popen(cmd, env={**os.environ, "COLUMNS": "200"})
-    url = f"http://127.0.0.1:{args.port}"
-    try:
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        else:
-            raise SystemExit("the server did not start")
+    with tiny_server(args.port, "--max-model-len", "256") as url:
         with tempfile.TemporaryDirectory() as d:
             har = Path(d) / "run.har"
             st = [sys.executable, "-m", "schemathesis.cli", "run", url + "/openapi.json", "--checks", "all",
                   "-n", str(args.max_examples), "--seed", str(args.seed), "--request-timeout", "60",
                   "--continue-on-failure", "--report", "har", "--report-har-path", str(har)]
             t0 = time.perf_counter()
-            run = subprocess.run(st, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"},
+            run = subprocess.run(st, capture_output=True, text=True, env=ENV,
                                  cwd=d)       # its example database (.schemathesis/) goes with the temp dir
             seconds = time.perf_counter() - t0
             entries = json.loads(har.read_text())["log"]["entries"] if har.exists() else []
@@ -65,11 +52,7 @@ def main() -> None:
                "summary": run.stdout[-4000:]}
         print(json.dumps({k: v for k, v in out.items() if k != "summary"}, indent=2))
         print(out["summary"])
-        if args.json:
-            Path(args.json).write_text(json.dumps(out, indent=2))
-    finally:
-        server.terminate()
-        server.wait(30)
+        write_json(out, args.json)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -32,14 +30,8 @@ pytest.importorskip("torch")
 httpx = pytest.importorskip("httpx")
 
 from fairbatch.server import ServerThread, build_app, load_served_model  # noqa: E402
+from support import TINY_LLAMA_CONFIG, free_port, stop_process, wait_healthy  # noqa: E402
 
-CONFIG = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 128,
-    "intermediate_size": 256, "num_attention_heads": 2, "num_key_value_heads": 1,
-    "num_hidden_layers": 2, "vocab_size": 512, "max_position_embeddings": 2048,
-    "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "torch_dtype": "float32",
-    "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
-}
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 # ids, timestamps and fields only one server has
@@ -51,7 +43,7 @@ VOLATILE = {"id", "created", "model", "system_fingerprint", "service_tier", "kv_
 def make_model_dir(path: Path) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    (path / "config.json").write_text(json.dumps(CONFIG))
+    (path / "config.json").write_text(json.dumps(TINY_LLAMA_CONFIG))
     tk = Tokenizer(models.BPE(unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
@@ -65,16 +57,10 @@ def make_model_dir(path: Path) -> Path:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     d = make_model_dir(tmp_path_factory.mktemp("model"))
-    port = _free_port()
+    port = free_port()
     log = d / "vllm.log"
     cmd = [str(Path(VLLM_PYTHON).expanduser()), "-m", "vllm.entrypoints.openai.api_server", "--model", str(d),
            "--served-model-name", "m", "--load-format", "dummy", "--enforce-eager", "--max-model-len", "512",
@@ -86,18 +72,7 @@ def servers(tmp_path_factory):
     base = f"http://127.0.0.1:{port}"
     model = load_served_model(str(d), load_format="dummy", cpu_threads=1, served_model_name="m", max_model_len=512)
     try:
-        deadline = time.monotonic() + 300      # a hang becomes a failure, not a wait forever
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"vLLM exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"vLLM not up:\n{log.read_text()[-4000:]}")
-            time.sleep(1)
+        wait_healthy(proc, base, log, 300, what="vLLM")
         with ServerThread(build_app(model, metrics_prefix="vllm")) as ours, \
                 httpx.Client(base_url=base, timeout=120) as theirs_c, \
                 httpx.Client(base_url=ours.url, timeout=120) as ours_c:
@@ -106,11 +81,7 @@ def servers(tmp_path_factory):
             theirs_c.model_id = "m"
             yield theirs_c, ours_c
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
 
 
 def shape(x):

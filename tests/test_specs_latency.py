@@ -13,7 +13,8 @@ from fairbatch.latency import (LinearLatencyModel, RooflineLatencyModel, latency
                                load_latency_model)
 from fairbatch.latency import profiles
 from fairbatch.plan import StepFeatures
-from fairbatch.specs import (ModelSpec, get_gpu, get_model, gpu_names, kv_cache_blocks, model_names)
+from fairbatch.specs import (ModelSpec, get_gpu, get_model, gpu_names, gpu_preset_for, kv_cache_blocks,
+                             model_names)
 
 
 # --- specs ---------------------------------------------------------------------------------
@@ -55,8 +56,8 @@ def test_from_hf_config_of_published_json() -> None:
     m = ModelSpec.from_hf_config(cfg, "mistral-7b-v0.1")
     assert m.head_dim == 128 and m.num_params == 7_241_732_096
     assert m.max_position_embeddings == 4096      # served within the sliding window
-    with pytest.raises(ValueError, match="unsupported model_type"):
-        ModelSpec.from_hf_config({**cfg, "model_type": "gpt2"}, "x")
+    with pytest.raises(ValueError, match="unsupported architecture GPT2LMHeadModel"):
+        ModelSpec.from_hf_config({**cfg, "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}, "x")
     with pytest.raises(ValueError, match="lacks 'hidden_size'"):
         ModelSpec.from_hf_config({k: v for k, v in cfg.items() if k != "hidden_size"}, "x")
 
@@ -82,6 +83,24 @@ def test_kv_cache_blocks() -> None:
         kv_cache_blocks(get_model("llama-3-70b"), h100)
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
         kv_cache_blocks(m, h100, gpu_memory_utilization=1.5)
+
+
+def test_engine_sizes_the_cache_as_the_simulator() -> None:
+    """One sizing: the engine passes the device's memory, what is resident and what is free;
+    with the preset's numbers it gets the simulator's count (pinned: results depend on it)."""
+    m, h100 = get_model("llama-3-8b"), get_gpu("h100")
+    assert kv_cache_blocks(m, h100) == 28231
+    assert kv_cache_blocks(m, h100.memory_bytes, resident_bytes=m.weight_bytes) == 28231
+    assert kv_cache_blocks(m, h100.memory_bytes, free_bytes=40 * 10**9) < 28231   # others' memory
+    with pytest.raises(ValueError, match="do not fit"):
+        kv_cache_blocks(m, h100.memory_bytes, free_bytes=10**9)
+
+
+@pytest.mark.parametrize("device, preset", [
+    ("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200"), ("NVIDIA A100-SXM4-80GB", "a100"),
+    ("NVIDIA GeForce RTX 4090", None)])
+def test_gpu_preset_for(device: str, preset: str | None) -> None:
+    assert gpu_preset_for(device) == preset
 
 
 # --- roofline ------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ datasheet peaks plus the fraction of them that is actually achievable.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping
 
 GB = 10**9
@@ -20,16 +20,21 @@ _ARCH = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
 }
-_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+_FAMILY = {arch: family for family, arch in _ARCH.items()}
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A decoder-only Llama-family transformer (Llama, Mistral, Qwen2, Qwen3).
+    """A decoder-only Llama-family transformer (Llama, Mistral, Qwen2, Qwen3): the one
+    description of a model's architecture that the latency models, the KV sizing, the
+    simulator and the engine all read (the engine's ``ModelConfig`` extends it with what
+    only the engine needs: dtype name, EOS/BOS ids, the raw ``config.json``).
 
     ``family`` picks the HF architecture and its quirks: Qwen2 has q/k/v biases
-    (``attention_bias``), Qwen3 RMS-normalises q and k per head (``qk_norm``).
-    ``max_position_embeddings`` is the default serving context.
+    (``attention_bias``), Llama and Qwen3 with ``attention_bias`` also bias ``o_proj``,
+    Llama may bias its MLP (``mlp_bias``), Qwen3 RMS-normalises q and k per head
+    (``qk_norm``). ``max_position_embeddings`` is the default serving context.
     """
 
     name: str
@@ -50,12 +55,21 @@ class ModelSpec:
     rms_norm_eps: float = 1e-5
     # e.g. Llama-3.1's {"rope_type": "llama3", ...}; kept verbatim for the engine to apply.
     rope_scaling: Mapping[str, Any] | None = field(default=None, hash=False)
+    mlp_bias: bool = False
 
     def __post_init__(self) -> None:
         if self.family not in _ARCH:
             raise ValueError(f"unknown model family {self.family!r}; choose from {', '.join(_ARCH)}")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+            raise ValueError(f"num_attention_heads ({self.num_heads}) is not a multiple of "
+                             f"num_key_value_heads ({self.num_kv_heads})")
+        if self.mlp_bias and self.family != "llama":
+            raise ValueError(f"{self.family} has no MLP bias (mlp_bias is Llama's)")
+
+    @property
+    def o_bias(self) -> bool:
+        """Llama's and Qwen3's ``attention_bias`` biases o_proj too; Qwen2's q/k/v only."""
+        return self.attention_bias and self.family in ("llama", "qwen3")
 
     # --- sizes ---------------------------------------------------------------------------
     @property
@@ -75,6 +89,8 @@ class ModelSpec:
     @property
     def layer_params(self) -> int:
         bias = self.q_size + 2 * self.kv_size if self.attention_bias else 0
+        bias += self.hidden_size if self.o_bias else 0
+        bias += 2 * self.intermediate_size + self.hidden_size if self.mlp_bias else 0
         qk_norm = 2 * self.head_dim if self.qk_norm else 0
         return self.layer_matmul_params + bias + 2 * self.hidden_size + qk_norm   # + 2 RMSNorms
 
@@ -164,56 +180,69 @@ class ModelSpec:
         else:
             if self.qk_norm:
                 raise ValueError("Llama has no qk_norm; use family='qwen3'")
-            d.update(attention_bias=self.attention_bias, mlp_bias=False)
+            d.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias)
         return d
 
     @classmethod
-    def from_hf_config(cls, config: Mapping[str, Any], name: str) -> "ModelSpec":
-        """Build a spec from a HF ``config.json`` dict of a supported architecture."""
-        family = config.get("model_type")
-        if family not in _ARCH:
-            archs = config.get("architectures")
-            raise ValueError(f"unsupported model_type {family!r} (architectures={archs}); "
-                             f"supported: {', '.join(_ARCH)}")
-        try:
-            heads = int(config["num_attention_heads"])
-            hidden = int(config["hidden_size"])
-            context = int(config["max_position_embeddings"])
-            # A sliding window shorter than the context changes attention past it: serve at
-            # most the window, where full attention is exact.
-            window = config.get("sliding_window")
-            if window and (family == "mistral" or config.get("use_sliding_window")):
-                context = min(context, int(window))
-            rope = config.get("rope_parameters") or {}   # transformers v5 nests rope here
-            theta = config.get("rope_theta", rope.get("rope_theta", 10000.0))
-            scaling = config.get("rope_scaling")
-            if scaling is None and rope.get("rope_type", "default") != "default":
-                scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
-            dtype = config.get("torch_dtype") or config.get("dtype") or "bfloat16"
-            return cls(
-                name=name,
-                hidden_size=hidden,
-                intermediate_size=int(config["intermediate_size"]),
-                num_layers=int(config["num_hidden_layers"]),
-                num_heads=heads,
-                num_kv_heads=int(config.get("num_key_value_heads") or heads),
-                head_dim=int(config.get("head_dim") or hidden // heads),
-                vocab_size=int(config["vocab_size"]),
-                max_position_embeddings=context,
-                rope_theta=float(theta),
-                tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-                qk_norm=family == "qwen3",
-                dtype_bytes=_DTYPE_BYTES.get(str(dtype), 2),
-                family=family,
-                attention_bias=True if family == "qwen2" else bool(config.get("attention_bias", False)),
-                rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-                rope_scaling=dict(scaling) if scaling else None,
-            )
-        except KeyError as e:
-            raise ValueError(f"HF config for {name!r} lacks {e.args[0]!r}") from None
+    def from_hf_config(cls, config: Mapping[str, Any], name: str = "model", **extra: Any) -> Any:
+        """Build a spec from a HF ``config.json`` dict of a supported architecture (the family
+        comes from ``architectures``, else ``model_type``). ``extra`` goes to the constructor:
+        a subclass (the engine's ``ModelConfig``) passes its own fields through it. Raises
+        ``ValueError`` naming what is missing or unsupported."""
+        archs = config.get("architectures") or []
+        family = next((_FAMILY[a] for a in archs if a in _FAMILY), None)
+        if family is None and not archs and config.get("model_type") in _ARCH:
+            family = str(config["model_type"])
+        if family is None:
+            what = ", ".join(archs) if archs else repr(config.get("model_type"))
+            raise ValueError(f"unsupported architecture {what}; supported: {', '.join(_FAMILY)}")
+
+        def req(key: str) -> int:
+            if config.get(key) is None:
+                raise ValueError(f"HF config of {name!r} lacks {key!r} (needed for {family})")
+            return int(config[key])
+
+        hidden, heads = req("hidden_size"), req("num_attention_heads")
+        context = int(config.get("max_position_embeddings") or 2048)
+        # A sliding window shorter than the context changes attention past it: serve at
+        # most the window, where full attention is exact.
+        window = config.get("sliding_window")
+        if window and (family == "mistral" or config.get("use_sliding_window")):
+            context = min(context, int(window))
+        rope = config.get("rope_parameters") or {}   # transformers v5 nests RoPE here
+        theta = config.get("rope_theta") or rope.get("rope_theta") or 10000.0
+        scaling = config.get("rope_scaling")
+        if not scaling and rope.get("rope_type", "default") != "default":
+            scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        if scaling and scaling.get("rope_type", scaling.get("type", "default")) == "default":
+            scaling = None
+        dtype = config.get("torch_dtype") or config.get("dtype") or "bfloat16"
+        attention_bias = bool(config.get("attention_bias", False))
+        return cls(
+            name=name,
+            hidden_size=hidden,
+            intermediate_size=req("intermediate_size"),
+            num_layers=req("num_hidden_layers"),
+            num_heads=heads,
+            num_kv_heads=int(config.get("num_key_value_heads") or heads),
+            head_dim=int(config.get("head_dim") or hidden // heads),
+            vocab_size=req("vocab_size"),
+            max_position_embeddings=context,
+            rope_theta=float(theta),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            qk_norm=family == "qwen3",
+            dtype_bytes=DTYPE_BYTES.get(str(dtype), 2),
+            family=family,
+            attention_bias={"qwen2": True, "mistral": False}.get(family, attention_bias),
+            rms_norm_eps=float(config.get("rms_norm_eps") or 1e-6),
+            rope_scaling=dict(scaling) if scaling else None,
+            mlp_bias=family == "llama" and bool(config.get("mlp_bias", False)),
+            **extra,
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        """The spec's own fields (a subclass's extra fields are left out)."""
+        d = {f.name: getattr(self, f.name) for f in fields(ModelSpec)}
         d["rope_scaling"] = dict(self.rope_scaling) if self.rope_scaling else None
         return d
 
@@ -305,32 +334,53 @@ def get_gpu(name: str) -> GPUSpec:
         raise ValueError(f"unknown GPU preset {name!r}; choose from {', '.join(_GPUS)}") from None
 
 
+def gpu_preset_for(device_name: str) -> str | None:
+    """The GPU preset of a device name as CUDA reports it ("NVIDIA H100 80GB HBM3" -> "h100"),
+    or ``None`` for a GPU without a preset."""
+    name = device_name.lower()
+    return next((g for g in ("h200", "h100", "a100") if g in name), None)
+
+
 def default_activation_reserve(model: ModelSpec, max_num_batched_tokens: int = 8192,
                                max_num_seqs: int = 256) -> int:
     """Memory vLLM's profiling run would find beyond weights and KV: the peak activations
     of a ``max_num_batched_tokens`` forward (the MLP's gate+up output and a few hidden-size
     buffers), float32 logits of ``max_num_seqs`` sampled rows, and ~1 GiB of CUDA context,
-    allocator slack and graphs."""
+    allocator slack and graphs. The simulator and the engine both reserve this."""
     per_token = (2 * model.intermediate_size + 4 * model.hidden_size + model.q_size + 2 * model.kv_size)
     activations = max_num_batched_tokens * per_token * model.dtype_bytes
     logits = max_num_seqs * model.vocab_size * 4
     return activations + logits + GiB
 
 
-def kv_cache_blocks(model: ModelSpec, gpu: GPUSpec, *, gpu_memory_utilization: float = 0.9,
-                    block_size: int = 16, activation_reserve_bytes: int | None = None) -> int:
+def kv_cache_blocks(model: ModelSpec, gpu: GPUSpec | int, *, gpu_memory_utilization: float = 0.9,
+                    block_size: int = 16, activation_reserve_bytes: int | None = None,
+                    resident_bytes: int | None = None, free_bytes: int | None = None) -> int:
     """KV blocks of ``block_size`` tokens that fit in ``gpu_memory_utilization`` of the
-    GPU's memory after the weights and an activation reserve (as vLLM sizes its cache)."""
+    GPU's memory after the weights and an activation reserve (as vLLM sizes its cache).
+
+    The one sizing of the KV cache: the simulator calls it with a GPU preset, the engine
+    with the device's measured memory (``gpu`` as bytes), what is already allocated
+    (``resident_bytes``: weights and tables; default ``model.weight_bytes``) and what the
+    device has free (``free_bytes``: other processes' memory is not ours). The reserve
+    defaults to ``default_activation_reserve(model)`` (8192 batched tokens, 256 sequences);
+    a host with other limits passes its own from that function. So for one model, GPU and
+    utilisation the simulator's count is the engine's, up to the preset's memory size
+    versus what the device reports."""
     if not 0 < gpu_memory_utilization <= 1:
         raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
+    memory, gpu_name = (gpu, "the GPU") if isinstance(gpu, int) else (gpu.memory_bytes, gpu.name)
     reserve = default_activation_reserve(model) if activation_reserve_bytes is None else activation_reserve_bytes
-    usable = gpu.memory_bytes * gpu_memory_utilization
-    free = usable - model.weight_bytes - reserve
-    if free <= 0:
+    resident = model.weight_bytes if resident_bytes is None else resident_bytes
+    budget = memory * gpu_memory_utilization - resident
+    if free_bytes is not None:
+        budget = min(budget, free_bytes)
+    free = budget - reserve
+    if free < block_size * model.kv_bytes_per_token:
         raise ValueError(
-            f"{model.name} weights ({model.weight_bytes / GB:.2f} GB) plus an activation reserve "
-            f"({reserve / GB:.2f} GB) do not fit in {gpu_memory_utilization:.0%} of {gpu.name}'s "
-            f"{gpu.memory_bytes / GB:.1f} GB; use a larger GPU, a smaller model or more GPUs")
+            f"{model.name} weights ({resident / GB:.2f} GB) plus an activation reserve "
+            f"({reserve / GB:.2f} GB) do not fit in {gpu_memory_utilization:.0%} of {gpu_name}'s "
+            f"{memory / GB:.1f} GB; use a larger GPU, a smaller model or more GPUs")
     return int(free // (block_size * model.kv_bytes_per_token))

@@ -4,7 +4,8 @@
 ``Engine`` owns the pieces (model, tokenizer, paged KV cache, block allocator,
 executor); ``LLM`` adds a scheduler policy and the step loop. KV capacity: on CUDA, the
 blocks that fit in ``gpu_memory_utilization`` of the GPU after the weights and an
-activation reserve; on the CPU a configurable count. The cache has exactly as many
+activation reserve, sized by ``specs.kv_cache_blocks`` as in the simulator; on the CPU a
+configurable count. The cache has exactly as many
 blocks as the scheduler's allocator.
 """
 
@@ -35,6 +36,7 @@ from fairbatch.kv import BlockAllocator
 from fairbatch.latency.base import LatencyModel
 from fairbatch.request import SLO, Request, RequestState
 from fairbatch.scheduler.base import SchedulerConfig, make_scheduler
+from fairbatch.specs import default_activation_reserve, gpu_preset_for, kv_cache_blocks
 
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 CPU_DEFAULT_KV_BLOCKS = 1024
@@ -135,42 +137,38 @@ class Engine:
             self.executor.graphs.capture_all()   # now, not inside a timed serving step
 
     def _auto_kv_blocks(self) -> int:
-        per_block = KVCache.bytes_per_block(self.config, self.args.block_size, self.dtype)
+        """``specs.kv_cache_blocks`` on the device's measured memory, with the simulator's
+        activation reserve (``specs.default_activation_reserve``) for this engine's
+        ``max_num_batched_tokens`` / ``max_num_seqs``, at the dtype actually served."""
         if self.device.type != "cuda":
             return CPU_DEFAULT_KV_BLOCKS
         torch.cuda.synchronize(self.device)
         free, total = torch.cuda.mem_get_info(self.device)
-        cfg = self.config
-        elem = self.model.lm_head_weight.element_size()
-        # Peak activations of a max_num_batched_tokens step (gate+up output and a few
-        # hidden-size buffers), float32 logits with sampling temporaries, graphs, slack.
-        tokens = self.args.max_num_batched_tokens
-        act = tokens * (4 * cfg.intermediate_size + 6 * cfg.hidden_size + cfg.q_size + 2 * cfg.kv_size) * elem
-        logits = self.args.max_num_seqs * cfg.vocab_size * 4 * 4
-        reserve = act + logits + (1 << 30)
-        budget = min(free, total * self.args.gpu_memory_utilization - torch.cuda.memory_allocated(self.device))
-        return int((budget - reserve) // per_block)
+        served = replace(self.config.spec, dtype_bytes=self.model.lm_head_weight.element_size())
+        reserve = default_activation_reserve(served, self.args.max_num_batched_tokens, self.args.max_num_seqs)
+        try:
+            return kv_cache_blocks(served, total, gpu_memory_utilization=self.args.gpu_memory_utilization,
+                                   block_size=self.args.block_size, activation_reserve_bytes=reserve,
+                                   resident_bytes=torch.cuda.memory_allocated(self.device), free_bytes=free)
+        except ValueError as e:
+            raise EngineError(f"no memory left for the KV cache: {e}") from None
 
     @property
     def gpu_name(self) -> str:
         """GPU preset name for latency models (``h100``, ``h200``, ``a100``); ``h100`` off-GPU."""
         if self.device.type == "cuda":
-            n = torch.cuda.get_device_name(self.device).lower()
-            for g in ("h200", "h100", "a100"):
-                if g in n:
-                    return g
+            return gpu_preset_for(torch.cuda.get_device_name(self.device)) or "h100"
         return "h100"
 
     def default_latency_model(self) -> LatencyModel:
         from fairbatch.latency.profiles import load_latency_model, shipped_profile
         from fairbatch.latency.roofline import RooflineLatencyModel
-        from fairbatch.specs import ModelSpec, get_gpu, model_names
+        from fairbatch.specs import get_gpu, model_names
 
         gpu = self.gpu_name
         if self.name in model_names() or shipped_profile(self.name, gpu) is not None:
             return load_latency_model(self.name, gpu)
-        spec = ModelSpec.from_hf_config(self.config.hf_config, self.name)
-        return RooflineLatencyModel(spec, get_gpu(gpu))
+        return RooflineLatencyModel(replace(self.config.spec, name=self.name), get_gpu(gpu))
 
 
 class LLM:

@@ -255,14 +255,14 @@ def test_sse_lines_split_only_on_newlines() -> None:
 
     import httpx
 
-    from fairbatch.bench.client import _sse_lines
-    from fairbatch.server.app import _sse as sse_event
+    from fairbatch.wire.sse import encode_event as sse_event
+    from fairbatch.wire.sse import lines as sse_lines
 
     body = 'data: {"text":"a\u2028b\x85c"}\r\n\r\ndata: [DONE]\n\n'.encode()
 
     async def collect() -> list[str]:
         resp = httpx.Response(200, stream=httpx.ByteStream(body))
-        return [line async for line in _sse_lines(resp)]
+        return [line async for line in sse_lines(resp.aiter_bytes())]
 
     lines = asyncio.run(collect())
     assert lines == ['data: {"text":"a\u2028b\x85c"}', "", "data: [DONE]", ""]

@@ -31,6 +31,8 @@ import numpy as np
 from fairbatch.metrics import RequestRecord
 from fairbatch.metrics.records import REJECTED
 from fairbatch.request import SLO
+from fairbatch.wire import sse
+from fairbatch.wire.errors import describe_error, error_message
 
 clock = time.perf_counter
 
@@ -72,33 +74,6 @@ def make_payload(req: BenchRequest, model: str, *, send_slo: bool = True, ignore
     return body
 
 
-def _error_text(resp_body: bytes) -> str:
-    try:
-        obj = json.loads(resp_body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        text = resp_body.decode("utf-8", "replace").strip()
-        return text[:200] or "(empty body)"
-    if isinstance(obj, dict):
-        err = obj.get("error", obj)
-        if isinstance(err, dict):
-            return str(err.get("message") or err)[:200]
-        return str(err)[:200]
-    return str(obj)[:200]
-
-
-async def _sse_lines(resp: httpx.Response):
-    """Lines of an SSE stream, split on LF (a CRLF loses its CR): httpx's aiter_lines
-    also splits on U+2028, U+0085 and friends, which a server may leave raw inside JSON."""
-    buf = b""
-    async for chunk in resp.aiter_bytes():
-        buf += chunk
-        *lines, buf = buf.split(b"\n")
-        for line in lines:
-            yield line.rstrip(b"\r").decode("utf-8", "replace")
-    if buf:
-        yield buf.rstrip(b"\r").decode("utf-8", "replace")
-
-
 async def send_request(client: httpx.AsyncClient, url: str, req: BenchRequest, payload: dict[str, Any],
                        *, check_length: bool = True, events: dict[str, list[float]] | None = None) -> RequestRecord:
     """POST ``payload`` to ``url`` and stream the answer into a RequestRecord. ``events``:
@@ -118,14 +93,14 @@ async def send_request(client: httpx.AsyncClient, url: str, req: BenchRequest, p
                 error = REJECTED
             elif resp.status_code != 200:
                 body = await resp.aread()
-                error = f"HTTP {resp.status_code}: {_error_text(body)}"
+                error = f"HTTP {resp.status_code}: {describe_error(body)}"
             else:
-                async for line in _sse_lines(resp):
+                async for line in sse.lines(resp.aiter_bytes()):
                     now = clock()
-                    if not line.startswith("data:"):
+                    data = sse.data_payload(line)
+                    if data is None:
                         continue          # blank separators, comments, event: lines
-                    data = line[5:].strip()
-                    if data == "[DONE]":
+                    if data == sse.DONE:
                         done = True
                         break
                     try:
@@ -136,9 +111,7 @@ async def send_request(client: httpx.AsyncClient, url: str, req: BenchRequest, p
                     if not isinstance(obj, dict):
                         continue
                     if obj.get("error") is not None:
-                        err = obj["error"]
-                        msg = err.get("message") if isinstance(err, dict) else err
-                        error = f"server error in stream: {str(msg)[:200]}"
+                        error = f"server error in stream: {str(error_message(obj))[:200]}"
                         break
                     if obj.get("choices"):
                         times.append(now)

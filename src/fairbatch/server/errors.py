@@ -1,4 +1,5 @@
-"""Errors in OpenAI's format: ``{"error": {"message", "type", "param", "code"}}``.
+"""The server's errors in OpenAI's format (``fairbatch.wire.errors``): ``APIError``,
+raised in a handler, and its response.
 
 Every failure a client can cause becomes one of these with a 4xx status; the app's
 handlers also turn FastAPI's validation errors (422 by default) into OpenAI's 400.
@@ -10,27 +11,13 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-_TYPES = {
-    400: "BadRequestError",
-    404: "NotFoundError",
-    401: "AuthenticationError",
-    405: "MethodNotAllowedError",
-    408: "RequestTimeoutError",
-    413: "RequestTooLargeError",
-    421: "MisdirectedRequestError",
-    415: "UnsupportedMediaTypeError",
-    429: "RateLimitError",
-    499: "ClientClosedRequest",
-    500: "InternalServerError",
-    503: "ServiceUnavailableError",
-}
+from fairbatch.wire.errors import DROPPED_REASON_HEADER, error_body
 
+__all__ = ["DROPPED_REASON_HEADER", "LATE_REJECT_REASON", "APIError", "bad_request", "error_body", "error_response",
+           "format_validation_errors"]
 
-# Why a request was refused, in a response header: the one llm-d's inference gateway (its
-# endpoint picker, llm-d-router) sets on the 429 / 503 of a request it dropped, with values
-# of the form "rejected-<why>". Ours: the scheduler refused the request (late=reject)
-# because it could no longer meet its TTFT.
-DROPPED_REASON_HEADER = "x-llm-d-request-dropped-reason"
+# Ours, in llm-d's header (``DROPPED_REASON_HEADER``): the scheduler refused the request
+# (late=reject) because it could no longer meet its TTFT.
 LATE_REJECT_REASON = "rejected-ttft-unattainable"
 
 
@@ -44,11 +31,6 @@ class APIError(Exception):
         self.message = message
         self.param = param
         self.headers = headers
-
-
-def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": _TYPES.get(status, "APIError"),
-                      "param": param, "code": status}}
 
 
 def error_response(status: int, message: str, param: str | None = None,

@@ -19,7 +19,7 @@ openai = pytest.importorskip("openai")
 from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
 
-from fairbatch.cluster.proxy import RouterConfig, build_router_app  # noqa: E402
+from fairbatch.cluster.router import RouterConfig, build_router_app  # noqa: E402
 from fairbatch.metrics.records import REJECTED  # noqa: E402
 from fairbatch.server.errors import DROPPED_REASON_HEADER, LATE_REJECT_REASON  # noqa: E402
 from fairbatch.server.runner import ServerThread  # noqa: E402

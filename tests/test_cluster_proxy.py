@@ -21,12 +21,9 @@ from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from fairbatch.cli import app as cli  # noqa: E402
-from fairbatch.cluster.proxy import (  # noqa: E402
-    RouterConfig,
-    _event_kind,
-    build_router_app,
-    estimate_prompt_tokens,
-)
+from fairbatch.cluster.router import RouterConfig, build_router_app  # noqa: E402
+from fairbatch.cluster.router.prompt_estimate import estimate_prompt_tokens  # noqa: E402
+from fairbatch.cluster.router.stream_start import event_kind  # noqa: E402
 from fairbatch.server.runner import ServerThread  # noqa: E402
 from support import metric, wait_for  # noqa: E402
 
@@ -210,12 +207,12 @@ def test_prompt_estimate() -> None:
 
 def test_event_kinds() -> None:
     role = b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}'
-    assert _event_kind(role) == "none"
-    assert _event_kind(b'data: {"choices":[{"index":0,"delta":{"content":"a"}}]}') == "output"
-    assert _event_kind(b'data: {"choices":[{"index":0,"text":"","finish_reason":"length"}]}') == "output"
-    assert _event_kind(b'data: {"error":{"message":"x"}}') == "error"
-    assert _event_kind(b"data: [DONE]") == "output"
-    assert _event_kind(b": keep-alive") == "none"
+    assert event_kind(role) == "none"
+    assert event_kind(b'data: {"choices":[{"index":0,"delta":{"content":"a"}}]}') == "output"
+    assert event_kind(b'data: {"choices":[{"index":0,"text":"","finish_reason":"length"}]}') == "output"
+    assert event_kind(b'data: {"error":{"message":"x"}}') == "error"
+    assert event_kind(b"data: [DONE]") == "output"
+    assert event_kind(b": keep-alive") == "none"
 
 
 # --- routing and health ------------------------------------------------------------------------------

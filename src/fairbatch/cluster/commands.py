@@ -40,7 +40,7 @@ def parse_backends(items: list[str]) -> list[str]:
 
 def _router_config(poll_interval: float, poll_timeout: float, *, host: str = "127.0.0.1",
                    api_key: str | None = None, backend_api_key: str | None = None, **options: Any):
-    from fairbatch.cluster.proxy import RouterConfig
+    from fairbatch.cluster.router import RouterConfig
     from fairbatch.server.access import api_key_from, is_loopback
 
     if not poll_interval > 0:

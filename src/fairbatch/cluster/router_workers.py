@@ -40,7 +40,7 @@ def _setup_logging(log_level: str) -> None:
 
 def _serve_one(backends: Sequence[str], router: str, config: Any, backend_meta: Sequence[Mapping[str, Any]] | None,
                sock: socket.socket, log_level: str, access_log: bool, limits: Any = None) -> None:
-    from fairbatch.cluster.proxy import build_router_app
+    from fairbatch.cluster.router import build_router_app
     from fairbatch.server.runner import serve_forever
 
     _setup_logging(log_level)

@@ -1,4 +1,4 @@
-"""Workload package: trace readers on the real shared files, malformed inputs, arrival
+"""Workload package: trace readers on the bundled traces and small fixtures (tests/data), malformed inputs, arrival
 processes, transforms, SLO classes and Request construction."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import math
 import pickle
 import tempfile
 from datetime import datetime, timedelta
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -36,14 +37,7 @@ from fairbatch.workload import (
     truncate_to_context,
 )
 
-TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces"
-
-
-def shared(name: str) -> Path:
-    path = TRACES / name
-    if not path.exists():
-        pytest.skip(f"shared trace {path} is not present in this checkout")
-    return path
+DATA = Path(__file__).resolve().parent / "data"   # small fixtures; see data/README.md
 
 
 def gaps_cv(entries: list[TraceEntry]) -> float:
@@ -58,10 +52,10 @@ def check_sorted_from_zero(entries: list[TraceEntry]) -> None:
     assert all(e.prompt_len >= 1 and e.output_len >= 1 for e in entries)
 
 
-# --- the real shared traces (numbers from /work/shared/traces/README.md) ----------------------
+# --- the bundled Azure traces (numbers from their published description) -----------------------
 @pytest.fixture(scope="module")
 def conv() -> list[TraceEntry]:
-    return load_trace(shared("AzureLLMInferenceTrace_conv.csv"))
+    return load_trace("azure-conv")
 
 
 def test_azure_conv_matches_readme(conv: list[TraceEntry]) -> None:
@@ -80,7 +74,7 @@ def test_azure_conv_matches_readme(conv: list[TraceEntry]) -> None:
 
 
 def test_azure_code_matches_readme() -> None:
-    code = load_trace(shared("AzureLLMInferenceTrace_code.csv"))
+    code = load_trace("azure-code")
     check_sorted_from_zero(code)
     assert len(code) == 8_819
     assert np.mean([e.prompt_len for e in code]) == pytest.approx(2048, abs=1)
@@ -92,7 +86,9 @@ def test_bundled_names(conv: list[TraceEntry]) -> None:
     names = bundled_traces()
     assert set(names) == {"azure-conv", "azure-code"}
     assert all(isinstance(d, str) and d for d in names.values())
-    assert load_trace("azure-conv") == conv
+    data = resources.files("fairbatch.workload") / "data" / "AzureLLMInferenceTrace_conv.csv"
+    with resources.as_file(data) as path:                       # by name = by path
+        assert load_trace(path) == conv
     assert len(load_trace("azure-code")) == 8_819
     assert len(load_trace("azure-conv", num_requests=100)) == 100
 
@@ -102,45 +98,41 @@ def test_unknown_bundled_name_lists_the_known_ones() -> None:
         load_trace("azure-cnv")
 
 
+# --- the other formats, on small fixtures in tests/data ------------------------------------------
 def test_mooncake_jsonl() -> None:
-    path = shared("mooncake_synthetic_trace.jsonl")
+    path = DATA / "mooncake_format.jsonl"
     assert detect_format(path) == "mooncake"
     trace = load_trace(path)
     check_sorted_from_zero(trace)
-    assert len(trace) == 3_993
-    assert np.mean([e.prompt_len for e in trace]) == pytest.approx(15_000, rel=0.05)
-    assert trace[-1].arrival == pytest.approx(1022.025)                 # ms -> s
-    assert gaps_cv(trace) == pytest.approx(1.0, abs=0.1)                # Poisson arrivals
+    assert len(trace) == 24
+    assert trace[0].prompt_len == 3000 and trace[0].output_len == 242
+    assert trace[-1].arrival == pytest.approx(9.41)                      # ms -> s
 
 
 @pytest.mark.parametrize(("name", "kept", "failed"), [
-    ("burstgpt1_first400.csv", 383, 17),
-    ("burstgpt3_first400.csv", 399, 1),
+    ("burstgpt1_head110.csv", 105, 5),      # five rows with 0 tokens: failed requests
+    ("burstgpt3_head60.csv", 60, 0),        # BurstGPT_3's extra Session ID / Elapsed time columns
 ])
 def test_burstgpt_skips_failures_and_keeps_log_type(name: str, kept: int, failed: int) -> None:
-    trace = read_trace(shared(name))
+    trace = read_trace(DATA / name)
     assert trace.format == "burstgpt" and trace.timed
     assert (len(trace.entries), trace.skipped) == (kept, failed)
     check_sorted_from_zero(trace.entries)
     assert {e.tag for e in trace.entries} == {"Conversation log", "API log"}
 
 
-@pytest.mark.parametrize(("name", "count"), [
-    ("sharegpt_8k_filtered_stats_llama2_tokenizer.csv", 30_731),
-    ("arxiv_summarization_stats_llama2_tokenizer_filtered_v2.csv", 28_257),
-])
-def test_lengths_only_needs_an_arrival_process(name: str, count: int) -> None:
-    path = shared(name)
+def test_lengths_only_needs_an_arrival_process() -> None:
+    path = DATA / "lengths_format.csv"      # Sarathi-Serve / Vidur processed-trace columns
     assert detect_format(path) == "lengths"
     assert not read_trace(path).timed
     with pytest.raises(TraceError, match="arrival"):
         load_trace(path)
     trace = load_trace(path, arrival=PoissonArrivals(10.0))
-    assert len(trace) == count
+    assert len(trace) == 40
+    assert (trace[0].prompt_len, trace[0].output_len) == (953, 332)
     check_sorted_from_zero(trace)
-    assert mean_rate(trace) == pytest.approx(10.0, rel=0.03)
-    assert load_trace(path, arrival=PoissonArrivals(10.0), num_requests=50, seed=1) == \
-        load_trace(path, arrival=PoissonArrivals(10.0), num_requests=50, seed=1)
+    assert load_trace(path, arrival=PoissonArrivals(10.0), num_requests=20, seed=1) == \
+        load_trace(path, arrival=PoissonArrivals(10.0), num_requests=20, seed=1)
 
 
 def test_vidur_splitwise_csv(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from fairbatch.cluster.router.failures import ClientGone, Retry
 from fairbatch.cluster.router.prompt_estimate import estimate_prompt_tokens
 from fairbatch.cluster.router.relay import StartedStream
 from fairbatch.cluster.router.state import RouterState
+from fairbatch.server.disconnect import wait_disconnect
 from fairbatch.server.errors import error_response
 from fairbatch.wire.errors import DROPPED_REASON_HEADER
 
@@ -129,10 +130,3 @@ def backend_headers(cfg: RouterConfig, request: Request) -> dict[str, str]:
         headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
         headers["authorization"] = f"Bearer {cfg.backend_api_key}"
     return headers
-
-
-async def wait_disconnect(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return

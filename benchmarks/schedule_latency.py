@@ -1,5 +1,5 @@
 """Cost of one ``schedule()`` call with N running requests, KV block allocation included.
-Target (DESIGN.md 7): < 200 us at N = 512 (vLLM 0.32's V1 scheduler: ~3.7 ms).
+Target (docs/PERFORMANCE.md): < 200 us at N = 512 (vLLM 0.32's V1 scheduler: ~3.7 ms).
 
 Each measured step has N running decodes at ragged contexts plus a few waiting prompts;
 ``on_step_end`` runs between calls (not timed) so the state stays realistic, including

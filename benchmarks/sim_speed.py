@@ -1,5 +1,5 @@
 """Simulator speed: the full bundled Azure conversation trace (19,366 requests), one
-instance, each policy, in one process. Target (DESIGN.md 7): < 10 s per policy on one core.
+instance, each policy, in one process. Target (docs/PERFORMANCE.md): < 10 s per policy on one core.
 
     python benchmarks/sim_speed.py [--rate-scale 1.0] [--policy P ...] [--instances N]
 """

@@ -30,7 +30,7 @@ def test_param_counts_match_published_totals(name: str, total: int) -> None:
 
 def test_derived_sizes() -> None:
     m = get_model("llama-3-8b")
-    assert round(m.weight_bytes / 1e9, 2) == 16.06                       # DESIGN 7
+    assert round(m.weight_bytes / 1e9, 2) == 16.06                       # bf16 Llama-3-8B
     assert m.kv_bytes_per_token == 2 * 32 * 8 * 128 * 2 == 128 * 1024
     assert m.attn_flops_per_pair == 4 * 32 * 32 * 128
     assert m.flops_per_token == m.layer_flops_per_token + 2 * 128256 * 4096

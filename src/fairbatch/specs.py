@@ -302,8 +302,8 @@ _MODELS: dict[str, ModelSpec] = {m.name: m for m in (
 
 _GPUS: dict[str, GPUSpec] = {g.name: g for g in (
     # H100 SXM 80GB: 3.35 TB/s, 989 TFLOP/s datasheet. The efficiencies make the achievable
-    # numbers the ceilings measured on the lent H100 (DESIGN 7): 3.0 TB/s device copy
-    # (read + write) and 780 TFLOP/s bf16 GEMM at 8192^3.
+    # numbers the ceilings measured on the lent H100 (2026-11-22, docs/PERFORMANCE.md): 3.0 TB/s
+    # device copy (read + write) and 780 TFLOP/s bf16 GEMM at 8192^3.
     GPUSpec("h100", 80 * GiB, 3.35e12, 989.4e12, mem_eff=3.0e12 / 3.35e12, flops_eff=780e12 / 989.4e12),
     # H200 SXM: 141 GB HBM3e at 4.8 TB/s, H100 compute; efficiencies assumed like H100's.
     GPUSpec("h200", 141 * GiB, 4.8e12, 989.4e12),

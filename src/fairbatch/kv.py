@@ -1,7 +1,9 @@
 """Paged KV-cache accounting shared by the simulator and the engine.
 
 Block ids are real: the engine indexes its KV tensors with exactly the blocks handed
-out here, so the simulator's memory pressure is the engine's.
+out here. How many blocks there are is ``specs.kv_cache_blocks`` for both the simulator
+(from a GPU preset) and the engine (from the device's memory), with the same activation
+reserve, so the simulator's memory pressure is the engine's.
 """
 
 from __future__ import annotations

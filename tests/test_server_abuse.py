@@ -116,29 +116,53 @@ def post(http, path: str, body) -> None:
         assert obj["choices"] and "usage" in obj
 
 
+def assert_still_serving(http, server) -> None:
+    """After abuse: healthy, a plain request completes, every KV block is free again and
+    no engine step failed. Each abuse test ends with this, so none depends on test order."""
+    assert http.get("/health").status_code == 200
+    r = http.post("/v1/completions", json={"prompt": "ok", "max_tokens": 3, "ignore_eos": True})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+    wait_idle(server.app)
+    assert server.app.state.engine.step_errors == 0
+
+
 FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
                 database=None)
 
 
-@FUZZ
-@given(body=bodies({"prompt": prompts}, completion_fields))
-def test_fuzz_completions(http, body):
-    post(http, "/v1/completions", body)
+def test_fuzz_completions(http, server):
+    @FUZZ
+    @given(body=bodies({"prompt": prompts}, completion_fields))
+    def fuzz(body):
+        post(http, "/v1/completions", body)
+
+    fuzz()
+    assert_still_serving(http, server)
 
 
-@FUZZ
-@given(body=bodies({"messages": st.lists(message, min_size=1, max_size=4)}, chat_fields))
-def test_fuzz_chat(http, body):
-    post(http, "/v1/chat/completions", body)
+def test_fuzz_chat(http, server):
+    @FUZZ
+    @given(body=bodies({"messages": st.lists(message, min_size=1, max_size=4)}, chat_fields))
+    def fuzz(body):
+        post(http, "/v1/chat/completions", body)
+
+    fuzz()
+    assert_still_serving(http, server)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None)
-@given(raw=st.binary(max_size=200), path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/load",
-                                                          "/v1/models", "/metrics", "/health", "/v1/x"]),
-       ctype=st.sampled_from(["application/json", "text/plain", "application/x-www-form-urlencoded", ""]))
-def test_fuzz_raw_bytes(http, raw, path, ctype):
-    r = http.post(path, content=raw, headers={"content-type": ctype} if ctype else {})
-    assert r.status_code < 500, (path, raw, r.text[:200])
+def test_fuzz_raw_bytes(http, server):
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
+              database=None)
+    @given(raw=st.binary(max_size=200),
+           path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/load", "/v1/models", "/metrics",
+                                 "/health", "/v1/x"]),
+           ctype=st.sampled_from(["application/json", "text/plain", "application/x-www-form-urlencoded", ""]))
+    def fuzz(raw, path, ctype):
+        r = http.post(path, content=raw, headers={"content-type": ctype} if ctype else {})
+        assert r.status_code < 500, (path, raw, r.text[:200])
+
+    fuzz()
+    assert_still_serving(http, server)
 
 
 def test_pathological_bodies(http, server):
@@ -161,17 +185,7 @@ def test_pathological_bodies(http, server):
         r = http.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
         assert 400 <= r.status_code < 500, (raw[:60], r.status_code, r.text[:200])
         assert "error" in r.json()
-    assert http.get("/health").status_code == 200
-    wait_idle(server.app)
-
-
-def test_server_survives_fuzzing(http, server):
-    # runs after the fuzz tests in this module: still serving, nothing leaked
-    assert http.get("/health").status_code == 200
-    r = http.post("/v1/completions", json={"prompt": "ok", "max_tokens": 3, "ignore_eos": True})
-    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
-    wait_idle(server.app)
-    assert server.app.state.engine.step_errors == 0
+    assert_still_serving(http, server)
 
 
 # --- many concurrent streams, a third hanging up -------------------------------------------------

@@ -161,3 +161,24 @@ def test_dummy_weights_are_deterministic():
     init_dummy(a, seed=5)
     init_dummy(b, seed=5)
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+def test_engine_sizes_its_kv_cache_as_the_simulator(monkeypatch):
+    """On a GPU the engine counts its blocks with ``specs.kv_cache_blocks`` and the simulator's
+    activation reserve: a device with an H100 preset's memory, holding just the weights,
+    gets the simulator's block count. (The CUDA calls are stubbed: this runs on the CPU.)"""
+    from dataclasses import replace
+
+    from fairbatch.specs import get_gpu, kv_cache_blocks
+
+    engine = Engine(EngineArgs("tiny-llama", load_format="dummy", device="cpu", num_kv_blocks=8))
+    spec = replace(get_model("tiny-llama"), dtype_bytes=engine.model.lm_head_weight.element_size())
+    h100 = get_gpu("h100")
+    monkeypatch.setattr(engine, "device", torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (h100.memory_bytes, h100.memory_bytes))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: spec.weight_bytes)
+    assert engine._auto_kv_blocks() == kv_cache_blocks(spec, h100) > 0
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: int(0.9 * h100.memory_bytes))
+    with pytest.raises(EngineError, match="no memory left for the KV cache"):
+        engine._auto_kv_blocks()

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -36,8 +35,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+from fairbatch.bench.prometheus_text import samples
+
 FB = [sys.executable, "-m", "fairbatch.cli"]
-_LABEL = re.compile(r'(\w+)="([^"]*)"')
 
 
 def get(url: str, timeout: float = 10) -> tuple[int, bytes]:
@@ -50,13 +50,7 @@ def get(url: str, timeout: float = 10) -> tuple[int, bytes]:
 
 def scrape(url: str) -> list[tuple[str, dict[str, str], float]]:
     """A Prometheus /metrics page as (name, labels, value) rows."""
-    rows = []
-    for line in get(url + "/metrics")[1].decode().splitlines():
-        if line and not line.startswith("#"):
-            head, _, value = line.rpartition(" ")
-            name, _, labels = head.partition("{")
-            rows.append((name, dict(_LABEL.findall(labels)), float(value)))
-    return rows
+    return [(s.name, s.labels, s.value) for s in samples(get(url + "/metrics")[1].decode())]
 
 
 def counters(router: str, replicas: list[str]) -> dict:

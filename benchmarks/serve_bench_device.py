@@ -24,6 +24,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from fairbatch.bench.prometheus_text import samples
+
 FB = [sys.executable, "-m", "fairbatch.cli"]
 
 
@@ -50,12 +52,8 @@ def engine_counters(url: str) -> dict[str, float]:
     """The engine's cumulative step counters from /metrics."""
     with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
         text = r.read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        for name in STEP_COUNTERS:
-            if line.startswith(f"fairbatch:{name}_total{{"):
-                out[name] = float(line.rsplit(" ", 1)[1])
-    return out
+    wanted = {f"fairbatch:{name}_total": name for name in STEP_COUNTERS}
+    return {wanted[s.name]: s.value for s in samples(text) if s.name in wanted}
 
 
 def save_profile(url: str, path: Path) -> None:

@@ -24,6 +24,7 @@ import numpy as np
 
 from fairbatch.bench.client import BenchRequest, make_payload, send_request
 from fairbatch.bench.datasets import load_text_dataset
+from fairbatch.bench.prometheus_text import samples
 from fairbatch.bench.vllm_compat import (
     itl_summary,
     keep_percentile_metrics,
@@ -351,17 +352,15 @@ def server_counters(cfg: BenchConfig) -> dict[str, float] | None:
         return None
     if r.status_code != 200:
         return None
+    try:
+        page = samples(r.text)
+    except ValueError:
+        return None
     out: dict[str, float] = {}
-    for line in r.text.splitlines():
-        if line.startswith("#"):
-            continue
-        head, _, value = line.rpartition(" ")
-        name = head.split("{", 1)[0].rsplit(":", 1)[-1]
-        if name in (RELEGATED_METRIC, PREEMPTIONS_METRIC) and ":" in head.split("{", 1)[0]:
-            try:
-                out[name] = out.get(name, 0.0) + float(value)
-            except ValueError:
-                continue
+    for sample in page:
+        _, colon, name = sample.name.rpartition(":")
+        if colon and name in (RELEGATED_METRIC, PREEMPTIONS_METRIC):
+            out[name] = out.get(name, 0.0) + sample.value
     return out
 
 

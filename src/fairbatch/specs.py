@@ -8,7 +8,7 @@ datasheet peaks plus the fraction of them that is actually achievable.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any, Mapping, Self
 
 GB = 10**9
 GiB = 2**30
@@ -184,7 +184,7 @@ class ModelSpec:
         return d
 
     @classmethod
-    def from_hf_config(cls, config: Mapping[str, Any], name: str = "model", **extra: Any) -> Any:
+    def from_hf_config(cls, config: Mapping[str, Any], name: str = "model", **extra: Any) -> Self:
         """Build a spec from a HF ``config.json`` dict of a supported architecture (the family
         comes from ``architectures``, else ``model_type``). ``extra`` goes to the constructor:
         a subclass (the engine's ``ModelConfig``) passes its own fields through it. Raises

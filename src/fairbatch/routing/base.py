@@ -1,9 +1,9 @@
-"""Routing policies: which instance gets a new request.
+"""``Router``: the base of every routing policy (which instance gets a new request).
 
-The base of every policy. Shared by the cluster simulator (``fairbatch.sim.loop``) and the
-HTTP router (``fairbatch.cluster``), which both sit above this package. A router sees each instance's ``Load`` — possibly stale:
-a real router polls, the simulator refreshes at most every ``load_interval`` seconds —
-and the new request's prompt length.
+Shared by the cluster simulator (``fairbatch.sim.loop``) and the HTTP router
+(``fairbatch.cluster.router``), which both sit above this package. A router sees each
+instance's ``Load`` — possibly stale: a real router polls, the simulator refreshes at most
+every ``load_interval`` seconds — and the new request's prompt length.
 
 **Sent-since-poll accounting.** A stale load does not know about the requests the router
 itself sent after it was measured; a burst routed on one stale view would all go to the

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import httpx
 
+from fairbatch.bench.prometheus_text import samples
+
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_server import burst_client, local_url, report, running, tiny_serve_cmd, wait_healthy  # noqa: E402
 
@@ -86,8 +88,7 @@ def main() -> None:
         bad = q.get()
         p.join()
         metrics = httpx.get(url + "/metrics", timeout=30).text
-        marked = sum(float(ln.rsplit(" ", 1)[1]) for ln in metrics.splitlines()
-                     if ln.startswith("fairbatch_router:backend_marked_unhealthy_total"))
+        marked = sum(s.value for s in samples(metrics) if s.name == "fairbatch_router:backend_marked_unhealthy_total")
         report({"small_statuses": {str(k): v for k, v in small.items()}, "bad_bodies": bad,
                 "backends_marked_unhealthy": marked, "max_body_bytes": args.max_body_bytes or "default"}, args.json)
 

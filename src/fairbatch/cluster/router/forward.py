@@ -10,6 +10,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -31,10 +32,9 @@ _FORWARD_REQUEST_HEADERS = ("content-type", "authorization", "accept", "x-reques
 ALL_REFUSED_REASON = "rejected-saturated"   # llm-d's word, for 429s that gave no reason of their own
 
 
-async def forward(state: RouterState, request: Request) -> Response:
-    arrival = time.perf_counter()
-    path = request.url.path
-    limit = state.config.max_body_bytes
+async def _read_body(request: Request, limit: int) -> tuple[bytes, dict[str, Any]] | Response:
+    """The body and its JSON object, or the 413 / 400 to answer: the router reads the body
+    to route it (its prompt length, whether it streams)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         return error_response(413, f"request body larger than {limit} bytes")
@@ -47,6 +47,16 @@ async def forward(state: RouterState, request: Request) -> Response:
         return error_response(400, f"request body is not valid JSON: {e}")
     if not isinstance(obj, dict):
         return error_response(400, "request body must be a JSON object")
+    return body, obj
+
+
+async def forward(state: RouterState, request: Request) -> Response:
+    arrival = time.perf_counter()
+    path = request.url.path
+    read = await _read_body(request, state.config.max_body_bytes)
+    if isinstance(read, Response):
+        return read
+    body, obj = read
     stream = obj.get("stream") is True
     prompt_len = estimate_prompt_tokens(path, obj)
     headers = backend_headers(state.config, request)

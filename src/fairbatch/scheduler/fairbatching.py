@@ -81,11 +81,11 @@ class FairBatchingScheduler(Scheduler):
         self._prefill_rate = n / t_max if n > 0 else 0.0
 
     # --- waiting heap ----------------------------------------------------------------------
-    def add(self, req: Request, now: float) -> None:
+    def add(self, req: Request, now: float, *, validate: bool = True) -> None:
         m = self.config.tpot_margin
         if m and not req.generated:
             req.set_pace(req.slo.tpot * (1.0 - m))
-        super().add(req, now)
+        super().add(req, now, validate=validate)
 
     def _enqueue(self, req: Request) -> None:
         super()._enqueue(req)

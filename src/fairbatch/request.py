@@ -164,10 +164,6 @@ class Request:
         return self.state in _DONE
 
     # --- deadlines ----------------------------------------------------------------------
-    def envelope_deadline(self, j: int) -> float:
-        """The paper's deadline of output token j (0-based): arrival + ttft + tpot * j."""
-        return self.arrival + self.slo.ttft + self.slo.tpot * j
-
     def token_deadline(self, j: int) -> float:
         """Deadline of output token j under this request's rule (and pace)."""
         d = self.arrival + self.slo.ttft + self.pace * j

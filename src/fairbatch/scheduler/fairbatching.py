@@ -3,36 +3,28 @@
 Every request has per-token deadlines (``Request.token_deadline``); ``slack`` is the time
 left until its next one. Each step:
 
-1. **Time budget** ``T = max(min slack, min pace)`` over running decodes (a step shorter
-   than one token interval buys little and costs a whole weight read), clamped to
-   ``[time_budget_min, time_budget_max]``; ``T_max`` with no decodes. Under KV pressure
-   (``kv_pressure_usage``) at most ``kv_pressure_budget`` x the tightest pace; divided by
-   the recent measured / predicted step time while steps overrun the model.
-   (``time_budget_rule="min-slack"``: ``T = min slack``, measured worse: ALGORITHM.md.)
+1. **Time budget** ``T`` (step_budget.py): the least decode slack, at least the tightest
+   pace, shorter under KV pressure and while steps overrun the model.
 2. **Formation** under ``T`` (predicted by the latency model, evaluated incrementally):
-   (a) every on-time decode, by deadline, always scheduled even past ``T`` (the floor
-   that keeps running requests on their envelope); with ``defer_decodes`` only the
-   *urgent* ones, whose deadline falls before ``now + T + pace``; (b) prefills, partial
-   ones then waiting ones, each in order of deadline plus ``prefill_work_weight`` per
-   prompt token left (with ``late`` relegating or rejecting, the waiting ones through a
-   Moore-Hodgson set-aside: ``_admit_set_aside``), each given the largest chunk that keeps the step within ``T``
-   (rounded down to ``chunk_align``, at least ``min_chunk`` unless it finishes the
-   prompt); (c) with ``defer_decodes``, the remaining decodes, by deadline, while the step
-   stays within ``T``; (d) with ``late`` set, the decodes of relegated requests last
-   (late.py, shared by every policy).
-   If nothing fits, one ``min_chunk`` prefill runs so the instance always progresses.
-   With ``tpot_margin`` m > 0, requests are paced at ``(1 - m) * tpot``
-   (``Request.set_pace``): the margin absorbs steps that overrun the model, where pacing
-   at the SLO itself leaves requests exactly on it.
-3. **Preemption** (recompute) when KV runs out: the running request with the most
-   slack that is not in this step, and only if it has more slack than the one waiting
-   for the blocks.
-4. **Load estimate**: the admission budget, prompt tokens this instance can still start
-   within a TTFT horizon given the compute its decodes need (``admission_budget``).
+   (a) every on-time decode, by deadline, always scheduled even past ``T`` (with
+   ``defer_decodes`` only those whose deadline falls before ``now + T + pace``);
+   (b) prefills, partial ones then waiting ones, in order of deadline plus
+   ``prefill_work_weight`` per prompt token left (with ``late`` relegating or rejecting,
+   the waiting ones through a Moore-Hodgson set-aside: set_aside.py), each given the
+   largest chunk that keeps the step within ``T`` (rounded down to ``chunk_align``, at
+   least ``min_chunk`` unless it finishes the prompt); (c) with ``defer_decodes``, the
+   remaining decodes while the step fits; (d) the decodes of relegated requests last
+   (late.py, shared by every policy). If nothing fits, one ``min_chunk`` prefill runs so
+   the instance always progresses. Requests are paced at ``(1 - tpot_margin) * tpot``:
+   room for steps that overrun the model.
+3. **Preemption** (recompute) when KV runs out: relegated requests first, then the one
+   with the most slack that is not in this step, only if it ranks after the request
+   that needs the blocks.
+4. **Load estimate** for a router (admission.py).
 
-Waiting requests are kept in a heap keyed by their prefill order (deadline plus the work
-term), which cannot change while they wait, so selecting prefills costs O(log n), not a
-sort of the queue. docs/ALGORITHM.md has what each rule measured.
+Waiting requests are kept in a heap keyed by their prefill order, which cannot change
+while they wait, so selecting prefills costs O(log n). docs/ALGORITHM.md has what each
+rule measured.
 """
 
 from __future__ import annotations
@@ -43,8 +35,11 @@ from operator import attrgetter
 
 from fairbatch.plan import StepFeatures, StepPlan, StepResult
 from fairbatch.request import Request, RequestState
+from fairbatch.scheduler.admission import admission_budget
 from fairbatch.scheduler.base import Scheduler, register_policy
 from fairbatch.scheduler.late import Late
+from fairbatch.scheduler.set_aside import moore_hodgson
+from fairbatch.scheduler.step_budget import StepBudget
 
 _INF = float("inf")
 
@@ -69,8 +64,7 @@ class FairBatchingScheduler(Scheduler):
         self._step_now = 0.0
         w = config.prefill_work_weight
         self._work_weight = w if w is not None else (0.008 if self.late is Late.SERVE else 0.0)
-        self._kv_pressure_free = (1.0 - config.kv_pressure_usage) * allocator.num_blocks
-        self._overrun = 1.0      # recent measured / predicted step time (moving average)
+        self._budget = StepBudget(config, allocator)
         self.latency_model_changed()
 
     def latency_model_changed(self) -> None:
@@ -106,12 +100,7 @@ class FairBatchingScheduler(Scheduler):
             heapq.heappush(self._heap, (self._prefill_key(req), next(self._seq), req))
 
     def on_step_end(self, plan: StepPlan, result: StepResult, now: float) -> list[Request]:
-        # Steps fill the time budget exactly, so a stretch of steps slower than the model
-        # makes paced requests late; track it and plan the next steps that much shorter.
-        # (A simulator whose steps take exactly the model's time never moves it from 1.)
-        g = self.config.step_overrun_gain
-        if g and plan.predicted_time > 0.0 and result.duration > 0.0:
-            self._overrun += g * (result.duration / plan.predicted_time - self._overrun)
+        self._budget.observe(plan, result)
         return super().on_step_end(plan, result, now)
 
     # --- batch formation -------------------------------------------------------------------
@@ -148,22 +137,7 @@ class FairBatchingScheduler(Scheduler):
             else:
                 partials.append(req)
 
-        # Time budget: the tightest decode's slack, but at least its pace (a step shorter
-        # than that buys little and costs the weight read of a whole extra step).
-        if decodes:
-            T = min_deadline - now
-            if cfg.time_budget_rule == "max-slack-tpot" and min_tpot > T:
-                T = min_tpot
-            # KV nearly full: shorter steps, so running requests finish and free their
-            # blocks sooner instead of being preempted and recomputed
-            a = self.allocator
-            if a.num_free < self._kv_pressure_free:
-                T = min(T, cfg.kv_pressure_budget * min_tpot)
-            T = min(max(T, cfg.time_budget_min), cfg.time_budget_max)
-        else:
-            T = cfg.time_budget_max
-        if self._overrun > 1.0:
-            T /= self._overrun   # steps have lately run longer than the model says
+        T = self._budget.seconds(min_deadline - now if decodes else None, min_tpot)
         token_cap = cfg.max_num_batched_tokens
         plan = StepPlan(time_budget=T, token_budget=token_cap)
 
@@ -272,21 +246,10 @@ class FairBatchingScheduler(Scheduler):
         if len(cands) < 2 and not promoted and not resumed:
             return False
         # the rate the decodes leave, not this step's: the chunks already in it (partial
-        # prefills) are counted below as work ahead of the waiting prompts
+        # prefills) are counted as work ahead of the waiting prompts
         rate = self._prefill_rate * max(0.1, 1.0 - decode_share)
-        t = sum(r.prompt_len - r.num_computed for r in partials if not r.relegated) / rate
-        kept: list[tuple[int, int, Request]] = []     # max-heap by remaining tokens
-        aside: list[Request] = []
-        for i, r in enumerate(cands):
-            rem = r.prompt_len - r.num_computed
-            t += rem / rate
-            heapq.heappush(kept, (-rem, -i, r))   # ties: the later in order goes
-            if now + t > r.deadline:
-                neg, _, big = heapq.heappop(kept)
-                t += neg / rate
-                aside.append(big)
-        out = {id(r) for r in aside}
-        order = resumed + promoted + [r for r in cands if id(r) not in out] + sorted(aside, key=key)
+        ahead = sum(r.prompt_len - r.num_computed for r in partials if not r.relegated) / rate
+        order = resumed + promoted + moore_hodgson(cands, now, ahead, rate, key)
         feats = plan.features
         for req in order:
             if len(self.running) >= self.config.max_num_seqs or feats.new_tokens >= token_cap:
@@ -355,34 +318,6 @@ class FairBatchingScheduler(Scheduler):
 
     # --- load estimate ---------------------------------------------------------------------
     def admission_budget(self, now: float, queued_prefill_tokens: int) -> float:
-        """Prompt tokens this instance can still start within a TTFT horizon.
-
-        Over a horizon of the tightest TTFT among running requests (the default SLO's
-        when none run), running decodes need one step per ``tpot``;
-        the fraction of time that leaves, times the prefill rate of the latency model, is
-        the prompt work that fits; queued prompt tokens already claim part of it. Bounded
-        by the free KV slots, since an admitted prompt must also fit the cache.
-        """
-        cfg = self.config
-        n = ctx = 0
-        min_tpot = _INF
-        horizon = _INF
-        for r in self.running:
-            if r.slo.ttft < horizon:
-                horizon = r.slo.ttft
-            if r.generated > 0 and r.num_computed >= r.prompt_len:
-                n += 1
-                ctx += r.num_computed
-                if r.pace < min_tpot:
-                    min_tpot = r.pace
-        if horizon == _INF:
-            horizon = cfg.ttft_slo   # idle: the default class's TTFT
-        # the step of every decode, summed at once: a decode with c cached tokens adds one
-        # sequence, one token, c + 1 context tokens and c + 1 attention pairs (StepFeatures.add)
-        f = StepFeatures(n, n, ctx + n, float(ctx + n))
-        busy = self.latency.predict(f) / min_tpot if n else 0.0
-        free_frac = max(0.0, 1.0 - busy)
-        compute_tokens = free_frac * horizon * self._prefill_rate
-        a = self.allocator
-        kv_tokens = a.num_free * a.block_size
-        return min(compute_tokens, kv_tokens) - queued_prefill_tokens
+        """Prompt tokens this instance can still start within a TTFT horizon (admission.py)."""
+        return admission_budget(self.running, self.latency, self._prefill_rate, self.allocator,
+                                self.config.ttft_slo, queued_prefill_tokens)

@@ -1,0 +1,51 @@
+"""FairBatching's time budget: how long the next step may take.
+
+``T = max(min slack, min pace)`` over the running decodes (a step shorter than one token
+interval buys little and costs a whole weight read), clamped to ``[time_budget_min,
+time_budget_max]``, ``time_budget_max`` when nothing decodes; then two corrections:
+
+- **KV pressure**: with more than ``kv_pressure_usage`` of the blocks in use, at most
+  ``kv_pressure_budget`` x the tightest pace, so running requests finish and free their
+  blocks sooner instead of being preempted and recomputed.
+- **Overrun**: steps fill the budget exactly, so a stretch of steps slower than the model
+  makes paced requests late; the budget is divided by a moving average of measured over
+  predicted step time while that is above 1 (a simulator whose steps take exactly the
+  model's time never moves it).
+"""
+
+from __future__ import annotations
+
+from fairbatch.kv import BlockAllocator
+from fairbatch.plan import StepPlan, StepResult
+
+
+class StepBudget:
+    __slots__ = ("config", "allocator", "overrun", "_pressure_free")
+
+    def __init__(self, config, allocator: BlockAllocator) -> None:
+        self.config = config
+        self.allocator = allocator
+        self.overrun = 1.0      # recent measured / predicted step time (moving average)
+        self._pressure_free = (1.0 - config.kv_pressure_usage) * allocator.num_blocks
+
+    def observe(self, plan: StepPlan, result: StepResult) -> None:
+        g = self.config.step_overrun_gain
+        if g and plan.predicted_time and plan.predicted_time > 0.0 and result.duration > 0.0:
+            self.overrun += g * (result.duration / plan.predicted_time - self.overrun)
+
+    def seconds(self, min_slack: float | None, min_pace: float) -> float:
+        """The budget, given the least slack and the tightest pace of the running decodes
+        (``min_slack`` None: nothing decodes)."""
+        cfg = self.config
+        if min_slack is None:
+            T = cfg.time_budget_max
+        else:
+            T = min_slack
+            if cfg.time_budget_rule == "max-slack-tpot" and min_pace > T:
+                T = min_pace
+            if self.allocator.num_free < self._pressure_free:
+                T = min(T, cfg.kv_pressure_budget * min_pace)
+            T = min(max(T, cfg.time_budget_min), cfg.time_budget_max)
+        if self.overrun > 1.0:
+            T /= self.overrun
+        return T

@@ -14,12 +14,22 @@ import argparse
 import random
 import statistics
 import time
+from dataclasses import replace
 
 from fairbatch.kv import BlockAllocator
 from fairbatch.latency import load_latency_model
 from fairbatch.plan import StepResult
 from fairbatch.request import SLO, Request
 from fairbatch.scheduler import SchedulerConfig, make_scheduler
+
+
+def _use_config(sched, old: SchedulerConfig, new: SchedulerConfig) -> None:
+    """Point the scheduler, and each part of it that holds the (frozen) config, at ``new``:
+    the warm-up's relaxed limits, then the measured ones."""
+    sched.config = new
+    for part in vars(sched).values():
+        if getattr(part, "config", None) is old:
+            part.config = new
 
 
 def bench(policy: str, n_running: int, steps: int, seed: int = 0) -> list[float]:
@@ -38,13 +48,13 @@ def bench(policy: str, n_running: int, steps: int, seed: int = 0) -> list[float]
     # Prefill them all (untimed), until every request is decoding. Time-budget policies
     # (fairbatching, qoserve) admit no prompt while the decodes alone fill the step, so
     # for the warm-up only their steps may be as long as they allow.
-    saved = cfg.time_budget_min, cfg.qoserve_min_step_tokens
-    cfg.time_budget_min, cfg.qoserve_min_step_tokens = cfg.time_budget_max, cfg.qoserve_max_step_tokens
+    warm = replace(cfg, time_budget_min=cfg.time_budget_max, qoserve_min_step_tokens=cfg.qoserve_max_step_tokens)
+    _use_config(sched, cfg, warm)
     while any(r.generated == 0 for r in sched.running) or sched.num_waiting:
         plan = sched.schedule(now)
         now += model.predict(plan.features)
         sched.on_step_end(plan, StepResult(0.0), now)
-    cfg.time_budget_min, cfg.qoserve_min_step_tokens = saved
+    _use_config(sched, warm, cfg)
     assert len(sched.running) == n_running, (policy, len(sched.running))
     times = []
     for s in range(steps):

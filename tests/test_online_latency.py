@@ -15,6 +15,7 @@ from fairbatch.plan import StepFeatures, StepPlan, StepResult
 from fairbatch.request import SLO, Request
 from fairbatch.scheduler import SchedulerConfig, make_scheduler
 from fairbatch.server.engine_loop import EngineLoop
+from fairbatch.server.engine_messages import AddRequests
 
 TRUE = LinearLatencyModel(0.006, 2e-5, 4e-8, 2e-9, 5e-5)
 
@@ -89,14 +90,14 @@ def test_engine_loop_charges_a_step_until_the_next_one_starts():
                            OnlineLatencyModel(LinearLatencyModel(0.002, 1e-6), refit_every=10**9))
     inst = Instance(sched, _SlowExecutor(0.002))
     posted: list = []
-    loop = EngineLoop(inst, lambda kind, payload: posted.append(kind), idle_wait=0.01)
+    loop = EngineLoop(inst, posted.append, idle_wait=0.01)
     reqs = [Request(f"r{i}", 0.0, 40, 12, SLO(1.0, 0.05)) for i in range(4)]
     calls = {"n": 0}
 
     def receive(timeout: float):
         calls["n"] += 1
         if calls["n"] == 1:
-            return [("add", reqs)]
+            return [AddRequests(tuple(reqs))]
         time.sleep(0.003)                 # a slow intake between steps
         return []
 

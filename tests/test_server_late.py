@@ -34,6 +34,7 @@ from fairbatch.scheduler import SchedulerConfig, make_scheduler  # noqa: E402
 from fairbatch.server import ServerThread, build_app, load_served_model  # noqa: E402
 from fairbatch.server.engine_loop import REJECTED as DELTA_REJECTED  # noqa: E402
 from fairbatch.server.engine_loop import Delta, EngineLoop, mirror  # noqa: E402
+from fairbatch.server.engine_messages import AddRequests, LateCounts, StepDeltas  # noqa: E402
 from fairbatch.server.errors import DROPPED_REASON_HEADER, LATE_REJECT_REASON  # noqa: E402
 from fairbatch.sim import SimExecutor  # noqa: E402
 from support import metric, wait_for  # noqa: E402
@@ -55,11 +56,11 @@ def _loop(late: str, **cfg):
     sched = make_scheduler("vllm", SchedulerConfig(max_model_len=8192, max_num_batched_tokens=256, late=late, **cfg),
                            BlockAllocator(1000), SIM)
     posted: list = []
-    return EngineLoop(Instance(sched, SimExecutor(SIM)), lambda kind, payload: posted.append((kind, payload))), posted
+    return EngineLoop(Instance(sched, SimExecutor(SIM)), posted.append), posted
 
 
 def _deltas(posted) -> dict[str, Delta]:
-    return {rid: d for kind, p in posted if kind == "deltas" for rid, d in p}
+    return {rid: d for m in posted if isinstance(m, StepDeltas) for rid, d in m.deltas}
 
 
 def test_engine_loop_reports_refusals_at_arrival_and_in_the_queue() -> None:
@@ -71,9 +72,9 @@ def test_engine_loop_reports_refusals_at_arrival_and_in_the_queue() -> None:
     # ~0.28 s, and it is refused part-way through its prefill
     slow = Request("slow", 0.0, 2000, 5, SLO(0.25, 0.05))
     ok = Request("ok", 0.0, 16, 3, SLO(60.0, 1.0))
-    loop.apply([("add", [hopeless, slow, ok])], 0.0)
-    first = posted.index(("late", (1, 0)))
-    assert posted[first + 1] == ("deltas", [("hopeless", Delta([], DELTA_REJECTED, time=0.0))])
+    loop.apply([AddRequests((hopeless, slow, ok))], 0.0)
+    first = posted.index(LateCounts(1, 0))
+    assert posted[first + 1] == StepDeltas((("hopeless", Delta([], DELTA_REJECTED, time=0.0)),))
     assert hopeless.state is RequestState.REJECTED and "hopeless" not in loop._sent
     now = 0.0
     while sched.has_work():
@@ -86,11 +87,11 @@ def test_engine_loop_reports_refusals_at_arrival_and_in_the_queue() -> None:
     assert got["ok"].finish_reason == "length" and ok.generated == 3
     assert loop._sent == {} and sched.allocator.num_free == sched.allocator.num_blocks
     # the counts go out before the delta that follows them, and in the snapshot
-    kinds = [k for k, _ in posted]
-    assert ("late", (2, 0)) in posted
-    assert kinds.index("deltas", posted.index(("late", (2, 0)))) > posted.index(("late", (2, 0)))
+    kinds = [type(m) for m in posted]
+    assert LateCounts(2, 0) in posted
+    assert kinds.index(StepDeltas, posted.index(LateCounts(2, 0))) > posted.index(LateCounts(2, 0))
     loop.publish_snapshot(now)
-    snap = posted[-1][1]
+    snap = posted[-1].snapshot
     assert snap.rejected == 2 and snap.relegated == 0
     # the front end's copy (engine in another process) learns the request's state
     copy = Request("slow", 0.0, 2000, 5, SLO(0.25, 0.05))
@@ -102,13 +103,13 @@ def test_engine_loop_drops_relegated_requests_too() -> None:
     loop, posted = _loop("relegate")
     sched = loop.instance.scheduler
     late = Request("late", 0.0, 4000, 5, SLO(0.3, 0.05))
-    loop.apply([("add", [late])], 0.0)
+    loop.apply([AddRequests((late,))], 0.0)
     assert late.relegated and list(sched.relegated) == [late] and sched.stats.relegated == 1
     loop.drop_all("shutting down", notify=True)
     assert not sched.has_work() and sched.allocator.num_free == sched.allocator.num_blocks
     assert _deltas(posted)["late"].error == "shutting down"
     loop.publish_snapshot(0.1)
-    assert posted[-1][1].relegated == 1
+    assert posted[-1].snapshot.relegated == 1
 
 
 # --- the API server (engine on a thread) ---------------------------------------------------------

@@ -61,6 +61,11 @@ class EngineArgs:
     cuda_graphs: bool = True                    # decode-only steps replay captured graphs (triton)
     tokenizer: str | None = None                # directory with tokenizer.json; default: the model's
     max_num_batched_tokens: int = 8192
+    # 256, not the simulator's 1024 (scheduler.base.DEFAULT_MAX_NUM_SEQS, vLLM's H100/H200
+    # default): vLLM's default below 70 GB. The engine also runs on CPUs and small GPUs,
+    # each running sequence reserves a float32 logits row out of the KV cache
+    # (specs.default_activation_reserve) and CUDA graphs cover at most 256 decodes. The
+    # `fairbatch serve` / `generate` flags default to the same 256.
     max_num_seqs: int = 256
 
 
@@ -180,7 +185,8 @@ class LLM:
         e = self.engine
         cfg = scheduler_config or SchedulerConfig(
             max_num_batched_tokens=e.args.max_num_batched_tokens, max_num_seqs=e.args.max_num_seqs)
-        cfg.max_model_len = min(cfg.max_model_len, e.max_model_len) if scheduler_config else e.max_model_len
+        cfg = replace(cfg, max_model_len=min(cfg.max_model_len, e.max_model_len) if scheduler_config
+                      else e.max_model_len)
         self.scheduler_config = cfg
         self.latency_model = latency_model or e.default_latency_model()
         try:

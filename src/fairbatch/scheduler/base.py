@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 import heapq
+import math
 from collections import deque
 from dataclasses import dataclass, asdict
 from itertools import count
-from typing import Callable, ClassVar, Sequence
+from typing import Callable, ClassVar, Literal, Sequence, get_args
 
 from fairbatch.kv import BlockAllocator
 from fairbatch.latency.base import LatencyModel
@@ -23,93 +24,139 @@ from fairbatch.request import Request, RequestState
 from fairbatch.scheduler.late import Late, latest_start
 
 
-@dataclass
-class SchedulerConfig:
-    """Knobs of every policy (each policy reads the ones it uses)."""
+TimeBudgetRule = Literal["max-slack-tpot", "min-slack"]
+TIME_BUDGET_RULES: tuple[str, ...] = get_args(TimeBudgetRule)
+LateMode = Literal["serve", "relegate", "reject"]     # late.Late's values
 
-    max_num_batched_tokens: int = 8192   # vllm: token budget per step (vLLM's H100 default)
-    max_num_seqs: int = 1024             # requests running at once
+# vLLM's defaults for an H100/H200-class GPU (>= 70 GB; vllm/engine/arg_utils.py), which the
+# simulator models and docs/RESULTS.md was run with
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
+DEFAULT_MAX_NUM_SEQS = 1024
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Knobs of every policy (each policy reads the ones it uses). Frozen and validated at
+    construction: change a copy with ``dataclasses.replace(cfg, field=value)``, which
+    validates again; a bad value raises ValueError naming the field."""
+
+    # --- every policy: limits of a step and of the running batch
+    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS   # vllm: token budget per step
+    # requests running at once. This default is the simulator's; the engine and server pass
+    # their own, 256 by default (engine.llm.EngineArgs.max_num_seqs says why they differ)
+    max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
     max_model_len: int = 8192            # context limit (prompt + output)
-    # sarathi: fixed token budget; None = Sarathi-Serve's recipe (largest step meeting TPOT)
-    chunk_size: int | None = None
-    chunk_recipe_context: int = 1024     # cached context assumed by that recipe's probe step
-    chunk_recipe_tpot: float | None = None   # TPOT the recipe sizes for (None: the default tpot_slo)
-    # fairbatching
-    time_budget_min: float = 0.010       # T_min, seconds
-    time_budget_max: float = 0.250       # T_max, seconds
-    time_budget_rule: str = "max-slack-tpot"  # T = max(min slack, min tpot); or "min-slack"
-    # qoserve (Niyama; values of its public scheduler)
-    qoserve_safety_factor: float = 1.2       # predicted step time x this must fit the least decode slack
-    qoserve_priority_weight: float = 0.008   # s per remaining prefill token added to its deadline (0: EDF)
-    qoserve_min_step_tokens: int = 128       # tokens a step may always hold, slack or not (prompts keep moving)
-    qoserve_max_step_tokens: int = 2552      # most tokens a step with prefill holds (its largest chunk)
-    # every policy: what happens to requests that can no longer meet their SLO (late.py):
+    min_chunk: int = 16                  # smallest prefill chunk worth a step
+    chunk_align: int = 16                # round prefill chunks down to a multiple of this
+    # --- every policy: default SLO for requests that carry none (seconds)
+    ttft_slo: float = 1.0
+    tpot_slo: float = 0.05
+    # --- every policy: what happens to requests that can no longer meet their SLO (late.py):
     # "serve" (in the policy's order), "relegate" (behind everyone on time; it only
     # reorders, so it is the default of an SLO-aware server), "reject"
-    late: str = "relegate"
+    late: LateMode = "relegate"
     # relegated prompts compete again once they have waited this many times their TTFT
     # (inf: only when no prompt that can still make its TTFT is waiting)
     late_deadline_factor: float = float("inf")
     failed_decode_gap: float = 4.0       # relegated decodes get a token at least every this many TPOTs
-    # fairbatching: seconds added to a prompt's deadline per prompt token still to compute
-    # when ordering prefills (0: earliest deadline first). None: 0 when late requests are
-    # relegated or rejected (the set-aside below and relegation handle long prompts), 8 ms
-    # with late=serve (the order must push long prompts back too); docs/ALGORITHM.md
-    prefill_work_weight: float | None = None
-    # fairbatching: decodes ahead of their deadline may skip a step to make room for
-    # prefill (the paper's mechanism). Off: measured to cost capacity (ALGORITHM.md)
-    defer_decodes: bool = False
-    # fairbatching, with late=relegate|reject: Moore-Hodgson over the waiting prompts each
-    # step: whenever one would finish past its deadline at the prefill rate the decodes
-    # leave, the longest so far is admitted only after the others (a queue-aware version
-    # of the shared late test, which the other policies do not have: docs/RESULTS.md
-    # reports FairBatching with and without it)
-    set_aside: bool = True
-    # fairbatching: once more than kv_pressure_usage of the KV blocks are in use, steps
-    # last at most kv_pressure_budget x the tightest pace (1: off), so decodes finish and
-    # free blocks sooner than preemption would (docs/ALGORITHM.md)
-    kv_pressure_usage: float = 0.9
-    kv_pressure_budget: float = 0.6
-    # fairbatching: weight of each step's measured / predicted time in the moving average
-    # that shortens the time budget while steps overrun the model (0: off)
-    step_overrun_gain: float = 0.05
-    # every policy: plan first tokens this many seconds before their TTFT deadline, room
+    # --- every policy: plan first tokens this many seconds before their TTFT deadline, room
     # for what a server adds after the step (IPC, detokenizing, streaming); at most half
     # the TTFT. The SLO is unchanged (docs/ALGORITHM.md, "The served stack")
     ttft_margin: float = 0.0
     # pace tokens this fraction inside the TPOT SLO: room for steps that overrun the
     # step-time model, which FairBatching (filling every step to its deadline) has none of
     tpot_margin: float = 0.0
-    min_chunk: int = 16                  # smallest prefill chunk worth a step
-    chunk_align: int = 16                # round prefill chunks down to a multiple of this
-    # default SLO for requests that carry none (seconds)
-    ttft_slo: float = 1.0
-    tpot_slo: float = 0.05
+    # --- sarathi: fixed token budget; None = Sarathi-Serve's recipe (largest step meeting TPOT)
+    chunk_size: int | None = None
+    chunk_recipe_context: int = 1024     # cached context assumed by that recipe's probe step
+    chunk_recipe_tpot: float | None = None   # TPOT the recipe sizes for (None: the default tpot_slo)
+    # --- qoserve (Niyama; values of its public scheduler)
+    qoserve_safety_factor: float = 1.2       # predicted step time x this must fit the least decode slack
+    qoserve_priority_weight: float = 0.008   # s per remaining prefill token added to its deadline (0: EDF)
+    qoserve_min_step_tokens: int = 128       # tokens a step may always hold, slack or not (prompts keep moving)
+    qoserve_max_step_tokens: int = 2552      # most tokens a step with prefill holds (its largest chunk)
+    # --- fairbatching
+    time_budget_min: float = 0.010       # T_min, seconds
+    time_budget_max: float = 0.250       # T_max, seconds
+    # T = max(min slack, min tpot), or "min-slack": T = min slack (measured worse: ALGORITHM.md)
+    time_budget_rule: TimeBudgetRule = "max-slack-tpot"
+    # seconds added to a prompt's deadline per prompt token still to compute
+    # when ordering prefills (0: earliest deadline first). None: 0 when late requests are
+    # relegated or rejected (the set-aside below and relegation handle long prompts), 8 ms
+    # with late=serve (the order must push long prompts back too); docs/ALGORITHM.md
+    prefill_work_weight: float | None = None
+    # decodes ahead of their deadline may skip a step to make room for
+    # prefill (the paper's mechanism). Off: measured to cost capacity (ALGORITHM.md)
+    defer_decodes: bool = False
+    # with late=relegate|reject: Moore-Hodgson over the waiting prompts each
+    # step: whenever one would finish past its deadline at the prefill rate the decodes
+    # leave, the longest so far is admitted only after the others (a queue-aware version
+    # of the shared late test, which the other policies do not have: docs/RESULTS.md
+    # reports FairBatching with and without it)
+    set_aside: bool = True
+    # once more than kv_pressure_usage of the KV blocks are in use, steps
+    # last at most kv_pressure_budget x the tightest pace (1: off), so decodes finish and
+    # free blocks sooner than preemption would (docs/ALGORITHM.md)
+    kv_pressure_usage: float = 0.9
+    kv_pressure_budget: float = 0.6
+    # weight of each step's measured / predicted time in the moving average
+    # that shortens the time budget while steps overrun the model (0: off)
+    step_overrun_gain: float = 0.05
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def validate(self) -> None:
-        """Raise ValueError on values no policy can run with."""
+        """Raise ValueError, naming the field, on a value no policy can run with."""
+        def need(ok: bool, name: str, what: str) -> None:
+            if not ok:
+                raise ValueError(f"scheduler option {name} must be {what}, got {getattr(self, name)!r}")
+
+        for name in ("max_num_batched_tokens", "max_num_seqs", "min_chunk", "chunk_align", "qoserve_max_step_tokens"):
+            need(_is_int(getattr(self, name)) and getattr(self, name) >= 1, name, "an integer >= 1")
+        need(_is_int(self.max_model_len) and self.max_model_len >= 2, "max_model_len",
+             "an integer >= 2 (a prompt token and an output token)")
+        for name in ("chunk_recipe_context", "qoserve_min_step_tokens"):
+            need(_is_int(getattr(self, name)) and getattr(self, name) >= 0, name, "an integer >= 0")
+        need(self.chunk_size is None or (_is_int(self.chunk_size) and self.chunk_size >= 1), "chunk_size",
+             "None or an integer >= 1")
+        for name in ("ttft_slo", "tpot_slo", "late_deadline_factor", "failed_decode_gap"):
+            need(_is_num(getattr(self, name)) and getattr(self, name) > 0, name, "a number > 0")
+        need(self.chunk_recipe_tpot is None or (_is_num(self.chunk_recipe_tpot) and self.chunk_recipe_tpot > 0),
+             "chunk_recipe_tpot", "None or a number > 0")
         Late.parse(self.late)
-        if self.prefill_work_weight is not None and not self.prefill_work_weight >= 0:
-            raise ValueError(f"prefill_work_weight must be >= 0, got {self.prefill_work_weight}")
-        if not (self.late_deadline_factor > 0 and self.failed_decode_gap > 0):
-            raise ValueError("late_deadline_factor and failed_decode_gap must be positive")
-        if not 0.0 <= self.step_overrun_gain <= 1.0:
-            raise ValueError(f"step_overrun_gain must be in [0, 1], got {self.step_overrun_gain}")
-        if not self.ttft_margin >= 0.0:
-            raise ValueError(f"ttft_margin must be >= 0, got {self.ttft_margin}")
-        if not (0.0 < self.kv_pressure_usage <= 1.0 and 0.0 < self.kv_pressure_budget <= 1.0):
-            raise ValueError("kv_pressure_usage and kv_pressure_budget must be in (0, 1], got "
-                             f"{self.kv_pressure_usage}, {self.kv_pressure_budget}")
-        if not self.qoserve_safety_factor >= 1.0:
-            raise ValueError(f"qoserve_safety_factor must be >= 1, got {self.qoserve_safety_factor}")
-        if not self.qoserve_priority_weight >= 0.0:
-            raise ValueError(f"qoserve_priority_weight must be >= 0, got {self.qoserve_priority_weight}")
-        if not 0 <= self.qoserve_min_step_tokens <= self.qoserve_max_step_tokens or self.qoserve_max_step_tokens < 1:
-            raise ValueError("qoserve step tokens need 0 <= qoserve_min_step_tokens <= qoserve_max_step_tokens, "
-                             f"max >= 1; got {self.qoserve_min_step_tokens}, {self.qoserve_max_step_tokens}")
+        need(_is_num(self.ttft_margin) and self.ttft_margin >= 0, "ttft_margin", "a number >= 0")
+        need(_is_num(self.tpot_margin) and 0 <= self.tpot_margin < 1, "tpot_margin", "in [0, 1)")
+        need(_is_num(self.qoserve_safety_factor) and self.qoserve_safety_factor >= 1, "qoserve_safety_factor",
+             "a number >= 1")
+        need(_is_num(self.qoserve_priority_weight) and self.qoserve_priority_weight >= 0, "qoserve_priority_weight",
+             "a number >= 0")
+        need(self.qoserve_min_step_tokens <= self.qoserve_max_step_tokens, "qoserve_min_step_tokens",
+             f"<= qoserve_max_step_tokens ({self.qoserve_max_step_tokens})")
+        need(_is_num(self.time_budget_min) and 0 < self.time_budget_min < math.inf, "time_budget_min",
+             "a number of seconds > 0")
+        need(_is_num(self.time_budget_max) and self.time_budget_min <= self.time_budget_max < math.inf,
+             "time_budget_max", f"finite and >= time_budget_min ({self.time_budget_min})")
+        need(self.time_budget_rule in TIME_BUDGET_RULES, "time_budget_rule", f"one of {', '.join(TIME_BUDGET_RULES)}")
+        need(self.prefill_work_weight is None or (_is_num(self.prefill_work_weight) and self.prefill_work_weight >= 0),
+             "prefill_work_weight", "None or a number >= 0")
+        for name in ("defer_decodes", "set_aside"):
+            need(isinstance(getattr(self, name), bool), name, "true or false")
+        for name in ("kv_pressure_usage", "kv_pressure_budget"):
+            need(_is_num(getattr(self, name)) and 0 < getattr(self, name) <= 1, name, "in (0, 1]")
+        need(_is_num(self.step_overrun_gain) and 0 <= self.step_overrun_gain <= 1, "step_overrun_gain", "in [0, 1]")
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x: object) -> bool:
+    """A real number, not NaN (JSON and the CLI give ints for whole numbers)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x
 
 
 @dataclass(slots=True)
@@ -172,7 +219,6 @@ class Scheduler(ABC):
         self.config = config
         self.allocator = allocator
         self.latency = latency_model
-        config.validate()
         self.waiting: deque[Request] = deque()   # FCFS; preempted requests go to the front
         self.running: list[Request] = []         # in admission order
         self.stats = SchedulerStats()

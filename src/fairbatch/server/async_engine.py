@@ -4,8 +4,9 @@ The engine loop (``engine_loop.EngineLoop``) runs elsewhere, behind a backend: i
 process (``engine_process.ProcessBackend``, what ``fairbatch serve`` uses, so the GPU
 step never waits on the event loop for the GIL) or a thread of this process
 (``engine_thread.ThreadBackend``). A backend has the coroutines ``start(loop, on_message)``
-and ``stop()``, ``send(kind, payload)``, ``alive`` and ``error``; it delivers the engine's
-messages to ``on_message`` on the event loop.
+and ``stop()``, ``send(command)``, ``alive`` and ``error``; it delivers the engine's
+messages to ``on_message`` on the event loop. Both directions are the typed messages of
+``engine_messages``.
 
 Here: every HTTP request's engine requests form a ``RequestGroup`` with one asyncio
 queue; each step's deltas arrive in one message and fan out to those queues. A request
@@ -24,7 +25,22 @@ from typing import Any
 
 from fairbatch.request import Request
 from fairbatch.scheduler.base import Load
-from fairbatch.server.engine_loop import Delta, EngineSnapshot, clock, mirror
+from fairbatch.server.engine_loop import clock, mirror
+from fairbatch.server.engine_messages import (
+    AbortRequests,
+    AddRequests,
+    Delta,
+    EngineGone,
+    EngineMessage,
+    EngineRevived,
+    EngineSnapshot,
+    LateCounts,
+    LatencyProfile,
+    LoadQuery,
+    LoadReply,
+    SnapshotUpdate,
+    StepDeltas,
+)
 
 
 class QueueFull(Exception):
@@ -118,7 +134,7 @@ class AsyncEngine:
         if self.metrics is not None:
             for r in requests:
                 self.metrics.on_arrival(r)
-        self.backend.send("add", list(requests))
+        self.backend.send(AddRequests(tuple(requests)))
         return group
 
     def abort(self, request_ids: Sequence[str], *, finished: bool = False) -> None:
@@ -138,7 +154,7 @@ class AsyncEngine:
                     else:
                         self.metrics.on_abort(group.requests[idx])
         if ids and self.alive:
-            self.backend.send("abort", ids)
+            self.backend.send(AbortRequests(tuple(ids)))
 
     async def load(self, timeout: float = 5.0) -> Load:
         """A fresh ``Scheduler.load`` computed by the engine between steps."""
@@ -147,37 +163,36 @@ class AsyncEngine:
         token = next(self._tokens)
         fut: asyncio.Future[Load] = asyncio.get_running_loop().create_future()
         self._loads[token] = fut
-        self.backend.send("load", token)
+        self.backend.send(LoadQuery(token))
         try:
             return await asyncio.wait_for(fut, timeout)
         finally:
             self._loads.pop(token, None)
 
     # --- the engine's messages (event loop) ----------------------------------------------------
-    def _on_message(self, kind: str, payload: Any) -> None:
-        if kind == "deltas":
-            self._dispatch(payload)
-        elif kind == "snapshot":
-            self.snapshot = payload
-        elif kind == "late":            # fresher than the last snapshot's
-            self.snapshot.rejected, self.snapshot.relegated = payload
-        elif kind == "latency":
-            self.latency_profile = payload
-        elif kind == "load":
-            token, load, error = payload
-            fut = self._loads.get(token)
+    def _on_message(self, msg: EngineMessage) -> None:
+        if isinstance(msg, StepDeltas):
+            self._dispatch(msg.deltas)
+        elif isinstance(msg, SnapshotUpdate):
+            self.snapshot = msg.snapshot
+        elif isinstance(msg, LateCounts):        # fresher than the last snapshot's
+            self.snapshot.rejected, self.snapshot.relegated = msg.rejected, msg.relegated
+        elif isinstance(msg, LatencyProfile):
+            self.latency_profile = msg.profile
+        elif isinstance(msg, LoadReply):
+            fut = self._loads.get(msg.token)
             if fut is not None and not fut.done():
-                if error is not None:
-                    fut.set_exception(RuntimeError(error))
+                if msg.error is not None:
+                    fut.set_exception(RuntimeError(msg.error))
                 else:
-                    fut.set_result(load)
-        elif kind == "dead":
-            self._error = str(payload)
+                    fut.set_result(msg.load)
+        elif isinstance(msg, EngineGone):
+            self._error = msg.reason
             self._fail_all(self._error)
-        elif kind == "revived":         # a new engine process (engine_restart) serves from now on
+        elif isinstance(msg, EngineRevived):     # a new engine process (engine_restart) serves from now on
             self._error = None
 
-    def _dispatch(self, deltas: list[tuple[str, Delta]]) -> None:
+    def _dispatch(self, deltas: tuple[tuple[str, Delta], ...]) -> None:
         """Hand each request's delta to its group and observe metrics, here, off the
         engine's critical path."""
         groups = self._groups

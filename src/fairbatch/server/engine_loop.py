@@ -2,19 +2,11 @@
 the front end sends (add, abort, load), steps, and posts each step's new tokens.
 
 It knows nothing of its transport. ``receive(timeout)`` hands it the commands that came in
-(waiting up to ``timeout`` for the first one when it has nothing to do) and ``post(kind,
-payload)`` carries its messages back. The engine process (``engine_process``, what
-``fairbatch serve`` runs) plugs in a pipe; the in-process thread (``engine_thread``, for
-tests and embedding) plugs in a deque and ``call_soon_threadsafe``. Everything posted is
-plain picklable data: ``("deltas", [(request_id, Delta), ...])`` once per step (a request
-the scheduler refused, ``late=reject``, at ``add`` or while queued or part-way through its
-prefill, gets one final delta with ``finish_reason == "rejected"`` and no tokens), ``("load",
-(token, Load | None, error | None))`` for a load query, ``("snapshot", EngineSnapshot)``
-every few tens of milliseconds, ``("late", (rejected, relegated))``, the scheduler's
-late-request counts, whenever they changed, before the deltas that follow them (so a
-client that got its answer and then reads /metrics sees its request counted), and
-``("latency", profile dict)`` at start and after each accepted refit of the step-time
-model.
+(waiting up to ``timeout`` for the first one when it has nothing to do) and ``post(msg)``
+carries its messages back; both kinds are the typed messages of ``engine_messages``. The
+engine process (``engine_process``, what ``fairbatch serve`` runs) plugs in a pipe; the
+in-process thread (``engine_thread``, for tests and embedding) plugs in a deque and
+``call_soon_threadsafe``.
 
 Time is ``time.perf_counter()``: CLOCK_MONOTONIC on Linux, one clock for every process of
 the host, so the HTTP handler's arrival stamp and the engine's token times compare.
@@ -27,14 +19,27 @@ import time
 import traceback
 from bisect import bisect_left
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 from fairbatch.instance import Instance
 from fairbatch.latency.online import OnlineLatencyModel
 from fairbatch.plan import StepPlan
 from fairbatch.request import Request, RequestState
 from fairbatch.scheduler.base import Load
+from fairbatch.server.engine_messages import (
+    REJECTED,
+    AbortRequests,
+    AddRequests,
+    Command,
+    Delta,
+    EngineMessage,
+    EngineSnapshot,
+    LateCounts,
+    LatencyProfile,
+    LoadQuery,
+    LoadReply,
+    SnapshotUpdate,
+    StepDeltas,
+)
 
 log = logging.getLogger("fairbatch.server")
 
@@ -43,76 +48,8 @@ ITERATION_TOKENS_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8
 
 clock = time.perf_counter
 
-Command = tuple[str, Any]         # ("add", [Request]) | ("abort", [request_id]) | ("load", token)
-Post = Callable[[str, Any], None]
+Post = Callable[[EngineMessage], None]
 Receive = Callable[[float], list[Command]]
-
-
-@dataclass(slots=True)
-class Delta:
-    """What one step produced for one request."""
-
-    token_ids: list[int]
-    # "stop" | "length" when the request finished; "rejected" when the scheduler refused it
-    # (late=reject: it could not meet its TTFT; it never produced a token)
-    finish_reason: str | None = None
-    error: str | None = None              # the engine failed this request
-    time: float = 0.0                     # end of the step that produced the tokens
-    start: int = 0                        # index of the first of token_ids in the output
-    # for requests that asked: per token of token_ids, its logprob entries
-    # ``[(token id, logprob, rank), ...]`` (the token first, then the top k)
-    logprobs: list | None = None
-    # for requests that asked, once, with their first tokens: per prompt position, its
-    # entries (None for position 0, which nothing scores)
-    prompt_logprobs: list | None = None
-    # with the first tokens: when the request was first scheduled (the end of its queue
-    # time, vLLM's scheduled_ts); with the last: its preemptions
-    scheduled: float | None = None
-    num_preemptions: int = 0
-
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None or self.error is not None
-
-    @property
-    def rejected(self) -> bool:
-        return self.finish_reason == REJECTED
-
-
-REJECTED = "rejected"      # Delta.finish_reason of a request the scheduler refused (late=reject)
-
-
-@dataclass(slots=True)
-class EngineSnapshot:
-    """Cheap state for /metrics, refreshed by the engine."""
-
-    running: int = 0
-    waiting: int = 0
-    kv_usage: float = 0.0
-    free_blocks: int = 0
-    num_blocks: int = 0
-    preemptions: int = 0
-    steps: int = 0
-    admission_budget: float = 0.0
-    queued_prefill_tokens: int = 0
-    step_errors: int = 0
-    # Cumulative over the steps that ran: measured execution time, the latency model's
-    # prediction for the same steps (their ratio is the simulator's fidelity on this host),
-    # wall time from each step's start to the next one's (scheduling, hand-off and new
-    # commands included; to the end of its hand-off when the engine then went idle), new tokens.
-    step_seconds: float = 0.0
-    step_predicted_seconds: float = 0.0
-    busy_seconds: float = 0.0
-    step_tokens: int = 0
-    steps_run: int = 0
-    latency_refits: int = 0
-    latency_refit_attempts: int = 0
-    # the scheduler's late-request counts (late=relegate|reject): refused, put behind
-    rejected: int = 0
-    relegated: int = 0
-    # steps by tokens computed: counts per ITERATION_TOKENS_BUCKETS bucket (+Inf last)
-    iteration_tokens: tuple[int, ...] = ()
-    time: float = 0.0
 
 
 class EngineLoop:
@@ -149,11 +86,11 @@ class EngineLoop:
         counts = self._late_counts()
         if counts != self._published_late:
             self._published_late = counts
-            self.post("late", counts)
+            self.post(LateCounts(*counts))
 
     def post_deltas(self, deltas: list[tuple[str, "Delta"]]) -> None:
         self.post_late_counts()
-        self.post("deltas", deltas)
+        self.post(StepDeltas(tuple(deltas)))
 
     def run(self, receive: Receive, stopping: Callable[[], bool]) -> None:
         """Serve until ``stopping()``; then drop whatever is left (frees its blocks)."""
@@ -205,9 +142,9 @@ class EngineLoop:
     def apply(self, cmds: list[Command], now: float) -> None:
         inst = self.instance
         early: list[tuple[str, Delta]] = []
-        for kind, payload in cmds:
-            if kind == "add":
-                for req in payload:
+        for cmd in cmds:
+            if isinstance(cmd, AddRequests):
+                for req in cmd.requests:
                     try:
                         inst.add(req, now)
                     except ValueError as e:
@@ -220,20 +157,20 @@ class EngineLoop:
                     self._unscheduled.add(req.request_id)
                     if getattr(req.sampling, "prompt_logprobs", None) is not None:
                         self._prompt_lp[req.request_id] = [None]    # position 0: nothing scores it
-            elif kind == "abort":
-                for rid in payload:
+            elif isinstance(cmd, AbortRequests):
+                for rid in cmd.request_ids:
                     self._prompt_lp.pop(rid, None)
                     self._scheduled.pop(rid, None)
                     self._unscheduled.discard(rid)
                     if self._sent.pop(rid, None) is not None:
                         inst.abort(rid, now)
-            elif kind == "load":
+            elif isinstance(cmd, LoadQuery):
                 try:
-                    self.post("load", (payload, inst.load(now), None))
+                    self.post(LoadReply(cmd.token, inst.load(now)))
                 except Exception as e:   # noqa: BLE001 - a policy's estimate failing must not stop serving
-                    self.post("load", (payload, None, f"{type(e).__name__}: {e}"))
+                    self.post(LoadReply(cmd.token, None, f"{type(e).__name__}: {e}"))
             else:
-                log.error("engine loop: unknown command %r", kind)
+                log.error("engine loop: unknown command %r", cmd)
         if early:
             self.post_deltas(early)
 
@@ -342,7 +279,7 @@ class EngineLoop:
         lat = self.instance.scheduler.latency
         current = lat.current if isinstance(lat, OnlineLatencyModel) else lat
         try:
-            self.post("latency", current.to_dict())
+            self.post(LatencyProfile(current.to_dict()))
         except Exception:   # noqa: BLE001 - a model without a JSON form: nothing to publish
             log.debug("latency model %r has no profile form", current)
 
@@ -354,7 +291,7 @@ class EngineLoop:
         except Exception:   # noqa: BLE001
             a = sched.allocator
             load = Load(len(sched.running), len(sched.waiting), a.usage, a.num_free, a.num_blocks, 0, 0.0, now)
-        self.post("snapshot", EngineSnapshot(
+        self.post(SnapshotUpdate(EngineSnapshot(
             running=load.running, waiting=load.waiting, kv_usage=load.kv_usage, free_blocks=load.free_blocks,
             num_blocks=load.num_blocks, preemptions=sched.stats.preemptions, steps=sched.stats.steps,
             admission_budget=load.admission_budget, queued_prefill_tokens=load.queued_prefill_tokens,
@@ -363,7 +300,7 @@ class EngineLoop:
             step_tokens=self.step_tokens, steps_run=self.steps_run, latency_refits=self.latency_refits,
             latency_refit_attempts=self._online.refit_attempts if self._online is not None else 0,
             rejected=sched.stats.rejected, relegated=sched.stats.relegated,
-            iteration_tokens=tuple(self.iteration_tokens), time=now))
+            iteration_tokens=tuple(self.iteration_tokens), time=now)))
 
 
 def mirror(req: Request, delta: Delta) -> None:

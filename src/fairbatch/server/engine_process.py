@@ -6,9 +6,10 @@ the GIL. In one process with a busy event loop (hundreds of SSE streams), each r
 waits for the loop to yield, and steps stretch several-fold (``engine_thread`` says more).
 In its own process the engine has the GIL to itself.
 
-Wire: a socket pair carrying pickled ``(kind, payload)`` tuples, each framed by an 8-byte
-length. Front end to engine: ``add`` / ``abort`` / ``load`` / ``stop``; engine to front end:
-``ready`` or ``failed`` once, then ``deltas`` / ``load`` / ``snapshot`` (see ``engine_loop``).
+Wire: a socket pair carrying the pickled messages of ``engine_messages``, each framed by an
+8-byte length. Front end to engine: ``AddRequests`` / ``AbortRequests`` / ``LoadQuery`` /
+``Stop``; engine to front end: ``EngineReady`` or ``EngineFailed`` once, then the engine
+loop's messages (``StepDeltas``, ``LoadReply``, ``SnapshotUpdate``, ...).
 The front end's end is an asyncio stream on the server's event loop (whatever loop uvicorn
 picked; uvloop switches the socket to non-blocking, which asyncio streams expect), so it
 never blocks on the engine; the engine's end is a plain blocking socket it polls between
@@ -32,7 +33,8 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from fairbatch.server.engine_loop import Command, EngineLoop
+from fairbatch.server.engine_loop import EngineLoop
+from fairbatch.server.engine_messages import Command, EngineFailed, EngineGone, EngineMessage, EngineReady, Stop
 from fairbatch.server.model import ModelInfo
 
 log = logging.getLogger("fairbatch.server")
@@ -88,7 +90,7 @@ def spawn_engine(load_kwargs: dict[str, Any], *, name: str | None = None, warmup
     try:
         if not select.select([sock], [], [], start_timeout)[0]:
             raise EngineStartError(f"the engine did not start within {start_timeout:g} s")
-        kind, payload = _recv_msg(sock)
+        msg = _recv_msg(sock)
     except (EOFError, OSError):
         proc.join(5)
         sock.close()
@@ -97,13 +99,13 @@ def spawn_engine(load_kwargs: dict[str, Any], *, name: str | None = None, warmup
         sock.close()
         _terminate(proc)
         raise
-    if kind != "ready":
+    if not isinstance(msg, EngineReady):
         sock.close()
         proc.join(10)
         if proc.is_alive():
             _terminate(proc)
-        raise EngineStartError(str(payload))
-    return payload, ProcessBackend(proc, sock)
+        raise EngineStartError(msg.message if isinstance(msg, EngineFailed) else f"unexpected start-up message {msg!r}")
+    return msg.info, ProcessBackend(proc, sock)
 
 
 def _terminate(proc: Any) -> None:
@@ -125,10 +127,10 @@ class ProcessBackend:
         self._writer: asyncio.StreamWriter | None = None
         self._pending: list[bytes] = []          # sent before the stream exists
         self._reader_task: asyncio.Task | None = None
-        self._on_message: Callable[[str, Any], None] | None = None
+        self._on_message: Callable[[EngineMessage], None] | None = None
         self._closed = False
 
-    async def start(self, loop: asyncio.AbstractEventLoop, on_message: Callable[[str, Any], None]) -> None:
+    async def start(self, loop: asyncio.AbstractEventLoop, on_message: Callable[[EngineMessage], None]) -> None:
         if self._on_message is not None:
             return
         self._on_message = on_message
@@ -145,8 +147,7 @@ class ProcessBackend:
         try:
             while True:
                 (n,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
-                kind, payload = pickle.loads(await reader.readexactly(n))
-                on_message(kind, payload)
+                on_message(pickle.loads(await reader.readexactly(n)))
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
             pass
         except asyncio.CancelledError:
@@ -159,12 +160,12 @@ class ProcessBackend:
             self.error = "the engine process exited" + (f" (exit code {code})" if code is not None else "")
             log.error("%s", self.error)
             self._closed = True
-            on_message("dead", self.error)
+            on_message(EngineGone(self.error))
 
-    def send(self, kind: str, payload: Any) -> None:
+    def send(self, cmd: Command) -> None:
         if self._closed:
             return
-        frame = _frame((kind, payload))
+        frame = _frame(cmd)
         if self._writer is None:
             self._pending.append(frame)
         else:
@@ -175,7 +176,7 @@ class ProcessBackend:
         self._closed = True
         if self._writer is not None and not was_closed:
             try:
-                self._writer.write(_frame(("stop", None)))
+                self._writer.write(_frame(Stop()))
                 await asyncio.wait_for(self._writer.drain(), timeout)
             except (OSError, ConnectionError, asyncio.TimeoutError):
                 pass
@@ -210,12 +211,12 @@ def _engine_main(conn: Any, load_kwargs: dict[str, Any], name: str | None, warmu
 
             warm_up(served.llm)
     except (ValueError, OSError) as e:      # the user's mistake: one line
-        sock.sendall(_frame(("failed", str(e))))
+        sock.sendall(_frame(EngineFailed(str(e))))
         return
     except BaseException as e:   # noqa: BLE001 - a bug: say where, then exit
-        sock.sendall(_frame(("failed", f"engine start-up failed: {type(e).__name__}: {e}\n{traceback.format_exc()}")))
+        sock.sendall(_frame(EngineFailed(f"engine start-up failed: {type(e).__name__}: {e}\n{traceback.format_exc()}")))
         return
-    sock.sendall(_frame(("ready", served.info)))
+    sock.sendall(_frame(EngineReady(served.info)))
 
     stopping = False
 
@@ -225,20 +226,20 @@ def _engine_main(conn: Any, load_kwargs: dict[str, Any], name: str | None, warmu
         try:
             wait = timeout
             while select.select([sock], [], [], wait)[0]:
-                kind, payload = _recv_msg(sock)
-                if kind == "stop":
+                cmd = _recv_msg(sock)
+                if isinstance(cmd, Stop):
                     stopping = True
                     break
-                cmds.append((kind, payload))
+                cmds.append(cmd)
                 wait = 0.0
         except (EOFError, OSError):
             stopping = True          # the server is gone
         return cmds
 
-    def post(kind: str, payload: Any) -> None:
+    def post(msg: EngineMessage) -> None:
         nonlocal stopping
         try:
-            sock.sendall(_frame((kind, payload)))
+            sock.sendall(_frame(msg))
         except OSError:
             stopping = True
 

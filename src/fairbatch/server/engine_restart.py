@@ -9,7 +9,7 @@ process is spawned off the event loop; once it is ready ``/health`` is 200 again
 ``max_restarts`` restarts over the server's life it gives up and stays down (503), so a
 model that dies on every start is not reloaded forever: the orchestrator replaces the pod.
 
-The front end's ``AsyncEngine`` sees the ordinary backend messages, plus ``"revived"``.
+The front end's ``AsyncEngine`` sees the ordinary backend messages, plus ``EngineRevived``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any
+
+from fairbatch.server.engine_messages import Command, EngineGone, EngineMessage, EngineRevived
 
 log = logging.getLogger("fairbatch.server")
 
@@ -36,32 +38,32 @@ class RestartingBackend:
         self.restarts = 0
         self.restarting = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._up: Callable[[str, Any], None] | None = None
+        self._up: Callable[[EngineMessage], None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._gave_up: str | None = None
 
-    async def start(self, loop: asyncio.AbstractEventLoop, on_message: Callable[[str, Any], None]) -> None:
+    async def start(self, loop: asyncio.AbstractEventLoop, on_message: Callable[[EngineMessage], None]) -> None:
         self._loop = loop
         self._up = on_message
         await self.current.start(loop, self._on_message)
 
-    def _on_message(self, kind: str, payload: Any) -> None:
+    def _on_message(self, msg: EngineMessage) -> None:
         assert self._up is not None and self._loop is not None
-        if kind != "dead" or self._stopping:
-            self._up(kind, payload)
+        if not isinstance(msg, EngineGone) or self._stopping:
+            self._up(msg)
             return
         if self.restarts >= self.max_restarts:
-            self._gave_up = f"{payload}; not restarted (it was restarted {self.restarts} time(s), the limit)"
+            self._gave_up = f"{msg.reason}; not restarted (it was restarted {self.restarts} time(s), the limit)"
             log.error("%s", self._gave_up)
-            self._up("dead", self._gave_up)
+            self._up(EngineGone(self._gave_up))
             return
         self.restarts += 1
         self.restarting = True
-        why = f"{payload}; restarting it (restart {self.restarts} of {self.max_restarts})"
+        why = f"{msg.reason}; restarting it (restart {self.restarts} of {self.max_restarts})"
         log.error("%s", why)
-        self._up("dead", why)           # the requests in flight fail now, /health says why
-        self._task = self._loop.create_task(self._restart(str(payload)))
+        self._up(EngineGone(why))           # the requests in flight fail now, /health says why
+        self._task = self._loop.create_task(self._restart(msg.reason))
 
     async def _restart(self, cause: str) -> None:
         assert self._loop is not None and self._up is not None
@@ -71,7 +73,7 @@ class RestartingBackend:
             self.restarting = False
             self._gave_up = f"{cause}; the restart failed: {e}"
             log.error("%s", self._gave_up)
-            self._up("dead", self._gave_up)
+            self._up(EngineGone(self._gave_up))
             return
         if self._stopping:
             await backend.stop()
@@ -80,11 +82,11 @@ class RestartingBackend:
         await backend.start(self._loop, self._on_message)
         self.restarting = False
         log.warning("engine process restarted (restart %d of %d)", self.restarts, self.max_restarts)
-        self._up("revived", self.restarts)
+        self._up(EngineRevived(self.restarts))
 
-    def send(self, kind: str, payload: Any) -> None:
+    def send(self, cmd: Command) -> None:
         if not self.restarting:
-            self.current.send(kind, payload)
+            self.current.send(cmd)
 
     async def stop(self, timeout: float = 10.0) -> None:
         self._stopping = True

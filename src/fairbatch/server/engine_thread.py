@@ -17,7 +17,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from fairbatch.server.engine_loop import Command, EngineLoop
+from fairbatch.server.engine_loop import EngineLoop
+from fairbatch.server.engine_messages import Command, EngineGone, EngineMessage
 
 log = logging.getLogger("fairbatch.server")
 
@@ -36,14 +37,14 @@ class ThreadBackend:
         self._thread: threading.Thread | None = None
         self.error: str | None = None
 
-    async def start(self, loop: asyncio.AbstractEventLoop, on_message: Callable[[str, Any], None]) -> None:
+    async def start(self, loop: asyncio.AbstractEventLoop, on_message: Callable[[EngineMessage], None]) -> None:
         if self._thread is not None:
             return
         self._stopping = False
 
-        def post(kind: str, payload: Any) -> None:
+        def post(msg: EngineMessage) -> None:
             try:
-                loop.call_soon_threadsafe(on_message, kind, payload)
+                loop.call_soon_threadsafe(on_message, msg)
             except RuntimeError:
                 pass   # the loop is closed: nobody is listening any more
 
@@ -58,7 +59,7 @@ class ThreadBackend:
                 log.error("%s\n%s", self.error, traceback.format_exc())
                 self._stopping = True
                 engine.drop_all(self.error, notify=False)
-                post("dead", self.error)
+                post(EngineGone(self.error))
 
         self._thread = threading.Thread(target=run, name="fairbatch-engine", daemon=True)
         self._thread.start()
@@ -72,9 +73,9 @@ class ThreadBackend:
             self._wake.clear()
         return cmds
 
-    def send(self, kind: str, payload: Any) -> None:
+    def send(self, cmd: Command) -> None:
         with self._lock:
-            self._inbox.append((kind, payload))
+            self._inbox.append(cmd)
         self._wake.set()
 
     async def stop(self, timeout: float = 10.0) -> None:

@@ -9,7 +9,7 @@ beyond the simulations themselves.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
 from typing import Any, Callable
 
@@ -130,13 +130,12 @@ def prepare(sc: Scenario) -> Prepared:
     # Policies read each request's own SLO; the config's is the default for requests
     # without one, as in the server. Sarathi's budget recipe is sized, as its authors
     # size it, for the tightest TPOT served.
-    cfg = SchedulerConfig(max_model_len=max_len, ttft_slo=sc.ttft_slo, tpot_slo=sc.tpot_slo,
-                          chunk_recipe_tpot=min(s.tpot for s in slos) if slos else sc.tpot_slo)
-    for k, v in sc.scheduler.items():
-        if not hasattr(cfg, k):
-            raise ValueError(f"unknown scheduler option {k!r}")
-        setattr(cfg, k, v)
-    cfg.validate()
+    unknown = sorted(set(sc.scheduler) - {f.name for f in fields(SchedulerConfig)})
+    if unknown:
+        raise ValueError(f"unknown scheduler option {unknown[0]!r}")
+    cfg = SchedulerConfig(**{"max_model_len": max_len, "ttft_slo": sc.ttft_slo, "tpot_slo": sc.tpot_slo,
+                             "chunk_recipe_tpot": min(s.tpot for s in slos) if slos else sc.tpot_slo,
+                             **sc.scheduler})
     if sc.instances < 1:
         raise ValueError("instances must be >= 1")
     make_router(sc.router)   # validate early

@@ -24,6 +24,8 @@ import time
 
 import torch
 
+from fairbatch.plan import attention_pairs
+
 
 def measure_ceilings() -> tuple[float, float]:
     """(copy bandwidth bytes/s counting read + write, bf16 matmul FLOP/s) on this GPU."""
@@ -153,7 +155,7 @@ def roofline(spec, comp, bw, flops_rate):
     kv_tok = spec.kv_bytes_per_token
     new = sum(k for _, k in comp)
     ctx = sum(c + k for c, k in comp)
-    pairs = sum(k * c + k * (k + 1) / 2 for c, k in comp)
+    pairs = sum(attention_pairs(c, k) for c, k in comp)
     lin_flops = new * spec.layer_flops_per_token + len(comp) * spec.lm_head_flops_per_token
     attn_flops = pairs * spec.attn_flops_per_pair
     w_bytes, kv_bytes = spec.streamed_weight_bytes, ctx * kv_tok

@@ -172,6 +172,17 @@ def test_prompt_longer_than_context_is_rejected_clearly() -> None:
         sched.add(Request("x", 0.0, 10, 5, SLO(1, 0.05)), 0.0)
 
 
+def test_output_is_cut_to_the_context_before_the_kv_check() -> None:
+    # kv.check_fits, the check of the scheduler, the engine and the server alike
+    sched = make_scheduler("vllm", SchedulerConfig(max_model_len=256), BlockAllocator(16, 16), MODEL)
+    req = Request("r", 0.0, 100, 10_000, SLO(1, 0.05))
+    sched.add(req, 0.0)                     # 256 tokens once cut: 16 blocks, all of the cache
+    assert req.max_new_tokens == 156
+    sched = make_scheduler("vllm", SchedulerConfig(max_model_len=512), BlockAllocator(16, 16), MODEL)
+    with pytest.raises(ValueError, match="request s: a request of 200 \\+ 72 tokens needs 17 KV blocks"):
+        sched.add(Request("s", 0.0, 200, 72, SLO(1, 0.05)), 0.0)
+
+
 def test_unknown_policy_names_the_choices() -> None:
     with pytest.raises(ValueError, match="fairbatching"):
         make_scheduler("nope", SchedulerConfig(), BlockAllocator(10), MODEL)

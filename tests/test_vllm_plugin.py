@@ -124,7 +124,7 @@ def test_online_latency_refits_from_measured_steps():
     assert model.predict(probe) == pytest.approx(truth.predict(probe), rel=0.1)
     # a chunk sized against the refitted model fits the truth's budget
     k = model.max_chunk(StepFeatures(), 0, 4096, 0.010)
-    assert truth.predict(StepFeatures(1, k, k, k * (k + 1) / 2)) <= 0.0105
+    assert truth.predict(StepFeatures().with_chunk(0, k)) <= 0.0105
     assert model.to_dict()["refits"] == model.refits
 
 

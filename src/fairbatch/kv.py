@@ -82,3 +82,17 @@ class BlockAllocator:
         seen = set(owned) | set(self._free)
         if len(owned) + len(self._free) != self.num_blocks or len(seen) != self.num_blocks:
             raise AssertionError("block allocator lost or duplicated blocks")
+
+
+def check_fits(prompt_len: int, max_tokens: int, max_model_len: int, block_size: int, num_blocks: int) -> None:
+    """Raise ValueError if a request can never run: its prompt leaves no room in the
+    context for one output token, or its tokens (cut to the context) need more KV blocks
+    than the cache has. The one check of the scheduler, the engine and the server; each
+    turns the error into its own (the server: a 400)."""
+    if prompt_len > max_model_len - 1:
+        raise ValueError(f"prompt of {prompt_len} tokens exceeds the context limit of {max_model_len} tokens "
+                         "(leaving room for one output token)")
+    blocks = -(-min(prompt_len + max_tokens, max_model_len) // block_size)
+    if blocks > num_blocks:
+        raise ValueError(f"a request of {prompt_len} + {max_tokens} tokens needs {blocks} KV blocks, "
+                         f"the cache has {num_blocks}")

@@ -9,14 +9,21 @@ from typing import Any
 from fairbatch.request import Request
 
 
+def attention_pairs(cached: int, k: int) -> float:
+    """Query-key products of a chunk of ``k`` new tokens over ``cached`` cached ones: each
+    new token attends every cached token and the new ones up to itself. Exact in a float
+    (a multiple of 1/2, far below 2**53), so sums of it are the same in any order."""
+    return k * cached + k * (k + 1) * 0.5
+
+
 @dataclass(slots=True)
 class StepFeatures:
     """Sums over the chunks of a step; every latency model is a function of these.
 
     For a chunk of ``k`` new tokens of a request with ``c`` tokens already cached:
     ``new_tokens += k``; ``context_tokens += c + k`` (KV entries the chunk attends, i.e.
-    bytes of KV read); ``attention_pairs += k*c + k*(k+1)/2`` (query-key products, i.e.
-    attention FLOPs); ``num_seqs += 1``.
+    bytes of KV read); ``attention_pairs += attention_pairs(c, k)`` (query-key products,
+    i.e. attention FLOPs; ``c + 1`` for a decode); ``num_seqs += 1``.
     """
 
     num_seqs: int = 0
@@ -28,14 +35,14 @@ class StepFeatures:
         self.num_seqs += 1
         self.new_tokens += k
         self.context_tokens += cached + k
-        self.attention_pairs += k * cached + k * (k + 1) * 0.5
+        self.attention_pairs += attention_pairs(cached, k)
 
     def with_chunk(self, cached: int, k: int) -> "StepFeatures":
         return StepFeatures(
             self.num_seqs + 1,
             self.new_tokens + k,
             self.context_tokens + cached + k,
-            self.attention_pairs + k * cached + k * (k + 1) * 0.5,
+            self.attention_pairs + attention_pairs(cached, k),
         )
 
     def copy(self) -> "StepFeatures":
@@ -79,12 +86,22 @@ class StepPlan:
 
     def add(self, req: Request, k: int) -> None:
         self.chunks.append((req, k))
-        f = self.features          # StepFeatures.add, inlined: this runs per token
-        c = req.num_computed
-        f.num_seqs += 1
-        f.new_tokens += k
-        f.context_tokens += c + k
-        f.attention_pairs += k * c + k * (k + 1) * 0.5
+        self.features.add(req.num_computed, k)
+
+    def remove(self, req: Request) -> int:
+        """Take ``req``'s chunk back out of the step (a policy preempted it after placing
+        it); returns its token count, 0 if it had none here."""
+        for t, (r, k) in enumerate(self.chunks):
+            if r is req:
+                del self.chunks[t]
+                f = self.features
+                c = req.num_computed
+                f.num_seqs -= 1
+                f.new_tokens -= k
+                f.context_tokens -= c + k
+                f.attention_pairs -= attention_pairs(c, k)
+                return k
+        return 0
 
 
 @dataclass(slots=True)

@@ -32,7 +32,7 @@ from fairbatch.engine.stop_strings import StopStrings
 from fairbatch.engine.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 from fairbatch.engine.weights import WeightsError, init_dummy, load_safetensors
 from fairbatch.instance import Instance
-from fairbatch.kv import BlockAllocator
+from fairbatch.kv import BlockAllocator, check_fits
 from fairbatch.latency.base import LatencyModel
 from fairbatch.request import SLO, Request, RequestState
 from fairbatch.scheduler.base import SchedulerConfig, make_scheduler
@@ -250,14 +250,8 @@ class LLM:
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise ValueError(f"prompt token id {bad} is outside the vocabulary (0..{vocab - 1})")
-        limit = self.scheduler_config.max_model_len
-        if len(ids) > limit - 1:
-            raise ValueError(f"prompt of {len(ids)} tokens exceeds the context limit of {limit} tokens "
-                             f"(leaving room for one output token)")
-        blocks_needed = self.engine.allocator.blocks_for(min(len(ids) + sp.max_tokens, limit))
-        if blocks_needed > self.engine.allocator.num_blocks:
-            raise ValueError(f"a request of {len(ids)} + {sp.max_tokens} tokens needs {blocks_needed} KV blocks, "
-                             f"the cache has {self.engine.allocator.num_blocks}")
+        a = self.engine.allocator
+        check_fits(len(ids), sp.max_tokens, self.scheduler_config.max_model_len, a.block_size, a.num_blocks)
         rid = request_id or f"req-{self._next_id}"
         self._next_id += 1
         cfg = self.scheduler_config

@@ -4,7 +4,8 @@
 Precedence, lowest first: built-in defaults < the file named by ``FAIRBATCH_VLLM_CONFIG``
 (JSON, or TOML when it ends in ``.toml``) < ``FAIRBATCH_*`` environment variables <
 ``--additional-config '{"fairbatch": {...}}'`` given to vLLM. Every source uses the same
-keys (``PluginConfig`` fields, plus any ``SchedulerConfig`` field of our policies).
+keys (``PluginConfig`` fields, plus any ``SchedulerConfig`` field of our policies),
+converted to the field's type by pydantic (which vLLM depends on).
 
 A request overrides its SLO through vLLM's ``SamplingParams.extra_args`` (in the
 OpenAI API: ``"vllm_xargs": {...}`` in the request body) with ``ttft_slo`` /
@@ -20,7 +21,9 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_type_hints
+
+from pydantic import TypeAdapter, ValidationError
 
 from fairbatch.request import SLO, DeadlineRule
 from fairbatch.scheduler.base import SchedulerConfig
@@ -32,7 +35,7 @@ CONFIG_FILE_ENV = "FAIRBATCH_VLLM_CONFIG"
 
 # SchedulerConfig fields the plugin takes from vLLM itself, never from our config.
 _FROM_VLLM = frozenset({"max_num_batched_tokens", "max_num_seqs", "max_model_len"})
-_SCHED_FIELDS = {f.name: f for f in fields(SchedulerConfig)}
+_SCHED_TYPES = get_type_hints(SchedulerConfig)   # field -> type
 
 
 @dataclass
@@ -74,8 +77,8 @@ class PluginConfig:
         if self.load_port is not None and not (0 <= self.load_port < 65536):
             raise ValueError(f"fairbatch: load_port must be 0..65535, got {self.load_port}")
         for key in self.scheduler:
-            if key not in _SCHED_FIELDS or key in _FROM_VLLM:
-                allowed = sorted(set(_SCHED_FIELDS) - _FROM_VLLM - {"ttft_slo", "tpot_slo"})
+            if key not in _SCHED_TYPES or key in _FROM_VLLM:
+                allowed = sorted(set(_SCHED_TYPES) - _FROM_VLLM - {"ttft_slo", "tpot_slo"})
                 raise ValueError(f"fairbatch: unknown scheduler option {key!r}; choose from "
                                  f"{', '.join(allowed)} (max_num_batched_tokens, max_num_seqs and "
                                  f"max_model_len come from vLLM's own flags)")
@@ -126,43 +129,19 @@ def parse_slo_classes(value: Any) -> dict[str, SLO]:
         raise ValueError(f"fairbatch: bad slo_classes {value!r}: {e}") from None
 
 
-def _coerce(name: str, value: Any, default: Any) -> Any:
-    """Convert an environment string (or a JSON value) to the type of ``default``."""
-    if value is None:
+_PLUGIN_TYPES = get_type_hints(PluginConfig)
+
+
+def _typed(name: str, value: Any, annotation: Any) -> Any:
+    """``value`` (a JSON or TOML value, or an environment string) as ``annotation``, by
+    pydantic's lax rules ("32" is 32, "off" is False, 5.5 is no int); "" and "none" are
+    None where None is allowed."""
+    if isinstance(value, str) and value.strip().lower() in ("", "none") and type(None) in get_args(annotation):
         return None
-    kind = type(default)
     try:
-        if isinstance(default, bool):
-            if isinstance(value, bool):
-                return value
-            s = str(value).strip().lower()
-            if s in ("1", "true", "yes", "on"):
-                return True
-            if s in ("0", "false", "no", "off"):
-                return False
-            raise ValueError("expected true/false")
-        if isinstance(default, int):
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError("expected an integer")
-            return int(value)
-        if isinstance(default, float):
-            return float(value)
-        if default is None and isinstance(value, str):
-            s = value.strip()
-            if s == "" or s.lower() == "none":
-                return None
-            for conv in (int, float):
-                try:
-                    return conv(s)
-                except ValueError:
-                    pass
-            return s
-        return kind(value) if default is not None else value
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"fairbatch: option {name}={value!r}: {e}") from None
-
-
-_PLUGIN_DEFAULTS = PluginConfig.__dataclass_fields__
+        return TypeAdapter(annotation).validate_python(value)
+    except ValidationError as e:
+        raise ValueError(f"fairbatch: option {name}={value!r}: {e.errors()[0]['msg']}") from None
 
 
 def _typed_plugin_value(key: str, value: Any) -> Any:
@@ -172,21 +151,13 @@ def _typed_plugin_value(key: str, value: Any) -> Any:
         if not isinstance(value, Mapping):
             raise ValueError("fairbatch: 'scheduler' must be a mapping of SchedulerConfig fields")
         return {k: _typed_sched_value(k, v) for k, v in value.items()}
-    if key in ("latency_profile", "model_preset", "gpu_preset"):
-        return None if value in (None, "") else str(value)
-    if key == "load_port":
-        return None if value in (None, "", "none") else _coerce(key, value, 0)
-    if key in ("policy", "deadline_rule", "load_host"):
-        return str(value)
-    f = _PLUGIN_DEFAULTS[key]
-    return _coerce(key, value, f.default)
+    return _typed(key, value, _PLUGIN_TYPES[key])
 
 
 def _typed_sched_value(key: str, value: Any) -> Any:
-    f = _SCHED_FIELDS.get(key)
-    if f is None:
+    if key not in _SCHED_TYPES:
         return value   # validate() names it
-    return _coerce(key, value, f.default)
+    return _typed(key, value, _SCHED_TYPES[key])
 
 
 def _merge(cfg: PluginConfig, data: Mapping[str, Any], where: str) -> PluginConfig:
@@ -194,7 +165,7 @@ def _merge(cfg: PluginConfig, data: Mapping[str, Any], where: str) -> PluginConf
     updates: dict[str, Any] = {}
     sched = dict(cfg.scheduler)
     for key, value in data.items():
-        if key in _PLUGIN_DEFAULTS:
+        if key in _PLUGIN_TYPES:
             v = _typed_plugin_value(key, value)
             if key == "scheduler":
                 sched.update(v)
@@ -202,11 +173,11 @@ def _merge(cfg: PluginConfig, data: Mapping[str, Any], where: str) -> PluginConf
                 updates[key] = {**cfg.slo_classes, **v}
             else:
                 updates[key] = v
-        elif key in _SCHED_FIELDS:
+        elif key in _SCHED_TYPES:
             sched[key] = _typed_sched_value(key, value)
         else:
             raise ValueError(f"fairbatch: unknown option {key!r} in {where}; known: "
-                             f"{', '.join(sorted(set(_PLUGIN_DEFAULTS) | (set(_SCHED_FIELDS) - _FROM_VLLM)))}")
+                             f"{', '.join(sorted(set(_PLUGIN_TYPES) | (set(_SCHED_TYPES) - _FROM_VLLM)))}")
     updates["scheduler"] = sched
     try:
         return replace(cfg, **updates)
@@ -239,7 +210,7 @@ def _read_file(path: str) -> Mapping[str, Any]:
 def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     """``FAIRBATCH_<KEY>`` for every PluginConfig and SchedulerConfig key (upper case)."""
     out: dict[str, Any] = {}
-    keys = (set(_PLUGIN_DEFAULTS) - {"scheduler"}) | (set(_SCHED_FIELDS) - _FROM_VLLM)
+    keys = (set(_PLUGIN_TYPES) - {"scheduler"}) | (set(_SCHED_TYPES) - _FROM_VLLM)
     for key in keys:
         v = environ.get(ENV_PREFIX + key.upper())
         if v is not None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fairbatch.latency.base import LatencyModel
-from fairbatch.plan import StepFeatures
+from fairbatch.plan import StepFeatures, attention_pairs
 from fairbatch.specs import GPUSpec, ModelSpec, get_gpu, get_model
 
 
@@ -94,9 +94,9 @@ class RooflineLatencyModel(LatencyModel):
                     best = min(best, 2.0 * r / denom)
         k = int(best)
         time = self._time
-        while k < limit and time(s, n0 + k + 1, c0 + k + 1, p0 + (k + 1) * cached + (k + 1) * (k + 2) * 0.5) <= budget:
+        while k < limit and time(s, n0 + k + 1, c0 + k + 1, p0 + attention_pairs(cached, k + 1)) <= budget:
             k += 1
-        while k > 0 and time(s, n0 + k, c0 + k, p0 + k * cached + k * (k + 1) * 0.5) > budget:
+        while k > 0 and time(s, n0 + k, c0 + k, p0 + attention_pairs(cached, k)) > budget:
             k -= 1
         return k
 

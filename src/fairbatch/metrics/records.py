@@ -6,7 +6,10 @@ benchmark client builds records from streamed responses. Both then go through th
 
 Definitions follow ``vllm bench serve`` (vllm/benchmarks/serve.py, ``calculate_metrics``):
 TTFT = first token - arrival; E2E = finish - arrival; TPOT = (E2E - TTFT) / (output_len - 1)
-only when output_len > 1; ITL = gaps between consecutive output tokens.
+only when output_len > 1; ITL = gaps between consecutive output tokens. What meets the SLO
+is decided here once (:func:`vllm_tpot`, :func:`slo_met`, :func:`envelope_deadline`), on scalars
+or arrays, for every place that counts attainment: the records below, the vectorised
+summaries (``summary``, ``stream``), the server's Prometheus counters and the vLLM plugin.
 """
 
 from __future__ import annotations
@@ -21,6 +24,30 @@ from fairbatch.request import Request, RequestState
 FloatArray = npt.NDArray[np.float64]
 
 REJECTED = "rejected"   # the error of a request the scheduler refused (late=reject, HTTP 429)
+
+
+def vllm_tpot(ttft, e2e, output_len):
+    """vLLM's TPOT, (E2E - TTFT) / (output_len - 1); NaN where output_len <= 1 or a time is
+    NaN. Scalars (a 0-d array back) or arrays."""
+    n = np.asarray(output_len)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(n > 1, (np.asarray(e2e, np.float64) - ttft) / (n - 1), np.nan)
+
+
+def slo_met(success, ttft, tpot, ttft_slo, tpot_slo):
+    """(TTFT met, TPOT met), scalars or arrays. A failed request meets neither; no first
+    token (NaN TTFT) misses TTFT; no TPOT (NaN: one output token) meets TPOT, as vLLM
+    counts it 0. The SLO is met when both are."""
+    return success & np.less_equal(ttft, ttft_slo), success & ~np.greater(tpot, tpot_slo)
+
+
+def envelope_deadline(arrival, ttft_slo, tpot_slo, j):
+    """Deadline of output token ``j`` (from 0) under FairBatching's per-token envelope."""
+    return arrival + ttft_slo + tpot_slo * j
+
+
+def _nan(x: float | None) -> float:
+    return np.nan if x is None else x
 
 
 def _empty() -> FloatArray:
@@ -77,31 +104,31 @@ class RequestRecord:
 
     @property
     def tpot(self) -> float | None:
-        """vLLM's TPOT: mean time per output token after the first; None if <= 1 token."""
-        ttft, e2e = self.ttft, self.e2e
-        if self.output_len <= 1 or ttft is None or e2e is None:
-            return None
-        return (e2e - ttft) / (self.output_len - 1)
+        """vLLM's TPOT (:func:`vllm_tpot`): mean time per output token after the first; None if
+        <= 1 token."""
+        t = float(vllm_tpot(_nan(self.ttft), _nan(self.e2e), self.output_len))
+        return None if np.isnan(t) else t
 
     @property
     def itls(self) -> FloatArray:
         return np.diff(np.asarray(self.token_times, dtype=np.float64))
 
+    def _slo_met(self) -> tuple[bool, bool]:
+        ttft_ok, tpot_ok = slo_met(self.success, _nan(self.ttft), _nan(self.tpot), self.ttft_slo, self.tpot_slo)
+        return bool(ttft_ok), bool(tpot_ok)
+
     @property
     def meets_ttft(self) -> bool:
-        ttft = self.ttft
-        return self.success and ttft is not None and ttft <= self.ttft_slo
+        return self._slo_met()[0]
 
     @property
     def meets_tpot(self) -> bool:
-        # vLLM counts tpot as 0 (always good) for single-token outputs.
-        tpot = self.tpot
-        return self.success and (tpot is None or tpot <= self.tpot_slo)
+        return self._slo_met()[1]
 
     @property
     def meets_slo(self) -> bool:
         """Both TTFT and vLLM-style mean TPOT within the SLO, and the request succeeded."""
-        return self.meets_ttft and self.meets_tpot
+        return all(self._slo_met())
 
     @property
     def meets_envelope(self) -> bool:
@@ -113,8 +140,7 @@ class RequestRecord:
         t = np.asarray(self.token_times, dtype=np.float64)
         if not self.success or len(t) == 0:
             return False
-        deadlines = self.arrival + self.ttft_slo + self.tpot_slo * np.arange(len(t))
-        return bool(np.all(t <= deadlines))
+        return bool(np.all(t <= envelope_deadline(self.arrival, self.ttft_slo, self.tpot_slo, np.arange(len(t)))))
 
 
 def record_from_request(req: Request) -> RequestRecord:

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from fairbatch.metrics.records import RequestRecord
+from fairbatch.metrics.records import RequestRecord, envelope_deadline, slo_met, vllm_tpot
 
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
@@ -115,8 +115,7 @@ def _columns(records: Sequence[RequestRecord]) -> _Columns:
     j = np.arange(len(tok), dtype=np.int64) - np.repeat(starts, lens)
     success = np.fromiter((r.success for r in records), np.bool_, n)
 
-    # Same expression as RequestRecord.meets_envelope, so both agree bit for bit.
-    deadline = arrival[tok_rec] + ttft_slo[tok_rec] + tpot_slo[tok_rec] * j
+    deadline = envelope_deadline(arrival[tok_rec], ttft_slo[tok_rec], tpot_slo[tok_rec], j)
     late = np.zeros(n, dtype=np.bool_)
     late[tok_rec[tok > deadline]] = True
     envelope_ok = success & (lens > 0) & ~late
@@ -129,8 +128,7 @@ def _columns(records: Sequence[RequestRecord]) -> _Columns:
 
     ttft = first - arrival
     e2e = end - arrival
-    with np.errstate(divide="ignore", invalid="ignore"):
-        tpot = np.where(output_len > 1, (e2e - ttft) / (output_len - 1), nan)
+    tpot = vllm_tpot(ttft, e2e, output_len)
 
     same = tok_rec[1:] == tok_rec[:-1]
     return _Columns(
@@ -202,8 +200,7 @@ def _summarize_sel(
     total_in = int(c.prompt_len[ok].sum())
     total_out = int(c.output_len[ok].sum())
 
-    ttft_ok = ok & (c.ttft <= c.ttft_slo)                 # NaN compares False
-    tpot_ok = ok & ~(c.tpot > c.tpot_slo)                 # no TPOT (<=1 token) counts as met
+    ttft_ok, tpot_ok = slo_met(ok, c.ttft, c.tpot, c.ttft_slo, c.tpot_slo)
     good = ttft_ok & tpot_ok
 
     def rate(x: int) -> float:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, asdict
 from itertools import count
 from typing import Callable, ClassVar, Literal, Sequence, get_args
 
-from fairbatch.kv import BlockAllocator
+from fairbatch.kv import BlockAllocator, check_fits
 from fairbatch.latency.base import LatencyModel
 from fairbatch.plan import StepPlan, StepResult
 from fairbatch.request import Request, RequestState
@@ -251,18 +251,14 @@ class Scheduler(ABC):
         self._enqueue(req)
 
     def _check_limits(self, req: Request) -> None:
-        """Raise ValueError if ``req`` can never run here; trim its output to the context."""
-        total = req.prompt_len + req.max_new_tokens
-        if req.prompt_len > self.config.max_model_len - 1:
-            raise ValueError(
-                f"request {req.request_id}: prompt of {req.prompt_len} tokens exceeds the "
-                f"context limit of {self.config.max_model_len} tokens (leaving room for one output token)")
-        if total > self.config.max_model_len:
-            req.max_new_tokens = self.config.max_model_len - req.prompt_len
-        if self.allocator.blocks_for(total) > self.allocator.num_blocks:
-            raise ValueError(
-                f"request {req.request_id}: {total} tokens need more KV blocks than the cache has "
-                f"({self.allocator.num_blocks} blocks of {self.allocator.block_size})")
+        """Raise ValueError if ``req`` can never run here (``kv.check_fits``); trim its
+        output to the context."""
+        limit, a = self.config.max_model_len, self.allocator
+        try:
+            check_fits(req.prompt_len, req.max_new_tokens, limit, a.block_size, a.num_blocks)
+        except ValueError as e:
+            raise ValueError(f"request {req.request_id}: {e}") from None
+        req.max_new_tokens = min(req.max_new_tokens, limit - req.prompt_len)
 
     def _enqueue(self, req: Request) -> None:
         """Queue a waiting request that can still meet its SLO (policies with their own
@@ -555,7 +551,7 @@ class Scheduler(ABC):
         feats.num_seqs += added
         feats.new_tokens += added
         feats.context_tokens += added_ctx + added
-        feats.attention_pairs += added_ctx + added
+        feats.attention_pairs += added_ctx + added    # attention_pairs(c, 1) == c + 1 each
 
     def _admit(self, req: Request) -> None:
         """Move the head of the waiting queue into the running list."""
@@ -586,6 +582,19 @@ class Scheduler(ABC):
                 if running[i].relegated:
                     return running[i]
         return running[-1]
+
+    def _make_room(self, req: Request, num_tokens: int, plan: StepPlan) -> bool:
+        """Grow ``req``'s KV (``req`` is in ``running``) to ``num_tokens``, preempting
+        ``_victim`` while the cache is short: the FCFS policies' rule. A victim already
+        placed in ``plan`` gives its tokens back. False if ``req`` itself was the victim."""
+        running = self.running
+        while not self._grow(req, num_tokens):
+            victim = self._victim(running.index(req))
+            plan.remove(victim)
+            self._preempt(victim, plan)
+            if victim is req:
+                return False
+        return True
 
     def _finish(self, req: Request, now: float) -> None:
         req.state = RequestState.FINISHED

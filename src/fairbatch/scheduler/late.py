@@ -48,7 +48,7 @@ def prefill_floor(latency: LatencyModel, req: Request) -> float:
     k = req.prompt_len - c
     if k <= 0:
         return 0.0
-    return latency.predict(StepFeatures(1, k, c + k, k * c + k * (k + 1) * 0.5))
+    return latency.predict(StepFeatures().with_chunk(c, k))
 
 
 def latest_start(latency: LatencyModel, req: Request) -> float:

@@ -44,10 +44,8 @@ class PrefillFirstScheduler(Scheduler):
             req = running[i]
             c = req.num_computed
             k = req.prompt_len + req.generated - c
-            if not self._grow(req, c + k):
-                victim = self._victim(i)
-                self._preempt(victim, plan)
-                continue
+            if not self._make_room(req, c + k, plan):
+                continue   # req itself was preempted: running[i] is the next one
             plan.add(req, k)
             i += 1
         return plan

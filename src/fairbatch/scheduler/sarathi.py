@@ -45,10 +45,9 @@ class SarathiScheduler(Scheduler):
         # 1) decodes, oldest first; preempt the newest request when KV is short
         prefills = []
         chunks = plan.chunks
-        n = len(running)
         ctx = 0
         i = 0
-        while i < n:
+        while i < len(running):
             req = running[i]
             c = req.num_computed
             if req.prompt_len + req.generated - c != 1 or req.generated == 0:
@@ -57,15 +56,7 @@ class SarathiScheduler(Scheduler):
                 continue
             if budget <= 0:
                 break
-            ok = True
-            while c + 1 > req.kv_slots and not self._grow(req, c + 1):
-                victim = self._victim(i)
-                self._preempt(victim, plan)
-                n -= 1
-                if victim is req:
-                    ok = False
-                    break
-            if not ok:
+            if c + 1 > req.kv_slots and not self._make_room(req, c + 1, plan):
                 break
             chunks.append((req, 1))       # plan.add, with the features summed once below
             ctx += c
@@ -76,7 +67,7 @@ class SarathiScheduler(Scheduler):
         f.num_seqs += decodes
         f.new_tokens += decodes
         f.context_tokens += ctx + decodes
-        f.attention_pairs += ctx + decodes
+        f.attention_pairs += ctx + decodes    # attention_pairs(c, 1) == c + 1 each
         if i < len(running):   # budget ran out: the rest may still hold partial prefills
             prefills.extend(r for r in running[i:] if r.prompt_len + r.generated - r.num_computed > 1 or r.generated == 0)
 

@@ -15,7 +15,7 @@ vLLM's next ``schedule()`` call would: an empty plan would idle the instance.
 
 from __future__ import annotations
 
-from fairbatch.plan import StepPlan
+from fairbatch.plan import StepPlan, attention_pairs
 from fairbatch.request import RequestState
 from fairbatch.scheduler.base import Scheduler, register_policy
 
@@ -40,12 +40,11 @@ class VLLMScheduler(Scheduler):
         preempted_before = len(plan.preempted)
 
         chunks = plan.chunks
-        n = len(running)
-        seqs = ctx = 0
+        seqs = new = ctx = 0
         pairs = 0.0
         i = 0
         late: list = []     # relegated partial prefills: after the prompts on time (late.py)
-        while i < n and budget > 0:
+        while i < len(running) and budget > 0:
             req = running[i]
             if req.relegated and not req.generated:
                 late.append(req)
@@ -58,38 +57,29 @@ class VLLMScheduler(Scheduler):
             if k <= 0:
                 i += 1
                 continue
-            scheduled = True
-            while c + k > req.kv_slots and not self._grow(req, c + k):
-                victim = self._victim(i)
-                if victim is not running[-1] and running.index(victim) < i:
-                    # Already in this step (vllm-priority's victim may be): take its
-                    # tokens back, as vLLM does, and step the index back past it.
-                    i -= 1
-                    for t, (r, kv) in enumerate(chunks):
-                        if r is victim:
-                            del chunks[t]
-                            cv = victim.num_computed
-                            seqs -= 1
-                            ctx -= cv + kv
-                            pairs -= kv * cv + kv * (kv + 1) * 0.5
-                            budget += kv
-                            break
-                self._preempt(victim, plan)
-                n -= 1
-                if victim is req:
-                    scheduled = False
+            if c + k > req.kv_slots:
+                f = plan.features
+                placed, preempted = f.new_tokens, len(plan.preempted)
+                if not self._make_room(req, c + k, plan):
                     break
-            if not scheduled:
-                break
-            chunks.append((req, k))       # plan.add, with the features summed once below
+                if len(plan.preempted) != preempted:
+                    # vllm-priority's victim may be placed already: its tokens came back
+                    # (out of plan.features) and req moved up the list
+                    budget += placed - f.new_tokens
+                    i = running.index(req)
+            # plan.add, with the features summed once below: this loop runs for every
+            # running request each step; plan.add here made benchmarks/sim_speed.py
+            # 8 % slower under this policy (3.45 s vs 3.2 s)
+            chunks.append((req, k))
             seqs += 1
+            new += k
             ctx += c + k
-            pairs += k * c + k * (k + 1) * 0.5
+            pairs += attention_pairs(c, k)
             budget -= k
             i += 1
         f = plan.features
         f.num_seqs += seqs
-        f.new_tokens += plan.token_budget - budget
+        f.new_tokens += new
         f.context_tokens += ctx
         f.attention_pairs += pairs
 

@@ -15,12 +15,14 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from fairbatch.metrics.records import record_from_request
 from fairbatch.request import Request
 
 if TYPE_CHECKING:
@@ -162,20 +164,17 @@ class ServerMetrics:
         """``req`` finished (``reason``: when the front end ended it, on a stop string)."""
         m = self.model_name
         self.request_success.labels(m, reason or req.finish_reason or "length").inc()
-        first = req.first_token_time
         n = len(req.token_times)
-        end = req.finish_time if req.finish_time is not None else (req.token_times[-1] if n else None)
-        self._phases(req, first, req.token_times[-1] if n else None)
-        if end is not None:
-            self._e2e.observe(end - req.arrival)
-        tpot = None
-        if n > 1 and first is not None and end is not None:
-            tpot = (end - first) / (n - 1)
-            self._tpot.observe(tpot)
+        self._phases(req, req.first_token_time, req.token_times[-1] if n else None)
+        # metrics.records' definitions, as the benchmark client's summary and the vLLM
+        # plugin count; the request finished here, whatever state the engine has it in yet
+        rec = replace(record_from_request(req), success=True, error=None)
+        if rec.e2e is not None:
+            self._e2e.observe(rec.e2e)
+        if rec.tpot is not None:
+            self._tpot.observe(rec.tpot)
         cls = req.slo.name
-        ttft_ok = first is not None and first - req.arrival <= req.slo.ttft
-        tpot_ok = tpot is None or tpot <= req.slo.tpot
-        env_ok = n > 0 and req.max_lateness <= 0.0
+        ttft_ok, tpot_ok, env_ok = rec.meets_ttft, rec.meets_tpot, rec.meets_envelope
         self.slo_requests.labels(m, cls).inc()
         for name, ok in (("ttft", ttft_ok), ("tpot", tpot_ok), ("both", ttft_ok and tpot_ok), ("envelope", env_ok)):
             if ok:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fairbatch.engine.params import SamplingParams
+from fairbatch.kv import check_fits
 from fairbatch.request import SLO, Request
 
 log = logging.getLogger("fairbatch.server")
@@ -236,10 +237,7 @@ class ServedModel:
         """A scheduler ``Request`` for a prompt that passed ``check_length`` and the
         vocabulary check; ValueError if it could never fit the KV cache."""
         info = self.info
-        blocks = -(-min(len(prompt_ids) + sp.max_tokens, info.max_model_len) // info.block_size)
-        if blocks > info.num_blocks:
-            raise ValueError(f"a request of {len(prompt_ids)} + {sp.max_tokens} tokens needs {blocks} KV blocks, "
-                             f"the cache has {info.num_blocks}")
+        check_fits(len(prompt_ids), sp.max_tokens, info.max_model_len, info.block_size, info.num_blocks)
         req = Request(request_id, arrival, len(prompt_ids), sp.max_tokens, slo,
                       prompt_token_ids=list(prompt_ids), sampling=sp)
         req.priority = priority

@@ -80,6 +80,7 @@ from fairbatch.plan import StepFeatures, StepPlan
 from fairbatch.request import DeadlineRule, Request, RequestState
 from fairbatch.scheduler.base import Scheduler as PolicyScheduler
 from fairbatch.scheduler.base import make_scheduler
+from fairbatch.specs import gpu_preset_for
 
 # Log through vLLM's logging setup (its format, its VLLM_LOGGING_LEVEL), config warnings too.
 log = init_logger("vllm.fairbatch")
@@ -207,13 +208,9 @@ def _detect_gpu_preset() -> str | None:
         from vllm.platforms import current_platform
         if not current_platform.is_cuda_alike():
             return None
-        name = current_platform.get_device_name().lower()
+        return gpu_preset_for(current_platform.get_device_name())
     except Exception:  # noqa: BLE001 - no GPU name, no GPU preset
         return None
-    for preset in ("h200", "h100", "a100"):
-        if preset in name:
-            return preset
-    return None
 
 
 def initial_latency_model(cfg: PluginConfig, hf_config: dict[str, Any] | None = None) -> tuple[LatencyModel, str]:

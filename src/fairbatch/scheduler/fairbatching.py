@@ -11,39 +11,38 @@ left until its next one. Each step:
    (b) prefills, partial ones then waiting ones, in order of deadline plus
    ``prefill_work_weight`` per prompt token left (with ``late`` relegating or rejecting,
    the waiting ones through a Moore-Hodgson set-aside: set_aside.py), each given the
-   largest chunk that keeps the step within ``T`` (rounded down to ``chunk_align``, at
-   least ``min_chunk`` unless it finishes the prompt); (c) with ``defer_decodes``, the
+   largest chunk that keeps the step within ``T`` (chunk.py: rounded down to
+   ``chunk_align``, at least ``min_chunk`` unless it finishes the prompt); (c) with ``defer_decodes``, the
    remaining decodes while the step fits; (d) the decodes of relegated requests last
    (late.py, shared by every policy). If nothing fits, one ``min_chunk`` prefill runs so
    the instance always progresses. Requests are paced at ``(1 - tpot_margin) * tpot``:
    room for steps that overrun the model.
 3. **Preemption** (recompute) when KV runs out: relegated requests first, then the one
    with the most slack that is not in this step, only if it ranks after the request
-   that needs the blocks.
+   that needs the blocks (preempt.py).
 4. **Load estimate** for a router (admission.py).
 
 Waiting requests are kept in a heap keyed by their prefill order, which cannot change
-while they wait, so selecting prefills costs O(log n). docs/ALGORITHM.md has what each
-rule measured.
+while they wait, so selecting prefills costs O(log n) (prompt_heap.py). docs/ALGORITHM.md
+has what each rule measured.
 """
 
 from __future__ import annotations
 
-import heapq
-from itertools import count
 from operator import attrgetter
 
-from fairbatch.plan import StepFeatures, StepPlan, StepResult
+from fairbatch.plan import StepPlan, StepResult
 from fairbatch.request import Request, RequestState
 from fairbatch.scheduler.admission import admission_budget
 from fairbatch.scheduler.base import Scheduler, register_policy
+from fairbatch.scheduler.chunk import fairbatching_chunk
 from fairbatch.scheduler.late import Late
-from fairbatch.scheduler.set_aside import moore_hodgson
+from fairbatch.scheduler.preempt import reserve_by_rank
+from fairbatch.scheduler.prompt_heap import PromptHeap
+from fairbatch.scheduler.set_aside import admission_order
 from fairbatch.scheduler.step_budget import StepBudget
 
 _INF = float("inf")
-
-
 _by_deadline = attrgetter("deadline")
 
 
@@ -57,10 +56,7 @@ class FairBatchingScheduler(Scheduler):
 
     def __init__(self, config, allocator, latency_model) -> None:
         super().__init__(config, allocator, latency_model)
-        if not 0.0 <= config.tpot_margin < 1.0:
-            raise ValueError(f"tpot_margin must be in [0, 1), got {config.tpot_margin}")
-        self._heap: list[tuple[float, int, Request]] = []   # (next deadline, seq, request)
-        self._seq = count()
+        self._heap = PromptHeap(self._prefill_key)   # the waiting prompts (not relegated)
         self._step_now = 0.0
         w = config.prefill_work_weight
         self._work_weight = w if w is not None else (0.008 if self.late is Late.SERVE else 0.0)
@@ -83,11 +79,11 @@ class FairBatchingScheduler(Scheduler):
 
     def _enqueue(self, req: Request) -> None:
         super()._enqueue(req)
-        heapq.heappush(self._heap, (self._prefill_key(req), next(self._seq), req))
+        self._heap.push(req)
 
     def _requeue_front(self, req: Request) -> None:
         super()._requeue_front(req)
-        heapq.heappush(self._heap, (self._prefill_key(req), next(self._seq), req))
+        self._heap.push(req)
 
     def _prefill_key(self, req: Request) -> float:
         """Order of prompts: the first-token deadline, plus ``prefill_work_weight`` seconds
@@ -96,8 +92,8 @@ class FairBatchingScheduler(Scheduler):
 
     def _preempt(self, req: Request, plan: StepPlan) -> None:
         super()._preempt(req, plan)
-        if not (req.relegated and not req.generated):
-            heapq.heappush(self._heap, (self._prefill_key(req), next(self._seq), req))
+        if not (req.relegated and not req.generated):   # those went to self.relegated
+            self._heap.push(req)
 
     def on_step_end(self, plan: StepPlan, result: StepResult, now: float) -> list[Request]:
         self._budget.observe(plan, result)
@@ -172,11 +168,13 @@ class FairBatchingScheduler(Scheduler):
                 else:
                     self._add_partial(req, T, token_cap, plan)
         # like vLLM, no admissions in a step that had to preempt
-        set_aside = (cfg.set_aside and relegate and not plan.preempted and len(self._heap) > 1
+        heap = self._heap
+        set_aside = (cfg.set_aside and relegate and not plan.preempted and len(heap) > 1
                      and self._admit_set_aside(partials, T, token_cap, plan, decode_share))
-        while not set_aside and not plan.preempted and (head := self._waiting_head()) is not None:
-            if not self._admit_waiting(head, self._heap, T, token_cap, plan):
+        while not set_aside and not plan.preempted and (head := heap.head()) is not None:
+            if not self._admit_waiting(head, self.waiting, T, token_cap, plan):
                 break
+            heap.pop()   # its entry, still on top: nothing was pushed since head()
         for req in late_partials:
             self._add_partial(req, T, token_cap, plan)
         relegated = self.relegated
@@ -199,122 +197,47 @@ class FairBatchingScheduler(Scheduler):
     def _add_partial(self, req: Request, T: float, token_cap: int, plan: StepPlan) -> None:
         if req.state is not RequestState.RUNNING:
             return
-        k = self._chunk(req, plan.features, T, token_cap, plan)
-        if k and self._reserve(req, req.num_computed + k, req.deadline - self._step_now, plan):
+        k = fairbatching_chunk(self.latency, self.config, req, plan, T, token_cap)
+        if k and self._reserve(req, req.num_computed + k, plan):
             plan.add(req, k)
 
     def _add_decodes(self, reqs: list[Request], plan: StepPlan, T: float, token_cap: int) -> None:
         """The longest prefix of ``reqs`` that fits ``T`` (``inf``: all, the urgent group)."""
-        now = self._step_now
-        self._add_decode_prefix(reqs, plan, T, token_cap,
-                                lambda r, n: self._reserve(r, n, r.deadline - now, plan))
-
-    def _chunk(self, req: Request, feats: StepFeatures, T: float, token_cap: int, plan: StepPlan) -> int:
-        """Largest chunk of ``req``'s pending tokens that keeps the step within ``T``."""
-        cfg = self.config
-        pending = req.prompt_len + req.generated - req.num_computed
-        limit = min(pending, token_cap - feats.new_tokens)
-        if limit <= 0:
-            return 0
-        k = self.latency.max_chunk(feats, req.num_computed, limit, T)
-        if k < pending:
-            k -= k % cfg.chunk_align
-            if k < cfg.min_chunk:
-                k = 0
-        if k == 0 and plan.is_empty:
-            k = min(pending, max(cfg.min_chunk, 1), token_cap)   # progress floor
-        return k
+        self._add_decode_prefix(reqs, plan, T, token_cap, lambda r, n: self._reserve(r, n, plan))
 
     def _admit_set_aside(self, partials: list[Request], T: float, token_cap: int, plan: StepPlan,
                          decode_share: float) -> bool:
-        """Moore-Hodgson over the waiting prompts: in priority order, at the prefill rate
-        the decodes leave, set aside the longest prompt whenever one would finish past its
-        deadline; admit the others in order, then the set-aside ones, while they fit.
-        False when there was nothing to order (fewer than two prompts)."""
-        now = self._step_now
-        key = self._prefill_key
-        waiting = sorted({id(e[2]): e[2] for e in self._heap if e[2].state is RequestState.WAITING
-                          and not (e[2].relegated and not e[2].generated)}.values(), key=key)
-        # streams preempted for KV resume first; the set-aside orders prompts only
-        resumed = [r for r in waiting if r.generated]
-        cands = [r for r in waiting if not r.generated]
-        # prompts past their deadline here were promoted back (late_deadline_factor): their
-        # turn has come, so they go first and are never set aside
-        promoted = [r for r in cands if r.deadline <= now]
-        if promoted:
-            cands = [r for r in cands if r.deadline > now]
-        if len(cands) < 2 and not promoted and not resumed:
+        """Admit the waiting prompts in the Moore-Hodgson order (set_aside.py) while they
+        fit. False when there was nothing to order (fewer than two prompts)."""
+        order = admission_order(sorted(self._heap.waiting(), key=self._prefill_key), partials,
+                                self._step_now, self._prefill_rate, decode_share, self._prefill_key)
+        if order is None:
             return False
-        # the rate the decodes leave, not this step's: the chunks already in it (partial
-        # prefills) are counted as work ahead of the waiting prompts
-        rate = self._prefill_rate * max(0.1, 1.0 - decode_share)
-        ahead = sum(r.prompt_len - r.num_computed for r in partials if not r.relegated) / rate
-        order = resumed + promoted + moore_hodgson(cands, now, ahead, rate, key)
-        feats = plan.features
-        for req in order:
-            if len(self.running) >= self.config.max_num_seqs or feats.new_tokens >= token_cap:
-                return True
-            k = self._chunk(req, feats, T, token_cap, plan)
-            if k == 0 or not self._grow(req, req.num_computed + k):
-                return True
-            self.waiting.remove(req)   # its heap entry goes stale (not WAITING)
-            self._admit(req)
-            plan.add(req, k)
+        for req in order:   # their heap entries go stale (no longer WAITING)
+            if not self._admit_waiting(req, self.waiting, T, token_cap, plan):
+                break
         return True
 
-    def _waiting_head(self) -> Request | None:
-        """The waiting prompt that can still make its TTFT with the smallest key (stale heap
-        entries, admitted, aborted or relegated since they were pushed, are dropped)."""
-        heap = self._heap
-        while heap:
-            req = heap[0][2]
-            # relegated prompts wait in self.relegated; a relegated request preempted after
-            # its first token is recomputed from here like any other
-            if req.state is RequestState.WAITING and not (req.relegated and not req.generated):
-                return req
-            heapq.heappop(heap)
-        return None
-
-    def _admit_waiting(self, req: Request, source, T: float, token_cap: int, plan: StepPlan) -> bool:
-        """Admit ``req``, the head of ``source`` (the deadline heap or the relegated queue),
-        with the largest chunk that fits; False when it does not fit (step, seqs or KV)."""
+    def _admit_waiting(self, req: Request, queue, T: float, token_cap: int, plan: StepPlan) -> bool:
+        """Admit ``req`` from ``queue`` (waiting or relegated) with the largest chunk that
+        fits; False when it does not fit (step, seqs or KV)."""
         feats = plan.features
         if len(self.running) >= self.config.max_num_seqs or feats.new_tokens >= token_cap:
             return False
-        k = self._chunk(req, feats, T, token_cap, plan)
+        k = fairbatching_chunk(self.latency, self.config, req, plan, T, token_cap)
         if k == 0 or not self._grow(req, req.num_computed + k):
             return False
-        if source is self._heap:
-            heapq.heappop(source)
-            self.waiting.remove(req)
-        else:
-            source.popleft()
+        queue.remove(req)   # the relegated queue's head, or anywhere in the waiting one
         self._admit(req)
         plan.add(req, k)
         return True
 
-    def _slack(self, req: Request) -> float:
-        return req.deadline - self._step_now
+    def _rank(self, req: Request) -> tuple:
+        """Preemption order (preempt.py): relegated last, then by slack, then admission."""
+        return req.relegated, req.deadline - self._step_now, req.admitted_at
 
-    def _reserve(self, req: Request, num_tokens: int, slack: float, plan: StepPlan) -> bool:
-        """Allocate KV for ``req``; when short, preempt the running request with the most
-        slack that is not in this step, if it ranks after ``req`` by (slack, admission):
-        a strict order, so the first-ranked request can always get its blocks and the
-        instance never stalls with every request waiting for another's."""
-        while not self._grow(req, num_tokens):
-            in_plan = {id(r) for r, _ in plan.chunks}
-            victim = None
-            best = (req.relegated, slack, req.admitted_at)
-            for r in self.running:
-                if r is req or id(r) in in_plan:
-                    continue
-                key = (r.relegated, self._slack(r), r.admitted_at)
-                if key > best:
-                    best, victim = key, r
-            if victim is None:
-                return False
-            self._preempt(victim, plan)
-        return True
+    def _reserve(self, req: Request, num_tokens: int, plan: StepPlan) -> bool:
+        return reserve_by_rank(self, req, num_tokens, plan, self._rank)
 
     # --- load estimate ---------------------------------------------------------------------
     def admission_budget(self, now: float, queued_prefill_tokens: int) -> float:

@@ -29,11 +29,12 @@ Where the original is silent or tied to its own engine, we chose:
 - The chunk is the largest that fits, found by the latency model per prompt instead of a
   bisection over a fixed grid of step sizes, rounded down to ``chunk_align`` where the
   model cut it (at least ``min_chunk`` unless it ends the prompt); each prompt's chunk is
-  priced with its own cached context and everything already in the step.
+  priced with its own cached context and everything already in the step (chunk.py).
 - The original never preempts (it asserts there is memory). We preempt (recompute) when KV
   runs out: the running request outside this step that ranks last in QoServe's own order
   (relegated last, then by the hybrid key), and only if it ranks after the request that
-  needs the blocks, a strict order so that the first-ranked request can always run.
+  needs the blocks, a strict order so that the first-ranked request can always run
+  (preempt.py).
   Admissions never preempt, and none happen in a step that preempted (vLLM's rule). The
   original's smaller step grid under memory pressure is therefore not needed and omitted.
 - Decodes of requests whose first token came late (``late`` other than ``serve``) run after
@@ -51,7 +52,9 @@ from operator import attrgetter
 from fairbatch.plan import StepPlan
 from fairbatch.request import Request, RequestState
 from fairbatch.scheduler.base import Scheduler, register_policy
+from fairbatch.scheduler.chunk import qoserve_chunk
 from fairbatch.scheduler.late import Late
+from fairbatch.scheduler.preempt import reserve_by_rank
 
 _INF = float("inf")
 _RUNNING = RequestState.RUNNING
@@ -86,7 +89,7 @@ class QoServeScheduler(Scheduler):
         return req.deadline + self.config.qoserve_priority_weight * pending
 
     def _rank(self, req: Request) -> tuple:
-        """Strict order for preemption: relegated last, then the hybrid key, then admission."""
+        """Preemption order (preempt.py): relegated last, then the hybrid key, then admission."""
         return req.relegated, self._priority(req), req.admitted_at
 
     def _push(self, req: Request) -> None:
@@ -180,7 +183,7 @@ class QoServeScheduler(Scheduler):
                 i += 1
                 if req.state is not _RUNNING:
                     continue                # preempted earlier in this step
-                k = self._chunk(req, plan, T, step_cap)
+                k = qoserve_chunk(self.latency, self.config, req, plan, T, step_cap)
                 if k == 0:
                     return
                 if self._reserve(req, req.num_computed + k, plan):
@@ -192,7 +195,7 @@ class QoServeScheduler(Scheduler):
             if plan.preempted or len(self.running) >= max_seqs:
                 admit = False               # like vLLM: no admissions in a step that preempted
                 continue
-            k = self._chunk(req, plan, T, step_cap)
+            k = qoserve_chunk(self.latency, self.config, req, plan, T, step_cap)
             if k == 0:
                 return
             if not self._grow(req, req.num_computed + k):
@@ -208,57 +211,16 @@ class QoServeScheduler(Scheduler):
         relegated = self.relegated
         while admit and relegated and not plan.preempted and len(self.running) < max_seqs:
             req = relegated[0]
-            k = self._chunk(req, plan, T, step_cap)
+            k = qoserve_chunk(self.latency, self.config, req, plan, T, step_cap)
             if k == 0 or not self._grow(req, req.num_computed + k):
                 return
             relegated.popleft()
             self._admit(req)
             plan.add(req, k)
 
-    def _chunk(self, req: Request, plan: StepPlan, T: float, step_cap: int) -> int:
-        """Largest chunk of ``req``'s pending tokens whose step fits ``T`` and the step cap,
-        or what the step-size floor allows."""
-        cfg = self.config
-        feats = plan.features
-        pending = req.prompt_len + req.generated - req.num_computed
-        room = step_cap - feats.new_tokens
-        limit = pending if pending < room else room
-        if limit > 0:
-            if T == _INF:
-                k = limit
-            else:
-                k = self.latency.max_chunk(feats, req.num_computed, limit, T)
-                if k < limit:
-                    k -= k % cfg.chunk_align    # cut by the model: keep chunk shapes regular
-            floor = cfg.qoserve_min_step_tokens - feats.new_tokens
-            if k < floor:
-                k = floor if floor < limit else limit
-            if k < pending and k < cfg.min_chunk:
-                k = 0
-        else:
-            k = 0
-        if k == 0 and plan.is_empty:
-            k = min(pending, max(cfg.min_chunk, 1), cfg.max_num_batched_tokens)   # always progress
-        return k
-
     def _add_decodes(self, reqs: list[Request], plan: StepPlan, T: float, cap: int) -> None:
         """The longest prefix of ``reqs`` that fits ``T`` (``inf``: all of them) and ``cap``."""
         self._add_decode_prefix(reqs, plan, T, cap, lambda r, n: self._reserve(r, n, plan))
 
     def _reserve(self, req: Request, num_tokens: int, plan: StepPlan) -> bool:
-        """Allocate KV for ``req``; when short, preempt the running request outside this
-        step that ranks last, if it ranks after ``req``."""
-        while not self._grow(req, num_tokens):
-            in_plan = {id(r) for r, _ in plan.chunks}
-            best = self._rank(req)
-            victim = None
-            for r in self.running:
-                if r is req or id(r) in in_plan:
-                    continue
-                key = self._rank(r)
-                if key > best:
-                    best, victim = key, r
-            if victim is None:
-                return False
-            self._preempt(victim, plan)
-        return True
+        return reserve_by_rank(self, req, num_tokens, plan, self._rank)

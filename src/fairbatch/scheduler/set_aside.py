@@ -5,7 +5,7 @@ Taken in priority order at a given prefill rate, whenever a prompt would finish 
 deadline the longest prompt so far is set aside. With exact processing times this
 maximises the number of on-time jobs on one machine (Moore-Hodgson, 1968); the set-aside
 ones are served after the others, not dropped. FairBatching recomputes it every step, so a
-prompt set aside in a burst comes back as soon as it fits again.
+prompt set aside in a burst comes back as soon as it fits again (``admission_order``).
 """
 
 from __future__ import annotations
@@ -36,3 +36,27 @@ def moore_hodgson(prompts: Sequence[Request], now: float, busy_until: float, rat
         return list(prompts)
     out = {id(r) for r in aside}
     return [r for r in prompts if id(r) not in out] + sorted(aside, key=key)
+
+
+def admission_order(waiting: Sequence[Request], partials: Sequence[Request], now: float,
+                    prefill_rate: float, decode_share: float,
+                    key: Callable[[Request], float]) -> list[Request] | None:
+    """The order in which FairBatching admits ``waiting`` (sorted by ``key``): streams
+    preempted for KV first, then prompts already past their deadline, then the rest through
+    ``moore_hodgson`` at the prefill rate the decodes leave (``decode_share`` of each step is
+    theirs). None when there is nothing to order (fewer than two prompts)."""
+    # streams preempted for KV resume first; the set-aside orders prompts only
+    resumed = [r for r in waiting if r.generated]
+    cands = [r for r in waiting if not r.generated]
+    # prompts past their deadline here were promoted back (late_deadline_factor): their
+    # turn has come, so they go first and are never set aside
+    promoted = [r for r in cands if r.deadline <= now]
+    if promoted:
+        cands = [r for r in cands if r.deadline > now]
+    if len(cands) < 2 and not promoted and not resumed:
+        return None
+    # the rate the decodes leave, not this step's: the chunks already in it (partial
+    # prefills) are counted as work ahead of the waiting prompts
+    rate = prefill_rate * max(0.1, 1.0 - decode_share)
+    ahead = sum(r.prompt_len - r.num_computed for r in partials if not r.relegated) / rate
+    return resumed + promoted + moore_hodgson(cands, now, ahead, rate, key)

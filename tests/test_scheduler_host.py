@@ -88,3 +88,20 @@ def test_add_without_validation_queues_what_the_checks_refuse(policy: str) -> No
     sched.add(long, 0.0, validate=False)
     assert sched.get("long") is long and sched.num_waiting == 1
     assert _admitted(sched.schedule(0.0)) == ["long"]
+
+
+def test_host_reported_overrun_shortens_fairbatchings_steps() -> None:
+    """A host without on_step_end reports step times through observe_step; steps 20 %
+    over the model shrink FairBatching's time budget, other policies ignore it."""
+    sched = _sched("fairbatching")
+    r = Request("a", 0.0, 100, 50, SLO_1S)
+    sched.add(r, 0.0)
+    sched.schedule(0.0)
+    r.num_computed = r.prompt_len
+    sched.record_tokens(r, 1, 0.05)
+    before = sched.schedule(0.05).time_budget
+    for _ in range(200):
+        sched.observe_step(0.010, 0.012)
+    after = sched.schedule(0.05).time_budget
+    assert after == pytest.approx(before / 1.2, rel=1e-3)
+    _sched("qoserve").observe_step(0.010, 0.012)   # a no-op elsewhere

@@ -652,6 +652,9 @@ class _FairBatchMixin:
         if rec is not None:
             feats, t0 = rec
             duration = t - max(t0, self._fb_last_output_t)
+            # the policy's view of model error (FairBatching shortens its steps while they
+            # overrun), from the model that planned the step, before any refit
+            self.fb_policy.observe_step(self.fb_latency.predict(feats), duration)
             if self.fb_latency.observe(feats, duration):
                 self.fb_policy.latency_model_changed()
                 log.debug("fairbatch: latency model refitted: %s", self.fb_latency.current.to_dict())

@@ -447,6 +447,10 @@ class Scheduler(ABC):
         ``reset_prefix_cache``), or could not run its admission in ``plan`` after all."""
         self._preempt(req, plan if plan is not None else StepPlan())
 
+    def observe_step(self, predicted: float, measured: float) -> None:
+        """A host that applies step results itself (no ``on_step_end``) reports a step's
+        predicted and measured seconds; policies that pace steps by the model use it."""
+
     def latency_model_changed(self) -> None:
         """The latency model was refitted (``OnlineLatencyModel``): re-derive whatever the
         policy computed from it at construction."""

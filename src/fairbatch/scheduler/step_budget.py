@@ -16,7 +16,6 @@ time_budget_max]``, ``time_budget_max`` when nothing decodes; then two correctio
 from __future__ import annotations
 
 from fairbatch.kv import BlockAllocator
-from fairbatch.plan import StepPlan, StepResult
 
 
 class StepBudget:
@@ -28,10 +27,11 @@ class StepBudget:
         self.overrun = 1.0      # recent measured / predicted step time (moving average)
         self._pressure_free = (1.0 - config.kv_pressure_usage) * allocator.num_blocks
 
-    def observe(self, plan: StepPlan, result: StepResult) -> None:
+    def observe(self, predicted: float | None, measured: float) -> None:
+        """A step the model predicted to take ``predicted`` seconds took ``measured``."""
         g = self.config.step_overrun_gain
-        if g and plan.predicted_time and plan.predicted_time > 0.0 and result.duration > 0.0:
-            self.overrun += g * (result.duration / plan.predicted_time - self.overrun)
+        if g and predicted and predicted > 0.0 and measured > 0.0:
+            self.overrun += g * (measured / predicted - self.overrun)
 
     def seconds(self, min_slack: float | None, min_pace: float) -> float:
         """The budget, given the least slack and the tightest pace of the running decodes

@@ -277,6 +277,24 @@ def test_scheduler_completes_ragged_requests(sched_factory, cls_name, async_sche
     _assert_clean(sched)
 
 
+def test_ttft_margin_holds_across_steps(sched_factory):
+    """The plugin re-reads every waiting request from vLLM each step; a policy's
+    ttft_margin must survive that (first token planned early, the SLO unchanged)."""
+    import fairbatch.integrations.vllm as fv
+
+    sched = sched_factory(fv.FairBatchingScheduler, max_num_batched_tokens=32, max_num_seqs=2,
+                          fairbatch={"ttft_margin": 0.2})
+    reqs = _ragged(sched_factory.hasher, n=4, seed=5)
+    for r in reqs:
+        sched.add_request(r)
+    sched.schedule()
+    waiting = list(sched.fb_policy.waiting) + [m for m in sched.fb_policy.running if not m.generated]
+    assert waiting
+    for m in waiting:
+        # (differences: arrivals are wall-clock times, too large for a relative tolerance)
+        assert m.deadline - m.arrival == pytest.approx(m.slo.ttft - min(0.2, 0.5 * m.slo.ttft), abs=1e-6)
+
+
 def test_scheduler_matches_vllm_outputs_and_respects_budgets(sched_factory):
     from vllm.v1.core.sched.scheduler import Scheduler
 

@@ -129,11 +129,12 @@ class Request:
         self.deadline = self.arrival + self.slo.ttft
 
     def plan_first_token_early(self, lead: float) -> None:
-        """Schedule the first token ``lead`` seconds before its TTFT deadline (a host's
-        margin for delivering it); the SLO, and what counts as missing it, are unchanged."""
+        """Schedule the first token ``lead`` seconds (at most half the TTFT) before its
+        TTFT deadline: a host's margin for delivering it. The SLO, and what counts as
+        missing it, are unchanged."""
         if self.generated:
             raise ValueError(f"request {self.request_id}: the first token already exists")
-        self.deadline = self.arrival + self.slo.ttft - lead
+        self.deadline = self.arrival + self.slo.ttft - min(lead, 0.5 * self.slo.ttft)
 
     def set_pace(self, interval: float) -> None:
         """Space this request's token deadlines ``interval`` apart instead of its TPOT SLO

@@ -243,15 +243,18 @@ def initial_latency_model(cfg: PluginConfig, hf_config: dict[str, Any] | None = 
 _RUNNING = RequestState.RUNNING
 
 
-def _refresh(m: Request, req: VllmRequest, in_flight: int = 0) -> None:
+def _refresh(m: Request, req: VllmRequest, in_flight: int = 0, first_token_lead: float = 0.0) -> None:
     """Copy vLLM's view of ``req`` into its mirror ``m``. ``in_flight``: output tokens
     of steps still executing (async scheduling's placeholders), counted as generated
-    so that the policy plans the step after them."""
+    so that the policy plans the step after them. ``first_token_lead``: the policy's
+    ``ttft_margin``, kept on a request still waiting for its first token."""
     m.prompt_len = req.num_prompt_tokens
     m.generated = req.num_output_tokens + in_flight
     m.num_computed = req.num_computed_tokens
     m.max_new_tokens = max(1, req.max_tokens)
     m.deadline = m.token_deadline(m.generated)
+    if first_token_lead and not m.generated:
+        m.plan_first_token_early(first_token_lead)
     m.kv_slots = 0   # unknown to the policy: it asks the block adapter, which asks vLLM
 
 
@@ -419,10 +422,11 @@ class _FairBatchMixin:
                 pol.requeue(m)
         visible: list[Request] = []
         step = self.current_step
+        lead = pol.config.ttft_margin
         for req in self.running:
             m = mirrors[req.request_id]
             ph = req.num_output_placeholders
-            _refresh(m, req, ph)
+            _refresh(m, req, ph, lead)
             if ph > 0 and req.num_computed_tokens + 2 - ph >= req.num_prompt_tokens + req.max_tokens:
                 continue   # async: the in-flight step already produces its last token
             if ph > 0 and m.relegated and not m.token_times:
@@ -435,7 +439,7 @@ class _FairBatchMixin:
             visible.append(m)
         pol.sync_running(visible)
         for m in pol.waiting:
-            _refresh(m, m.user_data)
+            _refresh(m, m.user_data, first_token_lead=lead)
 
     # ---- allocator adapter ------------------------------------------------------------------
     def _fb_allocate(self, request_id: str, num_tokens: int) -> bool:

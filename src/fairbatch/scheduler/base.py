@@ -244,7 +244,7 @@ class Scheduler(ABC):
             self._check_limits(req)
         req.state = RequestState.WAITING
         if self.config.ttft_margin and not req.generated:
-            req.plan_first_token_early(min(self.config.ttft_margin, 0.5 * req.slo.ttft))
+            req.plan_first_token_early(self.config.ttft_margin)
         self._by_id[req.request_id] = req
         if self.late is not Late.SERVE and self._watch(req, now, arriving=True):
             return   # refused (state REJECTED) or relegated at arrival

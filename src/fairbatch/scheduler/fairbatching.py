@@ -155,8 +155,9 @@ class FairBatchingScheduler(Scheduler):
         if urgent:
             urgent.sort(key=_by_deadline)
             self._add_decodes(urgent, plan, _INF, token_cap)
-        # the share of each step the decodes take: what is left is the prefill rate
-        decode_share = model.predict(plan.features) / T if plan.chunks else 0.0
+        # the decodes' share of each step: the set-aside's prefill rate is what they leave
+        may_set_aside = cfg.set_aside and relegate
+        decode_share = model.predict(plan.features) / T if may_set_aside and plan.chunks else 0.0
 
         # (b) prefills: running partial prefills, then waiting prompts, each in priority
         # order (_prefill_key) and given the largest chunk that still fits T; then the
@@ -172,7 +173,7 @@ class FairBatchingScheduler(Scheduler):
                     self._add_partial(req, T, token_cap, plan)
         # like vLLM, no admissions in a step that had to preempt
         heap = self._heap
-        set_aside = (cfg.set_aside and relegate and not plan.preempted and len(heap) > 1
+        set_aside = (may_set_aside and not plan.preempted and len(heap) > 1
                      and self._admit_set_aside(partials, T, token_cap, plan, decode_share))
         while not set_aside and not plan.preempted and (head := heap.head()) is not None:
             if not self._admit_waiting(head, self.waiting, T, token_cap, plan):

@@ -198,7 +198,8 @@ class Scheduler(ABC):
     - ``schedule(now) -> StepPlan`` the chunks of the next step, their KV allocated;
     - ``on_step_end(plan, result, now)`` the step ran: advance its requests, return the
       finished ones;
-    - ``load(now)``, ``get(request_id)``, ``has_work()``, ``num_waiting``, ``stats``;
+    - ``load(now)``, ``get(request_id)``, ``has_work()``, ``num_waiting``, ``num_running``,
+      ``request_ids()``, ``stats``;
     - ``latency_model_changed()`` after the step-time model was refitted.
 
     A host that owns the request objects and applies step results itself (vLLM: its
@@ -484,6 +485,14 @@ class Scheduler(ABC):
     @property
     def num_waiting(self) -> int:
         return len(self.waiting) + len(self.relegated)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def request_ids(self) -> list[str]:
+        """Every request the scheduler holds: waiting, relegated or running."""
+        return list(self._by_id)
 
     def get(self, request_id: str) -> Request | None:
         return self._by_id.get(request_id)

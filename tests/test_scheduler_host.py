@@ -90,10 +90,12 @@ def test_add_without_validation_queues_what_the_checks_refuse(policy: str) -> No
     assert _admitted(sched.schedule(0.0)) == ["long"]
 
 
-def test_host_reported_overrun_shortens_fairbatchings_steps() -> None:
+@pytest.mark.parametrize("policy", ["fairbatching", "qoserve"])
+def test_host_reported_overrun_shortens_time_budgeted_steps(policy: str) -> None:
     """A host without on_step_end reports step times through observe_step; steps 20 %
-    over the model shrink FairBatching's time budget, other policies ignore it."""
-    sched = _sched("fairbatching")
+    over the model shrink the time budget of both policies that size steps by time
+    (QoServe is given FairBatching's correction: equally equipped)."""
+    sched = _sched(policy)
     r = Request("a", 0.0, 100, 50, SLO_1S)
     sched.add(r, 0.0)
     sched.schedule(0.0)
@@ -104,4 +106,3 @@ def test_host_reported_overrun_shortens_fairbatchings_steps() -> None:
         sched.observe_step(0.010, 0.012)
     after = sched.schedule(0.05).time_budget
     assert after == pytest.approx(before / 1.2, rel=1e-3)
-    _sched("qoserve").observe_step(0.010, 0.012)   # a no-op elsewhere

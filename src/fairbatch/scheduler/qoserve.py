@@ -37,6 +37,11 @@ Where the original is silent or tied to its own engine, we chose:
   (preempt.py).
   Admissions never preempt, and none happen in a step that preempted (vLLM's rule). The
   original's smaller step grid under memory pressure is therefore not needed and omitted.
+- The step budget is also divided by the moving average of measured over predicted step
+  time while that is above 1 (FairBatching's overrun correction, step_budget.py; a no-op
+  in an exact simulator). The original trusts its fixed safety factor; on a served GPU
+  whose steps ran a few percent over the model, FairBatching lost its lead without this
+  correction, so a fair comparison gives it to both.
 - Decodes of requests whose first token came late (``late`` other than ``serve``) run after
   the prefills, within ``T``, and do not set ``T``; once a token of theirs is
   ``failed_decode_gap`` TPOTs old they join the on-time decodes, so they never starve.
@@ -49,12 +54,13 @@ import heapq
 from itertools import count
 from operator import attrgetter
 
-from fairbatch.plan import StepPlan
+from fairbatch.plan import StepPlan, StepResult
 from fairbatch.request import Request, RequestState
 from fairbatch.scheduler.base import Scheduler, register_policy
 from fairbatch.scheduler.chunk import qoserve_chunk
 from fairbatch.scheduler.late import Late
 from fairbatch.scheduler.preempt import reserve_by_rank
+from fairbatch.scheduler.step_budget import StepBudget
 
 _INF = float("inf")
 _RUNNING = RequestState.RUNNING
@@ -81,6 +87,7 @@ class QoServeScheduler(Scheduler):
         self._heap: list[tuple[int, float, int, Request]] = []
         self._entry: dict[str, int] = {}      # request id -> seq of its live heap entry
         self._seq = count()
+        self._budget = StepBudget(config, allocator)
 
     # --- order -----------------------------------------------------------------------------
     def _priority(self, req: Request) -> float:
@@ -110,6 +117,13 @@ class QoServeScheduler(Scheduler):
         if not (req.relegated and not req.generated):   # those went to self.relegated
             self._push(req)
 
+    def on_step_end(self, plan: StepPlan, result: StepResult, now: float) -> list[Request]:
+        self._budget.observe(plan.predicted_time, result.duration)
+        return super().on_step_end(plan, result, now)
+
+    def observe_step(self, predicted: float, measured: float) -> None:
+        self._budget.observe(predicted, measured)
+
     # --- batch formation -------------------------------------------------------------------
     def _form(self, now: float) -> StepPlan:
         cfg = self.config
@@ -121,6 +135,7 @@ class QoServeScheduler(Scheduler):
         failed: list[Request] = []      # relegated decodes: best effort, after the prefills
         partials: list[Request] = []
         min_deadline = _INF
+        min_pace = _INF
         for req in self.running:        # the hot path: one pass over the running requests
             g = req.generated
             if g and req.prompt_len + g - req.num_computed == 1:
@@ -133,12 +148,16 @@ class QoServeScheduler(Scheduler):
                 decodes.append(req)
                 if req.deadline < min_deadline:
                     min_deadline = req.deadline
+                if req.pace < min_pace:
+                    min_pace = req.pace
             else:
                 partials.append(req)
 
         # The least slack among on-time decodes bounds the step; a request already past its
         # SLO does not, or one lost request would shrink every chunk to the floor.
         T = (min_deadline - now) / cfg.qoserve_safety_factor if decodes else _INF
+        if decodes:     # FairBatching's correction for steps that overrun the model (step_budget.py)
+            T = self._budget.after_overrun(T)
         cap = cfg.max_num_batched_tokens
         step_cap = min(cfg.qoserve_max_step_tokens, cap)
         plan = StepPlan(token_budget=step_cap, time_budget=T if decodes else None)

@@ -1,4 +1,6 @@
-"""FairBatching's time budget: how long the next step may take.
+"""FairBatching's time budget: how long the next step may take (QoServe shares the two
+corrections below, so both policies are equally equipped against a step-time model that
+is off and against KV pressure).
 
 ``T = max(min slack, min pace)`` over the running decodes (a step shorter than one token
 interval buys little and costs a whole weight read), clamped to ``[time_budget_min,
@@ -43,9 +45,16 @@ class StepBudget:
             T = min_slack
             if cfg.time_budget_rule == "max-slack-tpot" and min_pace > T:
                 T = min_pace
-            if self.allocator.num_free < self._pressure_free:
-                T = min(T, cfg.kv_pressure_budget * min_pace)
-            T = min(max(T, cfg.time_budget_min), cfg.time_budget_max)
-        if self.overrun > 1.0:
-            T /= self.overrun
+            T = min(max(self.under_pressure(T, min_pace), cfg.time_budget_min), cfg.time_budget_max)
+        return self.after_overrun(T)
+
+    def under_pressure(self, T: float, min_pace: float) -> float:
+        """``T``, capped at ``kv_pressure_budget`` x the tightest pace while the KV cache is
+        fuller than ``kv_pressure_usage``."""
+        if self.allocator.num_free < self._pressure_free:
+            return min(T, self.config.kv_pressure_budget * min_pace)
         return T
+
+    def after_overrun(self, T: float) -> float:
+        """``T`` shortened by the recent overrun of measured over predicted step time."""
+        return T / self.overrun if self.overrun > 1.0 else T

@@ -296,6 +296,24 @@ def test_capacity_non_monotone_noise() -> None:
     assert failing_above and min(failing_above) <= r.rate_scale * 1.02 + 1e-12
 
 
+def test_capacity_factor_and_seen_runs() -> None:
+    """``factor`` sets the step out of the bracket; runs handed in through ``seen`` are
+    not run again (a served driver's grid of fixed loads)."""
+    calls: list[float] = []
+    r = find_capacity(make_run(lambda s: 1.0 if s <= 1.7 else 0.0, calls), lo=1.0, factor=1.25, max_iter=0)
+    assert calls == [1.0, 1.25, 1.5625, 1.953125] and r.rate_scale == 1.5625
+    calls.clear()
+    r = find_capacity(make_run(lambda s: 1.0 if s <= 0.7 else 0.0, calls), lo=1.0, factor=1.25, max_iter=0)
+    assert calls == [1.0, 0.8, 0.64] and r.rate_scale == 0.64
+    calls.clear()
+    seen = {s: (s, 2.0 * s, {"slo_attainment": 1.0 if s <= 3.0 else 0.0}) for s in (2.0, 4.0)}
+    r = find_capacity(make_run(lambda s: 1.0 if s <= 3.0 else 0.0, calls), lo=2.0, hi=4.0, max_iter=1,
+                      rel_tol=0.0, seen=seen)
+    assert calls == [math.sqrt(8.0)] and len(r.points) == 3
+    with pytest.raises(ValueError):
+        find_capacity(make_run(smooth), lo=1.0, factor=1.0)
+
+
 def test_capacity_always_pass_and_always_fail() -> None:
     r = find_capacity(make_run(lambda s: 1.0), lo=1.0, max_expand=5)
     assert r.status == "above_range" and r.rate_scale == 32.0 and len(r.points) == 6

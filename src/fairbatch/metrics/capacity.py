@@ -65,21 +65,31 @@ def find_capacity(
     on_point: Callable[[float, float, Summary], None] | None = None,
     max_expand: int = 10,
     seen: dict[float, Point] | None = None,
+    factor: float = 2.0,
+    decimals: int | None = None,
 ) -> CapacityResult:
     """Bisect (geometrically) for the highest ``rate_scale`` with ``run(s)[key] >= target``.
 
-    Without ``hi`` the scale doubles from ``lo`` until a run fails (at most ``max_expand``
-    times); if ``lo`` itself fails it halves instead. ``max_iter`` bounds the bisection
-    steps, which stop once ``bad / good - 1 <= rel_tol``. ``on_point`` sees every
-    evaluation as it happens (progress display, incremental JSON). ``seen`` (rate scale
-    -> point) shares runs between searches for several targets on one workload.
+    Without ``hi`` the scale is multiplied by ``factor`` (default 2: doubles) from ``lo``
+    until a run fails (at most ``max_expand`` times); if ``lo`` itself fails it is divided
+    by ``factor`` instead. ``max_iter`` bounds the bisection steps, which stop once
+    ``bad / good - 1 <= rel_tol``. ``on_point`` sees every evaluation as it happens
+    (progress display, incremental JSON). ``seen`` (rate scale -> point) shares runs
+    between searches for several targets on one workload, or hands in runs made before
+    the search (a grid of fixed loads): a scale in it is not run again. With ``decimals``,
+    every scale the search picks is rounded to that many (runs named by their scale).
     """
     if not lo > 0:
         raise ValueError(f"lo must be positive, got {lo}")
     if hi is not None and not hi > lo:
         raise ValueError(f"hi must exceed lo, got lo={lo} hi={hi}")
+    if not factor > 1.0:
+        raise ValueError(f"factor must exceed 1, got {factor}")
     if seen is None:
         seen = {}
+
+    def pick(s: float) -> float:
+        return s if decimals is None else round(s, decimals)
 
     def passes(s: float) -> bool:
         if s not in seen:
@@ -106,7 +116,7 @@ def find_capacity(
         else:
             s = lo
             for _ in range(max_expand):
-                s *= 2.0
+                s = pick(s * factor)
                 if not passes(s):
                     bad = s
                     break
@@ -116,7 +126,7 @@ def find_capacity(
     else:
         bad = s = lo
         for _ in range(max_expand):
-            s /= 2.0
+            s = pick(s / factor)
             if passes(s):
                 good = s
                 break
@@ -127,7 +137,7 @@ def find_capacity(
     for _ in range(max_iter):
         if bad / good - 1.0 <= rel_tol:
             break
-        mid = math.sqrt(good * bad)              # geometric: rel_tol is a ratio
+        mid = pick(math.sqrt(good * bad))   # geometric: rel_tol is a ratio
         if passes(mid):
             good = mid
         else:

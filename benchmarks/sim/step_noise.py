@@ -6,7 +6,7 @@ deadline, so a stretch of slow steps makes its paced requests late; ``tpot_margi
 them inside the SLO to leave room for that. Policies are given as NAME or
 NAME:tpot_margin=VALUE.
 
-    PYTHONPATH=src python benchmarks/step_noise.py --profile docs/results/served_h100/capacity/profile_served_h100.json \\
+    PYTHONPATH=src python benchmarks/sim/step_noise.py --profile docs/results/served_h100/capacity/profile_served_h100.json \\
         --num 800 --num-blocks 27374 --sigma 0.05 --rho 0.98 \\
         --policy vllm --policy sarathi --policy fairbatching --policy fairbatching:tpot_margin=0.1
 """

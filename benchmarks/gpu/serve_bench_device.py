@@ -1,13 +1,14 @@
 """On the GPU machine: serve a model (dummy weights) with each policy, replay the first N
 requests of a trace with `fairbatch bench` at fixed loads, then narrow each policy's
-capacity with a few more runs (geometric bisection between the highest load that met the
-SLO-attainment target and the lowest that did not). Writes few files (the device tool
+capacity with a few more runs (`fairbatch.metrics.find_capacity`, started from those runs:
+geometric bisection between the highest load that met the SLO-attainment target and the
+lowest that did not, or steps of 25 % out of the grid). Writes few files (the device tool
 returns at most 8 per call): summary_<policies>.json with every bench result in full,
 serve_<policy>.log and profile_<policy>.json (the step-time model the server refitted
 while serving, from GET /profile); the bench logs stay in --work. A table is printed last. Stays inside
 --budget-s (a device call's limit).
 
-    PYTHONPATH=src python benchmarks/serve_bench_device.py --policy sarathi --out $OUT \\
+    PYTHONPATH=src python benchmarks/gpu/serve_bench_device.py --policy sarathi --out $OUT \\
         --num 1000 --scales 3.5 4.2 4.9 --probes 2 --budget-s 560
 """
 
@@ -15,16 +16,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from fairbatch.bench.prometheus_text import samples
+from fairbatch.metrics import find_capacity
 
 FB = [sys.executable, "-m", "fairbatch.cli"]
 
@@ -104,6 +106,52 @@ def bench(url: str, args: argparse.Namespace, policy: str, scale: float, work: P
             "wall_s": time.monotonic() - t0}
 
 
+class OutOfBudget(Exception):
+    """The next run would not end inside --budget-s, or --probes runs are spent."""
+
+
+# A served run costs minutes of GPU, and the grid of --scales is chosen near capacity: the
+# probes step out of it by 25 % (not metrics.capacity's default doubling), and stop after
+# --probes runs rather than at a tolerance.
+PROBE_FACTOR = 1.25
+
+
+def bracket(done: dict[float, dict], target: float) -> tuple[float | None, float | None]:
+    """(highest scale that met ``target``, lowest that missed it above that) among the runs
+    made (``done``: scale -> row; a failed run counts as missed)."""
+    ok = {s: row.get("att", 0.0) >= target for s, row in done.items()}
+    good = max((s for s in done if ok[s]), default=None)
+    bad = min((s for s in done if not ok[s] and (good is None or s > good)), default=None)
+    return good, bad
+
+
+def probe_capacity(run: Callable[[float], dict], done: dict[float, dict], probes: int, target: float) -> None:
+    """Up to ``probes`` more runs after the grid (``done``), chosen by metrics.capacity's
+    search: geometric bisection between the bracket's two scales, or, when every run so far
+    met (missed) the target, steps of PROBE_FACTOR above the highest (below the lowest).
+    ``run(scale)`` records its row in ``done``; probes are rounded to 3 decimals (the runs'
+    labels and file names). Raises OutOfBudget when a run would not fit or the probes are
+    spent."""
+    if not done or probes <= 0:
+        return
+    good, bad = bracket(done, target)
+    made = [0]
+
+    def summary(row: dict) -> dict:
+        return row.get("result", {})          # no result (bench failed): no attainment, a miss
+
+    def probe(scale: float) -> dict:
+        if made[0] == probes:
+            raise OutOfBudget
+        made[0] += 1
+        return summary(run(scale))
+
+    seen = {s: (s, row.get("rate") or 0.0, summary(row)) for s, row in done.items()}
+    find_capacity(probe, lo=good if good is not None else min(done), hi=bad if good is not None else None,
+                  target=target, rel_tol=0.0, max_iter=probes, max_expand=probes, factor=PROBE_FACTOR, decimals=3,
+                  seen=seen)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--policy", action="append", required=True)
@@ -141,40 +189,29 @@ def main() -> None:
             done: dict[float, dict] = {}
             longest = 0.0
 
-            def run(scale: float) -> bool:
+            def run(scale: float) -> dict:
+                """One bench run at ``scale``: its row, or OutOfBudget if it would not end in time."""
                 nonlocal longest
                 # a run at a higher load takes no longer than the slowest so far, give or take
                 if longest and time.monotonic() + 1.15 * longest > end:
                     print(f"{policy} x{scale:g}: skipped (budget)", flush=True)
-                    return False
+                    raise OutOfBudget
                 row = bench(url, args, policy, scale, args.work, end)
                 longest = max(longest, row["wall_s"])
                 row["policy"] = policy
                 rows.append(row)
                 done[scale] = row
                 print(json.dumps({k: v for k, v in row.items() if k != "result"}), flush=True)
-                return True
+                return row
 
-            for s in args.scales:
-                if not run(s):
-                    break
-            ok = lambda s: done[s].get("att", 0.0) >= args.target   # noqa: E731
-            for _ in range(args.probes):
-                good = max((s for s in done if ok(s)), default=None)
-                bad = min((s for s in done if not ok(s)), default=None)
-                if good is not None and bad is not None and bad < good:
-                    bad = min((s for s in done if not ok(s) and s > good), default=None)
-                if good is None:
-                    nxt = min(done) / 1.25 if done else None
-                elif bad is None:
-                    nxt = max(done) * 1.25
-                else:
-                    nxt = math.sqrt(good * bad)
-                if nxt is None or not run(round(nxt, 3)):
-                    break
+            try:
+                for s in args.scales:
+                    run(s)
+                probe_capacity(run, done, args.probes, args.target)
+            except OutOfBudget:
+                pass
             save_profile(url, args.out / f"profile_{policy}.json")
-            good = max((s for s in done if ok(s)), default=None)
-            bad = min((s for s in done if not ok(s) and (good is None or s > good)), default=None)
+            good, bad = bracket(done, args.target)
             summary[policy] = {"capacity_scale": good, "first_failing_scale": bad,
                                "capacity_rate": done[good]["rate"] if good is not None else None}
         finally:

@@ -4,7 +4,7 @@ lengths (ignore_eos), one policy. Reports output tokens/s against the roofline o
 same work: the sum, over the steps the engine actually ran, of each step's roofline time
 (weights + KV bytes over the copy rate vs FLOPs over the matmul rate; RooflineLatencyModel).
 
-    PYTHONPATH=src python benchmarks/engine_throughput.py --num-requests 2000 [--policy vllm]
+    PYTHONPATH=src python benchmarks/micro/engine_throughput.py --num-requests 2000 [--policy vllm]
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ wrote into a folder (named LABEL_summary_POLICY.json when collected from several
 grouped by (rate scale, label): each run's SLO attainment, then the mean of attainment,
 TTFT / TPOT attainment, TTFT and TPOT p50 / p99 and relegated requests.
 
-    python benchmarks/gpu_runs_table.py docs/results/fair_h200x2_conv
+    python benchmarks/gpu/gpu_runs_table.py docs/results/fair_h200x2_conv
 """
 
 from __future__ import annotations

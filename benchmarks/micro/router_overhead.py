@@ -9,7 +9,7 @@ The backends stream at a fixed pace whatever the load, so any TTFT the router ad
 router's: once its one event loop is busy forwarding tokens, new requests queue behind
 them.
 
-    PYTHONPATH=src python benchmarks/router_overhead.py --num 600 --scales 3 6
+    PYTHONPATH=src python benchmarks/micro/router_overhead.py --num 600 --scales 3 6
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@
 # is only for this measurement.) Bench JSONs, per-replica request counts and the logs go
 # under $OUT; a table is printed last.
 #
-#   OUT=/tmp/out NUM=800 SCALES="2.8 3.4 4.0" ROUTER=admission bash benchmarks/cluster_shared_gpu_device.sh
+#   OUT=/tmp/out NUM=800 SCALES="2.8 3.4 4.0" ROUTER=admission bash benchmarks/gpu/cluster_shared_gpu_device.sh
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT="${OUT:-/tmp/fairbatch-shared-gpu}"; mkdir -p "$OUT"
 MODEL="${MODEL:-llama-3-8b}"; NUM="${NUM:-800}"; SCALES="${SCALES:-2.8 3.4 4.0}"
 POLICY="${POLICY:-fairbatching}"; ROUTER="${ROUTER:-admission}"
@@ -28,14 +28,17 @@ setsid $FB route --backend http://127.0.0.1:8100 --backend http://127.0.0.1:8101
 pids+=($!)
 healthy http://127.0.0.1:8200 || { echo "router did not come up"; exit 1; }
 echo "replicas and router up at ${SECONDS}s"
-done_count() { curl -s "$1/metrics" | awk '/^fairbatch:request_success_total/ {s += $2} END {print s + 0}'; }
+done_count() {   # requests a replica finished, from its /metrics (prometheus_client's parser)
+    curl -s "$1/metrics" | python3 -c 'import sys; from fairbatch.bench.prometheus_text import samples
+print(int(sum(s.value for s in samples(sys.stdin.read()) if s.name == "fairbatch:request_success_total")))'
+}
 for s in $SCALES; do
     a0=$(done_count http://127.0.0.1:8100); b0=$(done_count http://127.0.0.1:8101)
     $FB bench --base-url http://127.0.0.1:8200 --model "$MODEL" --trace azure-conv --num-prompts "$NUM" \
         --rate-scale "$s" --label "2x$POLICY+$ROUTER" --no-save-detailed --save-result "$OUT/cluster_x$s.json" \
         > "/tmp/fairbatch-bench_x$s.log" 2>&1 || echo "bench x$s failed"
     a1=$(done_count http://127.0.0.1:8100); b1=$(done_count http://127.0.0.1:8101)
-    echo "x$s split $((${a1%.*} - ${a0%.*}))/$((${b1%.*} - ${b0%.*}))" | tee -a "$OUT/split.txt"
+    echo "x$s split $((a1 - a0))/$((b1 - b0))" | tee -a "$OUT/split.txt"
 done
 python3 - "$OUT" <<'PY'
 import json, pathlib, sys

@@ -1,6 +1,6 @@
 """Disconnect storms and engine kills against `fairbatch serve` (issue #14's abuse run).
 
-    python benchmarks/abuse_storms.py --storms 10 --clients 200 --kills 2
+    python benchmarks/abuse/abuse_storms.py --storms 10 --clients 200 --kills 2
 
 Starts ``fairbatch serve --model tiny-llama --load-format dummy --cpu-threads 1`` on
 127.0.0.1 (its default ``--engine-restarts 3``). Each storm: ``--clients`` concurrent

@@ -1,7 +1,7 @@
 """Simulator speed: the full bundled Azure conversation trace (19,366 requests), one
 instance, each policy, in one process. Target (docs/PERFORMANCE.md): < 10 s per policy on one core.
 
-    python benchmarks/sim_speed.py [--rate-scale 1.0] [--policy P ...] [--instances N]
+    python benchmarks/sim/sim_speed.py [--rate-scale 1.0] [--policy P ...] [--instances N]
 """
 
 from __future__ import annotations

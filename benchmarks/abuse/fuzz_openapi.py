@@ -1,7 +1,7 @@
 """Schema-driven fuzzing of `fairbatch serve` with schemathesis (issue #14's abuse run).
 
     pip install -e '.[fuzz]'              # schemathesis: optional, not a CI dependency
-    python benchmarks/fuzz_openapi.py -n 300
+    python benchmarks/abuse/fuzz_openapi.py -n 300
 
 Starts ``fairbatch serve --model tiny-llama --load-format dummy --cpu-threads 1
 --max-model-len 256`` on 127.0.0.1, runs ``st run`` against its /openapi.json (every

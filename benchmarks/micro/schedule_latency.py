@@ -5,7 +5,7 @@ Each measured step has N running decodes at ragged contexts plus a few waiting p
 ``on_step_end`` runs between calls (not timed) so the state stays realistic, including
 decodes crossing block boundaries.
 
-    python benchmarks/schedule_latency.py [--running 128 512 1024] [--steps 2000]
+    python benchmarks/micro/schedule_latency.py [--running 128 512 1024] [--steps 2000]
 """
 
 from __future__ import annotations

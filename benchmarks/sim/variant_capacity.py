@@ -1,9 +1,9 @@
 """Capacity (90 % and 99 % SLO attainment) of policy variants on one cell of the fair
 matrix: the quick experiments behind docs/ALGORITHM.md's "fair fight" rows and the
 QoServe weight sweep in docs/RESULTS.md. Same settings and start scale as
-benchmarks/fair_matrix.py.
+benchmarks/sim/fair_matrix.py.
 
-    python benchmarks/variant_capacity.py "azure-code|default|fairbatching:set_aside=false" \\
+    python benchmarks/sim/variant_capacity.py "azure-code|default|fairbatching:set_aside=false" \\
         "azure-conv|loose|qoserve:qoserve_priority_weight=0.016,late=serve" [--jobs 2]
 """
 

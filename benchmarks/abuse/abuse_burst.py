@@ -1,8 +1,8 @@
 """A burst of requests against the default queue cap (issue #14, item 5).
 
-    python benchmarks/abuse_burst.py                      # serve's default --max-pending (from the SLO)
-    python benchmarks/abuse_burst.py --max-pending 4096   # the old default
-    python benchmarks/abuse_burst.py --late reject        # the scheduler refuses what cannot make its TTFT
+    python benchmarks/abuse/abuse_burst.py                      # serve's default --max-pending (from the SLO)
+    python benchmarks/abuse/abuse_burst.py --max-pending 4096   # the old default
+    python benchmarks/abuse/abuse_burst.py --late reject        # the scheduler refuses what cannot make its TTFT
 
 Starts ``fairbatch serve --model tiny-llama --load-format dummy --cpu-threads 1`` (SLO
 TTFT 1 s, TPOT 50 ms, ``--max-num-seqs 64``) on 127.0.0.1 and sends ``--requests``

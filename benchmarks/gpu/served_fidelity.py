@@ -3,7 +3,7 @@
 rate scale, policy and KV-cache size. Prints a Markdown table (and the simulator's
 capacity for the same request count) to paste into docs/RESULTS.md.
 
-    PYTHONPATH=src python benchmarks/served_fidelity.py docs/results/served_h100/summary_vllm.json \\
+    PYTHONPATH=src python benchmarks/gpu/served_fidelity.py docs/results/served_h100/summary_vllm.json \\
         docs/results/served_h100/summary_sarathi_fairbatching_a.json ... --num-blocks 27374
 """
 

@@ -2,7 +2,7 @@
 (default 64), lengths sampled from the bundled conversation trace, Poisson arrivals, one
 policy, each router. Targets (issue 18): < 5 min on one core, < 4 GB peak for 1M / 64.
 
-    python benchmarks/sim_scale.py [--requests 1000000] [--instances 64] [--rate-per-instance 14]
+    python benchmarks/sim/sim_scale.py [--requests 1000000] [--instances 64] [--rate-per-instance 14]
                                    [--router R ...] [--policy fairbatching] [--jobs N]
 
 Each router runs in a fresh process, so its peak memory (max RSS, the number

@@ -3,7 +3,7 @@ fair matrix (fair_matrix.json) reaches its capacity at 90 % attainment. Shows wh
 capacity number hides: the tails of served requests at equal load, and what relegation or
 rejection costs the requests it gives up on.
 
-    python benchmarks/same_load.py --matrix docs/results/fair_matrix.json --out docs/results
+    python benchmarks/sim/same_load.py --matrix docs/results/fair_matrix.json --out docs/results
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Large bad bodies through `fairbatch route` while small requests flow (issue #14, item 2).
 
-    python benchmarks/abuse_router.py                                 # today's defaults
-    python benchmarks/abuse_router.py --max-body-bytes 67108864       # serve's and route's old 64 MiB limit
+    python benchmarks/abuse/abuse_router.py                                 # today's defaults
+    python benchmarks/abuse/abuse_router.py --max-body-bytes 67108864       # serve's and route's old 64 MiB limit
 
 Two `fairbatch serve` replicas (tiny-llama, dummy weights, one CPU thread each) behind
 `fairbatch route` on 127.0.0.1. ``--small`` small completions (8 tokens) are sent at once

@@ -2,8 +2,8 @@
 x routing policy, on the bundled Azure traces. Writes the JSON of every capacity search
 and a markdown table (capacity, and the ratio to the best baseline behind least_requests).
 
-    python benchmarks/cluster_capacity.py --out docs/results [--jobs 16]
-    python benchmarks/cluster_capacity.py --instances 2 --num-requests 300 --out /tmp/cc   # a quick check
+    python benchmarks/sim/cluster_capacity.py --out docs/results [--jobs 16]
+    python benchmarks/sim/cluster_capacity.py --instances 2 --num-requests 300 --out /tmp/cc   # a quick check
 
 Loads reach the router ``--load-interval`` seconds stale (default 0.05 s, the HTTP
 router's default poll interval); routers add what they sent since (see docs/CLUSTER.md).

@@ -8,9 +8,9 @@ cell (trace x SLO setting x late mode). Results are appended to ``fair_matrix.js
 they finish, and a rerun skips the jobs already there, so the matrix can be built in
 pieces on a small machine.
 
-    python benchmarks/fair_matrix.py --out docs/results --jobs 2                 # every cell
-    python benchmarks/fair_matrix.py --trace azure-code --slo default --late relegate
-    python benchmarks/fair_matrix.py --report-only --out docs/results            # tables only
+    python benchmarks/sim/fair_matrix.py --out docs/results --jobs 2                 # every cell
+    python benchmarks/sim/fair_matrix.py --trace azure-code --slo default --late relegate
+    python benchmarks/sim/fair_matrix.py --report-only --out docs/results            # tables only
 """
 
 from __future__ import annotations

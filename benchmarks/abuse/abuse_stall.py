@@ -1,7 +1,7 @@
 """Another client's longest inter-token gap while abusive bodies arrive (issue #14, item 1).
 
-    python benchmarks/abuse_stall.py                                 # serve's defaults
-    python benchmarks/abuse_stall.py --max-body-bytes 67108864       # the old 64 MiB limit
+    python benchmarks/abuse/abuse_stall.py                                 # serve's defaults
+    python benchmarks/abuse/abuse_stall.py --max-body-bytes 67108864       # the old 64 MiB limit
 
 Starts ``fairbatch serve --model tiny-llama --load-format dummy --cpu-threads 1`` (engine
 in its own process, as deployed) on 127.0.0.1. A victim client streams a long completion

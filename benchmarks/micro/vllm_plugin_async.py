@@ -3,7 +3,7 @@ with a simulated model (no forward pass): steps to finish a ragged batch, the me
 ``schedule()`` time, and whether the output tokens are the same. CPU only: what async
 scheduling buys on a GPU (overlapping ``schedule()`` with the forward pass) is not here.
 
-    ~/.cache/fairbatch/vllm-venv/bin/python benchmarks/vllm_plugin_async.py [--requests 160]
+    ~/.cache/fairbatch/vllm-venv/bin/python benchmarks/micro/vllm_plugin_async.py [--requests 160]
 
 ``async/in-flight 2``: one step executing while the next is scheduled (vLLM's async
 engine); ``in-flight 1``: each step's output is applied before the next is scheduled.
@@ -21,7 +21,7 @@ import time
 from collections import deque
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 from support import TINY_LLAMA_CONFIG  # noqa: E402
 
 

@@ -10,7 +10,7 @@ head_dim per query-key pair).
 
 With --tune, first times Triton attention launch configs on kernel-only microbenchmarks.
 
-    PYTHONPATH=src python benchmarks/engine_roofline.py --out results.json
+    PYTHONPATH=src python benchmarks/micro/engine_roofline.py --out results.json
 """
 
 from __future__ import annotations

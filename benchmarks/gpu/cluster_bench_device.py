@@ -11,7 +11,7 @@ model as refitted while serving, GET /profile) and profile_<model>_<gpu>.json if
 bench logs and replica logs stay in --work (their tails go into the summary). A table is
 printed last. Stays inside --budget-s (a device call's limit).
 
-    PYTHONPATH=src python benchmarks/cluster_bench_device.py --profile-gpu --out $OUT \\
+    PYTHONPATH=src python benchmarks/gpu/cluster_bench_device.py --profile-gpu --out $OUT \\
         --num 1000 --scales 4 5.6 7.2 --budget-s 560
 
 Replica options go through --replica-arg (split like a shell line), e.g. the profile just

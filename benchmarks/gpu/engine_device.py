@@ -1,13 +1,14 @@
 """Everything the engine needs from a GPU session, in one process-frugal run:
 
 1. the GPU tests (``pytest -m gpu tests/test_engine_gpu.py``) in a subprocess;
-2. ``engine_roofline.py``: ceilings, Triton attention tuning, step times vs roofline;
+2. ``benchmarks/micro/engine_roofline.py`` (imported, in this process): ceilings, Triton
+   attention tuning, step times vs roofline;
 3. ``fairbatch profile`` for each model (dummy bf16 weights), with the tuned attention
    configs, writing ``{model}_{gpu}.json`` profiles and their raw samples.
 
 Results go to ``$OUT`` (or ``--out``); a short table is printed last.
 
-    OUT=/tmp/out PYTHONPATH=src python benchmarks/engine_device.py --models llama-3-8b qwen2.5-7b
+    OUT=/tmp/out PYTHONPATH=src python benchmarks/gpu/engine_device.py --models llama-3-8b qwen2.5-7b
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import time
 import traceback
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+# engine_roofline runs in this process (one CUDA context; --tune's attention configs are
+# then the ones the profiles below use), imported from its folder
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "micro"))
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Serve the router from one process or several sharing one listening socket.
 
 One router process forwards every streamed token through one Python event loop, at
-~130-215 us of CPU each (``benchmarks/router_overhead.py``): near 7,000 tokens/s new
+~130-215 us of CPU each (``benchmarks/micro/router_overhead.py``): near 7,000 tokens/s new
 requests start queueing behind the forwarding, and TTFT grows while the backends are still
 on time. ``workers > 1`` runs that many router processes on the same socket (the kernel
 spreads connections over them, as with ``uvicorn --workers``). Each worker polls every

@@ -68,7 +68,7 @@ class VLLMScheduler(Scheduler):
                     budget += placed - f.new_tokens
                     i = running.index(req)
             # plan.add, with the features summed once below: this loop runs for every
-            # running request each step; plan.add here made benchmarks/sim_speed.py
+            # running request each step; plan.add here made benchmarks/sim/sim_speed.py
             # 8 % slower under this policy (3.45 s vs 3.2 s)
             chunks.append((req, k))
             seqs += 1

@@ -113,7 +113,7 @@ def _paged_attention_kernel(
              out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-# Launch configurations, tuned on an H100 with benchmarks/engine_roofline.py (Llama-3-8B
+# Launch configurations, tuned on an H100 with benchmarks/micro/engine_roofline.py (Llama-3-8B
 # heads, bf16): decode at 128 x 2048 context streams KV at 2.89 TB/s (the copy ceiling is
 # 2.97 read+write); a 4096-token causal prefill runs at 317 TFLOP/s. Overridable.
 DECODE_CONFIG = {"BLOCK_N": 64, "num_warps": 2, "num_stages": 3}

@@ -189,7 +189,7 @@ def test_mooncake_round_trip(rows: list[tuple[int, int, int]]) -> None:
         path = Path(d) / "trace.jsonl"
         path.write_text(text)
         got = load_trace(path)
-    assert got == [TraceEntry((t - ms[0]) / 1000, p, o)
+    assert got == [TraceEntry((t - ms[0]) / 1000, p, o, hash_ids=(1, 2))
                    for t, (_, p, o) in zip(ms, rows, strict=True)]
 
 

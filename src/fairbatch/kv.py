@@ -4,9 +4,19 @@ Block ids are real: the engine indexes its KV tensors with exactly the blocks ha
 out here. How many blocks there are is ``specs.kv_cache_blocks`` for both the simulator
 (from a GPU preset) and the engine (from the device's memory), with the same activation
 reserve, so the simulator's memory pressure is the engine's.
+
+``prefix_caching=True`` gives a ``prefix_cache.CachingBlockAllocator``: the same
+interface, plus reuse of full blocks whose names (``prompt_block_hashes``,
+``trace_block_hashes``) match; docs/PREFIX_CACHING.md.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+
+from fairbatch.block_hash import prompt_block_hashes, trace_block_hashes
+
+__all__ = ["BlockAllocator", "check_fits", "prompt_block_hashes", "trace_block_hashes"]
 
 
 class BlockAllocator:
@@ -14,7 +24,18 @@ class BlockAllocator:
 
     __slots__ = ("num_blocks", "block_size", "_free", "_tables")
 
-    def __init__(self, num_blocks: int, block_size: int = 16) -> None:
+    # without prefix caching nothing is ever reused (the caching allocator overrides these)
+    prefix_caching = False
+    prefix_queries = 0
+    prefix_hits = 0
+
+    def __new__(cls, *args: object, prefix_caching: bool = False, **kwargs: object) -> BlockAllocator:
+        if prefix_caching and cls is BlockAllocator:
+            from fairbatch.prefix_cache import CachingBlockAllocator
+            cls = CachingBlockAllocator
+        return super().__new__(cls)
+
+    def __init__(self, num_blocks: int, block_size: int = 16, *, prefix_caching: bool = False) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
         self.num_blocks = num_blocks
@@ -75,6 +96,25 @@ class BlockAllocator:
             return 0
         self._free.extend(reversed(table))
         return len(table)
+
+    # --- prefix caching (a no-op here; prefix_cache.CachingBlockAllocator) --------------------
+    def attach_prefix(self, request_id: str, block_hashes: Sequence[int], num_tokens: int) -> int:
+        """Give a request holding no blocks the cached blocks of its longest cached prefix
+        (at most ``(num_tokens - 1) // block_size``, so a token is left to compute);
+        returns the tokens they hold."""
+        return 0
+
+    def record_lookup(self, queried: int, hit: int) -> None:
+        """Count a request's prompt tokens looked up in the cache, and found, when it is
+        first scheduled (``prefix_queries``, ``prefix_hits``)."""
+
+    def register(self, request_id: str, block_hashes: Sequence[int], num_computed: int) -> None:
+        """The request's first ``num_computed`` tokens have KV: name its full blocks among
+        them so that later requests can reuse them."""
+
+    def cached_blocks(self, block_hashes: Sequence[int]) -> int:
+        """How many leading blocks of ``block_hashes`` are cached (a query, nothing taken)."""
+        return 0
 
     def check_invariants(self) -> None:
         """Every block is either free or owned by exactly one request (tests use this)."""

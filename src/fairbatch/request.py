@@ -66,7 +66,7 @@ class Request:
         "prompt_token_ids", "output_token_ids", "sampling", "priority",
         "state", "num_computed", "generated", "first_token_time", "token_times",
         "finish_time", "finish_reason", "num_preemptions", "_safe", "pace", "deadline", "kv_slots", "ttft_missed",
-        "admitted_at", "user_data", "relegated", "late_check",
+        "admitted_at", "user_data", "relegated", "late_check", "block_hashes", "num_cached_tokens",
     )
 
     def __init__(
@@ -117,6 +117,12 @@ class Request:
         self.relegated = False            # behind every request that can still meet its SLO
         self.late_check = float("inf")    # when the scheduler next checks it can meet its TTFT
         self.user_data: Any = None        # whatever the substrate wants to attach
+        # names of its full prompt blocks (kv.prompt_block_hashes / trace_block_hashes), set
+        # by the host; None: this request never uses the prefix cache
+        self.block_hashes: list[int] | None = None
+        # prompt tokens it found in the prefix cache when first admitted (-1: not yet),
+        # as vLLM's Request.num_cached_tokens (OpenAI usage: cached_tokens)
+        self.num_cached_tokens = -1
 
     # --- token accounting -------------------------------------------------------------
     def set_arrival(self, arrival: float) -> None:

@@ -92,5 +92,5 @@ def retime(entries: Sequence[TraceEntry], process: ArrivalProcess, seed: int = 0
            ) -> list[TraceEntry]:
     """The same requests, in the same order, with arrivals drawn from ``process``."""
     times = process.times(len(entries), np.random.default_rng(seed)).tolist()
-    return [TraceEntry(t, e.prompt_len, e.output_len, e.tag)
+    return [TraceEntry(t, e.prompt_len, e.output_len, e.tag, e.hash_ids)
             for t, e in zip(times, entries, strict=True)]

@@ -10,7 +10,9 @@ Formats (detected from the header line, or a ``.jsonl`` name / a leading ``{``):
   Vidur ShareGPT and arXiv files). No arrival times: entries get arrival 0.0 and
   ``TraceFile.timed`` is False; an arrival process must time them.
 - ``mooncake``: Mooncake / vLLM timed-trace / SGLang JSONL, one object per line with
-  ``timestamp`` (ms), ``input_length``, ``output_length``.
+  ``timestamp`` (ms), ``input_length``, ``output_length``, and optionally ``hash_ids``
+  (one id per 512-token prompt block, Mooncake's shared-prefix names; kept in
+  ``TraceEntry.hash_ids``).
 - ``burstgpt``: BurstGPT CSV ``Timestamp,...,Request tokens,Response tokens,...,Log Type``
   (both the ``_1`` and the ``_3`` layout); ``Log Type`` becomes the tag; rows with 0
   request or 0 response tokens are failed requests and are skipped.
@@ -26,7 +28,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -151,6 +153,7 @@ def _read_csv(f: IO[str], label: str) -> TraceFile:
 # --- JSONL ----------------------------------------------------------------------------------
 def _read_jsonl(f: Iterable[str], label: str) -> TraceFile:
     rows: list[tuple[int | float, int, int, str | None]] = []
+    hashes: list[tuple[int, ...] | None] = []
     prev: int | float | None = None
     for line, text in enumerate(f, start=1):
         if not text.strip():
@@ -173,10 +176,28 @@ def _read_jsonl(f: Iterable[str], label: str) -> TraceFile:
         prompt = _json_length(obj["input_length"], "input_length", label, line)
         output = _json_length(obj["output_length"], "output_length", label, line)
         rows.append((t, prompt, output, None))
-    return _finish(rows, MOONCAKE, label, 0)
+        hashes.append(_hash_ids(obj.get("hash_ids"), label, line))
+    trace = _finish(rows, MOONCAKE, label, 0)
+    if any(h is not None for h in hashes):
+        trace.entries[:] = [replace(e, hash_ids=h) for e, h in zip(trace.entries, hashes, strict=True)]
+    return trace
 
 
 # --- fields ---------------------------------------------------------------------------------
+def _hash_ids(value: object, label: str, line: int) -> tuple[int, ...] | None:
+    """Mooncake's ``hash_ids``: a list of ints (absent or null: no prefix information)."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(h, int) and not isinstance(h, bool) for h in value):
+        raise TraceError(label, line, f"hash_ids is not a list of integers: {_short(value)}")
+    return tuple(value)
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _length(text: str, column: str, label: str, line: int) -> int:
     try:
         value = int(text)

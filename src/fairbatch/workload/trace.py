@@ -13,12 +13,16 @@ class TraceEntry:
     ``arrival`` is in seconds from the trace start (the first arrival is 0.0).
     ``tag`` is a class label the trace itself carries (e.g. BurstGPT's "Log Type"),
     usable to give requests different SLO classes.
+    ``hash_ids`` names the prompt's 512-token blocks as Mooncake's traces do (equal ids,
+    equal prefix up to the end of that block; the last block may be partial), or None
+    when the trace says nothing of shared prefixes (``kv.trace_block_hashes``).
     """
 
     arrival: float
     prompt_len: int
     output_len: int
     tag: str | None = None
+    hash_ids: tuple[int, ...] | None = None
 
 
 class TraceError(ValueError):

@@ -16,7 +16,7 @@ def scale_rate(entries: Sequence[TraceEntry], rate_scale: float) -> list[TraceEn
     """
     if not (rate_scale > 0 and math.isfinite(rate_scale)):
         raise ValueError(f"rate_scale must be a positive finite number, got {rate_scale}")
-    return [TraceEntry(e.arrival / rate_scale, e.prompt_len, e.output_len, e.tag)
+    return [TraceEntry(e.arrival / rate_scale, e.prompt_len, e.output_len, e.tag, e.hash_ids)
             for e in entries]
 
 
@@ -41,7 +41,7 @@ def truncate_to_context(entries: Sequence[TraceEntry], max_model_len: int
             continue
         output = max(1, max_model_len - e.prompt_len)
         prompt = min(e.prompt_len, max_model_len - output)
-        out.append(TraceEntry(e.arrival, prompt, output, e.tag))
+        out.append(TraceEntry(e.arrival, prompt, output, e.tag, e.hash_ids))
         changed += 1
     return out, changed
 

@@ -36,6 +36,7 @@ def fake_backend(name: str, budget: float = 10_000.0) -> FastAPI:
     app.state.mode = "ok"
     app.state.load_mode = "ok"
     app.state.budget = budget
+    app.state.running = 0
     app.state.hits = 0
     app.state.closed = 0
     app.state.release = asyncio.Event()
@@ -60,7 +61,7 @@ def fake_backend(name: str, budget: float = 10_000.0) -> FastAPI:
             return JSONResponse({"error": "no"}, status_code=404)
         if app.state.load_mode == "fail":
             return JSONResponse({"error": "down"}, status_code=500)
-        return {"running": 0, "waiting": 0, "kv_usage": 0.0, "free_blocks": 100, "num_blocks": 100,
+        return {"running": app.state.running, "waiting": 0, "kv_usage": 0.0, "free_blocks": 100, "num_blocks": 100,
                 "queued_prefill_tokens": 0, "admission_budget": app.state.budget, "time": 1.0}
 
     @app.get("/health")
@@ -526,3 +527,42 @@ def test_router_speaks_to_backends_with_the_backend_key(make_cluster) -> None:
     r = c.http.post("/v1/completions", json={"prompt": [1], "max_tokens": 2},
                     headers={"Authorization": "Bearer client-key"})
     assert r.status_code == 200 and c.apps[0].state.request_auth == "Bearer bk"
+
+
+def test_prefix_router_keeps_conversations_on_their_backend_until_it_is_overloaded(make_cluster) -> None:
+    """``--router prefix`` end to end: every turn of a chat (each extends the last) and every
+    token-id prompt that shares a long prefix go where their prefix went, while loads are
+    even; once that backend reports many more requests than the others, the next turn
+    moves, and the router's /metrics shows its index and estimated hit rate."""
+    c = make_cluster(3, router="prefix:balance_abs=4,balance_rel=1")
+
+    def chat(messages):
+        r = c.http.post("/v1/chat/completions", json={"model": "fake", "max_tokens": 2, "messages": messages})
+        assert r.status_code == 200
+        return r.headers["x-fairbatch-backend"]
+
+    convs = {k: [{"role": "system", "content": f"you are assistant number {k}. " * 20}] for k in range(4)}
+    homes: dict[int, set[str]] = {k: set() for k in convs}
+    for turn in range(4):
+        for k, msgs in convs.items():
+            msgs.append({"role": "user", "content": f"question {turn} of conversation {k} " * 5})
+            homes[k].add(chat(msgs))
+            msgs.append({"role": "assistant", "content": "an answer " * 10})
+    assert all(len(h) == 1 for h in homes.values()), homes
+
+    shared = list(range(3, 3 + 512))
+    where = {c.post(stream=False, prompt=shared + [7, i]).headers["x-fairbatch-backend"] for i in range(5)}
+    assert len(where) == 1
+
+    metrics = c.metrics()
+    assert "fairbatch_router:backend_prefix_index_blocks" in metrics
+    ratio = float(next(line.split()[-1] for line in metrics.splitlines()
+                       if line.startswith("fairbatch_router:prefix_estimated_hit_ratio")))
+    assert ratio > 0.5
+
+    home = next(iter(homes[0]))
+    c.apps[c.urls.index(home)].state.running = 50        # its next polls say it is far ahead
+    wait_for(lambda: c.http.get("/backends").json()["backends"][c.urls.index(home)]["load"]["running"] == 50,
+             "the overloaded backend's load polled")
+    convs[0].append({"role": "user", "content": "one more question"})
+    assert chat(convs[0]) != home

@@ -22,7 +22,7 @@ from fairbatch.sim import SimExecutor, simulate
 from fairbatch.sim.experiment import Scenario, capacity, prepare, run_policy
 from fairbatch.workload import make_requests, scale_rate
 
-ROUTERS = ["round_robin", "least_requests", "llumnix", "admission"]
+ROUTERS = ["round_robin", "least_requests", "llumnix", "admission", "prefix"]
 POLICIES = ["vllm", "sarathi", "fairbatching"]
 
 

@@ -41,6 +41,8 @@ class Router(ABC):
     # the Load fields the policy reads (None: any): a simulator may measure only those
     # (sim.loads), since a full load walks the instance's queues and running requests
     reads: ClassVar[frozenset[str] | None] = None
+    # True: ``choose`` reads ``block_hashes`` (a host computes them only for such a router)
+    reads_prefix: ClassVar[bool] = False
 
     def __init__(self, *, count_sent: bool = True, block_size: int = 16) -> None:
         if block_size < 1:
@@ -56,10 +58,13 @@ class Router(ABC):
         self.num_sent = 0                             # sends so far, all instances
 
     # --- interface -------------------------------------------------------------------------
-    def choose(self, prompt_len: int, loads: Sequence[Load], candidates: Iterable[int] | None = None) -> int:
+    def choose(self, prompt_len: int, loads: Sequence[Load], candidates: Iterable[int] | None = None, *,
+               block_hashes: Sequence[int] | None = None) -> int:
         """Index (into ``loads``) of the instance that gets a request of ``prompt_len``
         prompt tokens. ``candidates``: the indices allowed (e.g. the healthy backends);
-        None: all. Records the send for the sent-since-poll accounting."""
+        None: all. ``block_hashes``: the names of the prompt's full KV blocks, hash-chained
+        (a name covers its whole prefix), ``block_size`` tokens each; only the ``prefix``
+        router reads them. Records the send for the sent-since-poll accounting."""
         n = len(loads)
         if n == 0:
             raise ValueError("no instance to route to")
@@ -74,8 +79,9 @@ class Router(ABC):
                 ld = loads[i]
                 if ld is not seen[i]:   # measured after every send so far (the simulator's case)
                     self._reset(i, ld, self.num_sent)
+        self._prepare(block_hashes)
         k = self._pick(prompt_len, loads, cand)
-        self.record_send(k, prompt_len)
+        self.record_send(k, self._charge(k, prompt_len))
         return k
 
     def observe(self, k: int, load: Load, since: int) -> None:
@@ -94,6 +100,14 @@ class Router(ABC):
         self.sent_reqs[k] += 1
         self.sent_tokens[k] += prompt_len
         self.sent_blocks[k] += self._blocks(prompt_len)
+
+    def _prepare(self, block_hashes: Sequence[int] | None) -> None:
+        """Before ``_pick``: a router that reads the prompt's block names keeps them."""
+
+    def _charge(self, k: int, prompt_len: int) -> int:
+        """The prompt tokens a send to ``k`` counts in ``sent_tokens`` (all of them, unless
+        the router knows part of the prompt is cached there)."""
+        return prompt_len
 
     @abstractmethod
     def _pick(self, prompt_len: int, loads: Sequence[Load], cand: Sequence[int]) -> int:

@@ -6,9 +6,14 @@ from typing import Any
 
 from fairbatch.routing.base import Router
 from fairbatch.routing.policies import AdmissionRouter, LeastRequestsRouter, LlumnixRouter, RoundRobinRouter
+from fairbatch.routing.prefix import PrefixRouter
 
 _ROUTERS: dict[str, type[Router]] = {
-    cls.name: cls for cls in (RoundRobinRouter, LeastRequestsRouter, LlumnixRouter, AdmissionRouter)
+    cls.name: cls for cls in (RoundRobinRouter, LeastRequestsRouter, LlumnixRouter, AdmissionRouter, PrefixRouter)
+}
+# options of one router only: name -> (type, lowest value)
+_OWN_OPTIONS: dict[str, dict[str, tuple[type, float]]] = {
+    "prefix": {"index_blocks": (int, 0), "balance_abs": (float, 0), "balance_rel": (float, 1)},
 }
 _BOOL = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
@@ -19,7 +24,8 @@ def router_names() -> list[str]:
 
 def parse_router_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """``NAME[:KEY=VALUE,...]`` -> (name, options); options: ``count_sent`` (bool),
-    ``block_size`` (int). E.g. ``least_requests:count_sent=false``."""
+    ``block_size`` (int), and ``prefix``'s ``index_blocks`` (int), ``balance_abs``,
+    ``balance_rel`` (numbers). E.g. ``least_requests:count_sent=false``."""
     name, _, rest = spec.strip().partition(":")
     name = name.strip().replace("-", "_")
     if name not in _ROUTERS:
@@ -42,8 +48,18 @@ def parse_router_spec(spec: str) -> tuple[str, dict[str, Any]]:
                 raise ValueError(f"bad router option {item!r}: block_size is an integer") from None
             if opts[key] < 1:
                 raise ValueError(f"bad router option {item!r}: block_size must be >= 1")
+        elif key in _OWN_OPTIONS.get(name, {}):
+            kind, low = _OWN_OPTIONS[name][key]
+            try:
+                opts[key] = kind(value)
+            except ValueError:
+                raise ValueError(f"bad router option {item!r}: {key} is {'an integer' if kind is int else 'a number'}"
+                                 ) from None
+            if not opts[key] >= low:
+                raise ValueError(f"bad router option {item!r}: {key} must be >= {low:g}")
         else:
-            raise ValueError(f"unknown router option {key!r} in {spec!r} (count_sent, block_size)")
+            known = ", ".join(["count_sent", "block_size", *_OWN_OPTIONS.get(name, {})])
+            raise ValueError(f"unknown router option {key!r} in {spec!r} ({known})")
     return name, opts
 
 

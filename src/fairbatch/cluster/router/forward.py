@@ -19,6 +19,7 @@ from fairbatch.cluster.router.attempt import attempt
 from fairbatch.cluster.router.config import RouterConfig
 from fairbatch.cluster.router.failures import ClientGone, Retry
 from fairbatch.cluster.router.prompt_estimate import estimate_prompt_tokens
+from fairbatch.cluster.router.prompt_hashes import prompt_hashes
 from fairbatch.cluster.router.relay import StartedStream
 from fairbatch.cluster.router.state import RouterState
 from fairbatch.server.disconnect import wait_disconnect
@@ -59,6 +60,8 @@ async def forward(state: RouterState, request: Request) -> Response:
     body, obj = read
     stream = obj.get("stream") is True
     prompt_len = estimate_prompt_tokens(path, obj)
+    router = state.router
+    hashes = prompt_hashes(path, obj, router.block_size) if router.reads_prefix else None
     headers = backend_headers(state.config, request)
     headers.setdefault("content-type", "application/json")
     query = request.url.query
@@ -69,7 +72,7 @@ async def forward(state: RouterState, request: Request) -> Response:
     refusals: list[Retry] = []
     try:
         while True:
-            b = state.choose(prompt_len, tried)
+            b = state.choose(prompt_len, tried, hashes)
             if b is None:
                 break
             tried.add(b.index)

@@ -13,6 +13,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from fairbatch.cluster.router_workers import MULTIPROC_ENV
+from fairbatch.routing import PrefixRouter
 
 if TYPE_CHECKING:
     from fairbatch.cluster.router.state import RouterState
@@ -82,7 +83,18 @@ class BackendCollector(Collector):
                                           labels=["backend"]),
         }
         router = self.state.router
+        sizes = router.index_sizes() if isinstance(router, PrefixRouter) else None
+        if sizes is not None:   # the prefix router: its estimate of what each backend caches
+            fams["index"] = GaugeMetricFamily(p + "backend_prefix_index_blocks", "Prompt blocks the prefix router "
+                                              "believes the backend holds (its index of what it sent there).",
+                                              labels=["backend"])
+            hit = GaugeMetricFamily(p + "prefix_estimated_hit_ratio", "Of the prompt tokens routed (this worker), "
+                                    "the fraction the chosen backend's index held.")
+            hit.add_metric([], router.hits_tokens / router.prompt_tokens if router.prompt_tokens else 0.0)
+            fams["hit"] = hit
         for b in self.state.backends:
+            if sizes is not None:
+                fams["index"].add_metric([b.url], sizes[b.index] if b.index < len(sizes) else 0)
             fams["healthy"].add_metric([b.url], 1.0 if b.healthy else 0.0)
             fams["inflight"].add_metric([b.url], b.inflight)
             if router.count_sent and b.index < len(router.sent_reqs):

@@ -104,12 +104,12 @@ class RouterState:
         self.loads[b.index] = ld
         self.router.observe(b.index, ld, since)
 
-    def choose(self, prompt_len: int, exclude: set[int]) -> Backend | None:
+    def choose(self, prompt_len: int, exclude: set[int], block_hashes: Sequence[int] | None = None) -> Backend | None:
         cand = [b.index for b in self.backends if b.healthy and b.index not in exclude]
         if not cand:
             return None
         t0 = time.perf_counter()
-        k = self.router.choose(prompt_len, self.loads, cand)
+        k = self.router.choose(prompt_len, self.loads, cand, block_hashes=block_hashes)
         self.metrics.routing_seconds.observe(time.perf_counter() - t0)
         return self.backends[k]
 

@@ -1,0 +1,79 @@
+"""benchmarks/: every path the docs, the code and the scripts name exists, every script is
+listed in benchmarks/README.md, and serve_bench_device's capacity probes (metrics.capacity
+started from the grid of fixed loads) pick the scales they always picked."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+PATH_RE = re.compile(r"benchmarks/[\w/]+\.(?:py|sh)\b")
+
+
+def _texts() -> list[Path]:
+    files = [ROOT / "README.md", ROOT / "pyproject.toml", *(ROOT / "docs").glob("*.md"), *BENCH.rglob("*"),
+             *(ROOT / "src").rglob("*.py"), *(ROOT / "tests").glob("*.py"), *(ROOT / "ci").glob("*"),
+             *(ROOT / ".ci").glob("*")]
+    return [f for f in files if f.is_file() and f.suffix in (".md", ".py", ".sh", ".toml", "")]
+
+
+def test_named_benchmark_paths_exist() -> None:
+    missing = {f"{f.relative_to(ROOT)}: {m}" for f in _texts() for m in PATH_RE.findall(f.read_text(errors="replace"))
+               if not m.startswith("benchmarks/serve.py") and not (ROOT / m).is_file()}
+    assert not missing, sorted(missing)
+
+
+def test_every_script_listed_in_readme() -> None:
+    readme = (BENCH / "README.md").read_text()
+    scripts = [p for p in BENCH.rglob("*") if p.suffix in (".py", ".sh")]
+    assert scripts and all(p.parent != BENCH for p in scripts), "scripts belong in a folder of benchmarks/"
+    for p in scripts:
+        assert f"## {p.parent.name}/" in readme and f"`{p.name}`" in readme, p
+
+
+@pytest.fixture(scope="module")
+def driver():
+    spec = importlib.util.spec_from_file_location("serve_bench_device", BENCH / "gpu" / "serve_bench_device.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _search(driver, att, scales: list[float], probes: int, target: float = 0.9) -> list[float]:
+    """The scales a served search runs, for an attainment curve ``att``."""
+    done: dict[float, dict] = {}
+    order: list[float] = []
+
+    def run(scale: float) -> dict:
+        order.append(scale)
+        a = att(scale)
+        done[scale] = {"att": a, "rate": 2 * scale, "result": {"slo_attainment": a, "request_rate": 2 * scale}}
+        return done[scale]
+
+    for s in scales:
+        run(s)
+    try:
+        driver.probe_capacity(run, done, probes, target)
+    except driver.OutOfBudget:
+        pass
+    return order
+
+
+def test_serve_bench_probes(driver) -> None:
+    def cap(c):
+        return lambda s: 1.0 if s <= c else 0.5
+
+    # bracketed by the grid: geometric bisection, rounded to 3 decimals, --probes runs
+    assert _search(driver, cap(3.8), [3.4, 4.0], 3) == [3.4, 4.0, 3.688, 3.841, 3.764]
+    # every run passed: steps of 25 % up, then bisection
+    assert _search(driver, cap(4.3), [3.0], 3) == [3.0, 3.75, 4.688, 4.193]
+    # every run missed: steps of 25 % down
+    assert _search(driver, cap(2.0), [3.0], 2) == [3.0, 2.4, 1.92]
+    # a failed bench run (no result) counts as a miss; no probes, no run
+    assert _search(driver, cap(3.8), [3.4, 4.0], 0) == [3.4, 4.0]
+    assert driver.bracket({3.0: {"att": 0.95}, 3.5: {"error": "bench exited 1"}, 4.0: {"att": 0.5}}, 0.9) == (3.0, 3.5)

@@ -75,10 +75,13 @@ def make_payload(req: BenchRequest, model: str, *, send_slo: bool = True, ignore
 
 
 async def send_request(client: httpx.AsyncClient, url: str, req: BenchRequest, payload: dict[str, Any],
-                       *, check_length: bool = True, events: dict[str, list[float]] | None = None) -> RequestRecord:
+                       *, check_length: bool = True, events: dict[str, list[float]] | None = None,
+                       cached: dict[str, int] | None = None) -> RequestRecord:
     """POST ``payload`` to ``url`` and stream the answer into a RequestRecord. ``events``:
     where to keep the arrival time of every event with ``choices`` (by request id), for
-    ITLs counted per event as vLLM counts them."""
+    ITLs counted per event as vLLM counts them. ``cached``: where to keep the prompt
+    tokens the server says it found cached (``usage.prompt_tokens_details.cached_tokens``,
+    OpenAI's field; vLLM sends it with ``--enable-prompt-tokens-details``), when it says."""
     times: list[float] = []
     if events is not None:
         events[req.request_id] = times
@@ -116,8 +119,12 @@ async def send_request(client: httpx.AsyncClient, url: str, req: BenchRequest, p
                     if obj.get("choices"):
                         times.append(now)
                     usage = obj.get("usage")
-                    if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
-                        usage_tokens = usage["completion_tokens"]
+                    if isinstance(usage, dict):
+                        if isinstance(usage.get("completion_tokens"), int):
+                            usage_tokens = usage["completion_tokens"]
+                        n_cached = cached_tokens(usage)
+                        if cached is not None and n_cached is not None:
+                            cached[req.request_id] = n_cached
                 if error is None and not done:
                     error = "stream ended without [DONE]"
     except httpx.TimeoutException as e:
@@ -149,6 +156,13 @@ async def send_request(client: httpx.AsyncClient, url: str, req: BenchRequest, p
         success=error is None,
         error=error,
     )
+
+
+def cached_tokens(usage: dict[str, Any]) -> int | None:
+    """``usage.prompt_tokens_details.cached_tokens``, or None when the server does not say."""
+    details = usage.get("prompt_tokens_details")
+    n = details.get("cached_tokens") if isinstance(details, dict) else None
+    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else None
 
 
 def _token_times(event_times: list[float], n_tokens: int) -> np.ndarray:

@@ -242,6 +242,8 @@ def run_bench(cfg, wl, *, search_capacity: bool, targets: tuple[float, ...], lo:
         console.print("Failed requests by reason:", highlight=False)
         for reason, count in s["failure_reasons"].items():
             console.print(f"  {count:>6d}  {reason}", highlight=False, markup=False)
+    for line in prefix_lines(s):
+        console.print(line, highlight=False, markup=False)
     if res is not None:
         for t, c in res.items():
             console.print(f"capacity (SLO attainment >= {t:.0%}, every request counted): {c.request_rate:.2f} req/s "
@@ -252,6 +254,20 @@ def run_bench(cfg, wl, *, search_capacity: bool, targets: tuple[float, ...], lo:
         save_result.write_text(json.dumps(report, indent=1, default=_jsonable) + "\n")
         console.print(f"wrote {save_result}")
     return report
+
+
+def prefix_lines(s: dict) -> list[str]:
+    """The prefix-sharing lines of a run's summary (none when nothing is shared or reported)."""
+    out = []
+    if s.get("shared_prompt_tokens"):
+        out.append(f"Prefix sharing: the prompts share {s['shared_prompt_tokens']} tokens "
+                   f"({s['shared_prompt_ratio']:.1%} of all; what an unbounded 16-token-block cache reuses)")
+    if s.get("cached_prompt_tokens") is not None:
+        rate = s.get("prefix_cache_hit_rate")
+        out.append(f"Server prefix cache: {s['cached_prompt_tokens']} prompt tokens cached, hit rate "
+                   f"{'n/a' if rate is None else format(rate, '.1%')} ({s['cached_reported']} requests reported "
+                   f"cached_tokens)")
+    return out
 
 
 def _label(wl) -> str:

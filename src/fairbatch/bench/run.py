@@ -24,6 +24,7 @@ import numpy as np
 
 from fairbatch.bench.client import BenchRequest, make_payload, send_request
 from fairbatch.bench.datasets import load_text_dataset
+from fairbatch.bench.prefix_prompts import prompt_key, shared_prompt_tokens, trace_prompt
 from fairbatch.bench.prometheus_text import samples
 from fairbatch.bench.vllm_compat import (
     itl_summary,
@@ -104,6 +105,9 @@ class Workload:
     truncated: int
     model: str
     server_info: dict[str, Any]
+    texts: list[list[int]] | None = None        # a text dataset's prompts (kept as they are on a new salt)
+    salt: int = 0                               # prompts of replay ``salt`` (``with_salt``)
+    shared_tokens: int | None = None            # prompt tokens an unbounded cache would reuse (None: not counted)
 
 
 @dataclass
@@ -114,10 +118,12 @@ class ClientTimes:
 
     events: dict[str, list[float]] = field(default_factory=dict)
     queue: dict[str, float] = field(default_factory=dict)
+    cached: dict[str, int] = field(default_factory=dict)   # usage.prompt_tokens_details.cached_tokens, if given
 
     def update(self, other: "ClientTimes") -> None:
         self.events.update(other.events)
         self.queue.update(other.queue)
+        self.cached.update(other.cached)
 
 
 @dataclass
@@ -213,15 +219,46 @@ def prepare(cfg: BenchConfig) -> Workload:
         slos = assign_slos(entries, default=default, classes=parse_slo_classes(cfg.slo_classes), seed=cfg.seed)
     else:
         slos = assign_slos(entries, default=default)
-    rng = np.random.default_rng(cfg.seed)
-    requests = []
-    for i, (e, slo) in enumerate(zip(entries, slos, strict=True)):
+    prompts = make_prompts(cfg, entries, texts)
+    requests = [BenchRequest(f"bench-{i}", e.arrival, ids, e.output_len, slo)
+                for i, (e, slo, ids) in enumerate(zip(entries, slos, prompts, strict=True))]
+    wl = Workload(entries, requests, base_rate, truncated, model, info, texts)
+    if texts is not None or any(e.hash_ids is not None for e in entries):   # random prompts share nothing
+        wl.shared_tokens = shared_prompt_tokens([(e.hash_ids, r.prompt_ids, r.prompt_len)
+                                                 for e, r in zip(entries, requests, strict=True)])
+    else:
+        wl.shared_tokens = 0
+    return wl
+
+
+def make_prompts(cfg: BenchConfig, entries: list[TraceEntry], texts: list[list[int]] | None,
+                 salt: int = 0) -> list[list[int]]:
+    """Each entry's prompt token ids: a text dataset's (cut to the entry's length); a
+    traced prompt with ``hash_ids`` built from them (``prefix_prompts``: the same id, the
+    same tokens); otherwise random ids. ``salt`` > 0: the prompts of another replay, which
+    share nothing with salt 0's (a server's prefix cache must not carry one capacity
+    point's prompts into the next)."""
+    rng = np.random.default_rng(cfg.seed if salt == 0 else [cfg.seed, salt])
+    key = prompt_key(cfg.seed, salt)
+    out = []
+    for i, e in enumerate(entries):
         if texts is not None:
-            ids = texts[i][:e.prompt_len]       # truncated to the context like the trace's lengths
+            out.append(texts[i][:e.prompt_len])     # truncated to the context like the trace's lengths
+        elif e.hash_ids is not None:
+            out.append(trace_prompt(e.hash_ids, e.prompt_len, key))
         else:
-            ids = rng.integers(PROMPT_ID_LOW, PROMPT_ID_HIGH + 1, size=e.prompt_len).tolist()
-        requests.append(BenchRequest(f"bench-{i}", e.arrival, ids, e.output_len, slo))
-    return Workload(entries, requests, base_rate, truncated, model, info)
+            out.append(rng.integers(PROMPT_ID_LOW, PROMPT_ID_HIGH + 1, size=e.prompt_len).tolist())
+    return out
+
+
+def with_salt(cfg: BenchConfig, wl: Workload, salt: int) -> Workload:
+    """The workload with the prompts of replay ``salt`` (same lengths, arrivals, SLOs, the
+    same sharing within the replay). Text-dataset prompts cannot change: they stay."""
+    if salt == wl.salt or wl.texts is not None:
+        return wl
+    prompts = make_prompts(cfg, wl.entries, None, salt)
+    reqs = [replace(r, prompt_ids=ids) for r, ids in zip(wl.requests, prompts, strict=True)]
+    return replace(wl, requests=reqs, salt=salt)
 
 
 def _rate(entries: list[TraceEntry]) -> float:
@@ -232,7 +269,8 @@ def _rate(entries: list[TraceEntry]) -> float:
 
 async def _warmup(client: httpx.AsyncClient, url: str, cfg: BenchConfig, model: str, like: BenchRequest) -> None:
     """One short request before the run: checks the server and warms its connection."""
-    probe = BenchRequest("warmup", 0.0, like.prompt_ids[:16] or [1], 2, like.slo)
+    # under one KV block of 16: the probe leaves no cached block behind for the run
+    probe = BenchRequest("warmup", 0.0, like.prompt_ids[:8] or [1], 2, like.slo)
     rec = await send_request(client, url, probe, make_payload(probe, model, send_slo=cfg.send_slo,
                                                               ignore_eos=cfg.ignore_eos, extra_body=cfg.extra_body))
     if not rec.success and rec.error != REJECTED:     # refused in time (429): the server works
@@ -268,9 +306,11 @@ async def _run_async(cfg: BenchConfig, wl: Workload, rate_scale: float,
                                    extra_body=cfg.extra_body)
             if sem is not None:
                 async with sem:
-                    rec = await send_request(client, url, req, payload, check_length=cfg.ignore_eos, events=events)
+                    rec = await send_request(client, url, req, payload, check_length=cfg.ignore_eos, events=events,
+                                             cached=times.cached)
             else:
-                rec = await send_request(client, url, req, payload, check_length=cfg.ignore_eos, events=events)
+                rec = await send_request(client, url, req, payload, check_length=cfg.ignore_eos, events=events,
+                                         cached=times.cached)
             times.queue[req.request_id] = max(0.0, rec.arrival - (start + req.arrival / rate_scale))
             if on_done is not None:
                 on_done(rec)
@@ -320,7 +360,7 @@ def _run_workers(cfg: BenchConfig, wl: Workload, rate_scale: float,
             f.result()     # every process is up (and has imported this module) before the clock starts
         start = time.perf_counter() + 0.2
         # each process gets its share of the requests, not the whole trace (pickled per task)
-        futures = {pool.submit(_worker, cfg, replace(wl, requests=wl.requests[i::k], entries=[]), rate_scale,
+        futures = {pool.submit(_worker, cfg, replace(wl, requests=wl.requests[i::k], entries=[], texts=None), rate_scale,
                                start): i for i in range(k) if wl.requests[i::k]}
         parts: dict[int, list[RequestRecord]] = {}
         times = ClientTimes()
@@ -408,7 +448,31 @@ def run_once(cfg: BenchConfig, wl: Workload, rate_scale: float = 1.0,
     summary["rate_scale"] = rate_scale
     reasons = Counter(r.error for r in records if not r.success)
     summary["failure_reasons"] = dict(reasons.most_common())
+    summary |= prefix_summary(wl, records, times.cached)
     return RunOutcome(rate_scale, summary, records, times)
+
+
+def prefix_summary(wl: Workload, records: list[RequestRecord], cached: dict[str, int]) -> dict[str, Any]:
+    """What the workload shares and what the server says it reused:
+
+    - ``shared_prompt_tokens`` / ``shared_prompt_ratio``: the prompt tokens an unbounded
+      16-token-block prefix cache would reuse over the workload (``prefix_prompts``), of
+      all its prompt tokens;
+    - ``cached_prompt_tokens`` / ``prefix_cache_hit_rate``: the server's
+      ``cached_tokens`` summed over the requests that reported it, and their share of
+      those requests' prompt tokens (None when no answer carried the field);
+      ``cached_reported``: how many requests reported it."""
+    total = sum(r.prompt_len for r in wl.requests)
+    out: dict[str, Any] = {"shared_prompt_tokens": wl.shared_tokens,
+                           "shared_prompt_ratio": wl.shared_tokens / total if total and wl.shared_tokens is not None
+                           else None}
+    reported = [r for r in records if r.request_id in cached]
+    hit = sum(cached[r.request_id] for r in reported)
+    asked = sum(r.prompt_len for r in reported)
+    out["cached_reported"] = len(reported)
+    out["cached_prompt_tokens"] = hit if reported else None
+    out["prefix_cache_hit_rate"] = hit / asked if reported and asked else None
+    return out
 
 
 def result_json(cfg: BenchConfig, wl: Workload, outcome: RunOutcome, *, detailed: bool = False,
@@ -472,7 +536,9 @@ def run_capacity(cfg: BenchConfig, wl: Workload, *, targets: tuple[float, ...] =
     outcomes: dict[float, RunOutcome] = {}
 
     def run(scale: float) -> dict[str, Any]:
-        o = run_once(cfg, wl, scale, on_done)
+        # each point its own prompts: a server's prefix cache would otherwise serve a point
+        # the previous point's prompts (the trace's sharing is kept within each point)
+        o = run_once(cfg, with_salt(cfg, wl, len(outcomes)), scale, on_done)
         outcomes[scale] = o
         return o.summary
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -34,7 +35,7 @@ def normalize_arrivals(entries: list[TraceEntry], rate: float) -> list[TraceEntr
     if not math.isfinite(rate) or len(entries) < 2 or entries[-1].arrival <= 0:
         return entries
     f = (len(entries) - 1) / rate / entries[-1].arrival
-    return [TraceEntry(e.arrival * f, e.prompt_len, e.output_len, e.tag) for e in entries]
+    return [replace(e, arrival=e.arrival * f) for e in entries]
 
 
 def itl_summary(records: Sequence[RequestRecord], events: dict[str, list[float]],

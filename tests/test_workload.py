@@ -84,13 +84,15 @@ def test_azure_code_matches_readme() -> None:
 
 def test_bundled_names(conv: list[TraceEntry]) -> None:
     names = bundled_traces()
-    assert set(names) == {"azure-conv", "azure-code"}
+    assert set(names) == {"azure-conv", "azure-code", "mooncake"}
     assert all(isinstance(d, str) and d for d in names.values())
     data = resources.files("fairbatch.workload") / "data" / "AzureLLMInferenceTrace_conv.csv"
     with resources.as_file(data) as path:                       # by name = by path
         assert load_trace(path) == conv
     assert len(load_trace("azure-code")) == 8_819
     assert len(load_trace("azure-conv", num_requests=100)) == 100
+    mooncake = load_trace("mooncake")
+    assert len(mooncake) == 3_993 and all(len(e.hash_ids) == -(-e.prompt_len // 512) for e in mooncake)
 
 
 def test_unknown_bundled_name_lists_the_known_ones() -> None:

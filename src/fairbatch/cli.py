@@ -64,7 +64,7 @@ def listen_or_fail(host: str, port: int) -> Any:
 
 @app.command()
 def simulate(
-    trace: Annotated[str, typer.Option(help="Bundled trace name (azure-conv, azure-code) or a trace file.")] = "azure-conv",
+    trace: Annotated[str, typer.Option(help="Bundled trace name (azure-conv, azure-code, mooncake) or a trace file.")] = "azure-conv",
     policy: Annotated[Optional[list[str]], typer.Option("--policy", "-p", help="Policy to run, or a variant with its own settings (sarathi:chunk_size=1536); repeat for several. Default: the fair comparison (docs/RESULTS.md).")] = None,
     late: Annotated[Optional[str], typer.Option(help="Late requests, the same for every policy: serve, relegate or reject (docs/ALGORITHM.md).")] = None,
     rate_scale: Annotated[Optional[float], typer.Option(help="Multiply the trace's request rate by this. Default: near the baselines' capacity for the bundled traces, else 1.")] = None,
@@ -87,6 +87,7 @@ def simulate(
     profile: Annotated[Optional[Path], typer.Option(help="Latency profile JSON (from `fairbatch profile`).")] = None,
     max_model_len: Annotated[Optional[int], typer.Option(help="Context limit; longer requests are truncated.")] = None,
     set_option: Annotated[Optional[list[str]], typer.Option("--set", help="Scheduler option KEY=VALUE, e.g. chunk_size=512; repeatable.")] = None,
+    prefix_caching: Annotated[bool, typer.Option("--prefix-caching/--no-prefix-caching", help="Reuse the KV of prompt prefixes the trace names as shared (Mooncake hash ids), as vLLM does by default (docs/PREFIX_CACHING.md). No effect on traces without them.")] = True,
     seed: Annotated[int, typer.Option(help="Seed for SLO class draws and arrival processes.")] = 0,
     jobs: Annotated[int, typer.Option(help="Parallel simulation processes.")] = 0,
     json_path: Annotated[Optional[Path], typer.Option("--json", callback=check.output_file, help="Write the JSON report here.")] = None,
@@ -112,7 +113,7 @@ def simulate(
                       slo_classes=slo_classes, slo_by_tag=slo_by_tag, deadline_rule=deadline_rule.value,
                       instances=instances, router=router, load_interval=load_interval,
                       max_model_len=max_model_len, seed=seed,
-                      scheduler=scheduler_options(set_option, late))
+                      scheduler=scheduler_options(set_option, late), prefix_caching=prefix_caching)
         run_simulate(sc, policies, rate_scale, search_capacity=search_capacity, sweep=sweep, targets=targets,
                      jobs=jobs or default_jobs(), out=out, json_path=json_path, console=console)
     except (ValueError, OSError) as e:

@@ -28,7 +28,7 @@ class CachingBlockAllocator(BlockAllocator):
 
     def __init__(self, num_blocks: int, block_size: int = 16, *, prefix_caching: bool = True) -> None:
         super().__init__(num_blocks, block_size)
-        self._ref = [0] * num_blocks                       # requests holding each block
+        self._ref = [0] * num_blocks     # requests holding each named block (an unnamed one has one)
         self._name: list[int | None] = [None] * num_blocks
         self._by_name: dict[int, int] = {}                 # name -> its block
         # named blocks no request holds, least recently used first
@@ -73,23 +73,17 @@ class CachingBlockAllocator(BlockAllocator):
     # --- mutations ------------------------------------------------------------------------
     def allocate(self, request_id: str, num_tokens: int) -> bool:
         """As ``BlockAllocator.allocate``, evicting least recently used named blocks when
-        the free ones run short."""
-        table = self._tables.get(request_id)
-        held = len(table) if table is not None else 0
-        need = -(-num_tokens // self.block_size) - held
-        if need <= 0:
-            return True
-        short = need - len(self._free)
-        if short > 0:
-            if short > len(self._evictable):
-                return False
-            for _ in range(short):
-                self._free.append(self._evict())
-        super().allocate(request_id, num_tokens)
-        ref = self._ref
-        for b in self._tables[request_id][held:]:
-            ref[b] = 1
-        return True
+        the free ones run short. New blocks are unnamed: one holder, no count kept."""
+        bs = self.block_size
+        if -(-num_tokens // bs) > len(self._free):     # (else there are free blocks enough)
+            table = self._tables.get(request_id)
+            short = -(-num_tokens // bs) - (len(table) if table else 0) - len(self._free)
+            if short > 0:
+                if short > len(self._evictable):
+                    return False
+                for _ in range(short):
+                    self._free.append(self._evict())
+        return BlockAllocator.allocate(self, request_id, num_tokens)
 
     def _evict(self) -> int:
         b, _ = self._evictable.popitem(last=False)
@@ -106,11 +100,11 @@ class CachingBlockAllocator(BlockAllocator):
         # last block first: a prefix's tail is evicted before its head, which every
         # longer match needs
         for b in reversed(table):
-            ref[b] -= 1
-            if ref[b] == 0:
-                if name[b] is None:
-                    self._free.append(b)
-                else:
+            if name[b] is None:
+                self._free.append(b)
+            else:
+                ref[b] -= 1
+                if ref[b] == 0:
                     self._evictable[b] = None
         return len(table)
 
@@ -145,18 +139,20 @@ class CachingBlockAllocator(BlockAllocator):
         full = min(num_computed // self.block_size, len(block_hashes), len(table))
         if full <= done:
             return
-        by_name, name = self._by_name, self._name
+        by_name, name, ref = self._by_name, self._name, self._ref
         for i in range(done, full):
             h = block_hashes[i]
             if h not in by_name:          # else another request computed it too: ours stays unnamed
                 b = table[i]
                 by_name[h] = b
                 name[b] = h
+                ref[b] = 1
         self._named[request_id] = full
 
     def check_invariants(self) -> None:
-        """Reference counts match the tables; every block is free, evictable or held;
-        names and the name map agree; only unheld named blocks are evictable."""
+        """Named blocks' reference counts match the tables, unnamed ones have one holder
+        at most; every block is free, evictable or held; names and the name map agree;
+        only unheld named blocks are evictable."""
         held = [0] * self.num_blocks
         for rid, table in self._tables.items():
             if len(set(table)) != len(table):
@@ -165,8 +161,9 @@ class CachingBlockAllocator(BlockAllocator):
                 held[b] += 1
             if self._named.get(rid, 0) > len(table):
                 raise AssertionError(f"request {rid} has more named blocks than blocks")
-        if held != self._ref:
-            raise AssertionError("reference counts do not match the block tables")
+        for b in range(self.num_blocks):
+            if self._ref[b] != (held[b] if self._name[b] is not None else 0) or held[b] > 1 and self._name[b] is None:
+                raise AssertionError(f"block {b}: reference count {self._ref[b]}, held {held[b]} times")
         free, evictable = set(self._free), set(self._evictable)
         if len(free) != len(self._free) or free & evictable:
             raise AssertionError("a block is free twice, or both free and evictable")

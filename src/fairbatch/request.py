@@ -120,9 +120,9 @@ class Request:
         # names of its full prompt blocks (kv.prompt_block_hashes / trace_block_hashes), set
         # by the host; None: this request never uses the prefix cache
         self.block_hashes: list[int] | None = None
-        # prompt tokens it found in the prefix cache when first admitted (-1: not yet),
-        # as vLLM's Request.num_cached_tokens (OpenAI usage: cached_tokens)
-        self.num_cached_tokens = -1
+        # prompt tokens it found in the prefix cache when first admitted, as vLLM's
+        # Request.num_cached_tokens (OpenAI usage: prompt_tokens_details.cached_tokens)
+        self.num_cached_tokens = 0
 
     # --- token accounting -------------------------------------------------------------
     def set_arrival(self, arrival: float) -> None:

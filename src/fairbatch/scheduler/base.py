@@ -231,6 +231,10 @@ class Scheduler(ABC):
         self._late_watch: list[tuple[float, int, Request]] = []   # (latest start, seq, request)
         self._late_seq = count()
         self._rejected: list[Request] = []        # refused since the host last asked
+        # prefix caching (docs/PREFIX_CACHING.md): waiting requests holding their cached
+        # prefix, in the order they took it; whether any request so far had block names
+        self._pinned: dict[str, Request] = {}
+        self._names_seen = False
 
     # --- interface -------------------------------------------------------------------------
     def add(self, req: Request, now: float, *, validate: bool = True) -> None:
@@ -247,6 +251,9 @@ class Scheduler(ABC):
         if self.config.ttft_margin and not req.generated:
             req.plan_first_token_early(self.config.ttft_margin)
         self._by_id[req.request_id] = req
+        if req.block_hashes is not None:
+            self._names_seen = True
+            self.take_cached_prefix(req)   # before its deadline checks: they price what is left
         if self.late is not Late.SERVE and self._watch(req, now, arriving=True):
             return   # refused (state REJECTED) or relegated at arrival
         self._enqueue(req)
@@ -284,6 +291,7 @@ class Scheduler(ABC):
             self.running.remove(req)
         else:
             self._unqueue(req)
+            self._pinned.pop(request_id, None)
         self.allocator.free(request_id)
         req.kv_slots = 0
         req.state = state
@@ -348,6 +356,7 @@ class Scheduler(ABC):
                 self.running.remove(req)
             elif req.state is RequestState.WAITING:
                 self._unqueue(req)
+                self._pinned.pop(req.request_id, None)
             self.allocator.free(req.request_id)
             req.kv_slots = 0
             req.state = RequestState.REJECTED
@@ -386,6 +395,8 @@ class Scheduler(ABC):
         stopped = result.stopped
         running = RequestState.RUNNING
         relegate = self.late is not Late.SERVE
+        if self._names_seen:
+            self._name_computed_blocks(plan)
         for req, k in plan.chunks:
             if req.state is not running:
                 continue  # aborted while the step ran
@@ -437,6 +448,8 @@ class Scheduler(ABC):
         while req.generated < num_tokens:
             req.record_token(now)
         req.deadline = req.token_deadline(num_tokens)
+        if req.block_hashes is not None:
+            self.allocator.register(req.request_id, req.block_hashes, req.num_computed)
         if (recorded == 0 and req.ttft_missed and req.state is RequestState.RUNNING
                 and self.late is not Late.SERVE and not req.relegated):
             req.relegated = True      # its SLO is lost: best effort from here on
@@ -478,6 +491,48 @@ class Scheduler(ABC):
         a = self.allocator
         return float(a.num_free * a.block_size - queued_prefill_tokens)
 
+    # --- prefix caching (docs/PREFIX_CACHING.md) -------------------------------------------
+    def take_cached_prefix(self, req: Request) -> None:
+        """A waiting request holding no KV takes the cached blocks of its prompt's longest
+        cached prefix: it then computes (and every policy prices) only the rest. Called
+        when it is queued and, by every policy, before sizing its chunk at admission (its
+        prefix may have been given back under KV pressure, or cached meanwhile)."""
+        hashes = req.block_hashes
+        if hashes is None or req.kv_slots:
+            return
+        hit = self.allocator.attach_prefix(req.request_id, hashes, req.prompt_len + req.generated)
+        if hit:
+            req.num_computed = req.kv_slots = hit
+            self._pinned[req.request_id] = req
+
+    def _give_back_prefixes(self, req: Request, num_tokens: int) -> bool:
+        """KV ran short for ``req``: waiting requests other than ``req`` give back their
+        cached prefixes, the most recently taken first (they take them again when next
+        considered), until ``req``'s blocks fit; True if they now do. Pinned waiting
+        prefixes therefore never block an admission nor cause a preemption."""
+        alloc = self.allocator
+        need = alloc.blocks_for(num_tokens) - alloc.num_allocated(req.request_id)
+        pinned = self._pinned
+        for rid in reversed(list(pinned)):
+            if alloc.num_free >= need:
+                break
+            other = pinned[rid]
+            if other is req:
+                continue
+            del pinned[rid]
+            alloc.free(rid)
+            other.num_computed = other.kv_slots = 0
+        return alloc.num_free >= need
+
+    def _name_computed_blocks(self, plan: StepPlan) -> None:
+        """After a step: the prompt blocks it completed become reusable by later requests."""
+        register, bs = self.allocator.register, self.allocator.block_size
+        running = RequestState.RUNNING
+        for req, k in plan.chunks:
+            hashes = req.block_hashes
+            if hashes is not None and req.state is running and req.num_computed < len(hashes) * bs:
+                register(req.request_id, hashes, req.num_computed + k)
+
     # --- queries ---------------------------------------------------------------------------
     def has_work(self) -> bool:
         return bool(self.running or self.waiting or self.relegated)
@@ -505,7 +560,9 @@ class Scheduler(ABC):
             return True
         alloc = self.allocator
         if not alloc.allocate(req.request_id, num_tokens):
-            return False
+            if not (self._pinned and self._give_back_prefixes(req, num_tokens)):
+                return False
+            alloc.allocate(req.request_id, num_tokens)
         req.kv_slots = alloc.num_allocated(req.request_id) * alloc.block_size
         return True
 
@@ -529,6 +586,7 @@ class Scheduler(ABC):
                         budget -= k
             while admit and waiting and budget > 0 and len(self.running) < max_seqs:
                 req = waiting[0]
+                self.take_cached_prefix(req)
                 c = req.num_computed
                 k = min(req.prompt_len + req.generated - c, budget)
                 if not self._grow(req, c + k):
@@ -568,6 +626,11 @@ class Scheduler(ABC):
 
     def _admit(self, req: Request) -> None:
         """Move the head of the waiting queue into the running list."""
+        if req.block_hashes is not None:
+            self._pinned.pop(req.request_id, None)
+            if req.admitted_at < 0:      # first admission: what the cache saved it
+                req.num_cached_tokens = req.num_computed
+                self.allocator.record_lookup(req.prompt_len, req.num_computed)
         req.state = RequestState.RUNNING
         req.admitted_at = self._admissions
         self._admissions += 1
@@ -578,6 +641,8 @@ class Scheduler(ABC):
         self.running.remove(req)
         self.allocator.free(req.request_id)
         req.reset_for_recompute()
+        if req.block_hashes is not None:
+            self.take_cached_prefix(req)   # what it computed of its prompt is named: reused
         if req.relegated and not req.generated:
             self.relegated.appendleft(req)    # a relegated prompt stays behind the on-time ones
         else:

@@ -228,6 +228,7 @@ class FairBatchingScheduler(Scheduler):
         feats = plan.features
         if len(self.running) >= self.config.max_num_seqs or feats.new_tokens >= token_cap:
             return False
+        self.take_cached_prefix(req)
         k = fairbatching_chunk(self.latency, self.config, req, plan, T, token_cap)
         if k == 0 or not self._grow(req, req.num_computed + k):
             return False

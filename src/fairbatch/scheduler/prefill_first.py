@@ -22,6 +22,7 @@ class PrefillFirstScheduler(Scheduler):
         for waiting in (self.waiting, self.relegated):   # on-time prompts first
             while waiting and len(self.running) < cfg.max_num_seqs:
                 req = waiting[0]
+                self.take_cached_prefix(req)
                 k = req.prompt_len + req.generated - req.num_computed
                 # A prompt larger than the whole budget still runs, alone, or it would never start.
                 if k > budget and not (plan.is_empty and k > cfg.max_num_batched_tokens):

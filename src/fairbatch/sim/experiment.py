@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from fairbatch.routing import make_router
 from fairbatch.instance import Executor, Instance
-from fairbatch.kv import BlockAllocator
+from fairbatch.kv import BlockAllocator, trace_block_hashes
 from fairbatch.latency.base import LatencyModel
 from fairbatch.latency.profiles import load_latency_model
 from fairbatch.metrics import CapacityResult, find_capacities, find_capacity
@@ -38,6 +38,7 @@ from fairbatch.workload import (
     truncate_to_context,
 )
 
+BLOCK_SIZE = 16          # KV block size of the simulated engine (vLLM's default)
 DEFAULT_TTFT_SLO = 1.0    # seconds; see docs/RESULTS.md for the tighter/looser pairs
 DEFAULT_TPOT_SLO = 0.05
 
@@ -65,6 +66,9 @@ class Scenario:
     max_model_len: int | None = None        # default: the model's context, at most 8192
     seed: int = 0
     scheduler: dict[str, Any] = field(default_factory=dict)   # SchedulerConfig overrides
+    # reuse the KV of prompt prefixes the trace names as shared (hash ids), as vLLM does by
+    # default; a trace without hash ids runs exactly as without it
+    prefix_caching: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,6 +84,8 @@ class Prepared:
     config: SchedulerConfig
     base_rate: float                         # the trace's mean request rate at scale 1
     truncated: int
+    # each entry's KV block names (prefix caching on and the trace names prefixes), else None
+    block_hashes: list[list[int] | None] | None = None
 
 
 @dataclass
@@ -139,7 +145,11 @@ def prepare(sc: Scenario) -> Prepared:
     if sc.instances < 1:
         raise ValueError("instances must be >= 1")
     make_router(sc.router)   # validate early
-    return Prepared(sc, entries, slos, latency, num_blocks, cfg, mean_rate(entries), truncated)
+    hashes = None
+    if sc.prefix_caching and any(e.hash_ids is not None for e in entries):
+        hashes = [trace_block_hashes(e.hash_ids, e.prompt_len, BLOCK_SIZE) if e.hash_ids is not None else None
+                  for e in entries]
+    return Prepared(sc, entries, slos, latency, num_blocks, cfg, mean_rate(entries), truncated, hashes)
 
 
 @lru_cache(maxsize=4)
@@ -159,10 +169,15 @@ def run_policy(prep: Prepared, policy: str, rate_scale: float = 1.0,
     variant = parse_variant(policy)
     entries = scale_rate(prep.entries, rate_scale) if rate_scale != 1.0 else prep.entries
     requests = make_requests(entries, prep.slos, deadline_rule=DeadlineRule(sc.deadline_rule))
+    if prep.block_hashes is not None:
+        for req, names in zip(requests, prep.block_hashes, strict=True):
+            req.block_hashes = names      # read-only: shared by every run of the scenario
     instances = []
     for k in range(sc.instances):
         cfg = variant.config(prep.config)
-        sched = make_scheduler(variant.name, cfg, BlockAllocator(prep.num_blocks, 16), prep.latency)
+        # a trace without names has nothing to reuse: the plain allocator, as fast as before
+        alloc = BlockAllocator(prep.num_blocks, BLOCK_SIZE, prefix_caching=prep.block_hashes is not None)
+        sched = make_scheduler(variant.name, cfg, alloc, prep.latency)
         executor = make_executor(prep.latency, k) if make_executor else SimExecutor(prep.latency)
         instances.append(Instance(sched, executor, name=f"instance-{k}"))
     router = make_router(sc.router) if sc.instances > 1 else None
@@ -174,6 +189,10 @@ def run_policy(prep: Prepared, policy: str, rate_scale: float = 1.0,
     summary["request_rate"] = prep.base_rate * rate_scale
     summary["num_preemptions"] = outcome.preemptions
     summary["sim_wall_time_s"] = outcome.wall_time
+    if prep.block_hashes is not None:     # prompt tokens found cached at first admission
+        queries = sum(inst.scheduler.allocator.prefix_queries for inst in instances)
+        hits = sum(inst.scheduler.allocator.prefix_hits for inst in instances)
+        summary["prefix_cache_hit_rate"] = hits / queries if queries else 0.0
     if sc.instances > 1:
         summary["requests_per_instance"] = outcome.assigned
     return RunResult(policy, rate_scale, summary, outcome)

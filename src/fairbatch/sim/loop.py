@@ -142,7 +142,7 @@ def simulate(
             k = route(i - 1)
         else:
             k = router.choose(req.prompt_len, loads.refresh(now) if loads is not None  # type: ignore[union-attr]
-                              else [None] * n_inst)  # type: ignore[list-item]
+                              else [None] * n_inst, block_hashes=req.block_hashes)  # type: ignore[list-item]
         instance_of.append(k)
         try:
             instances[k].add(req, now)

@@ -1,7 +1,9 @@
 """``load_trace``: the one entry point from a trace name or file to timed requests.
 
-Bundled traces (in ``fairbatch/workload/data/``): the Azure LLM inference traces 2023
-(Azure/AzurePublicDataset, CC-BY-4.0; cite Patel et al., "Splitwise", ISCA 2024).
+Bundled traces (in ``fairbatch/workload/data/``, sources and licences in its NOTICE): the
+Azure LLM inference traces 2023 (Azure/AzurePublicDataset, CC-BY-4.0; cite Patel et al.,
+"Splitwise", ISCA 2024) and Mooncake's synthetic trace (kvcache-ai/Mooncake, Apache-2.0;
+cite Qin et al., "Mooncake", FAST 2025), which names shared prompt prefixes (``hash_ids``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,11 @@ _BUNDLED: dict[str, tuple[str, str]] = {
         "AzureLLMInferenceTrace_code.csv",
         ("Azure LLM inference 2023, coding service: 8,819 requests over ~1 h (2.6 req/s, "
          "very bursty: inter-arrival CV 13), prompt mean 2048 tokens, output mean 28"),
+    ),
+    "mooncake": (
+        "mooncake_synthetic_trace.jsonl",
+        ("Mooncake (FAST'25) synthetic trace: 3,993 requests over ~17 min (3.9 req/s, Poisson), "
+         "prompt mean 15,325 tokens (max 191k), output mean 149; shared prefixes as 512-token hash ids"),
     ),
 }
 

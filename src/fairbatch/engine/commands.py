@@ -34,14 +34,19 @@ MaxLen = Annotated[int | None, typer.Option(help="Context limit (default: the mo
 MaxTokens = Annotated[int, typer.Option(help="Token budget of one step (scheduler max_num_batched_tokens).")]
 MaxSeqs = Annotated[int, typer.Option(help="Most requests running at once.")]
 Graphs = Annotated[bool, typer.Option(help="Replay CUDA graphs for decode-only steps (triton backend).")]
+# vLLM's spelling (--enable-prefix-caching / --no-enable-prefix-caching), and --no-prefix-caching
+PREFIX_CACHING_FLAGS = ("--enable-prefix-caching/--no-enable-prefix-caching", " /--no-prefix-caching")
+PREFIX_CACHING_HELP = ("Reuse the KV of cached full prompt blocks across requests (automatic prefix caching; "
+                       "docs/PREFIX_CACHING.md).")
+PrefixCaching = Annotated[bool, typer.Option(*PREFIX_CACHING_FLAGS, help=PREFIX_CACHING_HELP)]
 
 
 def _engine_kwargs(load_format, dtype, device, attention_backend, num_kv_blocks, max_model_len,
-                   max_num_batched_tokens, max_num_seqs, cuda_graphs, seed) -> dict:
+                   max_num_batched_tokens, max_num_seqs, cuda_graphs, seed, enable_prefix_caching=True) -> dict:
     return dict(load_format=load_format, dtype=dtype, device=device, attention_backend=attention_backend,
                 num_kv_blocks=num_kv_blocks, max_model_len=max_model_len,
                 max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-                cuda_graphs=cuda_graphs, seed=seed)
+                cuda_graphs=cuda_graphs, seed=seed, enable_prefix_caching=enable_prefix_caching)
 
 
 def _read_prompts(path: Path) -> list[tuple[str, int | None]]:
@@ -97,6 +102,7 @@ def register(app: typer.Typer) -> None:
         max_num_batched_tokens: MaxTokens = 8192,
         max_num_seqs: MaxSeqs = 256,
         cuda_graphs: Graphs = True,
+        enable_prefix_caching: PrefixCaching = True,
         seed: Annotated[int, typer.Option(help="Seed for dummy weights, sampling, trace prompts and SLO draws.")] = 0,
         output: Annotated[Path | None, typer.Option(help="Write one JSON line per request here.")] = None,
         json_path: Annotated[Path | None, typer.Option("--json", help="Write the run summary (vLLM bench keys) here.")] = None,
@@ -138,7 +144,8 @@ def register(app: typer.Typer) -> None:
 def _run_generate(*, model, prompt, prompts, trace, num_requests, rate_scale, offline, policy, max_tokens,
                   temperature, top_p, top_k, ignore_eos, ttft_slo, tpot_slo, slo_classes, latency_profile,
                   load_format, dtype, device, attention_backend, num_kv_blocks, max_model_len,
-                  max_num_batched_tokens, max_num_seqs, cuda_graphs, seed, output, json_path) -> None:
+                  max_num_batched_tokens, max_num_seqs, cuda_graphs, enable_prefix_caching, seed, output,
+                  json_path) -> None:
     import numpy as np
 
     from fairbatch.engine.llm import LLM
@@ -157,10 +164,11 @@ def _run_generate(*, model, prompt, prompts, trace, num_requests, rate_scale, of
     with console.status(f"loading {model}"):
         llm = LLM(model, policy=policy, scheduler_config=cfg, latency_model=lat,
                   **_engine_kwargs(load_format, dtype, device, attention_backend, num_kv_blocks, max_model_len,
-                                   max_num_batched_tokens, max_num_seqs, cuda_graphs, seed))
+                                   max_num_batched_tokens, max_num_seqs, cuda_graphs, seed, enable_prefix_caching))
     e = llm.engine
     console.print(f"{e.name}: {e.config.family}, {str(e.dtype).replace('torch.', '')} on {e.device}, "
-                  f"attention {e.backend.name}, {e.allocator.num_blocks} KV blocks, policy {policy}")
+                  f"attention {e.backend.name}, {e.allocator.num_blocks} KV blocks, policy {policy}, "
+                  f"prefix caching {'on' if e.allocator.prefix_caching else 'off'}")
     default_slo = SLO(ttft_slo, tpot_slo)
     arrivals = []
     if trace is not None:
@@ -198,15 +206,18 @@ def _run_generate(*, model, prompt, prompts, trace, num_requests, rate_scale, of
             console.print(f"[bold]{o.prompt!r}[/] -> {o.text!r}  [dim]({len(o.token_ids)} tokens, {o.finish_reason})[/]",
                           highlight=False)
     summary = summarize([record_from_request(r) for _, r in arrivals])
+    a = e.allocator
     summary.update(policy=policy, model=e.name, device=str(e.device), attention_backend=e.backend.name,
-                   preemptions=llm.scheduler.stats.preemptions)
+                   preemptions=llm.scheduler.stats.preemptions, prefix_caching=a.prefix_caching,
+                   prefix_cache_queries=a.prefix_queries, prefix_cache_hits=a.prefix_hits)
     console.print(format_summary_block(summary, title=f"fairbatch generate ({policy})"), highlight=False)
     if output is not None:
         with output.open("w") as f:
             for o in outs:
                 f.write(json.dumps({"request_id": o.request_id, "prompt": o.prompt, "text": o.text,
                                     "token_ids": o.token_ids, "finish_reason": o.finish_reason,
-                                    "ttft": o.ttft, "tpot": o.tpot, "num_preemptions": o.num_preemptions}) + "\n")
+                                    "ttft": o.ttft, "tpot": o.tpot, "num_preemptions": o.num_preemptions,
+                                    "num_cached_tokens": o.num_cached_tokens}) + "\n")
     if json_path is not None:
         json_path.write_text(json.dumps(summary, indent=2) + "\n")
 

@@ -26,7 +26,7 @@ from fairbatch.engine.kv_cache import KVCache
 from fairbatch.engine.model import TORCH_DTYPES, CausalLM
 from fairbatch.engine.ops import make_ops
 from fairbatch.engine.outputs import CompletionOutput, logprob_dicts
-from fairbatch.engine.params import RequestOutput, SamplingParams
+from fairbatch.engine.params import RequestOutput, SamplingParams, prefix_cache_hashes
 from fairbatch.engine.sampler import Sampler
 from fairbatch.engine.stop_strings import StopStrings
 from fairbatch.engine.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
@@ -67,6 +67,10 @@ class EngineArgs:
     # (specs.default_activation_reserve) and CUDA graphs cover at most 256 decodes. The
     # `fairbatch serve` / `generate` flags default to the same 256.
     max_num_seqs: int = 256
+    # automatic prefix caching (vLLM's enable_prefix_caching, on by default there too): full
+    # prompt blocks are named by a hash of their whole prefix, and a request whose leading
+    # blocks are cached reuses their KV instead of computing it (docs/PREFIX_CACHING.md)
+    enable_prefix_caching: bool = True
 
 
 def _resolve_model(args: EngineArgs) -> tuple[ModelConfig, Path | None, str]:
@@ -127,7 +131,7 @@ class Engine:
         if num_blocks < 1:
             raise EngineError("no memory left for the KV cache; lower max_num_batched_tokens or use a larger GPU")
         self.kv = KVCache.for_model(cfg, num_blocks, args.block_size, self.dtype, self.device)
-        self.allocator = BlockAllocator(num_blocks, args.block_size)
+        self.allocator = BlockAllocator(num_blocks, args.block_size, prefix_caching=args.enable_prefix_caching)
         try:
             self.backend = make_backend(args.attention_backend, self.device, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
         except ValueError as e:
@@ -257,6 +261,7 @@ class LLM:
         cfg = self.scheduler_config
         req = Request(rid, 0.0, len(ids), sp.max_tokens, slo or SLO(cfg.ttft_slo, cfg.tpot_slo),
                       prompt_token_ids=ids, sampling=sp)
+        req.block_hashes = prefix_cache_hashes(ids, sp, a.block_size, a.prefix_caching)
         req.user_data = text
         return req
 
@@ -352,7 +357,7 @@ class LLM:
             prompt_token_ids=list(req.prompt_token_ids or []), text=self.tokenizer.decode(req.output_token_ids),
             token_ids=list(req.output_token_ids), finish_reason=req.finish_reason, arrival=req.arrival,
             first_token_time=req.first_token_time, finish_time=req.finish_time,
-            num_preemptions=req.num_preemptions)
+            num_preemptions=req.num_preemptions, num_cached_tokens=req.num_cached_tokens)
 
 
 PromptInput = "str | Sequence[int] | dict[str, Any]"

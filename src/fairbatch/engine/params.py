@@ -3,7 +3,10 @@ server can build them without loading the engine)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from fairbatch.kv import prompt_block_hashes
 
 
 @dataclass
@@ -110,6 +113,16 @@ MAX_LOGPROBS = 20                # vLLM's default max_logprobs
 MAX_REPETITION_PENALTY = 1e6     # vLLM has no upper bound; a finite one keeps the logits finite
 
 
+def prefix_cache_hashes(prompt_ids: Sequence[int], sp: SamplingParams, block_size: int,
+                        enabled: bool) -> list[int] | None:
+    """``Request.block_hashes`` for a prompt: the names of its full blocks, or None when the
+    request must not read the prefix cache: caching is off, or it asks for prompt logprobs
+    (scoring the prompt needs every position computed; vLLM skips the cache for them too)."""
+    if not enabled or sp.prompt_logprobs is not None:
+        return None
+    return prompt_block_hashes(prompt_ids, block_size)
+
+
 @dataclass
 class RequestOutput:
     request_id: str
@@ -122,6 +135,9 @@ class RequestOutput:
     first_token_time: float | None = None
     finish_time: float | None = None
     num_preemptions: int = 0
+    # prompt tokens whose KV came from the prefix cache at its first admission (vLLM's
+    # num_cached_tokens; 0 with caching off)
+    num_cached_tokens: int = 0
     # with SamplingParams.logprobs / prompt_logprobs: per token, ``[(token id, logprob,
     # rank), ...]``, the token first, then the top k (prompt position 0: None)
     logprobs: list | None = None

@@ -25,9 +25,17 @@ from fairbatch.server.output import OutputProcessor
 from fairbatch.server.protocol import _Sampling
 
 
-def usage(prompt_tokens: int, procs: Sequence[OutputProcessor]) -> dict[str, int]:
+def usage(prompt_tokens: int, procs: Sequence[OutputProcessor]) -> dict[str, Any]:
+    """OpenAI's usage object; with prefix caching on, ``prompt_tokens_details.cached_tokens``
+    too (always, 0 included, as OpenAI's API; vLLM sends it only with
+    --enable-prompt-tokens-details and only when not 0)."""
     out = sum(p.num_tokens for p in procs)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": out, "total_tokens": prompt_tokens + out}
+    u: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": out,
+                         "total_tokens": prompt_tokens + out}
+    counted = [p for p in procs if p.reports_cached]
+    if counted:
+        u["prompt_tokens_details"] = {"cached_tokens": sum(p.cached_tokens or 0 for p in counted)}
+    return u
 
 
 def procs_of(group: RequestGroup) -> list[OutputProcessor]:
@@ -69,6 +77,8 @@ async def choice_outputs(group: RequestGroup, model: ServedModel, body: _Samplin
     procs = [OutputProcessor(model.decode, stops, include_stop_str=body.include_stop_str_in_output,
                              min_tokens=body.min_tokens, stop_token_ids=body.stop_token_ids or ())
              for _ in range(n)]
+    for i, proc in enumerate(procs):
+        proc.reports_cached = model.prefix_caching and i % body.n == 0
     group.processors = procs   # type: ignore[attr-defined]
     closed: set[int] = set()
     try:
@@ -84,6 +94,8 @@ async def choice_outputs(group: RequestGroup, model: ServedModel, body: _Samplin
                 return
             proc = procs[idx]
             proc.add_logprobs(d.logprobs, d.prompt_logprobs)
+            if d.cached_tokens is not None:
+                proc.cached_tokens = d.cached_tokens
             text = proc.feed(d.token_ids, final=d.finish_reason is not None,
                              stopped_by_token=d.finish_reason == "stop")
             reason = d.finish_reason

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from fairbatch.engine.commands import PREFIX_CACHING_FLAGS, PREFIX_CACHING_HELP
 from fairbatch.server.access import API_KEY_ENV
 
 # What a queued request is assumed to wait behind when no queue cap is given: each running
@@ -114,6 +115,7 @@ def register(app: typer.Typer) -> None:
                                                       "the simulator models an H100 at 1024).")] = 256,
         max_num_batched_tokens: Annotated[int, typer.Option(help="Token budget per step (vllm policy).")] = 8192,
         num_kv_blocks: Annotated[Optional[int], typer.Option(help="KV-cache blocks; default: from GPU memory (1024 on CPU).")] = None,
+        enable_prefix_caching: Annotated[bool, typer.Option(*PREFIX_CACHING_FLAGS, help=PREFIX_CACHING_HELP)] = True,
         gpu_memory_utilization: Annotated[float, typer.Option(help="Fraction of GPU memory for weights + KV cache.")] = 0.9,
         max_pending: Annotated[Optional[int], typer.Option(help="Requests held at once (running + queued); beyond it 503 + "
                                                          "Retry-After. Default: from the SLO (docs/SERVING.md).")] = None,
@@ -213,7 +215,7 @@ def register(app: typer.Typer) -> None:
             profile=str(profile) if profile else None, load_format=load_format, dtype=dtype, device=device,
             attention_backend=attention_backend, num_kv_blocks=num_kv_blocks,
             gpu_memory_utilization=gpu_memory_utilization, seed=seed, cpu_threads=cpu_threads,
-            refit_latency=refit_latency)
+            refit_latency=refit_latency, enable_prefix_caching=enable_prefix_caching)
         logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                             format="%(levelname)s %(name)s: %(message)s")
         backend = None
@@ -252,7 +254,8 @@ def register(app: typer.Typer) -> None:
         bound = sock.getsockname()
         late_mode = f", late={options['late']}" if "late" in options else ""
         console.print(f"serving [bold]{served.name}[/] ({served.device}, policy {policy}{late_mode}, "
-                      f"{served.num_blocks} KV blocks, context {served.max_model_len}, "
+                      f"{served.num_blocks} KV blocks, prefix caching {'on' if served.prefix_caching else 'off'}, "
+                      f"context {served.max_model_len}, "
                       f"SLO TTFT {ttft_slo:g}s / TPOT {tpot_slo * 1e3:g}ms) on http://{host}:{bound[1]}",
                       highlight=False)
         serve_forever(app_, sock, log_level=log_level, access_log=access_log, limits=limits)

@@ -235,6 +235,7 @@ class EngineLoop:
                     delta.prompt_logprobs = self._prompt_lp.pop(rid)
                 if rid in self._scheduled:
                     delta.scheduled = self._scheduled.pop(rid)
+                    delta.cached_tokens = req.num_cached_tokens    # set at its first admission
                 if reason is not None:
                     delta.num_preemptions = req.num_preemptions
                 deltas.append((rid, delta))
@@ -259,9 +260,7 @@ class EngineLoop:
         inst = self.instance
         now = clock()
         deltas = [(rid, Delta([], error=message, time=now)) for rid in self._sent]
-        sched = inst.scheduler
-        ids = dict.fromkeys([*self._sent, *(r.request_id for r in sched.running),
-                             *(r.request_id for r in sched.waiting), *(r.request_id for r in sched.relegated)])
+        ids = dict.fromkeys([*self._sent, *inst.scheduler.request_ids()])
         self._sent.clear()
         self._prompt_lp.clear()
         self._scheduled.clear()
@@ -290,7 +289,7 @@ class EngineLoop:
             load = sched.load(now)
         except Exception:   # noqa: BLE001
             a = sched.allocator
-            load = Load(len(sched.running), len(sched.waiting), a.usage, a.num_free, a.num_blocks, 0, 0.0, now)
+            load = Load(sched.num_running, sched.num_waiting, a.usage, a.num_free, a.num_blocks, 0, 0.0, now)
         self.post(SnapshotUpdate(EngineSnapshot(
             running=load.running, waiting=load.waiting, kv_usage=load.kv_usage, free_blocks=load.free_blocks,
             num_blocks=load.num_blocks, preemptions=sched.stats.preemptions, steps=sched.stats.steps,
@@ -300,12 +299,15 @@ class EngineLoop:
             step_tokens=self.step_tokens, steps_run=self.steps_run, latency_refits=self.latency_refits,
             latency_refit_attempts=self._online.refit_attempts if self._online is not None else 0,
             rejected=sched.stats.rejected, relegated=sched.stats.relegated,
-            iteration_tokens=tuple(self.iteration_tokens), time=now)))
+            iteration_tokens=tuple(self.iteration_tokens), prefix_cache_queries=sched.allocator.prefix_queries,
+            prefix_cache_hits=sched.allocator.prefix_hits, time=now)))
 
 
 def mirror(req: Request, delta: Delta) -> None:
     """Replay a delta onto the front end's copy of a request that runs in another process,
     so metrics read the same token times and finish state as the engine's copy holds."""
+    if delta.cached_tokens is not None:
+        req.num_cached_tokens = delta.cached_tokens
     for tok in delta.token_ids:
         req.record_token(delta.time, tok)
     if delta.finish_reason is not None:

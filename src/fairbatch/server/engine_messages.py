@@ -54,8 +54,10 @@ class Delta:
     # entries (None for position 0, which nothing scores)
     prompt_logprobs: list | None = None
     # with the first tokens: when the request was first scheduled (the end of its queue
-    # time, vLLM's scheduled_ts); with the last: its preemptions
+    # time, vLLM's scheduled_ts) and how many of its prompt tokens the prefix cache held
+    # then (vLLM's num_cached_tokens); with the last: its preemptions
     scheduled: float | None = None
+    cached_tokens: int | None = None
     num_preemptions: int = 0
 
     @property
@@ -97,6 +99,10 @@ class EngineSnapshot:
     relegated: int = 0
     # steps by tokens computed: counts per engine_loop.ITERATION_TOKENS_BUCKETS bucket (+Inf last)
     iteration_tokens: tuple[int, ...] = ()
+    # prompt tokens looked up in the prefix cache and found there (the allocator's counts;
+    # 0 and 0 with caching off, as vLLM's)
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
     time: float = 0.0
 
 

@@ -111,13 +111,6 @@ class ServerMetrics:
         self.req_preemptions = Histogram(p + "request_num_preemptions", "Preemptions of each finished request.",
                                          lab, buckets=PREEMPTION_BUCKETS, registry=r)
         self._scheduled: dict[str, float] = {}      # request id -> first scheduled, until it ends
-        # vLLM's prefix-cache counters, for dashboards that plot the hit rate: this engine
-        # has no prefix cache, so every prompt token is a query and none is a hit
-        self.prefix_cache_queries = Counter(p + "prefix_cache_queries", "Prompt tokens looked up in the prefix "
-                                            "cache (every one: there is none).", lab, registry=r)
-        self.prefix_cache_hits = Counter(p + "prefix_cache_hits", "Prompt tokens found in the prefix cache "
-                                         "(always 0: there is none).", lab, registry=r)
-        self.prefix_cache_hits.labels(model_name)    # exported at 0 from the start
         self.slo_requests = Counter(p + "slo_requests", "Requests counted for SLO attainment: finished, and "
                                     "refused for lateness (late=reject; each a miss).",
                                     lab + ["slo_class"], registry=r)
@@ -143,7 +136,6 @@ class ServerMetrics:
     # --- events (event loop thread) --------------------------------------------------------
     def on_arrival(self, req: Request) -> None:
         self._prompt_tokens.inc(req.prompt_len)
-        self.prefix_cache_queries.labels(self.model_name).inc(req.prompt_len)
 
     def on_tokens(self, req: Request, start: int, end: int) -> None:
         """Output tokens ``start..end-1`` of ``req`` were just produced."""
@@ -290,7 +282,13 @@ class _StateCollector(Collector):
                     ("latency_model_refits", "Accepted online refits of the step-time model (--refit-latency).",
                      snap.latency_refits),
                     ("latency_model_refit_attempts", "Refit windows the online step-time model looked at; a "
-                     "window that fits badly (noisy steps) is not accepted.", snap.latency_refit_attempts)):
+                     "window that fits badly (noisy steps) is not accepted.", snap.latency_refit_attempts),
+                    # vLLM's prefix-cache counters, in tokens (hit rate = hits / queries); both stay
+                    # at 0 with --no-enable-prefix-caching, as vLLM's do
+                    ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache (at the first "
+                     "admission of each request that may use it).", snap.prefix_cache_queries),
+                    ("prefix_cache_hits", "Prompt tokens found in the prefix cache (their KV reused, not "
+                     "computed).", snap.prefix_cache_hits)):
                 c = CounterMetricFamily(p + name, doc, labels=lab)
                 c.add_metric([m.model_name], value)
                 yield c
@@ -335,7 +333,8 @@ def _cache_config_info(p: str, model: Any) -> GaugeMetricFamily:
     (dashboards read num_gpu_blocks and block_size from it)."""
     info = getattr(model, "info", None)
     labels = {"block_size": str(getattr(info, "block_size", "")), "num_gpu_blocks": str(model.num_blocks),
-              "num_cpu_blocks": "0", "cache_dtype": "auto", "enable_prefix_caching": "False",
+              "num_cpu_blocks": "0", "cache_dtype": "auto",
+              "enable_prefix_caching": str(bool(getattr(info, "prefix_caching", False))),
               "engine": "0"}
     g = GaugeMetricFamily(p + "cache_config_info", "Information of the engine's KV cache configuration.",
                           labels=list(labels))

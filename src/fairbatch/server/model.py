@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fairbatch.engine.params import SamplingParams
+from fairbatch.engine.params import SamplingParams, prefix_cache_hashes
 from fairbatch.kv import check_fits
 from fairbatch.request import SLO, Request
 
@@ -121,6 +121,7 @@ class ModelInfo:
     block_size: int
     tokenizer_dir: str | None
     eos_token_ids: tuple[int, ...] = ()
+    prefix_caching: bool = False     # the engine reuses cached prompt blocks (requests carry their names)
 
     @classmethod
     def of_llm(cls, llm: Any, name: str | None = None) -> "ModelInfo":
@@ -133,7 +134,7 @@ class ModelInfo:
                    ttft_slo=cfg.ttft_slo, tpot_slo=cfg.tpot_slo, device=str(engine.device),
                    num_blocks=engine.allocator.num_blocks, block_size=engine.allocator.block_size,
                    tokenizer_dir=str(tok_dir) if tok_dir is not None else None,
-                   eos_token_ids=tuple(engine.eos_token_ids))
+                   eos_token_ids=tuple(engine.eos_token_ids), prefix_caching=bool(engine.allocator.prefix_caching))
 
 
 class ServedModel:
@@ -160,6 +161,7 @@ class ServedModel:
         self.num_blocks = info.num_blocks
         self.chat_template = ChatTemplate.from_dir(info.tokenizer_dir)
         self.device = info.device
+        self.prefix_caching = info.prefix_caching
 
     @classmethod
     def of_llm(cls, llm: Any, name: str | None = None, *, aliases: Sequence[str] = ()) -> "ServedModel":
@@ -233,12 +235,16 @@ class ServedModel:
         return max_tokens
 
     def make_request(self, request_id: str, prompt_ids: list[int], sp: SamplingParams, *, slo: SLO,
-                     priority: int = 0, arrival: float = 0.0) -> Request:
+                     priority: int = 0, arrival: float = 0.0, like: Request | None = None) -> Request:
         """A scheduler ``Request`` for a prompt that passed ``check_length`` and the
-        vocabulary check; ValueError if it could never fit the KV cache."""
+        vocabulary check; ValueError if it could never fit the KV cache. With prefix caching,
+        its blocks' names are computed here, on the front end, not between engine steps;
+        ``like``: another sample of the same prompt and parameters, whose names it shares."""
         info = self.info
         check_fits(len(prompt_ids), sp.max_tokens, info.max_model_len, info.block_size, info.num_blocks)
         req = Request(request_id, arrival, len(prompt_ids), sp.max_tokens, slo,
                       prompt_token_ids=list(prompt_ids), sampling=sp)
         req.priority = priority
+        req.block_hashes = like.block_hashes if like is not None else prefix_cache_hashes(
+            prompt_ids, sp, info.block_size, info.prefix_caching)
         return req

@@ -47,6 +47,11 @@ class OutputProcessor:
         # logprob entries of tokens not yet sent (the endpoint takes them with each chunk)
         self.pending_logprobs: list = []
         self.prompt_logprobs: list | None = None
+        # prompt tokens the prefix cache held when the engine first scheduled this choice
+        # (with its first tokens); reports_cached: usage counts them (with caching on, the
+        # first choice of each prompt: usage counts a prompt once, whatever n)
+        self.cached_tokens: int | None = None
+        self.reports_cached = False
 
     def feed(self, token_ids: Sequence[int], final: bool = False, stopped_by_token: bool = False) -> str:
         """Add the step's new tokens; returns the text to send now (may be empty).

@@ -86,7 +86,8 @@ def build_requests(model: ServedModel, body: _Sampling, prompts: list[list[int]]
         for j in range(body.n):
             try:
                 reqs.append(model.make_request(f"{prefix}-{p * body.n + j}", ids, sp, slo=slo,
-                                               priority=body.priority, arrival=arrival))
+                                               priority=body.priority, arrival=arrival,
+                                               like=reqs[-1] if j else None))
             except ValueError as e:
                 raise bad_request(str(e), "prompt") from None
     return reqs

@@ -5,7 +5,8 @@ that are 1 or divisible by 16, block-table widths, prefill vs decode launches), 
 first cuBLAS call of a shape picks its algorithm: hundreds of milliseconds each, which a
 first client would otherwise pay inside its TTFT. A burst of requests of mixed lengths, run to
 completion with the server's own policy, go through prefill-only, mixed and decode-only
-steps; then the scheduler's counters are reset so /metrics starts at zero.
+steps; then the scheduler's and the prefix cache's counters are reset so /metrics starts
+at zero.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ def warm_up(llm: Any, *, count: int = 160, seed: int = 0) -> float:
     llm.generate(prompts, params)       # all at once: prefill-only, mixed and decode-only steps
     sched = llm.scheduler
     sched.stats = type(sched.stats)()
+    alloc = llm.engine.allocator
+    if alloc.prefix_caching:      # its blocks stay cached (random tokens: nobody shares them)
+        alloc.prefix_queries = alloc.prefix_hits = 0
     took = time.perf_counter() - t0
     log.info("warm-up done in %.1f s", took)
     return took

@@ -84,7 +84,7 @@ def test_azure_code_matches_readme() -> None:
 
 def test_bundled_names(conv: list[TraceEntry]) -> None:
     names = bundled_traces()
-    assert set(names) == {"azure-conv", "azure-code", "mooncake"}
+    assert set(names) == {"azure-conv", "azure-code", "mooncake", "multi-turn"}
     assert all(isinstance(d, str) and d for d in names.values())
     data = resources.files("fairbatch.workload") / "data" / "AzureLLMInferenceTrace_conv.csv"
     with resources.as_file(data) as path:                       # by name = by path

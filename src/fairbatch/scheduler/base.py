@@ -232,9 +232,9 @@ class Scheduler(ABC):
         self._late_seq = count()
         self._rejected: list[Request] = []        # refused since the host last asked
         # prefix caching (docs/PREFIX_CACHING.md): waiting requests holding their cached
-        # prefix, in the order they took it; whether any request so far had block names
+        # prefix, in the order they took it; running ones with prompt blocks yet to name
         self._pinned: dict[str, Request] = {}
-        self._names_seen = False
+        self._naming: dict[str, Request] = {}
 
     # --- interface -------------------------------------------------------------------------
     def add(self, req: Request, now: float, *, validate: bool = True) -> None:
@@ -252,7 +252,6 @@ class Scheduler(ABC):
             req.plan_first_token_early(self.config.ttft_margin)
         self._by_id[req.request_id] = req
         if req.block_hashes is not None:
-            self._names_seen = True
             self.take_cached_prefix(req)   # before its deadline checks: they price what is left
         if self.late is not Late.SERVE and self._watch(req, now, arriving=True):
             return   # refused (state REJECTED) or relegated at arrival
@@ -395,8 +394,6 @@ class Scheduler(ABC):
         stopped = result.stopped
         running = RequestState.RUNNING
         relegate = self.late is not Late.SERVE
-        if self._names_seen:
-            self._name_computed_blocks(plan)
         for req, k in plan.chunks:
             if req.state is not running:
                 continue  # aborted while the step ran
@@ -418,6 +415,8 @@ class Scheduler(ABC):
                 elif req.generated == 1 and req.ttft_missed and relegate and not req.relegated:
                     req.relegated = True      # its SLO is lost: best effort from here on
                     self.stats.relegated += 1
+        if self._naming:
+            self._name_computed_blocks()
         if finished:
             for req in finished:
                 self._finish(req, now)
@@ -524,14 +523,19 @@ class Scheduler(ABC):
             other.num_computed = other.kv_slots = 0
         return alloc.num_free >= need
 
-    def _name_computed_blocks(self, plan: StepPlan) -> None:
-        """After a step: the prompt blocks it completed become reusable by later requests."""
+    def _name_computed_blocks(self) -> None:
+        """After a step (before its finished requests free their blocks): the prompt blocks
+        it completed become reusable by later requests."""
         register, bs = self.allocator.register, self.allocator.block_size
         running = RequestState.RUNNING
-        for req, k in plan.chunks:
-            hashes = req.block_hashes
-            if hashes is not None and req.state is running and req.num_computed < len(hashes) * bs:
-                register(req.request_id, hashes, req.num_computed + k)
+        naming = self._naming
+        for rid, req in list(naming.items()):
+            if req.state is running:
+                hashes = req.block_hashes
+                register(rid, hashes, req.num_computed)
+                if req.num_computed < len(hashes) * bs:
+                    continue
+            del naming[rid]       # all named, or it left (preempted ones come back at admission)
 
     # --- queries ---------------------------------------------------------------------------
     def has_work(self) -> bool:
@@ -628,6 +632,7 @@ class Scheduler(ABC):
         """Move the head of the waiting queue into the running list."""
         if req.block_hashes is not None:
             self._pinned.pop(req.request_id, None)
+            self._naming[req.request_id] = req
             if req.admitted_at < 0:      # first admission: what the cache saved it
                 req.num_cached_tokens = req.num_computed
                 self.allocator.record_lookup(req.prompt_len, req.num_computed)

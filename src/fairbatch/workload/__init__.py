@@ -16,6 +16,7 @@ from ..request import SLO, DeadlineRule, Request
 from .arrivals import ArrivalProcess, GammaArrivals, PoissonArrivals, retime
 from .load import bundled_traces, load_trace
 from .readers import FORMATS, TraceFile, detect_format, read_trace
+from .sessions import multi_turn_trace
 from .slo_classes import SLOClass, assign_slos, parse_slo_classes, slo_priorities
 from .trace import TraceEntry, TraceError
 from .transform import mean_rate, scale_rate, take, truncate_to_context
@@ -23,7 +24,7 @@ from .transform import mean_rate, scale_rate, take, truncate_to_context
 __all__ = [
     "FORMATS", "ArrivalProcess", "GammaArrivals", "PoissonArrivals", "SLOClass", "TraceEntry",
     "TraceError", "TraceFile", "assign_slos", "bundled_traces", "detect_format", "load_trace",
-    "make_requests", "mean_rate", "parse_slo_classes", "read_trace", "retime", "scale_rate",
+    "make_requests", "mean_rate", "multi_turn_trace", "parse_slo_classes", "read_trace", "retime", "scale_rate",
     "slo_priorities", "take", "truncate_to_context",
 ]
 

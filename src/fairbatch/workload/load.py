@@ -13,7 +13,8 @@ from importlib import resources
 from pathlib import Path
 
 from .arrivals import ArrivalProcess, retime
-from .readers import read_trace
+from .readers import TraceFile, read_trace
+from .sessions import multi_turn_trace
 from .trace import TraceEntry, TraceError
 
 # name -> (file in data/, description)
@@ -36,9 +37,17 @@ _BUNDLED: dict[str, tuple[str, str]] = {
 }
 
 
+# generated, not read: name -> description (seeded by load_trace's seed)
+_SYNTHETIC: dict[str, str] = {
+    "multi-turn": ("synthetic multi-turn chat (workload/sessions.py): 1,000 sessions at 0.5/s of 2-8 turns, "
+                   "each prompt the last one + its answer + a new message after a shared 1,024-token system "
+                   "prompt; ~5,000 requests, 512-token hash ids"),
+}
+
+
 def bundled_traces() -> dict[str, str]:
     """Names ``load_trace`` accepts without a path, with a one-line description."""
-    return {name: description for name, (_, description) in _BUNDLED.items()}
+    return {**{name: description for name, (_, description) in _BUNDLED.items()}, **_SYNTHETIC}
 
 
 def load_trace(
@@ -54,7 +63,9 @@ def load_trace(
     with that process (seeded by ``seed``); lengths-only traces need one. A ``str`` that is
     a bundled name means the bundled trace; pass a ``Path`` for a local file of that name.
     """
-    if isinstance(source, str) and source in _BUNDLED:
+    if isinstance(source, str) and source in _SYNTHETIC:
+        trace, label = TraceFile(multi_turn_trace(seed=seed), "synthetic", True), source
+    elif isinstance(source, str) and source in _BUNDLED:
         filename = _BUNDLED[source][0]
         data = resources.files("fairbatch.workload").joinpath("data", filename)
         with resources.as_file(data) as path:
@@ -65,7 +76,7 @@ def load_trace(
         if not Path(source).exists() and not isinstance(source, Path) and os.sep not in label:
             # Probably a mistyped bundled name rather than a path.
             raise TraceError(label, None, f"no such file, and not a bundled trace "
-                                          f"({', '.join(_BUNDLED)})")
+                                          f"({', '.join(bundled_traces())})")
         trace = read_trace(source, label=label)
 
     entries = trace.entries

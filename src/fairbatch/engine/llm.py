@@ -321,9 +321,9 @@ class LLM:
                         done(req)
                 if plan.is_empty:
                     idle_steps = 0 if plan.rejected else idle_steps + 1
-                    if idle_steps > 10000 and not self.scheduler.running:
+                    if idle_steps > 10000 and not self.scheduler.num_running:
                         raise RuntimeError(f"the {self.policy} scheduler makes no progress "
-                                           f"({len(self.scheduler.waiting)} requests waiting)")
+                                           f"({self.scheduler.num_waiting} requests waiting)")
                     continue
                 idle_steps = 0
                 for req in finished:

@@ -41,8 +41,9 @@ PROMPTS = [
     BASE,                                 # 64 tokens, block-aligned: the last block is recomputed -> 48
     BASE[:40] + _ids(30, 5),              # diverges inside the third block -> 32
     _ids(50, 6),                          # shares nothing -> 0
+    BASE + _ids(1, 9),                    # 65 tokens: its first step is one token, like a decode -> 64
 ]
-CACHED = [64, 64, 48, 32, 0]
+CACHED = [64, 64, 48, 32, 0, 64]
 
 
 @pytest.fixture(scope="module")
@@ -153,10 +154,11 @@ def test_first_step_after_a_cached_prefix_matches_transformers(ckpt):
     llm = _llm(path, policy="vllm")
     _drive(llm, [llm.make_request(WARM, GREEDY, request_id="warm")])
     sched, inst = llm.scheduler, llm.instance
-    reqs = [llm.make_request(p, GREEDY, request_id=f"r{i}") for i, p in enumerate(PROMPTS[:4])]
+    reqs = [llm.make_request(p, GREEDY, request_id=f"r{i}") for i, p in enumerate(PROMPTS)]
     for r in reqs:
         inst.add(r, 0.0)
     plan = sched.schedule(1.0)
+    assert len(plan.chunks) == len(PROMPTS)
     logits = llm.engine.executor.logits_of_all_tokens(plan)
     row = 0
     for req, k in plan.chunks:
@@ -355,5 +357,10 @@ def test_prefix_cache_on_gpu(ckpt, backend):
             if backend == "triton":
                 g = llm.engine.executor.graphs
                 assert g is not None and g.replays > 0 and g.mixed_replays > 0
+                if caching:     # alone, its first step (one token after 64 cached) replays a decode graph
+                    before = g.replays
+                    out = llm.generate([PROMPTS[5]], GREEDY)[0]
+                    assert out.num_cached_tokens == 64 and out.token_ids == want[tuple(PROMPTS[5])]
+                    assert g.replays - before == MAX_TOKENS
         for p, a, b in zip(prompts, outs[True], outs[False]):
             assert a.token_ids == b.token_ids == want[tuple(p)], (blocks, len(p))

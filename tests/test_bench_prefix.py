@@ -87,9 +87,8 @@ def _caching_app(block: int = 16) -> FastAPI:
         cached = min(held * block, len(ids) - 1)
         n = body["max_tokens"]
 
-        async def gen():
-            for i in range(n):
-                yield "data: " + json.dumps({"choices": [{"index": 0, "text": "x", "finish_reason": None}]}) + "\n\n"
+        async def gen():      # one event carries all n tokens (usage says how many)
+            yield "data: " + json.dumps({"choices": [{"index": 0, "text": "x" * n, "finish_reason": None}]}) + "\n\n"
             usage = {"prompt_tokens": len(ids), "completion_tokens": n,
                      "prompt_tokens_details": {"cached_tokens": cached}}
             yield "data: " + json.dumps({"choices": [], "usage": usage}) + "\n\n"
@@ -154,3 +153,17 @@ def test_capacity_points_do_not_hit_each_other_and_cli_prints_sharing(tmp_path) 
         # every point (its own salt) found exactly the trace's sharing, none of the earlier points'
         assert len(report["runs"]) >= 2
         assert all(run["cached_prompt_tokens"] == shared for run in report["runs"])
+
+
+def test_multi_turn_trace_replays_its_sessions_prefixes() -> None:
+    """The bundled synthetic ``multi-turn`` trace (sessions whose turns extend the last
+    prompt and answer) goes through the same hash-id prompts: each turn finds the last
+    turn's prompt cached."""
+    with ServerThread(_caching_app(), log_level="critical") as s:
+        cfg = BenchConfig(base_url=s.url, trace="multi-turn", num_prompts=60, warmup=False, max_concurrency=1,
+                          rate_scale=1000.0)
+        wl = prepare(cfg)
+        assert wl.shared_tokens > 0.5 * sum(r.prompt_len for r in wl.requests)
+        out = run_once(cfg, wl, rate_scale=1000.0)
+    assert out.summary["completed"] == 60
+    assert out.summary["cached_prompt_tokens"] == wl.shared_tokens

@@ -244,6 +244,18 @@ def test_generate_command_prefix_caching_flags(tmp_path):
         assert f"prefix caching {state}" in r.output
 
 
+@pytest.mark.parametrize("flag", ["--enable-prefix-caching", "--no-enable-prefix-caching", "--no-prefix-caching"])
+def test_serve_takes_the_prefix_caching_flags(flag):
+    """The flags parse (a bad later option then fails as usual, before any model loads)."""
+    from typer.testing import CliRunner
+
+    from fairbatch.cli import app
+
+    r = CliRunner().invoke(app, ["serve", "--model", "tiny-llama", "--load-format", "dummy", flag,
+                                 "--metrics-prefix", "bad:"])
+    assert r.exit_code == 2 and "metrics prefix" in r.output, r.output
+
+
 # --- the server ------------------------------------------------------------------------------
 def _server(**kw):
     pytest.importorskip("fastapi")

@@ -52,7 +52,9 @@ def test_shared_tokens_counts_whole_blocks_of_prefixes_seen_before() -> None:
     p2 = ([1, 2, 3], trace_prompt([1, 2, 3], 1100), 1100)      # shares p1's 1000: 62 full blocks of 16
     p3 = ([9], trace_prompt([9], 100), 100)
     assert shared_prompt_tokens([p1, p2, p3]) == 62 * 16
-    assert shared_prompt_tokens([p1, p1]) == 62 * 16             # a repeat still computes its last token
+    assert shared_prompt_tokens([p1, p1]) == 62 * 16             # 999 // 16 = 62: the last token computed
+    p4 = ([1, 2], trace_prompt([1, 2], 992), 992)                # 62 full blocks, all held: the 62nd recomputed
+    assert shared_prompt_tokens([p1, p4]) == 61 * 16
     ids = list(range(3, 67))
     assert shared_prompt_tokens([(None, ids, 64), (None, ids + [5] * 20, 84)]) == 64   # named from tokens
 
@@ -84,7 +86,7 @@ def _caching_app(block: int = 16) -> FastAPI:
         while held < len(names) and names[held] in app.state.seen:
             held += 1
         app.state.seen.update(names)
-        cached = min(held * block, len(ids) - 1)
+        cached = min(held, (len(ids) - 1) // block) * block     # the last token's block is computed
         n = body["max_tokens"]
 
         async def gen():      # one event carries all n tokens (usage says how many)

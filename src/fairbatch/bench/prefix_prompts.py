@@ -19,8 +19,9 @@ kept within a replay and nothing is shared across replays.
 
 ``shared_prompt_tokens`` counts, for a list of prompts in arrival order, the prompt
 tokens an unbounded cache of ``block_size``-token blocks would reuse (every full block
-whose prefix an earlier prompt sent; the last prompt token is always computed): the
-hit rate the workload allows, against which a server's measured one is read.
+whose prefix an earlier prompt sent, less the block of the last prompt token, which is
+always computed, as in vLLM and fairbatch's engine): the hit rate the workload allows,
+against which a server's measured one is read.
 """
 
 from __future__ import annotations
@@ -84,6 +85,6 @@ def shared_prompt_tokens(prompts: Sequence[tuple[Sequence[int] | None, Sequence[
             if h not in seen:
                 break
             held += 1
-        shared += min(held * block_size, max(0, prompt_len - 1))
+        shared += min(held, max(0, prompt_len - 1) // block_size) * block_size
         seen.update(names)
     return shared

@@ -139,6 +139,9 @@ def test_a_new_salt_shares_nothing_with_the_last_replay(tmp_path) -> None:
     both = [(None, r.prompt_ids, r.prompt_len) for r in wl.requests + again.requests]
     assert shared_prompt_tokens(both) == 2 * wl.shared_tokens
     assert with_salt(cfg, wl, 0) is wl
+    with ServerThread(_caching_app(), log_level="critical") as s:     # --prompt-salt 1: the same prompts
+        salted = prepare(BenchConfig(base_url=s.url, trace=str(path), num_prompts=None, prompt_salt=1))
+    assert [r.prompt_ids for r in salted.requests] == [r.prompt_ids for r in again.requests]
 
 
 def test_capacity_points_do_not_hit_each_other_and_cli_prints_sharing(tmp_path) -> None:

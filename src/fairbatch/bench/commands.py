@@ -64,6 +64,9 @@ def register(app: typer.Typer) -> None:
         send_slo: Annotated[bool, typer.Option(help="Send each request's SLO in its body (fairbatch servers use it).")] = True,
         extra_body: Annotated[Optional[str], typer.Option(help="JSON object merged into every request body.")] = None,
         seed: Annotated[int, typer.Option(help="Seed for prompts, SLO classes and arrival processes.")] = 0,
+        prompt_salt: Annotated[int, typer.Option(min=0, help="Replay the same trace with prompts that share nothing "
+                                                 "with another salt's (the trace's own sharing kept): for a server "
+                                                 "whose prefix cache holds an earlier replay.")] = 0,
         timeout: Annotated[float, typer.Option(help="Per-request timeout, seconds.")] = 6 * 3600.0,
         label: Annotated[Optional[str], typer.Option(help="Name of this run in the JSON (default: the server's policy).")] = None,
         save_result: Annotated[bool, typer.Option("--save-result", help="Write the JSON result (vLLM's flag; "
@@ -150,6 +153,7 @@ def register(app: typer.Typer) -> None:
             burstiness=burstiness, ttft_slo=gp.get("ttft", ttft_slo if ttft_slo is not None else 1.0),
             tpot_slo=gp.get("tpot", tpot_slo if tpot_slo is not None else 0.05), slo_classes=slo_classes,
             max_model_len=max_model_len, max_concurrency=max_concurrency, send_slo=send_slo, seed=seed,
+            prompt_salt=prompt_salt,
             timeout=timeout, label=label, extra_body=body, workers=workers, ignore_eos=ignore_eos,
             dataset_name=dataset_name, random_input_len=random_input_len, random_output_len=random_output_len,
             random_range_ratio=random_range_ratio, dataset_path=dataset_path, sharegpt_output_len=sharegpt_output_len,

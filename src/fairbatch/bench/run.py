@@ -74,6 +74,7 @@ class BenchConfig:
     send_slo: bool = True                       # put each request's SLO in its body (our server reads it)
     ignore_eos: bool = True
     seed: int = 0
+    prompt_salt: int = 0                        # > 0: prompts sharing nothing with another salt's (same trace)
     timeout: float = 6 * 3600.0
     label: str | None = None
     extra_body: dict[str, Any] = field(default_factory=dict)
@@ -219,10 +220,12 @@ def prepare(cfg: BenchConfig) -> Workload:
         slos = assign_slos(entries, default=default, classes=parse_slo_classes(cfg.slo_classes), seed=cfg.seed)
     else:
         slos = assign_slos(entries, default=default)
-    prompts = make_prompts(cfg, entries, texts)
+    if cfg.prompt_salt < 0:
+        raise BenchError("--prompt-salt must be >= 0")
+    prompts = make_prompts(cfg, entries, texts, cfg.prompt_salt)
     requests = [BenchRequest(f"bench-{i}", e.arrival, ids, e.output_len, slo)
                 for i, (e, slo, ids) in enumerate(zip(entries, slos, prompts, strict=True))]
-    wl = Workload(entries, requests, base_rate, truncated, model, info, texts)
+    wl = Workload(entries, requests, base_rate, truncated, model, info, texts, cfg.prompt_salt)
     if texts is not None or any(e.hash_ids is not None for e in entries):   # random prompts share nothing
         wl.shared_tokens = shared_prompt_tokens([(e.hash_ids, r.prompt_ids, r.prompt_len)
                                                  for e, r in zip(entries, requests, strict=True)])
@@ -249,6 +252,12 @@ def make_prompts(cfg: BenchConfig, entries: list[TraceEntry], texts: list[list[i
         else:
             out.append(rng.integers(PROMPT_ID_LOW, PROMPT_ID_HIGH + 1, size=e.prompt_len).tolist())
     return out
+
+
+def point_salt(salt: int, k: int) -> int:
+    """The salt of point ``k`` of a capacity search run with ``--prompt-salt salt``:
+    ``salt`` for the first, distinct for every (salt, k)."""
+    return salt if k == 0 else ((salt + 1) << 20) + k
 
 
 def with_salt(cfg: BenchConfig, wl: Workload, salt: int) -> Workload:
@@ -538,7 +547,7 @@ def run_capacity(cfg: BenchConfig, wl: Workload, *, targets: tuple[float, ...] =
     def run(scale: float) -> dict[str, Any]:
         # each point its own prompts: a server's prefix cache would otherwise serve a point
         # the previous point's prompts (the trace's sharing is kept within each point)
-        o = run_once(cfg, with_salt(cfg, wl, len(outcomes)), scale, on_done)
+        o = run_once(cfg, with_salt(cfg, wl, point_salt(wl.salt, len(outcomes))), scale, on_done)
         outcomes[scale] = o
         return o.summary
 

@@ -50,12 +50,22 @@ STEP_COUNTERS = ("engine_step_seconds", "engine_step_predicted_seconds", "engine
                  "engine_steps")
 
 
+# the server's own TTFT (engine's first token - arrival at the engine), summed over labels:
+# beside the client's, it splits the served TTFT into engine and served-stack offset
+SERVER_TTFT = {"fairbatch:time_to_first_token_seconds_sum": "server_ttft_sum",
+               "fairbatch:time_to_first_token_seconds_count": "server_ttft_count"}
+
+
 def engine_counters(url: str) -> dict[str, float]:
-    """The engine's cumulative step counters from /metrics."""
+    """The engine's cumulative step counters (and TTFT histogram sum/count) from /metrics."""
     with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
         text = r.read().decode()
-    wanted = {f"fairbatch:{name}_total": name for name in STEP_COUNTERS}
-    return {wanted[s.name]: s.value for s in samples(text) if s.name in wanted}
+    wanted = {f"fairbatch:{name}_total": name for name in STEP_COUNTERS} | SERVER_TTFT
+    out: dict[str, float] = {}
+    for s in samples(text):
+        if s.name in wanted:
+            out[wanted[s.name]] = out.get(wanted[s.name], 0.0) + s.value
+    return out
 
 
 def save_profile(url: str, path: Path) -> None:
@@ -92,14 +102,17 @@ def bench(url: str, args: argparse.Namespace, policy: str, scale: float, work: P
     d = json.loads(path.read_text())
     r = d["runs"][0] if "runs" in d else d
     after = engine_counters(url)
-    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in STEP_COUNTERS}
+    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in (*STEP_COUNTERS, *SERVER_TTFT.values())}
+    server_ttft_ms = 1e3 * delta["server_ttft_sum"] / max(1.0, delta["server_ttft_count"])
     n = max(1.0, delta["engine_steps"])
     engine = {"steps": delta["engine_steps"], "step_ms": 1e3 * delta["engine_step_seconds"] / n,
               "measured_over_predicted": delta["engine_step_seconds"] / max(1e-9, delta["engine_step_predicted_seconds"]),
               "busy_over_step": delta["engine_busy_seconds"] / max(1e-9, delta["engine_step_seconds"]),
               # what the scheduler's deadlines run on: step start to next step start, vs the model
               "busy_over_predicted": delta["engine_busy_seconds"] / max(1e-9, delta["engine_step_predicted_seconds"]),
-              "tokens_per_step": delta["engine_step_tokens"] / n, "new_triton_kernels": triton_kernels() - kernels}
+              "tokens_per_step": delta["engine_step_tokens"] / n, "new_triton_kernels": triton_kernels() - kernels,
+              # mean TTFT the client saw minus the engine's: HTTP, IPC, detokenizing, streaming
+              "server_ttft_mean_ms": server_ttft_ms, "served_offset_ms": r["mean_ttft_ms"] - server_ttft_ms}
     return {"scale": scale, "result": r, "engine": engine, "rate": r.get("request_rate"), "completed": r["completed"], "failed": r.get("failed", 0),
             "ttft50": r["median_ttft_ms"], "ttft99": r["p99_ttft_ms"], "tpot50": r["median_tpot_ms"],
             "tpot99": r["p99_tpot_ms"], "att": r["slo_attainment"], "goodput": r.get("request_goodput"),
@@ -227,7 +240,7 @@ def main() -> None:
                                                                               indent=1))
     print(f"{'policy':13s} {'scale':>6s} {'rate':>6s} {'done':>5s} {'fail':>4s} {'ttft50':>7s} {'ttft99':>7s} "
           f"{'tpot50':>6s} {'tpot99':>6s} {'att':>6s} {'goodput':>7s} {'wall':>5s} {'stepms':>6s} {'meas/pred':>9s} "
-          f"{'busy/step':>9s} {'busy/pred':>9s} {'jit':>4s}")
+          f"{'busy/step':>9s} {'busy/pred':>9s} {'offset':>6s} {'jit':>4s}")
     for r in rows:
         if "error" in r:
             print(f"{r['policy']:13s} {r['scale']:6g} {r['error']}")
@@ -236,7 +249,7 @@ def main() -> None:
               f"{r['ttft50']:7.0f} {r['ttft99']:7.0f} {r['tpot50']:6.1f} {r['tpot99']:6.1f} {r['att']:6.3f} "
               f"{r['goodput'] if r['goodput'] is not None else float('nan'):7.2f} {r['wall_s']:5.0f} {r['engine']['step_ms']:6.1f} "
               f"{r['engine']['measured_over_predicted']:9.2f} {r['engine']['busy_over_step']:9.2f} "
-              f"{r['engine']['busy_over_predicted']:9.2f} "
+              f"{r['engine']['busy_over_predicted']:9.2f} {r['engine']['served_offset_ms']:6.0f} "
               f"{r['engine']['new_triton_kernels']:4d}")
     for p, c in summary.items():
         print(f"capacity {p}: scale {c['capacity_scale']} ({c['capacity_rate']} req/s), first failing {c['first_failing_scale']}")

@@ -190,3 +190,25 @@ def test_a_chat_turn_extends_the_last_turn_names() -> None:
     other = [{"role": "user", "content": "be brief " * 30}] + turn1[1:]
     assert prompt_hashes("/v1/chat/completions", {"messages": other}, 16)[0] != h1[0]
     assert "more" in chat_text(turn2)
+
+
+# --- in the simulator -----------------------------------------------------------------------------
+def test_prefix_router_in_the_simulator_reuses_more_and_loses_nothing() -> None:
+    """4 simulated instances on the bundled multi-turn trace (sessions extending their last
+    turn): `prefix` reuses far more prompt tokens than `round_robin` and `admission`,
+    completes every request and, at a load where balance matters, uses every instance.
+    (At a quarter of this load it keeps most sessions on the two instances that first
+    held the shared system prompt: none is `balance_abs` requests ahead, and each request
+    saves its prefill there; p99 TTFT is then 57 ms against `admission`'s 92.)"""
+    from dataclasses import replace
+
+    from fairbatch.sim.experiment import Scenario, prepare, run_policy
+
+    prep = prepare(Scenario(trace="multi-turn", num_requests=600, instances=4, load_interval=0.05))
+    hit = {}
+    for router in ("round_robin", "admission", "prefix"):
+        res = run_policy(replace(prep, scenario=replace(prep.scenario, router=router)), "fairbatching", rate_scale=8.0)
+        assert res.summary["completed"] == 600 and res.outcome.unfinished == 0
+        assert all(a > 0 for a in res.outcome.assigned), (router, res.outcome.assigned)
+        hit[router] = res.summary["prefix_cache_hit_rate"]
+    assert hit["prefix"] > hit["admission"] + 0.1 and hit["prefix"] > hit["round_robin"] + 0.1, hit

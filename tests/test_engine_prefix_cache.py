@@ -305,6 +305,8 @@ def _cached_tokens_and_counters(http, metric, wait_for) -> None:
     wait_for(lambda: counters() == (4 * 80, 3 * 64), "the prefix-cache counters")
     text = http.get("/metrics").text
     assert metric(text, "vllm:cache_config_info", enable_prefix_caching="True") == 1
+    info = http.get("/v1/models").json()["data"][0]["fairbatch"]
+    assert info["prefix_caching"] is True and info["block_size"] == B
 
 
 def test_server_cached_tokens_in_chat_and_streams(served):
@@ -344,6 +346,7 @@ def test_server_without_prefix_caching():
         assert metric(text, "vllm:prefix_cache_queries_total") == metric(text, "vllm:prefix_cache_hits_total") == 0
         assert "vllm:prefix_cache_hits_total{" in text
         assert metric(text, "vllm:cache_config_info", enable_prefix_caching="False") == 1
+        assert http.get("/v1/models").json()["data"][0]["fairbatch"]["prefix_caching"] is False
 
 
 # --- CUDA ------------------------------------------------------------------------------------

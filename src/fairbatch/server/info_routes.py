@@ -33,7 +33,8 @@ def add_info_routes(app: FastAPI, model: ServedModel, engine: AsyncEngine, metri
             "root": model.name, "parent": None, "max_model_len": model.max_model_len,
             "fairbatch": {"policy": model.policy, "vocab_size": model.vocab_size, "device": model.device,
                           "default_slo": {"ttft_ms": model.default_slo.ttft * 1e3,
-                                          "tpot_ms": model.default_slo.tpot * 1e3}},
+                                          "tpot_ms": model.default_slo.tpot * 1e3},
+                          "prefix_caching": model.prefix_caching, "block_size": model.info.block_size},
         }]})
 
     @app.get("/load")

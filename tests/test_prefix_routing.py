@@ -10,7 +10,6 @@ import random
 import pytest
 
 from fairbatch.cluster.router.prompt_hashes import chat_text, prompt_hashes, text_block_hashes
-from fairbatch.kv import prompt_block_hashes
 from fairbatch.routing import PrefixIndex, PrefixRouter, make_router, router_names
 from fairbatch.scheduler.base import Load
 
@@ -161,12 +160,17 @@ def test_router_spec_options() -> None:
 
 
 # --- names of HTTP prompts ----------------------------------------------------------------------------
-def test_token_prompts_are_named_as_instances_name_blocks() -> None:
-    ids = list(range(100, 180))
-    assert prompt_hashes("/v1/completions", {"prompt": ids}, 16) == prompt_block_hashes(ids, 16)
-    assert prompt_hashes("/v1/completions", {"prompt": [ids, [1, 2]]}, 16) == prompt_block_hashes(ids, 16)
+def test_token_prompts_share_names_as_far_as_they_share_blocks() -> None:
+    ids = list(range(100, 180))                         # 5 full blocks of 16
+    names = prompt_hashes("/v1/completions", {"prompt": ids}, 16)
+    assert len(names) == 5 == len(set(names))
+    other = prompt_hashes("/v1/completions", {"prompt": ids[:40] + [7] * 60}, 16)
+    assert other[:2] == names[:2] and other[2] != names[2] and len(other) == 6
+    assert prompt_hashes("/v1/completions", {"prompt": ids[16:]}, 16)[0] != names[1]   # a name covers its prefix
+    assert prompt_hashes("/v1/completions", {"prompt": [ids, [1, 2]]}, 16) == names  # a batch: its first prompt
     assert prompt_hashes("/v1/completions", {"prompt": None}, 16) == []
     assert prompt_hashes("/v1/completions", {"prompt": [1 << 70] * 20}, 16) == []
+    assert prompt_hashes("/v1/completions", {"prompt": [1.5] * 20}, 16) == []
 
 
 def test_text_prompts_share_names_as_far_as_they_share_text() -> None:

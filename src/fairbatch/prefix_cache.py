@@ -81,31 +81,30 @@ class CachingBlockAllocator(BlockAllocator):
             if short > 0:
                 if short > len(self._evictable):
                     return False
+                # evict (inlined: a long prompt evicts a thousand blocks at once)
+                pop, by_name, name, put = self._evictable.popitem, self._by_name, self._name, self._free.append
                 for _ in range(short):
-                    self._free.append(self._evict())
+                    b = pop(last=False)[0]
+                    del by_name[name[b]]
+                    name[b] = None
+                    put(b)
         return BlockAllocator.allocate(self, request_id, num_tokens)
-
-    def _evict(self) -> int:
-        b, _ = self._evictable.popitem(last=False)
-        del self._by_name[self._name[b]]
-        self._name[b] = None
-        return b
 
     def free(self, request_id: str) -> int:
         table = self._tables.pop(request_id, None)
         self._named.pop(request_id, None)
         if not table:
             return 0
-        ref, name = self._ref, self._name
+        ref, name, put, evictable = self._ref, self._name, self._free.append, self._evictable
         # last block first: a prefix's tail is evicted before its head, which every
         # longer match needs
         for b in reversed(table):
             if name[b] is None:
-                self._free.append(b)
+                put(b)
             else:
                 ref[b] -= 1
-                if ref[b] == 0:
-                    self._evictable[b] = None
+                if not ref[b]:
+                    evictable[b] = None
         return len(table)
 
     def attach_prefix(self, request_id: str, block_hashes: Sequence[int], num_tokens: int) -> int:

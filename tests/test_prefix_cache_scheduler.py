@@ -142,3 +142,24 @@ def test_pinned_waiting_prefixes_give_way() -> None:
     # considered for admission (after b), and still waits
     assert alloc.num_cached == 1 and a.num_computed == 16 and list(sched._pinned) == ["a"]
     alloc.check_invariants()
+
+
+@pytest.mark.parametrize("policy", policy_names())
+def test_a_host_applying_results_names_blocks_and_reuses_them(policy: str) -> None:
+    """record_tokens (a host that applies step results itself) names the prompt blocks,
+    and a preempted request (requeue) takes its own prefix back at once."""
+    alloc = BlockAllocator(200, 16, prefix_caching=True)
+    sched = make_scheduler(policy, SchedulerConfig(max_model_len=1024, max_num_batched_tokens=1000,
+                                                   chunk_size=1000 if policy == "sarathi" else None), alloc, MODEL)
+    a = Request("a", 0.0, 100, 8, SLO(1.0, 0.05))
+    a.block_hashes = trace_block_hashes([3, 4], 100, 16, TRACE_BLOCK)
+    sched.add(a, 0.0)
+    assert [r for r, _ in sched.schedule(0.0).chunks] == [a]
+    a.num_computed = a.prompt_len
+    sched.record_tokens(a, 1, 0.05)
+    assert alloc.num_cached == 6                       # 100 tokens: 6 full blocks
+    sched.requeue(a)
+    assert a.state is RequestState.WAITING and a.num_computed == 96   # 101 tokens: 6 blocks reused
+    plan = sched.schedule(0.1)
+    assert plan.chunks == [(a, 5)] and a.num_cached_tokens == 0        # counted at its first admission
+    alloc.check_invariants()

@@ -86,6 +86,9 @@ def run_simulate(sc: Scenario, policies: list[str], rate_scale: float | None, *,
     shown = [{**row, "policy": parse_variant(row["policy"]).short_label} for row in main_rows]
     console.print(summary_table(shown, title=f"rate scale x{rate_scale}"))
     for row in main_rows:
+        if "prefix_cache_hit_rate" in row:
+            console.print(f"  {row['policy']:>13s}: prefix cache hit rate {row['prefix_cache_hit_rate']:.1%} "
+                          "(prompt tokens reused at first admission)")
         if "per_class" in row:
             for name, cls in row["per_class"].items():
                 console.print(f"  {row['policy']:>13s} / {name}: SLO attainment {cls['slo_attainment']:.1%}, "

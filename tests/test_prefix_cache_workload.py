@@ -39,3 +39,28 @@ def test_the_simulator_reuses_named_prefixes() -> None:
     assert out[True]["median_ttft_ms"] < out[False]["median_ttft_ms"]
     plain = prepare(Scenario(trace="azure-code", num_requests=50))
     assert plain.block_hashes is None
+
+
+def test_streamed_cluster_runs_carry_block_names() -> None:
+    """sim.split's bounded-memory cluster run, with block names and the caching allocator,
+    summarises as run_policy does (the prefix router routes both the same)."""
+    import json
+
+    import numpy as np
+
+    from fairbatch.request import SLO
+    from fairbatch.sim.split import Cluster, Workload, run_cluster
+
+    prep = prepare(Scenario(trace="multi-turn", num_requests=400, instances=2, router="prefix"))
+    kept = run_policy(prep, "vllm", 6.0)
+    entries = prep.entries
+    work = Workload(np.array([e.arrival / 6.0 for e in entries]), np.array([e.prompt_len for e in entries], np.int32),
+                    np.array([e.output_len for e in entries], np.int32), SLO(1.0, 0.05),
+                    block_hashes=prep.block_hashes)
+    cluster = Cluster("vllm", prep.config, prep.num_blocks, prep.latency, "prefix", prefix_caching=True)
+    streamed = run_cluster(cluster, work, 2)
+    skip = ("sim_wall_time_s", "request_rate", "num_preemptions", "requests_per_instance", "prefix_cache_hit_rate")
+    want = {k: v for k, v in kept.summary.items() if k not in skip}
+    assert json.dumps(streamed.summary.summary(), sort_keys=True) == json.dumps(want, sort_keys=True)
+    assert streamed.assigned == kept.outcome.assigned
+    assert work.subset(np.array([1, 3])).block_hashes == [prep.block_hashes[1], prep.block_hashes[3]]

@@ -41,13 +41,15 @@ from fairbatch.sim.loop import simulate
 
 @dataclass
 class Workload:
-    """A run's requests in arrival order, as arrays (one SLO for all)."""
+    """A run's requests in arrival order, as arrays (one SLO for all); ``block_hashes``: each
+    request's KV block names (``kv.trace_block_hashes``) for prefix caching, or None."""
 
     arrival: npt.NDArray[np.float64]
     prompt_len: npt.NDArray[np.int32]
     output_len: npt.NDArray[np.int32]
     slo: SLO
     deadline_rule: DeadlineRule = DeadlineRule.TPOT_SAFE
+    block_hashes: list[list[int] | None] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.arrival)
@@ -55,19 +57,26 @@ class Workload:
             raise ValueError("arrival, prompt_len and output_len must have one entry per request")
         if n > 1 and not (np.diff(self.arrival) >= 0).all():
             raise ValueError("arrivals must be sorted")
+        if self.block_hashes is not None and len(self.block_hashes) != n:
+            raise ValueError("block_hashes must have one entry per request")
 
     def __len__(self) -> int:
         return len(self.arrival)
 
     def subset(self, idx: npt.NDArray[np.int64]) -> Workload:
-        return Workload(self.arrival[idx], self.prompt_len[idx], self.output_len[idx], self.slo, self.deadline_rule)
+        names = self.block_hashes
+        return Workload(self.arrival[idx], self.prompt_len[idx], self.output_len[idx], self.slo, self.deadline_rule,
+                        None if names is None else [names[i] for i in idx.tolist()])
 
     def requests(self) -> Iterator[Request]:
         """One Request at a time (the loop keeps only those in flight)."""
-        slo, rule = self.slo, self.deadline_rule
+        slo, rule, names = self.slo, self.deadline_rule, self.block_hashes
         for i, (a, p, o) in enumerate(zip(self.arrival.tolist(), self.prompt_len.tolist(),
                                           self.output_len.tolist())):
-            yield Request(f"r{i}", a, p, o, slo, deadline_rule=rule)
+            req = Request(f"r{i}", a, p, o, slo, deadline_rule=rule)
+            if names is not None:
+                req.block_hashes = names[i]
+            yield req
 
 
 @dataclass
@@ -81,10 +90,12 @@ class Cluster:
     latency: LatencyModel
     router: str = "round_robin"
     load_interval: float = 0.0
+    prefix_caching: bool = False     # the caching allocator (for workloads with block names)
 
     def instances(self, n: int) -> list[Instance]:
         variant = parse_variant(self.policy)
-        return [Instance(make_scheduler(variant.name, variant.config(self.config), BlockAllocator(self.num_blocks, 16),
+        return [Instance(make_scheduler(variant.name, variant.config(self.config),
+                                        BlockAllocator(self.num_blocks, 16, prefix_caching=self.prefix_caching),
                                         self.latency), SimExecutor(self.latency), name=f"instance-{k}")
                 for k in range(n)]
 
@@ -152,7 +163,9 @@ def run_cluster(cluster: Cluster, work: Workload, n_inst: int, *, jobs: int = 1)
     router = make_router(cluster.router)
     idle = [None] * n_inst
     choose = router.choose
-    inst = np.fromiter((choose(p, idle) for p in work.prompt_len.tolist()), np.int32, len(work))  # type: ignore[arg-type]
+    names = work.block_hashes or [None] * len(work)
+    inst = np.fromiter((choose(p, idle, block_hashes=h) for p, h in zip(work.prompt_len.tolist(), names)),  # type: ignore[arg-type]
+                       np.int32, len(work))
     jobs = min(jobs, n_inst)
     groups = [list(range(j, n_inst, jobs)) for j in range(jobs)]   # instances of each process
     args = []

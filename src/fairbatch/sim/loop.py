@@ -141,8 +141,10 @@ def simulate(
         elif route is not None:
             k = route(i - 1)
         else:
-            k = router.choose(req.prompt_len, loads.refresh(now) if loads is not None  # type: ignore[union-attr]
-                              else [None] * n_inst, block_hashes=req.block_hashes)  # type: ignore[list-item]
+            views = loads.refresh(now) if loads is not None else [None] * n_inst  # type: ignore[union-attr]
+            # names only where there are some: a router written before them still runs
+            k = (router.choose(req.prompt_len, views) if req.block_hashes is None  # type: ignore[arg-type]
+                 else router.choose(req.prompt_len, views, block_hashes=req.block_hashes))  # type: ignore[arg-type]
         instance_of.append(k)
         try:
             instances[k].add(req, now)

@@ -163,9 +163,10 @@ def run_cluster(cluster: Cluster, work: Workload, n_inst: int, *, jobs: int = 1)
     router = make_router(cluster.router)
     idle = [None] * n_inst
     choose = router.choose
-    names = work.block_hashes or [None] * len(work)
-    inst = np.fromiter((choose(p, idle, block_hashes=h) for p, h in zip(work.prompt_len.tolist(), names)),  # type: ignore[arg-type]
-                       np.int32, len(work))
+    names = work.block_hashes
+    picks = (choose(p, idle) for p in work.prompt_len.tolist()) if names is None else \
+        (choose(p, idle, block_hashes=h) for p, h in zip(work.prompt_len.tolist(), names))
+    inst = np.fromiter(picks, np.int32, len(work))  # type: ignore[arg-type]
     jobs = min(jobs, n_inst)
     groups = [list(range(j, n_inst, jobs)) for j in range(jobs)]   # instances of each process
     args = []

@@ -172,3 +172,16 @@ def test_multi_turn_trace_replays_its_sessions_prefixes() -> None:
         out = run_once(cfg, wl, rate_scale=1000.0)
     assert out.summary["completed"] == 60
     assert out.summary["cached_prompt_tokens"] == wl.shared_tokens
+
+
+def test_client_processes_report_every_request_cached_tokens(tmp_path) -> None:
+    """With --workers 2 the cached counts of both client processes reach the summary."""
+    path = tmp_path / "mooncake.jsonl"
+    _mooncake(path, ROWS)
+    with ServerThread(_caching_app(), log_level="critical") as s:
+        cfg = BenchConfig(base_url=s.url, trace=str(path), num_prompts=None, warmup=False, workers=2,
+                          rate_scale=100.0)
+        out = run_once(cfg, prepare(cfg), rate_scale=100.0)
+    assert out.summary["completed"] == len(ROWS) and out.summary["cached_reported"] == len(ROWS)
+    # the two processes' requests may reach the server in another order than the count assumes
+    assert 0 < out.summary["cached_prompt_tokens"] < sum(n for n, _ in ROWS)

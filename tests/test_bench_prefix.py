@@ -6,6 +6,7 @@ capacity points that share nothing with each other."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -109,55 +110,55 @@ def _mooncake(path, rows) -> None:
 ROWS = [(1200, [0, 1, 2]), (1500, [0, 1, 3]), (700, [10, 11]), (1100, [0, 1, 2]), (600, [10, 12]), (300, [20])]
 
 
-def test_server_sees_the_trace_sharing_and_bench_reports_it(tmp_path) -> None:
+@pytest.fixture
+def served(tmp_path):
+    """The caching fake server, and a Mooncake-format trace of ``ROWS`` (``served.trace``)."""
     path = tmp_path / "mooncake.jsonl"
     _mooncake(path, ROWS)
     with ServerThread(_caching_app(), log_level="critical") as s:
-        cfg = BenchConfig(base_url=s.url, trace=str(path), num_prompts=None, warmup=False, max_concurrency=1,
-                          rate_scale=100.0)
-        wl = prepare(cfg)
-        assert [r.prompt_len for r in wl.requests] == [n for n, _ in ROWS]
-        # #1: two blocks of #0 (1024); #3: its 68 full 16-token blocks, all #0's; #4: a block of #2
-        assert wl.shared_tokens == 1024 + 68 * 16 + 512
-        out = run_once(cfg, wl, rate_scale=100.0)
-        assert out.summary["completed"] == len(ROWS)
-        assert out.summary["cached_prompt_tokens"] == wl.shared_tokens
-        assert out.summary["cached_reported"] == len(ROWS)
-        assert out.summary["prefix_cache_hit_rate"] == pytest.approx(wl.shared_tokens / sum(n for n, _ in ROWS))
-        assert out.summary["shared_prompt_ratio"] == out.summary["prefix_cache_hit_rate"]
-        assert s.app.state.prompts[0] == trace_prompt([0, 1, 2], 1200, prompt_key(0, 0))
+        s.trace = str(path)
+        yield s
 
 
-def test_a_new_salt_shares_nothing_with_the_last_replay(tmp_path) -> None:
-    path = tmp_path / "mooncake.jsonl"
-    _mooncake(path, ROWS)
-    with ServerThread(_caching_app(), log_level="critical") as s:
-        cfg = BenchConfig(base_url=s.url, trace=str(path), num_prompts=None, warmup=False)
-        wl = prepare(cfg)
+def test_server_sees_the_trace_sharing_and_bench_reports_it(served) -> None:
+    cfg = BenchConfig(base_url=served.url, trace=served.trace, num_prompts=None, warmup=False, max_concurrency=1,
+                      rate_scale=100.0)
+    wl = prepare(cfg)
+    assert [r.prompt_len for r in wl.requests] == [n for n, _ in ROWS]
+    # #1: two blocks of #0 (1024); #3: its 68 full 16-token blocks, all #0's; #4: a block of #2
+    assert wl.shared_tokens == 1024 + 68 * 16 + 512
+    out = run_once(cfg, wl, rate_scale=100.0)
+    assert out.summary["completed"] == len(ROWS)
+    assert out.summary["cached_prompt_tokens"] == wl.shared_tokens
+    assert out.summary["cached_reported"] == len(ROWS)
+    assert out.summary["prefix_cache_hit_rate"] == pytest.approx(wl.shared_tokens / sum(n for n, _ in ROWS))
+    assert out.summary["shared_prompt_ratio"] == out.summary["prefix_cache_hit_rate"]
+    assert served.app.state.prompts[0] == trace_prompt([0, 1, 2], 1200, prompt_key(0, 0))
+
+
+def test_a_new_salt_shares_nothing_with_the_last_replay(served) -> None:
+    cfg = BenchConfig(base_url=served.url, trace=served.trace, num_prompts=None, warmup=False)
+    wl = prepare(cfg)
     again = with_salt(cfg, wl, 1)
     assert [r.prompt_len for r in again.requests] == [r.prompt_len for r in wl.requests]
     both = [(None, r.prompt_ids, r.prompt_len) for r in wl.requests + again.requests]
     assert shared_prompt_tokens(both) == 2 * wl.shared_tokens
     assert with_salt(cfg, wl, 0) is wl
-    with ServerThread(_caching_app(), log_level="critical") as s:     # --prompt-salt 1: the same prompts
-        salted = prepare(BenchConfig(base_url=s.url, trace=str(path), num_prompts=None, prompt_salt=1))
+    salted = prepare(replace(cfg, prompt_salt=1))                   # --prompt-salt 1: the same prompts
     assert [r.prompt_ids for r in salted.requests] == [r.prompt_ids for r in again.requests]
 
 
-def test_capacity_points_do_not_hit_each_other_and_cli_prints_sharing(tmp_path) -> None:
-    path = tmp_path / "mooncake.jsonl"
-    _mooncake(path, ROWS)
-    with ServerThread(_caching_app(), log_level="critical") as s:
-        res = CliRunner().invoke(cli, ["bench", "--base-url", s.url, "--trace", str(path), "--num-prompts", "0",
-                                       "--max-concurrency", "1", "--capacity", "--capacity-hi", "4",
-                                       "--target", "0.5", "--save-result", str(tmp_path / "r.json")])
-        assert res.exit_code == 0, res.output
-        report = json.loads((tmp_path / "r.json").read_text())
-        shared = report["shared_prompt_tokens"]
-        assert "Prefix sharing: the prompts share" in res.output and "Server prefix cache:" in res.output
-        # every point (its own salt) found exactly the trace's sharing, none of the earlier points'
-        assert len(report["runs"]) >= 2
-        assert all(run["cached_prompt_tokens"] == shared for run in report["runs"])
+def test_capacity_points_do_not_hit_each_other_and_cli_prints_sharing(served, tmp_path) -> None:
+    res = CliRunner().invoke(cli, ["bench", "--base-url", served.url, "--trace", served.trace, "--num-prompts", "0",
+                                   "--max-concurrency", "1", "--capacity", "--capacity-hi", "4",
+                                   "--target", "0.5", "--save-result", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    shared = report["shared_prompt_tokens"]
+    assert "Prefix sharing: the prompts share" in res.output and "Server prefix cache:" in res.output
+    # every point (its own salt) found exactly the trace's sharing, none of the earlier points'
+    assert len(report["runs"]) >= 2
+    assert all(run["cached_prompt_tokens"] == shared for run in report["runs"])
 
 
 def test_multi_turn_trace_replays_its_sessions_prefixes() -> None:
@@ -174,14 +175,11 @@ def test_multi_turn_trace_replays_its_sessions_prefixes() -> None:
     assert out.summary["cached_prompt_tokens"] == wl.shared_tokens
 
 
-def test_client_processes_report_every_request_cached_tokens(tmp_path) -> None:
+def test_client_processes_report_every_request_cached_tokens(served) -> None:
     """With --workers 2 the cached counts of both client processes reach the summary."""
-    path = tmp_path / "mooncake.jsonl"
-    _mooncake(path, ROWS)
-    with ServerThread(_caching_app(), log_level="critical") as s:
-        cfg = BenchConfig(base_url=s.url, trace=str(path), num_prompts=None, warmup=False, workers=2,
-                          rate_scale=100.0)
-        out = run_once(cfg, prepare(cfg), rate_scale=100.0)
+    cfg = BenchConfig(base_url=served.url, trace=served.trace, num_prompts=None, warmup=False, workers=2,
+                      rate_scale=100.0)
+    out = run_once(cfg, prepare(cfg), rate_scale=100.0)
     assert out.summary["completed"] == len(ROWS) and out.summary["cached_reported"] == len(ROWS)
     # the two processes' requests may reach the server in another order than the count assumes
     assert 0 < out.summary["cached_prompt_tokens"] < sum(n for n, _ in ROWS)

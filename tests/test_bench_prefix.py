@@ -68,14 +68,16 @@ def test_arrival_rescaling_keeps_hash_ids() -> None:
 # --- against a server with an exact prefix cache -----------------------------------------------------
 def _caching_app(block: int = 16) -> FastAPI:
     """A fake server with an unbounded, exact prefix cache of ``block``-token blocks: it
-    answers ``cached_tokens`` in the final usage as vLLM and fairbatch do."""
+    answers ``cached_tokens`` in the final usage as vLLM and fairbatch do, and names its
+    block size in ``/v1/models`` as fairbatch does."""
     app = FastAPI()
     app.state.seen = set()
     app.state.prompts = []
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": "fake", "object": "model", "max_model_len": 1 << 16}]}
+        return {"object": "list", "data": [{"id": "fake", "object": "model", "max_model_len": 1 << 16,
+                                            "fairbatch": {"block_size": block}}]}
 
     @app.post("/v1/completions")
     async def completions(req: Request):
@@ -108,6 +110,17 @@ def _mooncake(path, rows) -> None:
 
 
 ROWS = [(1200, [0, 1, 2]), (1500, [0, 1, 3]), (700, [10, 11]), (1100, [0, 1, 2]), (600, [10, 12]), (300, [20])]
+
+
+def test_sharing_is_counted_in_the_server_block_size(tmp_path) -> None:
+    path = tmp_path / "mooncake.jsonl"
+    _mooncake(path, ROWS)
+    with ServerThread(_caching_app(block=32), log_level="critical") as s:
+        cfg = BenchConfig(base_url=s.url, trace=str(path), num_prompts=None, warmup=False, max_concurrency=1)
+        wl = prepare(cfg)
+        # #1: 1024 (two trace blocks); #3: 1100 tokens -> 34 full blocks of 32 = 1088; #4: 512
+        assert wl.shared_tokens == 1024 + 34 * 32 + 512
+        assert run_once(cfg, wl).summary["cached_prompt_tokens"] == wl.shared_tokens
 
 
 @pytest.fixture

@@ -265,7 +265,7 @@ def prefix_lines(s: dict) -> list[str]:
     out = []
     if s.get("shared_prompt_tokens"):
         out.append(f"Prefix sharing: the prompts share {s['shared_prompt_tokens']} tokens "
-                   f"({s['shared_prompt_ratio']:.1%} of all; what an unbounded 16-token-block cache reuses)")
+                   f"({s['shared_prompt_ratio']:.1%} of all; what an unbounded cache of the server's blocks reuses)")
     if s.get("cached_prompt_tokens") is not None:
         rate = s.get("prefix_cache_hit_rate")
         out.append(f"Server prefix cache: {s['cached_prompt_tokens']} prompt tokens cached, hit rate "

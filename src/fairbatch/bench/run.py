@@ -228,10 +228,18 @@ def prepare(cfg: BenchConfig) -> Workload:
     wl = Workload(entries, requests, base_rate, truncated, model, info, texts, cfg.prompt_salt)
     if texts is not None or any(e.hash_ids is not None for e in entries):   # random prompts share nothing
         wl.shared_tokens = shared_prompt_tokens([(e.hash_ids, r.prompt_ids, r.prompt_len)
-                                                 for e, r in zip(entries, requests, strict=True)])
+                                                 for e, r in zip(entries, requests, strict=True)],
+                                                server_block_size(info))
     else:
         wl.shared_tokens = 0
     return wl
+
+
+def server_block_size(info: dict[str, Any]) -> int:
+    """The KV block size a fairbatch server names in ``/v1/models`` (if it divides the
+    trace's 512-token blocks), else 16 (vLLM's and fairbatch's default)."""
+    b = (info.get("fairbatch") or {}).get("block_size")
+    return b if isinstance(b, int) and not isinstance(b, bool) and b >= 1 and 512 % b == 0 else 16
 
 
 def make_prompts(cfg: BenchConfig, entries: list[TraceEntry], texts: list[list[int]] | None,
@@ -465,8 +473,9 @@ def prefix_summary(wl: Workload, records: list[RequestRecord], cached: dict[str,
     """What the workload shares and what the server says it reused:
 
     - ``shared_prompt_tokens`` / ``shared_prompt_ratio``: the prompt tokens an unbounded
-      16-token-block prefix cache would reuse over the workload (``prefix_prompts``), of
-      all its prompt tokens;
+      prefix cache of the server's KV blocks (16 tokens unless a fairbatch server says
+      otherwise) would reuse over the workload (``prefix_prompts``), of all its prompt
+      tokens;
     - ``cached_prompt_tokens`` / ``prefix_cache_hit_rate``: the server's
       ``cached_tokens`` summed over the requests that reported it, and their share of
       those requests' prompt tokens (None when no answer carried the field);

@@ -44,6 +44,9 @@ def main() -> None:
     ap.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
                     help="scheduler option for the simulator, as the served runs had it (e.g. tpot_margin=0.1, "
                          "`fairbatch serve`'s default since 2026-11-22)")
+    ap.add_argument("--served-offset", default="0",
+                    help="seconds the served stack adds to each TTFT, judged by the simulator (Scenario.served_offset); "
+                         "'measured': each run's own served_offset_ms (client minus engine mean TTFT), where recorded")
     args = ap.parse_args()
     rows = []
     for path in args.summaries:
@@ -66,12 +69,15 @@ def main() -> None:
         prep = replace(prep, num_blocks=args.num_blocks)
     print(f"{n} requests of {args.trace}, llama-3-8b, KV blocks {prep.num_blocks}, step-time profile "
           f"{args.profile or 'shipped'}, options {sc.scheduler or 'none'}; each cell: simulator / real (difference)\n")
-    print("| policy | scale | rate req/s | SLO att. | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms "
+    print("| policy | scale | rate req/s | served offset ms | SLO att. | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms "
           "| goodput req/s | step time real / model |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         real = r["result"]
-        sim = run_policy(prep, r["variant"], r["scale"]).summary
+        offset = (r.get("engine", {}).get("served_offset_ms", 0.0) / 1e3 if args.served_offset == "measured"
+                  else float(args.served_offset))
+        sim = run_policy(replace(prep, scenario=replace(prep.scenario, served_offset=offset)), r["variant"],
+                         r["scale"]).summary
         cells = []
         for key, fmt in (("slo_attainment", ".3f"), ("median_ttft_ms", ".0f"), ("p99_ttft_ms", ".0f"),
                          ("median_tpot_ms", ".1f"), ("p99_tpot_ms", ".1f"), ("request_goodput", ".2f")):
@@ -83,7 +89,8 @@ def main() -> None:
             cells.append(f"{s:{fmt}} / {x:{fmt}}{diff}")
         eng = r.get("engine", {}).get("measured_over_predicted")
         tail = f" | {eng:.2f} |" if eng else " | n/a |"
-        print(f"| {r['variant']} | {r['scale']:g} | {real['request_rate']:.2f} | " + " | ".join(cells) + tail)
+        print(f"| {r['variant']} | {r['scale']:g} | {real['request_rate']:.2f} | {1e3 * offset:.0f} | "
+              + " | ".join(cells) + tail)
     if args.capacity:
         print()
         for policy in sorted({r["variant"] for r in rows}, key=lambda p: POLICY_ORDER.get(p.split(":")[0], 9)):

@@ -9,7 +9,7 @@ beyond the simulations themselves.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import lru_cache
 from typing import Any, Callable
 
@@ -19,8 +19,9 @@ from fairbatch.kv import BlockAllocator, trace_block_hashes
 from fairbatch.latency.base import LatencyModel
 from fairbatch.latency.profiles import load_latency_model
 from fairbatch.metrics import CapacityResult, find_capacities, find_capacity
+from fairbatch.metrics.records import record_from_request
 from fairbatch.metrics.stream import StreamingSummary
-from fairbatch.request import SLO, DeadlineRule
+from fairbatch.request import SLO, DeadlineRule, Request
 from fairbatch.scheduler.base import SchedulerConfig, make_scheduler
 from fairbatch.scheduler.variant import parse_variant
 from fairbatch.sim.executor import SimExecutor
@@ -69,6 +70,11 @@ class Scenario:
     # reuse the KV of prompt prefixes the trace names as shared (hash ids), as vLLM does by
     # default; a trace without hash ids runs exactly as without it
     prefix_caching: bool = True
+    # seconds a served stack adds to what its clients see (request in, HTTP/IPC, streaming
+    # out), judged and not scheduled: each request counts as sent this long before the
+    # simulated engine saw it, so TTFT and e2e grow by it and TPOT does not. A served
+    # run's measured value is serve_bench_device.py's served_offset_ms
+    served_offset: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -144,6 +150,8 @@ def prepare(sc: Scenario) -> Prepared:
                              **sc.scheduler})
     if sc.instances < 1:
         raise ValueError("instances must be >= 1")
+    if not sc.served_offset >= 0:
+        raise ValueError(f"served_offset must be >= 0 seconds, got {sc.served_offset}")
     make_router(sc.router)   # validate early
     hashes = None
     if sc.prefix_caching and any(e.hash_ids is not None for e in entries):
@@ -183,8 +191,13 @@ def run_policy(prep: Prepared, policy: str, rate_scale: float = 1.0,
     router = make_router(sc.router) if sc.instances > 1 else None
     # each request is summarised as it leaves (metrics.stream), as in a run too large to keep
     stream = StreamingSummary()
+    on_done = stream.add_request
+    if sc.served_offset:
+        def on_done(index: int, req: Request, offset: float = sc.served_offset) -> None:
+            rec = record_from_request(req)
+            stream.add(replace(rec, arrival=rec.arrival - offset), index)
     outcome = simulate(requests, instances, router, load_interval=sc.load_interval, progress=progress,
-                       on_done=stream.add_request)
+                       on_done=on_done)
     summary = stream.summary()
     summary["request_rate"] = prep.base_rate * rate_scale
     summary["num_preemptions"] = outcome.preemptions

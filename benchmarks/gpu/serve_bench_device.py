@@ -88,7 +88,7 @@ def bench(url: str, args: argparse.Namespace, policy: str, scale: float, work: P
     log = work / f"bench_{policy}_x{scale:g}.log"
     cmd = FB + ["bench", "--base-url", url, "--model", args.model, "--trace", args.trace, "--num-prompts",
                 str(args.num), "--rate-scale", f"{scale:g}", "--label", policy, "--no-save-detailed",
-                "--save-result", str(path)]
+                "--save-result", str(path), "--workers", str(args.bench_workers)]
     before, kernels = engine_counters(url), triton_kernels()
     t0 = time.monotonic()
     with open(log, "w") as f:
@@ -176,6 +176,10 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=0.9)
     ap.add_argument("--budget-s", type=float, default=560)
     ap.add_argument("--port", type=int, default=8100)
+    # one client process spends ~146 us of CPU per streamed token, in bursts of a step's
+    # tokens: at the ~4,000 tokens/s of the conversation window at x4-x5 (2026-12-07, one
+    # client process) the clients' TTFT was 70-180 ms above the engine's, part of it this
+    ap.add_argument("--bench-workers", type=int, default=4, help="`fairbatch bench --workers`")
     ap.add_argument("--serve-arg", action="append", default=[], help="extra `fairbatch serve` argument")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/fairbatch-serve-bench")))
     ap.add_argument("--work", type=Path, default=Path("/tmp/fairbatch-serve-bench-work"))

@@ -214,6 +214,7 @@ class QoServeScheduler(Scheduler):
             if plan.preempted or len(self.running) >= max_seqs:
                 admit = False               # like vLLM: no admissions in a step that preempted
                 continue
+            self.take_cached_prefix(req)
             k = qoserve_chunk(self.latency, self.config, req, plan, T, step_cap)
             if k == 0:
                 return
@@ -230,6 +231,7 @@ class QoServeScheduler(Scheduler):
         relegated = self.relegated
         while admit and relegated and not plan.preempted and len(self.running) < max_seqs:
             req = relegated[0]
+            self.take_cached_prefix(req)
             k = qoserve_chunk(self.latency, self.config, req, plan, T, step_cap)
             if k == 0 or not self._grow(req, req.num_computed + k):
                 return

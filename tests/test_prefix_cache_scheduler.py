@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from fairbatch.instance import Instance
 from fairbatch.kv import BlockAllocator, trace_block_hashes
+from fairbatch.latency.linear import LinearLatencyModel
 from fairbatch.plan import StepPlan, StepResult
 from fairbatch.request import SLO, Request, RequestState
 from fairbatch.scheduler import SchedulerConfig, make_scheduler, policy_names
@@ -163,3 +164,26 @@ def test_a_host_applying_results_names_blocks_and_reuses_them(policy: str) -> No
     plan = sched.schedule(0.1)
     assert plan.chunks == [(a, 5)] and a.num_cached_tokens == 0        # counted at its first admission
     alloc.check_invariants()
+
+
+@pytest.mark.parametrize("policy", policy_names())
+def test_deadline_checks_and_load_price_only_the_uncached_part(policy: str) -> None:
+    """A prompt too long to meet its TTFT from scratch is accepted under late=reject when
+    most of it is cached, and the load a router reads counts only its uncached tokens."""
+    model = LinearLatencyModel(a=0.01, b=1e-3)          # 1 ms per prompt token
+    cfg = SchedulerConfig(max_model_len=4096, late="reject")
+    alloc = BlockAllocator(1000, 16, prefix_caching=True)
+    sched = make_scheduler(policy, cfg, alloc, model)
+    names = trace_block_hashes(list(range(32)), 2048, 16, TRACE_BLOCK)
+    warm = Request("warm", 0.0, 2048, 1, SLO(60.0, 0.05))
+    warm.block_hashes = names
+    simulate([warm], [Instance(sched, SimExecutor(model))])
+    cold, hot = Request("cold", 10.0, 2048, 4, SLO(1.0, 0.05)), Request("hot", 10.0, 2048, 4, SLO(1.0, 0.05))
+    hot.block_hashes = names
+    sched.add(cold, 10.0)                 # ~2 s of prefill: refused at once
+    assert cold.state is RequestState.REJECTED
+    sched.add(hot, 10.0)                  # 2,032 of 2,048 tokens cached: 16 to compute
+    assert hot.state is RequestState.WAITING and hot.num_computed == 2032
+    assert sched.load(10.0).queued_prefill_tokens == 16
+    plan = sched.schedule(10.0)
+    assert plan.chunks == [(hot, 16)] and hot.num_cached_tokens == 2032

@@ -25,29 +25,36 @@ KEYS = ("completed", "slo_attainment", "ttft_attainment", "tpot_attainment", "me
         "p99_tpot_ms", "mean_e2el_ms", "relegated", "rejected", "num_preemptions")
 
 
-def results() -> dict[str, dict[str, float]]:
+def results(cases: dict[str, float] = CASES, keys: tuple[str, ...] = KEYS) -> dict[str, dict[str, float]]:
     out = {}
-    for trace, scale in CASES.items():
+    for trace, scale in cases.items():
         prep = prepare(Scenario(trace=trace, num_requests=1500))
         for policy in POLICIES:
             s = run_policy(prep, policy, scale).summary
-            out[f"{trace} {policy}"] = {k: s[k] for k in KEYS}
+            out[f"{trace} {policy}"] = {k: s[k] for k in keys}
     return out
 
 
-def test_simulated_results_unchanged() -> None:
-    if not GOLDEN.exists():
-        pytest.fail(f"{GOLDEN} missing: python tests/test_sim_golden.py --update")
+def check_golden(golden_file: Path, got: dict[str, dict[str, float]], script: str) -> None:
+    if not golden_file.exists():
+        pytest.fail(f"{golden_file} missing: python tests/{script} --update")
     # to 1e-9: a refactor changes nothing, while a numpy release may round a percentile's
     # last bit differently
-    golden = json.loads(GOLDEN.read_text())
-    got = results()
+    golden = json.loads(golden_file.read_text())
     assert got.keys() == golden.keys()
     for case, values in golden.items():
         assert got[case] == pytest.approx(values, rel=1e-9), case
 
 
+def update_golden(golden_file: Path, got: dict[str, dict[str, float]]) -> None:
+    golden_file.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {golden_file}")
+
+
+def test_simulated_results_unchanged() -> None:
+    check_golden(GOLDEN, results(), "test_sim_golden.py")
+
+
 if __name__ == "__main__":
     if "--update" in sys.argv:
-        GOLDEN.write_text(json.dumps(results(), indent=1, sort_keys=True) + "\n")
-        print(f"wrote {GOLDEN}")
+        update_golden(GOLDEN, results())

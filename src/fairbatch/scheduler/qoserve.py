@@ -41,7 +41,10 @@ Where the original is silent or tied to its own engine, we chose:
   time while that is above 1 (FairBatching's overrun correction, step_budget.py; a no-op
   in an exact simulator). The original trusts its fixed safety factor; on a served GPU
   whose steps ran a few percent over the model, FairBatching lost its lead without this
-  correction, so a fair comparison gives it to both.
+  correction, so a fair comparison gives it to both. FairBatching's other correction,
+  shorter steps under KV pressure, was tried here too and left out: it cost QoServe 4 %
+  of capacity at the default SLOs of the conversation trace and gained 1 % with loose
+  ones (docs/ALGORITHM.md); QoServe's own 2,552-token step cap does that job.
 - Decodes of requests whose first token came late (``late`` other than ``serve``) run after
   the prefills, within ``T``, and do not set ``T``; once a token of theirs is
   ``failed_decode_gap`` TPOTs old they join the on-time decodes, so they never starve.

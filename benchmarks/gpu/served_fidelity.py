@@ -47,6 +47,8 @@ def main() -> None:
     ap.add_argument("--served-offset", default="0",
                     help="seconds the served stack adds to each TTFT, judged by the simulator (Scenario.served_offset); "
                          "'measured': each run's own served_offset_ms (client minus engine mean TTFT), where recorded")
+    ap.add_argument("--served-offset-cv", type=float, default=0.0,
+                    help="spread of that delay across requests (Scenario.served_offset_cv; 1: exponential)")
     args = ap.parse_args()
     rows = []
     for path in args.summaries:
@@ -76,7 +78,8 @@ def main() -> None:
         real = r["result"]
         offset = (r.get("engine", {}).get("served_offset_ms", 0.0) / 1e3 if args.served_offset == "measured"
                   else float(args.served_offset))
-        sim = run_policy(replace(prep, scenario=replace(prep.scenario, served_offset=offset)), r["variant"],
+        sc_run = replace(prep.scenario, served_offset=offset, served_offset_cv=args.served_offset_cv)
+        sim = run_policy(replace(prep, scenario=sc_run), r["variant"],
                          r["scale"]).summary
         cells = []
         for key, fmt in (("slo_attainment", ".3f"), ("median_ttft_ms", ".0f"), ("p99_ttft_ms", ".0f"),

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from functools import lru_cache
 from typing import Any, Callable
 
+import numpy as np
+
 from fairbatch.routing import make_router
 from fairbatch.instance import Executor, Instance
 from fairbatch.kv import BlockAllocator, trace_block_hashes
@@ -75,6 +77,12 @@ class Scenario:
     # simulated engine saw it, so TTFT and e2e grow by it and TPOT does not. A served
     # run's measured value is serve_bench_device.py's served_offset_ms
     served_offset: float = 0.0
+    # spread of that delay: 0 = the same for every request, else each request's is drawn
+    # from a gamma distribution with this coefficient of variation (1: exponential) and
+    # mean served_offset (seeded by ``seed``). A served stack delivers a step's tokens in a
+    # burst, so some first tokens wait much longer than the mean: with the same mean, a
+    # spread of 1 reproduced the H200 runs of 2026-12-07 where a constant did not
+    served_offset_cv: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -152,6 +160,8 @@ def prepare(sc: Scenario) -> Prepared:
         raise ValueError("instances must be >= 1")
     if not sc.served_offset >= 0:
         raise ValueError(f"served_offset must be >= 0 seconds, got {sc.served_offset}")
+    if not sc.served_offset_cv >= 0:
+        raise ValueError(f"served_offset_cv must be >= 0, got {sc.served_offset_cv}")
     make_router(sc.router)   # validate early
     hashes = None
     if sc.prefix_caching and any(e.hash_ids is not None for e in entries):
@@ -193,9 +203,11 @@ def run_policy(prep: Prepared, policy: str, rate_scale: float = 1.0,
     stream = StreamingSummary()
     on_done = stream.add_request
     if sc.served_offset:
-        def on_done(index: int, req: Request, offset: float = sc.served_offset) -> None:
+        offsets = served_offsets(sc, len(requests))
+
+        def on_done(index: int, req: Request) -> None:
             rec = record_from_request(req)
-            stream.add(replace(rec, arrival=rec.arrival - offset), index)
+            stream.add(replace(rec, arrival=rec.arrival - offsets[index]), index)
     outcome = simulate(requests, instances, router, load_interval=sc.load_interval, progress=progress,
                        on_done=on_done)
     summary = stream.summary()
@@ -209,6 +221,15 @@ def run_policy(prep: Prepared, policy: str, rate_scale: float = 1.0,
     if sc.instances > 1:
         summary["requests_per_instance"] = outcome.assigned
     return RunResult(policy, rate_scale, summary, outcome)
+
+
+def served_offsets(sc: Scenario, n: int) -> np.ndarray:
+    """Each request's served-stack delay (``Scenario.served_offset``/``served_offset_cv``),
+    the same draws for every policy and load of a scenario."""
+    if not sc.served_offset_cv:
+        return np.full(n, sc.served_offset)
+    shape = 1.0 / sc.served_offset_cv ** 2
+    return np.random.default_rng(sc.seed).gamma(shape, sc.served_offset / shape, n)
 
 
 def capacities(prep: Prepared, policy: str, *, targets: tuple[float, ...] = (0.9, 0.99), lo: float = 1.0,

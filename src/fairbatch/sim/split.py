@@ -20,9 +20,10 @@ exchanged every few milliseconds) would be a different router. Those run in one 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -39,17 +40,59 @@ from fairbatch.sim.executor import SimExecutor
 from fairbatch.sim.loop import simulate
 
 
+class TiledBlockNames(Sequence):
+    """Block names of a workload that re-sends a trace's requests: request ``i`` is trace
+    entry ``entry[i]``, its names that entry's (``base``) plus ``offset[i]``. A tiling of
+    the trace gives each copy its own offset (a multiple of ``stride``, above every base
+    name), so copies share nothing with one another. Names are built when a request is
+    made (``Workload.requests``), so a million requests hold two arrays, not a million
+    lists of names."""
+
+    def __init__(self, base: Sequence[Sequence[int] | None], entry: npt.NDArray[np.int64],
+                 offset: npt.NDArray[np.int64]) -> None:
+        if len(entry) != len(offset):
+            raise ValueError("entry and offset must have one value per request")
+        self.base = base
+        self.entry = entry
+        self.offset = offset
+
+    @staticmethod
+    def stride(base: Sequence[Sequence[int] | None]) -> int:
+        """An offset step above every name in ``base``."""
+        return 1 + max((max(b) for b in base if b), default=0)
+
+    def __len__(self) -> int:
+        return len(self.entry)
+
+    @overload
+    def __getitem__(self, i: int) -> list[int] | None: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[list[int] | None]: ...
+    def __getitem__(self, i):  # type: ignore[no-untyped-def]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        names = self.base[int(self.entry[i])]
+        if names is None:
+            return None
+        off = int(self.offset[i])
+        return list(names) if not off else [n + off for n in names]
+
+    def take(self, idx: npt.NDArray[np.int64]) -> TiledBlockNames:
+        return TiledBlockNames(self.base, self.entry[idx], self.offset[idx])
+
+
 @dataclass
 class Workload:
     """A run's requests in arrival order, as arrays (one SLO for all); ``block_hashes``: each
-    request's KV block names (``kv.trace_block_hashes``) for prefix caching, or None."""
+    request's KV block names (``kv.trace_block_hashes``) for prefix caching, or None (a
+    list, or a ``TiledBlockNames`` that builds them as requests are made)."""
 
     arrival: npt.NDArray[np.float64]
     prompt_len: npt.NDArray[np.int32]
     output_len: npt.NDArray[np.int32]
     slo: SLO
     deadline_rule: DeadlineRule = DeadlineRule.TPOT_SAFE
-    block_hashes: list[list[int] | None] | None = None
+    block_hashes: Sequence[list[int] | None] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.arrival)
@@ -65,8 +108,11 @@ class Workload:
 
     def subset(self, idx: npt.NDArray[np.int64]) -> Workload:
         names = self.block_hashes
-        return Workload(self.arrival[idx], self.prompt_len[idx], self.output_len[idx], self.slo, self.deadline_rule,
-                        None if names is None else [names[i] for i in idx.tolist()])
+        if isinstance(names, TiledBlockNames):
+            sub: Sequence[list[int] | None] | None = names.take(idx)
+        else:
+            sub = None if names is None else [names[i] for i in idx.tolist()]
+        return Workload(self.arrival[idx], self.prompt_len[idx], self.output_len[idx], self.slo, self.deadline_rule, sub)
 
     def requests(self) -> Iterator[Request]:
         """One Request at a time (the loop keeps only those in flight)."""
@@ -113,6 +159,8 @@ class SplitResult:
     preemptions: int = 0
     rejected: int = 0
     unfinished: int = 0
+    prefix_queries: int = 0       # prompt tokens looked up at first admission, all instances
+    prefix_hits: int = 0          # and found cached (0, 0 without prefix caching)
 
 
 def split_reason(router: str) -> str | None:
@@ -142,8 +190,10 @@ def _run_group(cluster: Cluster, work: Workload, gidx: npt.NDArray[np.int64] | N
     out = simulate(work.requests(), instances, router, load_interval=cluster.load_interval,
                    keep_requests=False, on_done=on_done, route=r.__getitem__ if r is not None else None)
     stream.flush()
+    allocs = [inst.scheduler.allocator for inst in instances]
     return SplitResult(stream, n_inst, 1, time.perf_counter() - t0, out.end_time, out.steps, out.busy_time,
-                       out.assigned, out.preemptions, out.rejected, out.unfinished)
+                       out.assigned, out.preemptions, out.rejected, out.unfinished,
+                       sum(a.prefix_queries for a in allocs), sum(a.prefix_hits for a in allocs))
 
 
 def _run_group_args(args: tuple) -> SplitResult:
@@ -189,6 +239,8 @@ def run_cluster(cluster: Cluster, work: Workload, n_inst: int, *, jobs: int = 1)
         total.preemptions += part.preemptions
         total.rejected += part.rejected
         total.unfinished += part.unfinished
+        total.prefix_queries += part.prefix_queries
+        total.prefix_hits += part.prefix_hits
     total.steps, total.busy_time, total.assigned = steps, busy, assigned
     total.wall_time = time.perf_counter() - t0
     return total

@@ -86,7 +86,7 @@ def simulate(
     gpu: Annotated[str, typer.Option(help="GPU preset.")] = "h100",
     profile: Annotated[Optional[Path], typer.Option(help="Latency profile JSON (from `fairbatch profile`).")] = None,
     max_model_len: Annotated[Optional[int], typer.Option(help="Context limit; longer requests are truncated.")] = None,
-    set_option: Annotated[Optional[list[str]], typer.Option("--set", help="Scheduler option KEY=VALUE, e.g. chunk_size=512; repeatable.")] = None,
+    set_option: Annotated[Optional[list[str]], typer.Option("--set", help="Scheduler option KEY=VALUE for every policy run, e.g. late=serve; repeatable (a policy's own options go in its variant: sarathi:chunk_size=512).")] = None,
     prefix_caching: Annotated[bool, typer.Option("--prefix-caching/--no-prefix-caching", help="Reuse the KV of prompt prefixes the trace names as shared (Mooncake hash ids), as vLLM does by default (docs/PREFIX_CACHING.md). No effect on traces without them.")] = True,
     seed: Annotated[int, typer.Option(help="Seed for SLO class draws and arrival processes.")] = 0,
     jobs: Annotated[int, typer.Option(help="Parallel simulation processes.")] = 0,
@@ -133,12 +133,13 @@ def tune(
     model: Annotated[str, typer.Option(help="Model preset.")] = "llama-3-8b",
     gpu: Annotated[str, typer.Option(help="GPU preset.")] = "h100",
     profile: Annotated[Optional[Path], typer.Option(help="Latency profile JSON (from `fairbatch profile` or a server's GET /profile).")] = None,
-    set_option: Annotated[Optional[list[str]], typer.Option("--set", help="Scheduler option KEY=VALUE; repeatable.")] = None,
+    set_option: Annotated[Optional[list[str]], typer.Option("--set", help="Scheduler option KEY=VALUE, one the policy reads; repeatable.")] = None,
     target: Annotated[Optional[list[float]], typer.Option(callback=check.fractions, help="SLO attainment targets, in (0, 1]; repeatable. Default: 0.9 and 0.99.")] = None,
     jobs: Annotated[int, typer.Option(help="Parallel simulation processes.")] = 0,
     json_path: Annotated[Optional[Path], typer.Option("--json", callback=check.output_file, help="Write the JSON report here.")] = None,
 ) -> None:
     """Sweep a baseline's token budget: capacity at each value, and the best (compare against that)."""
+    from fairbatch.scheduler.base import check_policy_options
     from fairbatch.sim.command import default_jobs
     from fairbatch.sim.experiment import Scenario
     from fairbatch.sim.tune import print_tune, tune as run_tune, write_tune
@@ -150,9 +151,11 @@ def tune(
     except ValueError:
         raise fail(f"bad --grid {grid!r}: expected comma-separated token counts") from None
     try:
+        options = scheduler_options(set_option, late)
+        check_policy_options(policy, options)     # one policy: --set names only options it reads
         sc = Scenario(trace=trace, num_requests=num_requests, model=model, gpu=gpu,
                       profile=str(profile) if profile else None, ttft_slo=ttft_slo, tpot_slo=tpot_slo,
-                      slo_classes=slo_classes, scheduler=scheduler_options(set_option, late))
+                      slo_classes=slo_classes, scheduler=options)
         report = run_tune(sc, policy, grid=values, targets=tuple(sorted(target or (0.9, 0.99))),
                           jobs=jobs or default_jobs())
         print_tune(report, console)

@@ -5,7 +5,9 @@ Precedence, lowest first: built-in defaults < the file named by ``FAIRBATCH_VLLM
 (JSON, or TOML when it ends in ``.toml``) < ``FAIRBATCH_*`` environment variables <
 ``--additional-config '{"fairbatch": {...}}'`` given to vLLM. Every source uses the same
 keys (``PluginConfig`` fields, plus any ``SchedulerConfig`` field of our policies),
-converted to the field's type by pydantic (which vLLM depends on).
+converted to the field's type by pydantic (which vLLM depends on). Once the policy is
+known (the last source may name it, or the scheduler class force it), a scheduler option
+that policy does not read is an error (``check_policy_options``).
 
 A request overrides its SLO through vLLM's ``SamplingParams.extra_args`` (in the
 OpenAI API: ``"vllm_xargs": {...}`` in the request body) with ``ttft_slo`` /
@@ -26,7 +28,7 @@ from typing import Any, get_args, get_type_hints
 from pydantic import TypeAdapter, ValidationError
 
 from fairbatch.request import SLO, DeadlineRule
-from fairbatch.scheduler.base import SchedulerConfig
+from fairbatch.scheduler.base import SchedulerConfig, check_policy_options
 
 log = logging.getLogger("fairbatch.integrations.vllm")
 
@@ -93,6 +95,12 @@ class PluginConfig:
 
     def scheduler_config(self, *, max_num_batched_tokens: int, max_num_seqs: int,
                          max_model_len: int) -> SchedulerConfig:
+        """The policy's config; ValueError on an option ``self.policy`` does not read
+        (checked here, not per source: a later source may change the policy)."""
+        try:
+            check_policy_options(self.policy, self.scheduler)
+        except ValueError as e:
+            raise ValueError(f"fairbatch: {e}") from None
         return SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                                max_model_len=max_model_len, **{**self.scheduler, "ttft_slo": self.ttft_slo,
                                                                "tpot_slo": self.tpot_slo})

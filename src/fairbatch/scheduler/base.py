@@ -13,9 +13,9 @@ from abc import ABC, abstractmethod
 import heapq
 import math
 from collections import deque
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass, fields
 from itertools import count
-from typing import Callable, ClassVar, Literal, Sequence, get_args
+from typing import Callable, ClassVar, Iterable, Literal, Sequence, get_args
 
 from fairbatch.kv import BlockAllocator, check_fits
 from fairbatch.latency.base import LatencyModel
@@ -36,39 +36,43 @@ DEFAULT_MAX_NUM_SEQS = 1024
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """Knobs of every policy (each policy reads the ones it uses). Frozen and validated at
-    construction: change a copy with ``dataclasses.replace(cfg, field=value)``, which
-    validates again; a bad value raises ValueError naming the field."""
+    """Knobs of every policy. Frozen and validated at construction: change a copy with
+    ``dataclasses.replace(cfg, field=value)``, which validates again; a bad value raises
+    ValueError naming the field.
 
-    # --- every policy: limits of a step and of the running batch
+    Three groups. **Shared** (``SHARED_OPTIONS``): the limits, the default SLO and late
+    handling, read by every policy. **Per policy**: each policy class names the ones it
+    reads (``Scheduler.reads``); a policy variant or a server's ``--set`` that sets one its
+    policy does not read is an error (``check_policy_options``). **Research knobs**: rules
+    measured and kept off, or at a default nobody needs to change (docs/ALGORITHM.md has
+    the measurements); they are per-policy options like the others."""
+
+    # === shared: every policy reads these (SHARED_OPTIONS) ===================================
+    # --- limits of a step and of the running batch
     max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS   # vllm: token budget per step
     # requests running at once. This default is the simulator's; the engine and server pass
     # their own, 256 by default (engine.llm.EngineArgs.max_num_seqs says why they differ)
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
     max_model_len: int = 8192            # context limit (prompt + output)
-    min_chunk: int = 16                  # smallest prefill chunk worth a step
-    chunk_align: int = 16                # round prefill chunks down to a multiple of this
-    # --- every policy: default SLO for requests that carry none (seconds)
+    # --- default SLO for requests that carry none (seconds)
     ttft_slo: float = 1.0
     tpot_slo: float = 0.05
-    # --- every policy: what happens to requests that can no longer meet their SLO (late.py):
+    # --- what happens to requests that can no longer meet their SLO (late.py):
     # "serve" (in the policy's order), "relegate" (behind everyone on time; it only
     # reorders, so it is the default of an SLO-aware server), "reject"
     late: LateMode = "relegate"
-    # relegated prompts compete again once they have waited this many times their TTFT
-    # (inf: only when no prompt that can still make its TTFT is waiting)
-    late_deadline_factor: float = float("inf")
-    failed_decode_gap: float = 4.0       # relegated decodes get a token at least every this many TPOTs
-    # --- every policy: plan first tokens this many seconds before their TTFT deadline, room
-    # for what a server adds after the step (IPC, detokenizing, streaming); at most half
-    # the TTFT. The SLO is unchanged (docs/ALGORITHM.md, "The served stack")
+    # --- plan first tokens this many seconds before their TTFT deadline, room for what a
+    # server adds after the step (IPC, detokenizing, streaming); at most half the TTFT.
+    # The SLO is unchanged (docs/ALGORITHM.md, "The served stack")
     ttft_margin: float = 0.0
-    # pace tokens this fraction inside the TPOT SLO: room for steps that overrun the
-    # step-time model, which FairBatching (filling every step to its deadline) has none of
-    tpot_margin: float = 0.0
+
+    # === per policy: Scheduler.reads of each policy names the ones it reads ==================
+    # --- prefill chunks of the deadline-driven policies (fairbatching, qoserve; chunk.py);
+    # sarathi rounds its recipe's budget to chunk_align too
+    min_chunk: int = 16                  # smallest prefill chunk worth a step
+    chunk_align: int = 16                # round prefill chunks down to a multiple of this
     # --- sarathi: fixed token budget; None = Sarathi-Serve's recipe (largest step meeting TPOT)
     chunk_size: int | None = None
-    chunk_recipe_context: int = 1024     # cached context assumed by that recipe's probe step
     chunk_recipe_tpot: float | None = None   # TPOT the recipe sizes for (None: the default tpot_slo)
     # --- qoserve (Niyama; values of its public scheduler)
     qoserve_safety_factor: float = 1.2       # predicted step time x this must fit the least decode slack
@@ -78,30 +82,45 @@ class SchedulerConfig:
     # --- fairbatching
     time_budget_min: float = 0.010       # T_min, seconds
     time_budget_max: float = 0.250       # T_max, seconds
-    # T = max(min slack, min tpot), or "min-slack": T = min slack (measured worse: ALGORITHM.md)
-    time_budget_rule: TimeBudgetRule = "max-slack-tpot"
+    # pace tokens this fraction inside the TPOT SLO: room for steps that overrun the
+    # step-time model, which FairBatching (filling every step to its deadline) has none of
+    tpot_margin: float = 0.0
     # seconds added to a prompt's deadline per prompt token still to compute
     # when ordering prefills (0: earliest deadline first). None: 0 when late requests are
     # relegated or rejected (the set-aside below and relegation handle long prompts), 8 ms
     # with late=serve (the order must push long prompts back too); docs/ALGORITHM.md
     prefill_work_weight: float | None = None
-    # decodes ahead of their deadline may skip a step to make room for
-    # prefill (the paper's mechanism). Off: measured to cost capacity (ALGORITHM.md)
-    defer_decodes: bool = False
     # with late=relegate|reject: Moore-Hodgson over the waiting prompts each
     # step: whenever one would finish past its deadline at the prefill rate the decodes
     # leave, the longest so far is admitted only after the others (a queue-aware version
     # of the shared late test, which the other policies do not have: docs/RESULTS.md
     # reports FairBatching with and without it)
     set_aside: bool = True
+    # --- fairbatching: the step budget's corrections (step_budget.py)
     # once more than kv_pressure_usage of the KV blocks are in use, steps
     # last at most kv_pressure_budget x the tightest pace (1: off), so decodes finish and
     # free blocks sooner than preemption would (docs/ALGORITHM.md)
     kv_pressure_usage: float = 0.9
     kv_pressure_budget: float = 0.6
-    # weight of each step's measured / predicted time in the moving average
-    # that shortens the time budget while steps overrun the model (0: off)
+    # fairbatching and qoserve: weight of each step's measured / predicted time in the
+    # moving average that shortens the time budget while steps overrun the model (0: off)
     step_overrun_gain: float = 0.05
+
+    # === research knobs: measured, kept off or at a default nobody needs to change ==========
+    # (docs/ALGORITHM.md); per policy like the ones above, except late_deadline_factor (shared)
+    # every policy: relegated prompts compete again once they have waited this many times
+    # their TTFT (inf: only when no prompt that can still make its TTFT is waiting; rows 7-8)
+    late_deadline_factor: float = float("inf")
+    # fairbatching, qoserve: relegated decodes get a token at least every this many TPOTs
+    # (1 or 1.5 measured: no effect)
+    failed_decode_gap: float = 4.0
+    # sarathi: cached context assumed by its recipe's probe step
+    chunk_recipe_context: int = 1024
+    # fairbatching: T = max(min slack, min tpot), or "min-slack": T = min slack (measured worse)
+    time_budget_rule: TimeBudgetRule = "max-slack-tpot"
+    # fairbatching: decodes ahead of their deadline may skip a step to make room for
+    # prefill (the paper's mechanism). Off: measured to cost capacity
+    defer_decodes: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -148,6 +167,14 @@ class SchedulerConfig:
         for name in ("kv_pressure_usage", "kv_pressure_budget"):
             need(_is_num(getattr(self, name)) and 0 < getattr(self, name) <= 1, name, "in (0, 1]")
         need(_is_num(self.step_overrun_gain) and 0 <= self.step_overrun_gain <= 1, "step_overrun_gain", "in [0, 1]")
+
+
+# SchedulerConfig fields every policy reads (the base Scheduler, or its hosts for it); any
+# policy takes them. Every other field is read by the policies whose ``reads`` names it.
+SHARED_OPTIONS: frozenset[str] = frozenset({
+    "max_num_batched_tokens", "max_num_seqs", "max_model_len", "ttft_slo", "tpot_slo", "late",
+    "ttft_margin", "late_deadline_factor"})
+OPTIONS: frozenset[str] = frozenset(f.name for f in fields(SchedulerConfig))
 
 
 def _is_int(x: object) -> bool:
@@ -215,6 +242,11 @@ class Scheduler(ABC):
     """
 
     name: ClassVar[str] = "abstract"
+    #: the SchedulerConfig fields this policy reads beyond SHARED_OPTIONS (a subclass that
+    #: reads more extends its parent's); setting any other for it is an error
+    #: (``check_policy_options``). tests/test_policy_options.py runs every policy on a
+    #: config that records what it reads and fails on a field not declared here.
+    reads: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, config: SchedulerConfig, allocator: BlockAllocator, latency_model: LatencyModel) -> None:
         self.config = config
@@ -697,6 +729,10 @@ _POLICIES: dict[str, type[Scheduler]] = {}
 
 
 def register_policy(cls: type[Scheduler]) -> type[Scheduler]:
+    bad = sorted(cls.reads - (OPTIONS - SHARED_OPTIONS))
+    if bad:
+        raise TypeError(f"policy {cls.name}: reads names {', '.join(bad)}, which "
+                        f"{'are' if len(bad) > 1 else 'is'} no SchedulerConfig field or a shared one")
     _POLICIES[cls.name] = cls
     return cls
 
@@ -706,14 +742,40 @@ def policy_names() -> list[str]:
     return sorted(_POLICIES)
 
 
-def make_scheduler(name: str, config: SchedulerConfig, allocator: BlockAllocator,
-                   latency_model: LatencyModel) -> Scheduler:
+def _policy(name: str) -> type[Scheduler]:
     _load_builtin()
     try:
-        cls = _POLICIES[name]
+        return _POLICIES[name]
     except KeyError:
         raise ValueError(f"unknown policy {name!r}; choose from {', '.join(sorted(_POLICIES))}") from None
-    return cls(config, allocator, latency_model)
+
+
+def policy_options(name: str) -> frozenset[str]:
+    """Every SchedulerConfig field policy ``name`` reads: the shared ones and its own."""
+    return SHARED_OPTIONS | _policy(name).reads
+
+
+def check_policy_options(name: str, options: Iterable[str]) -> None:
+    """Raise ValueError if ``options`` (SchedulerConfig field names set for policy
+    ``name`` alone: a variant, a server's ``--set``) holds one that policy does not read,
+    naming the policies that do; a setting nobody reads would be silently ignored. Options
+    of a comparison of several policies (``Scenario.scheduler``) are not checked: they are
+    shared by every policy of it."""
+    cls = _policy(name)
+    for key in options:
+        if key in SHARED_OPTIONS or key in cls.reads:
+            continue
+        if key not in OPTIONS:
+            raise ValueError(f"unknown scheduler option {key!r}; {name} reads "
+                             f"{', '.join(sorted(policy_options(name)))}")
+        readers = [n for n, c in sorted(_POLICIES.items()) if key in c.reads]
+        owners = f"an option of {', '.join(readers)}" if readers else "read by no policy"
+        raise ValueError(f"{key} is {owners}; {name} does not read it")
+
+
+def make_scheduler(name: str, config: SchedulerConfig, allocator: BlockAllocator,
+                   latency_model: LatencyModel) -> Scheduler:
+    return _policy(name)(config, allocator, latency_model)
 
 
 def _load_builtin() -> None:

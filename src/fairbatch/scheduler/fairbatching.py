@@ -53,6 +53,9 @@ def _last_token_time(r: Request) -> float:
 @register_policy
 class FairBatchingScheduler(Scheduler):
     name = "fairbatching"
+    reads = frozenset({"time_budget_min", "time_budget_max", "time_budget_rule", "tpot_margin", "prefill_work_weight",
+                       "set_aside", "defer_decodes", "failed_decode_gap", "min_chunk", "chunk_align",
+                       "kv_pressure_usage", "kv_pressure_budget", "step_overrun_gain"})
 
     def __init__(self, config, allocator, latency_model) -> None:
         super().__init__(config, allocator, latency_model)

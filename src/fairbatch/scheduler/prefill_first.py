@@ -14,6 +14,7 @@ from fairbatch.scheduler.base import Scheduler, register_policy
 @register_policy
 class PrefillFirstScheduler(Scheduler):
     name = "prefill-first"
+    reads = frozenset()      # the shared options only
 
     def _form(self, now: float) -> StepPlan:
         cfg = self.config

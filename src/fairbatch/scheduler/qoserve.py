@@ -82,6 +82,8 @@ def _order(entry: tuple) -> tuple:
 @register_policy
 class QoServeScheduler(Scheduler):
     name = "qoserve"
+    reads = frozenset({"qoserve_safety_factor", "qoserve_priority_weight", "qoserve_min_step_tokens",
+                       "qoserve_max_step_tokens", "min_chunk", "chunk_align", "failed_decode_gap", "step_overrun_gain"})
 
     def __init__(self, config, allocator, latency_model) -> None:
         super().__init__(config, allocator, latency_model)

@@ -26,6 +26,7 @@ def sarathi_token_budget(model: LatencyModel, tpot: float, context: int = 1024, 
 @register_policy
 class SarathiScheduler(Scheduler):
     name = "sarathi"
+    reads = frozenset({"chunk_size", "chunk_recipe_tpot", "chunk_recipe_context", "chunk_align"})
 
     def __init__(self, config: SchedulerConfig, allocator, latency_model) -> None:
         super().__init__(config, allocator, latency_model)

@@ -21,13 +21,12 @@ from fairbatch.kv import BlockAllocator
 
 
 class StepBudget:
-    __slots__ = ("config", "allocator", "overrun", "_pressure_free")
+    __slots__ = ("config", "allocator", "overrun")
 
     def __init__(self, config, allocator: BlockAllocator) -> None:
         self.config = config
         self.allocator = allocator
         self.overrun = 1.0      # recent measured / predicted step time (moving average)
-        self._pressure_free = (1.0 - config.kv_pressure_usage) * allocator.num_blocks
 
     def observe(self, predicted: float | None, measured: float) -> None:
         """A step the model predicted to take ``predicted`` seconds took ``measured``."""
@@ -51,8 +50,9 @@ class StepBudget:
     def under_pressure(self, T: float, min_pace: float) -> float:
         """``T``, capped at ``kv_pressure_budget`` x the tightest pace while the KV cache is
         fuller than ``kv_pressure_usage``."""
-        if self.allocator.num_free < self._pressure_free:
-            return min(T, self.config.kv_pressure_budget * min_pace)
+        cfg, a = self.config, self.allocator
+        if a.num_free < (1.0 - cfg.kv_pressure_usage) * a.num_blocks:   # read here: QoServe never asks
+            return min(T, cfg.kv_pressure_budget * min_pace)
         return T
 
     def after_overrun(self, T: float) -> float:

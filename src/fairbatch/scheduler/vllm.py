@@ -23,6 +23,7 @@ from fairbatch.scheduler.base import Scheduler, register_policy
 @register_policy
 class VLLMScheduler(Scheduler):
     name = "vllm"
+    reads = frozenset()      # the shared options only: max_num_batched_tokens is its budget
 
     def _form(self, now: float) -> StepPlan:
         plan = StepPlan(token_budget=self.config.max_num_batched_tokens)

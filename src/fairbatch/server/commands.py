@@ -100,7 +100,7 @@ def register(app: typer.Typer) -> None:
     def serve(
         model: Annotated[str, typer.Option(help="Model preset (e.g. llama-3-8b, tiny-llama) or Hugging Face model directory.")],
         load_format: Annotated[str, typer.Option(help="auto, safetensors, or dummy (random weights).")] = "auto",
-        policy: Annotated[str, typer.Option(help="Scheduling policy: fairbatching, sarathi, vllm, prefill-first.")] = "fairbatching",
+        policy: Annotated[str, typer.Option(help="Scheduling policy: fairbatching, qoserve, sarathi, vllm, vllm-priority, prefill-first.")] = "fairbatching",
         ttft_slo: Annotated[float, typer.Option(help="Default TTFT SLO, seconds (a request may override it with its `slo` field).")] = 1.0,
         tpot_slo: Annotated[float, typer.Option(help="Default TPOT SLO, seconds.")] = 0.05,
         host: Annotated[str, typer.Option(help="Address to listen on (on a loopback address, requests "
@@ -140,7 +140,7 @@ def register(app: typer.Typer) -> None:
         engine_restarts: Annotated[int, typer.Option(min=0, help="Times a dead engine process is started again "
                                                      "(0: never); /health answers 503 meanwhile.")] = 3,
         profile: Annotated[Optional[Path], typer.Option(help="Latency profile JSON for the scheduler (from `fairbatch profile`).")] = None,
-        set_option: Annotated[Optional[list[str]], typer.Option("--set", help="Scheduler option KEY=VALUE; repeatable.")] = None,
+        set_option: Annotated[Optional[list[str]], typer.Option("--set", help="Scheduler option KEY=VALUE, one the policy reads; repeatable.")] = None,
         seed: Annotated[int, typer.Option(help="Seed for dummy weights and sampling.")] = 0,
         cpu_threads: Annotated[Optional[int], typer.Option(help="torch intra-op threads (CPU engine); 1 is fastest for tiny models.")] = None,
         log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
@@ -170,6 +170,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Serve a model with an OpenAI-compatible API (completions, chat, /metrics, /load)."""
         from fairbatch.cli import console, fail, listen_or_fail, parse_options
+        from fairbatch.scheduler.base import check_policy_options
         from fairbatch.server.app import build_app
         from fairbatch.server.runner import serve_forever
 
@@ -193,6 +194,7 @@ def register(app: typer.Typer) -> None:
             raise fail(str(e)) from None
         try:
             options = parse_options(set_option or [])
+            check_policy_options(policy, options)   # --set names only options the policy reads
         except ValueError as e:
             raise fail(str(e)) from None
         if not 0.0 <= tpot_margin < 1.0:

@@ -61,7 +61,7 @@ class EngineArgs:
     cuda_graphs: bool = True                    # decode-only steps replay captured graphs (triton)
     tokenizer: str | None = None                # directory with tokenizer.json; default: the model's
     max_num_batched_tokens: int = 8192
-    # 256, not the simulator's 1024 (scheduler.base.DEFAULT_MAX_NUM_SEQS, vLLM's H100/H200
+    # 256, not the simulator's 1024 (scheduler.config.DEFAULT_MAX_NUM_SEQS, vLLM's H100/H200
     # default): vLLM's default below 70 GB. The engine also runs on CPUs and small GPUs,
     # each running sequence reserves a float32 logits row out of the KV cache
     # (specs.default_activation_reserve) and CUDA graphs cover at most 256 decodes. The

@@ -11,9 +11,8 @@ left until its next one. Each step:
    (b) prefills, partial ones then waiting ones, in order of deadline plus
    ``prefill_work_weight`` per prompt token left (with ``late`` relegating or rejecting,
    the waiting ones through a Moore-Hodgson set-aside: set_aside.py), each given the
-   largest chunk that keeps the step within ``T`` (chunk.py: rounded down to
-   ``chunk_align``, at least ``min_chunk`` unless it finishes the prompt); (c) with ``defer_decodes``, the
-   remaining decodes while the step fits; (d) the decodes of relegated requests last
+   largest chunk that keeps the step within ``T`` (chunk.py); (c) with ``defer_decodes``,
+   the remaining decodes while the step fits; (d) the decodes of relegated requests last
    (late.py, shared by every policy). If nothing fits, one ``min_chunk`` prefill runs so
    the instance always progresses. Requests are paced at ``(1 - tpot_margin) * tpot``:
    room for steps that overrun the model.
@@ -36,7 +35,7 @@ from fairbatch.request import Request, RequestState
 from fairbatch.scheduler.admission import admission_budget
 from fairbatch.scheduler.base import Scheduler, register_policy
 from fairbatch.scheduler.chunk import fairbatching_chunk
-from fairbatch.scheduler.late import Late
+from fairbatch.scheduler.late import Late, last_token_time
 from fairbatch.scheduler.preempt import reserve_by_rank
 from fairbatch.scheduler.prompt_heap import PromptHeap
 from fairbatch.scheduler.set_aside import admission_order
@@ -44,10 +43,6 @@ from fairbatch.scheduler.step_budget import StepBudget
 
 _INF = float("inf")
 _by_deadline = attrgetter("deadline")
-
-
-def _last_token_time(r: Request) -> float:
-    return r.token_times[-1]
 
 
 @register_policy
@@ -195,7 +190,7 @@ class FairBatchingScheduler(Scheduler):
             rest.sort(key=_by_deadline)
             self._add_decodes(rest, plan, T, token_cap)
         if failed:
-            failed.sort(key=_last_token_time)
+            failed.sort(key=last_token_time)
             self._add_decodes(failed, plan, T, token_cap)
 
         plan.predicted_time = model.predict(plan.features) if plan.chunks else 0.0

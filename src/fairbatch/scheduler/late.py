@@ -57,3 +57,8 @@ def latest_start(latency: LatencyModel, req: Request) -> float:
     if req.generated:
         return float("-inf")
     return req.deadline - prefill_floor(latency, req)
+
+
+def last_token_time(req: Request) -> float:
+    """Order of relegated decodes: the one that waited longest for a token first."""
+    return req.token_times[-1]

@@ -61,7 +61,7 @@ from fairbatch.plan import StepPlan, StepResult
 from fairbatch.request import Request, RequestState
 from fairbatch.scheduler.base import Scheduler, register_policy
 from fairbatch.scheduler.chunk import qoserve_chunk
-from fairbatch.scheduler.late import Late
+from fairbatch.scheduler.late import Late, last_token_time
 from fairbatch.scheduler.preempt import reserve_by_rank
 from fairbatch.scheduler.step_budget import StepBudget
 
@@ -69,10 +69,6 @@ _INF = float("inf")
 _RUNNING = RequestState.RUNNING
 _WAITING = RequestState.WAITING
 _by_deadline = attrgetter("deadline")
-
-
-def _last_token_time(r: Request) -> float:
-    return r.token_times[-1]
 
 
 def _order(entry: tuple) -> tuple:
@@ -171,11 +167,11 @@ class QoServeScheduler(Scheduler):
             decodes.sort(key=_by_deadline)
             self._add_decodes(decodes, plan, _INF, cap)
         if overdue:
-            overdue.sort(key=_last_token_time)
+            overdue.sort(key=last_token_time)
             self._add_decodes(overdue, plan, _INF, cap)
         self._add_prefills(partials, T, step_cap, plan)
         if failed:
-            failed.sort(key=_last_token_time)
+            failed.sort(key=last_token_time)
             self._add_decodes(failed, plan, T, cap)
 
         plan.predicted_time = self.latency.predict(plan.features) if plan.chunks else 0.0

@@ -21,6 +21,7 @@ from fairbatch.latency.base import LatencyModel
 from fairbatch.plan import StepPlan, StepResult
 from fairbatch.request import Request, RequestState
 from fairbatch.scheduler.config import OPTIONS, SHARED_OPTIONS, SchedulerConfig
+from fairbatch.scheduler.delivery_lead import DeliveryLead
 from fairbatch.scheduler.late import Late, latest_start
 
 
@@ -101,6 +102,8 @@ class Scheduler(ABC):
         self._late_watch: list[tuple[float, int, Request]] = []   # (latest start, seq, request)
         self._late_seq = count()
         self._rejected: list[Request] = []        # refused since the host last asked
+        q = config.ttft_margin_quantile           # first tokens planned ahead of delivery
+        self._delivery = DeliveryLead(q) if q is not None else None
         # prefix caching (docs/PREFIX_CACHING.md): waiting requests holding their cached
         # prefix, in the order they took it; running ones with prompt blocks yet to name
         self._pinned: dict[str, Request] = {}
@@ -118,8 +121,11 @@ class Scheduler(ABC):
         if validate:
             self._check_limits(req)
         req.state = RequestState.WAITING
-        if self.config.ttft_margin and not req.generated:
-            req.plan_first_token_early(self.config.ttft_margin)
+        lead = self.config.ttft_margin
+        if self._delivery is not None and self._delivery.lead > lead:
+            lead = self._delivery.lead
+        if lead and not req.generated:
+            req.plan_first_token_early(lead)
         self._by_id[req.request_id] = req
         if req.block_hashes is not None:
             self.take_cached_prefix(req)   # before its deadline checks: they price what is left
@@ -333,6 +339,12 @@ class Scheduler(ABC):
     def observe_step(self, predicted: float, measured: float) -> None:
         """A host that applies step results itself (no ``on_step_end``) reports a step's
         predicted and measured seconds; policies that pace steps by the model use it."""
+
+    def observe_delivery(self, delay: float) -> None:
+        """A host reports how long after the step that made it a first token reached its
+        client (``ttft_margin_quantile`` plans later first tokens ahead by such delays)."""
+        if self._delivery is not None:
+            self._delivery.observe(delay)
 
     def latency_model_changed(self) -> None:
         """The latency model was refitted (``OnlineLatencyModel``): re-derive whatever the

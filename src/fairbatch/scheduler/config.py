@@ -53,6 +53,9 @@ class SchedulerConfig:
     # server adds after the step (IPC, detokenizing, streaming); at most half the TTFT.
     # The SLO is unchanged (docs/ALGORITHM.md, "The served stack")
     ttft_margin: float = 0.0
+    # or, when larger, this quantile of the first-token delivery delays the host reports
+    # (Scheduler.observe_delivery; delivery_lead.py). None: ttft_margin alone
+    ttft_margin_quantile: float | None = None
 
     # === per policy: Scheduler.reads of each policy names the ones it reads ==================
     # --- prefill chunks of the deadline-driven policies (fairbatching, qoserve; chunk.py);
@@ -136,6 +139,9 @@ class SchedulerConfig:
              "chunk_recipe_tpot", "None or a number > 0")
         Late.parse(self.late)
         need(_is_num(self.ttft_margin) and self.ttft_margin >= 0, "ttft_margin", "a number >= 0")
+        need(self.ttft_margin_quantile is None or (_is_num(self.ttft_margin_quantile)
+                                                   and 0 < self.ttft_margin_quantile < 1),
+             "ttft_margin_quantile", "None or in (0, 1)")
         need(_is_num(self.tpot_margin) and 0 <= self.tpot_margin < 1, "tpot_margin", "in [0, 1)")
         need(_is_num(self.qoserve_safety_factor) and self.qoserve_safety_factor >= 1, "qoserve_safety_factor",
              "a number >= 1")
@@ -161,7 +167,7 @@ class SchedulerConfig:
 # policy takes them. Every other field is read by the policies whose ``reads`` names it.
 SHARED_OPTIONS: frozenset[str] = frozenset({
     "max_num_batched_tokens", "max_num_seqs", "max_model_len", "ttft_slo", "tpot_slo", "late",
-    "ttft_margin", "late_deadline_factor"})
+    "ttft_margin", "ttft_margin_quantile", "late_deadline_factor"})
 OPTIONS: frozenset[str] = frozenset(f.name for f in fields(SchedulerConfig))
 
 

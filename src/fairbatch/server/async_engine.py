@@ -30,6 +30,7 @@ from fairbatch.server.engine_messages import (
     AbortRequests,
     AddRequests,
     Delta,
+    DeliveryDelays,
     EngineGone,
     EngineMessage,
     EngineRevived,
@@ -96,6 +97,7 @@ class AsyncEngine:
         self.latency_profile: dict[str, Any] | None = None   # the scheduler's step-time model
         self._error: str | None = None           # the engine died, and why
         self._started = False
+        self._delays: list[float] = []           # first-token delivery delays not yet sent
 
     # --- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -156,6 +158,12 @@ class AsyncEngine:
         if ids and self.alive:
             self.backend.send(AbortRequests(tuple(ids)))
 
+    def first_token_delivered(self, delta: Delta) -> None:
+        """A first token (produced by the step that ended at ``delta.time``) is being handed
+        to its client now: the delay goes to the scheduler with the next step's deltas
+        (``ttft_margin_quantile``), one message per step rather than per token."""
+        self._delays.append(clock() - delta.time)
+
     async def load(self, timeout: float = 5.0) -> Load:
         """A fresh ``Scheduler.load`` computed by the engine between steps."""
         if not self.alive:
@@ -172,6 +180,9 @@ class AsyncEngine:
     # --- the engine's messages (event loop) ----------------------------------------------------
     def _on_message(self, msg: EngineMessage) -> None:
         if isinstance(msg, StepDeltas):
+            if self._delays and self.alive:     # the previous steps' first tokens are out by now
+                self.backend.send(DeliveryDelays(tuple(self._delays)))
+                self._delays.clear()
             self._dispatch(msg.deltas)
         elif isinstance(msg, SnapshotUpdate):
             self.snapshot = msg.snapshot

@@ -93,6 +93,8 @@ async def choice_outputs(group: RequestGroup, model: ServedModel, body: _Samplin
                 yield refusal(group.requests[idx], retry_after)
                 return
             proc = procs[idx]
+            if d.start == 0 and d.token_ids:
+                group.engine.first_token_delivered(d)    # yielded to its writer next
             proc.add_logprobs(d.logprobs, d.prompt_logprobs)
             if d.cached_tokens is not None:
                 proc.cached_tokens = d.cached_tokens

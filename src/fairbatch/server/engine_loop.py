@@ -31,6 +31,7 @@ from fairbatch.server.engine_messages import (
     AddRequests,
     Command,
     Delta,
+    DeliveryDelays,
     EngineMessage,
     EngineSnapshot,
     LateCounts,
@@ -164,6 +165,9 @@ class EngineLoop:
                     self._unscheduled.discard(rid)
                     if self._sent.pop(rid, None) is not None:
                         inst.abort(rid, now)
+            elif isinstance(cmd, DeliveryDelays):
+                for delay in cmd.delays:
+                    inst.scheduler.observe_delivery(delay)
             elif isinstance(cmd, LoadQuery):
                 try:
                     self.post(LoadReply(cmd.token, inst.load(now)))

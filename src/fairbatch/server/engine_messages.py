@@ -2,8 +2,10 @@
 (``engine_loop``), one frozen dataclass per kind, dispatched on type. They cross a process
 boundary pickled (``engine_process``) or a thread boundary as they are (``engine_thread``).
 
-Front end to engine (``Command``): ``AddRequests``, ``AbortRequests``, ``LoadQuery``; and
-``Stop``, which only the process transport sees (it ends the engine's loop).
+Front end to engine (``Command``): ``AddRequests``, ``AbortRequests``, ``LoadQuery``,
+``DeliveryDelays`` (how long first tokens took from their step to their client, for
+``ttft_margin_quantile``); and ``Stop``, which only the process transport sees (it ends the
+engine's loop).
 
 Engine to front end (``EngineMessage``):
 
@@ -129,11 +131,19 @@ class LoadQuery:
 
 
 @dataclass(frozen=True, slots=True)
+class DeliveryDelays:
+    """Seconds from the end of the step that made each of these first tokens to the front
+    end handing it to its client (``Scheduler.observe_delivery``)."""
+
+    delays: tuple[float, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Stop:
     """End the engine process's loop (it drops what is left, then exits)."""
 
 
-Command = Union[AddRequests, AbortRequests, LoadQuery]
+Command = Union[AddRequests, AbortRequests, LoadQuery, DeliveryDelays]
 
 
 # --- engine -> front end ---------------------------------------------------------------------------
@@ -187,6 +197,6 @@ class EngineRevived:
 
 EngineMessage = Union[StepDeltas, LoadReply, SnapshotUpdate, LateCounts, LatencyProfile, EngineGone, EngineRevived]
 
-__all__ = ["REJECTED", "AbortRequests", "AddRequests", "Command", "Delta", "EngineFailed", "EngineGone",
+__all__ = ["REJECTED", "AbortRequests", "AddRequests", "Command", "Delta", "DeliveryDelays", "EngineFailed", "EngineGone",
            "EngineMessage", "EngineReady", "EngineRevived", "EngineSnapshot", "LateCounts", "LatencyProfile",
            "LoadQuery", "LoadReply", "SnapshotUpdate", "Stop", "StepDeltas"]

@@ -208,6 +208,9 @@ def run_policy(prep: Prepared, policy: str, rate_scale: float = 1.0,
         def on_done(index: int, req: Request) -> None:
             rec = record_from_request(req)
             stream.add(replace(rec, arrival=rec.arrival - offsets[index]), index)
+            if req.first_token_time is not None:   # what a server measures and reports
+                for inst in instances:
+                    inst.scheduler.observe_delivery(offsets[index])
     outcome = simulate(requests, instances, router, load_interval=sc.load_interval, progress=progress,
                        on_done=on_done)
     summary = stream.summary()

@@ -10,6 +10,7 @@ while serving, from GET /profile); the bench logs stay in --work. A table is pri
 
     PYTHONPATH=src python benchmarks/gpu/serve_bench_device.py --policy sarathi --out $OUT \\
         --num 1000 --scales 3.5 4.2 4.9 --probes 2 --budget-s 560
+    # a policy with settings of its own: --policy fairbatching:ttft_margin_quantile=0.9
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fairbatch.bench.prometheus_text import samples
+from fairbatch.scheduler.variant import parse_variant
 from fairbatch.metrics import find_capacity
 
 FB = [sys.executable, "-m", "fairbatch.cli"]
@@ -83,9 +86,23 @@ def triton_kernels() -> int:
     return sum(1 for _ in root.glob("*/*.cubin")) if root.is_dir() else 0
 
 
+def serve_args_of(spec: str) -> tuple[str, list[str]]:
+    """A policy variant (``fairbatching:ttft_margin_quantile=0.9``) as `fairbatch serve`'s
+    ``--policy NAME`` and its ``--set KEY=VALUE`` arguments, so that each policy of a call
+    can run with settings of its own."""
+    v = parse_variant(spec)
+    sets = [f"{k}={val if isinstance(val, str) else json.dumps(val)}" for k, val in v.overrides]
+    return v.name, [x for kv in sets for x in ("--set", kv)]
+
+
+def file_label(spec: str) -> str:
+    """``spec`` in file names (the device tool returns plain names only)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", spec)
+
+
 def bench(url: str, args: argparse.Namespace, policy: str, scale: float, work: Path, deadline: float) -> dict:
-    path = work / f"bench_{policy}_x{scale:g}.json"
-    log = work / f"bench_{policy}_x{scale:g}.log"
+    path = work / f"bench_{file_label(policy)}_x{scale:g}.json"
+    log = work / f"bench_{file_label(policy)}_x{scale:g}.log"
     cmd = FB + ["bench", "--base-url", url, "--model", args.model, "--trace", args.trace, "--num-prompts",
                 str(args.num), "--rate-scale", f"{scale:g}", "--label", policy, "--no-save-detailed",
                 "--save-result", str(path), "--workers", str(args.bench_workers)]
@@ -192,10 +209,11 @@ def main() -> None:
     for i, policy in enumerate(args.policy):
         port = args.port + i
         url = f"http://127.0.0.1:{port}"
-        log = open(args.out / f"serve_{policy}.log", "w")
+        name, own_args = serve_args_of(policy)
+        log = open(args.out / f"serve_{file_label(policy)}.log", "w")
         t0 = time.monotonic()
-        proc = subprocess.Popen(FB + ["serve", "--model", args.model, "--load-format", "dummy", "--policy", policy,
-                                      "--port", str(port), "--log-level", "warning", *args.serve_arg],
+        proc = subprocess.Popen(FB + ["serve", "--model", args.model, "--load-format", "dummy", "--policy", name,
+                                      "--port", str(port), "--log-level", "warning", *own_args, *args.serve_arg],
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             if not wait_healthy(url, proc, min(400.0, end - time.monotonic())):
@@ -227,7 +245,7 @@ def main() -> None:
                 probe_capacity(run, done, args.probes, args.target)
             except OutOfBudget:
                 pass
-            save_profile(url, args.out / f"profile_{policy}.json")
+            save_profile(url, args.out / f"profile_{file_label(policy)}.json")
             good, bad = bracket(done, args.target)
             summary[policy] = {"capacity_scale": good, "first_failing_scale": bad,
                                "capacity_rate": done[good]["rate"] if good is not None else None}
@@ -240,7 +258,7 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
             log.close()
-    (args.out / f"summary_{'_'.join(args.policy)}.json").write_text(json.dumps({"rows": rows, "capacity": summary, "serve_args": args.serve_arg},
+    (args.out / f"summary_{'_'.join(map(file_label, args.policy))}.json").write_text(json.dumps({"rows": rows, "capacity": summary, "serve_args": args.serve_arg},
                                                                               indent=1))
     print(f"{'policy':13s} {'scale':>6s} {'rate':>6s} {'done':>5s} {'fail':>4s} {'ttft50':>7s} {'ttft99':>7s} "
           f"{'tpot50':>6s} {'tpot99':>6s} {'att':>6s} {'goodput':>7s} {'wall':>5s} {'stepms':>6s} {'meas/pred':>9s} "

@@ -24,7 +24,9 @@ def variant_of(policy: str, serve_args: list[str]) -> str:
     """The simulator's policy variant for a server started with ``serve_args``
     (``--set KEY=VALUE`` pairs; others do not change the schedule)."""
     sets = [serve_args[i + 1] for i, a in enumerate(serve_args[:-1]) if a == "--set"]
-    return policy + (":" + ",".join(sets) if sets else "")
+    if not sets:
+        return policy
+    return policy + ("," if ":" in policy else ":") + ",".join(sets)   # (policy may be a variant already)
 
 
 def rel(sim: float, real: float) -> str:

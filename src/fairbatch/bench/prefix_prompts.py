@@ -30,9 +30,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from fairbatch.block_hash import MOONCAKE_BLOCK as TRACE_BLOCK   # tokens per hash id
 from fairbatch.kv import prompt_block_hashes, trace_block_hashes
 
-TRACE_BLOCK = 512                  # tokens per hash id (Mooncake)
 TOKEN_LOW, TOKEN_HIGH = 3, 100     # token ids of generated prompts, inclusive
 _M = (1 << 64) - 1
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)

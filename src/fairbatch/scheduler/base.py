@@ -22,6 +22,7 @@ from fairbatch.plan import StepPlan, StepResult
 from fairbatch.request import Request, RequestState
 from fairbatch.scheduler.config import OPTIONS, SHARED_OPTIONS, SchedulerConfig
 from fairbatch.scheduler.delivery_lead import DeliveryLead
+from fairbatch.scheduler.prefix_reuse import PrefixReuse
 from fairbatch.scheduler.late import Late, latest_start
 
 
@@ -104,10 +105,8 @@ class Scheduler(ABC):
         self._rejected: list[Request] = []        # refused since the host last asked
         q = config.ttft_margin_quantile           # first tokens planned ahead of delivery
         self._delivery = DeliveryLead(q) if q is not None else None
-        # prefix caching (docs/PREFIX_CACHING.md): waiting requests holding their cached
-        # prefix, in the order they took it; running ones with prompt blocks yet to name
-        self._pinned: dict[str, Request] = {}
-        self._naming: dict[str, Request] = {}
+        self._prefix = PrefixReuse(allocator)     # prefix caching (prefix_reuse.py)
+        self._pinned = self._prefix.pinned        # waiting requests holding a cached prefix
 
     # --- interface -------------------------------------------------------------------------
     def add(self, req: Request, now: float, *, validate: bool = True) -> None:
@@ -291,8 +290,8 @@ class Scheduler(ABC):
                 elif req.generated == 1 and req.ttft_missed and relegate and not req.relegated:
                     req.relegated = True      # its SLO is lost: best effort from here on
                     self.stats.relegated += 1
-        if self._naming:
-            self._name_computed_blocks()
+        if self._prefix.naming:
+            self._prefix.name_computed_blocks()
         if finished:
             for req in finished:
                 self._finish(req, now)
@@ -378,46 +377,7 @@ class Scheduler(ABC):
         cached prefix: it then computes (and every policy prices) only the rest. Called
         when it is queued and, by every policy, before sizing its chunk at admission (its
         prefix may have been given back under KV pressure, or cached meanwhile)."""
-        hashes = req.block_hashes
-        if hashes is None or req.kv_slots:
-            return
-        hit = self.allocator.attach_prefix(req.request_id, hashes, req.prompt_len + req.generated)
-        if hit:
-            req.num_computed = req.kv_slots = hit
-            self._pinned[req.request_id] = req
-
-    def _give_back_prefixes(self, req: Request, num_tokens: int) -> bool:
-        """KV ran short for ``req``: waiting requests other than ``req`` give back their
-        cached prefixes, the most recently taken first (they take them again when next
-        considered), until ``req``'s blocks fit; True if they now do. Pinned waiting
-        prefixes therefore never block an admission nor cause a preemption."""
-        alloc = self.allocator
-        need = alloc.blocks_for(num_tokens) - alloc.num_allocated(req.request_id)
-        pinned = self._pinned
-        for rid in reversed(list(pinned)):
-            if alloc.num_free >= need:
-                break
-            other = pinned[rid]
-            if other is req:
-                continue
-            del pinned[rid]
-            alloc.free(rid)
-            other.num_computed = other.kv_slots = 0
-        return alloc.num_free >= need
-
-    def _name_computed_blocks(self) -> None:
-        """After a step (before its finished requests free their blocks): the prompt blocks
-        it completed become reusable by later requests."""
-        register, bs = self.allocator.register, self.allocator.block_size
-        running = RequestState.RUNNING
-        naming = self._naming
-        for rid, req in list(naming.items()):
-            if req.state is running:
-                hashes = req.block_hashes
-                register(rid, hashes, req.num_computed)
-                if req.num_computed < len(hashes) * bs:
-                    continue
-            del naming[rid]       # all named, or it left (preempted ones come back at admission)
+        self._prefix.take(req)
 
     # --- queries ---------------------------------------------------------------------------
     def has_work(self) -> bool:
@@ -446,7 +406,7 @@ class Scheduler(ABC):
             return True
         alloc = self.allocator
         if not alloc.allocate(req.request_id, num_tokens):
-            if not (self._pinned and self._give_back_prefixes(req, num_tokens)):
+            if not (self._pinned and self._prefix.give_back(req, num_tokens)):
                 return False
             alloc.allocate(req.request_id, num_tokens)
         req.kv_slots = alloc.num_allocated(req.request_id) * alloc.block_size
@@ -513,11 +473,7 @@ class Scheduler(ABC):
     def _admit(self, req: Request) -> None:
         """Move the head of the waiting queue into the running list."""
         if req.block_hashes is not None:
-            self._pinned.pop(req.request_id, None)
-            self._naming[req.request_id] = req
-            if req.admitted_at < 0:      # first admission: what the cache saved it
-                req.num_cached_tokens = req.num_computed
-                self.allocator.record_lookup(req.prompt_len, req.num_computed)
+            self._prefix.admitted(req)
         req.state = RequestState.RUNNING
         req.admitted_at = self._admissions
         self._admissions += 1

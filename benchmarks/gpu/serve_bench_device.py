@@ -100,12 +100,16 @@ def file_label(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", spec)
 
 
-def bench(url: str, args: argparse.Namespace, policy: str, scale: float, work: Path, deadline: float) -> dict:
+def bench(url: str, args: argparse.Namespace, policy: str, scale: float, work: Path, deadline: float,
+          salt: int = 0) -> dict:
+    """One replay at ``scale``. ``salt``: the how-manieth replay on this server; each gets
+    prompts that share nothing with the earlier ones (`fairbatch bench --prompt-salt`),
+    so the server's prefix cache cannot carry one load's prompts into the next."""
     path = work / f"bench_{file_label(policy)}_x{scale:g}.json"
     log = work / f"bench_{file_label(policy)}_x{scale:g}.log"
     cmd = FB + ["bench", "--base-url", url, "--model", args.model, "--trace", args.trace, "--num-prompts",
                 str(args.num), "--rate-scale", f"{scale:g}", "--label", policy, "--no-save-detailed",
-                "--save-result", str(path), "--workers", str(args.bench_workers)]
+                "--save-result", str(path), "--workers", str(args.bench_workers), "--prompt-salt", str(salt)]
     before, kernels = engine_counters(url), triton_kernels()
     t0 = time.monotonic()
     with open(log, "w") as f:
@@ -132,7 +136,7 @@ def bench(url: str, args: argparse.Namespace, policy: str, scale: float, work: P
               "server_ttft_mean_ms": server_ttft_ms, "served_offset_ms": r["mean_ttft_ms"] - server_ttft_ms}
     return {"scale": scale, "result": r, "engine": engine, "rate": r.get("request_rate"), "completed": r["completed"], "failed": r.get("failed", 0),
             "ttft50": r["median_ttft_ms"], "ttft99": r["p99_ttft_ms"], "tpot50": r["median_tpot_ms"],
-            "tpot99": r["p99_tpot_ms"], "att": r["slo_attainment"], "goodput": r.get("request_goodput"),
+            "tpot99": r["p99_tpot_ms"], "att": r["slo_attainment"], "hit_rate": r.get("prefix_cache_hit_rate"), "goodput": r.get("request_goodput"),
             "wall_s": time.monotonic() - t0}
 
 
@@ -231,7 +235,7 @@ def main() -> None:
                 if longest and time.monotonic() + 1.15 * longest > end:
                     print(f"{policy} x{scale:g}: skipped (budget)", flush=True)
                     raise OutOfBudget
-                row = bench(url, args, policy, scale, args.work, end)
+                row = bench(url, args, policy, scale, args.work, end, salt=len(done))
                 longest = max(longest, row["wall_s"])
                 row["policy"] = policy
                 rows.append(row)

@@ -38,7 +38,7 @@ from fairbatch.request import SLO, Request, RequestState
 from fairbatch.scheduler.base import SchedulerConfig, make_scheduler
 from fairbatch.specs import default_activation_reserve, gpu_preset_for, kv_cache_blocks
 
-LOAD_FORMATS = ("auto", "safetensors", "dummy")
+LOAD_FORMATS = ("auto", "safetensors", "dummy", "simulated")   # simulated: engine/simulated.py
 CPU_DEFAULT_KV_BLOCKS = 1024
 
 
@@ -185,7 +185,13 @@ class LLM:
 
     def __init__(self, model: str, *, policy: str = "vllm", scheduler_config: SchedulerConfig | None = None,
                  latency_model: LatencyModel | None = None, **engine_kwargs) -> None:
-        self.engine = Engine(EngineArgs(model, **engine_kwargs))
+        args = EngineArgs(model, **engine_kwargs)
+        if args.load_format == "simulated":     # no model: steps last what latency_model predicts
+            from fairbatch.engine.simulated import SimulatedEngine
+
+            self.engine: Engine = SimulatedEngine(args, latency_model)  # type: ignore[assignment]
+        else:
+            self.engine = Engine(args)
         e = self.engine
         cfg = scheduler_config or SchedulerConfig(
             max_num_batched_tokens=e.args.max_num_batched_tokens, max_num_seqs=e.args.max_num_seqs)

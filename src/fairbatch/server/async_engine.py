@@ -162,7 +162,10 @@ class AsyncEngine:
         """A first token (produced by the step that ended at ``delta.time``) is being handed
         to its client now: the delay goes to the scheduler with the next step's deltas
         (``ttft_margin_quantile``), one message per step rather than per token."""
-        self._delays.append(clock() - delta.time)
+        delay = clock() - delta.time
+        self._delays.append(delay)
+        if self.metrics is not None:
+            self.metrics.on_first_token_delivered(delay)
 
     async def load(self, timeout: float = 5.0) -> Load:
         """A fresh ``Scheduler.load`` computed by the engine between steps."""

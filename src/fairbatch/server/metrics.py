@@ -110,6 +110,10 @@ class ServerMetrics:
                                             "samples of each finished request.", lab, buckets=tokens, registry=r)
         self.req_preemptions = Histogram(p + "request_num_preemptions", "Preemptions of each finished request.",
                                          lab, buckets=PREEMPTION_BUCKETS, registry=r)
+        # the served stack's share of TTFT that the front end sees: IPC, fan-out, detokenizing
+        self.delivery = Histogram(p + "first_token_delivery_seconds", "Time from the end of the engine step "
+                                  "that made a first token to the front end handing it to the client's stream.",
+                                  lab, buckets=ITL_BUCKETS, registry=r)
         self._scheduled: dict[str, float] = {}      # request id -> first scheduled, until it ends
         self.slo_requests = Counter(p + "slo_requests", "Requests counted for SLO attainment: finished, and "
                                     "refused for lateness (late=reject; each a miss).",
@@ -129,6 +133,7 @@ class ServerMetrics:
         self._itl = self.itl.labels(m)
         self._tpot = self.tpot.labels(m)
         self._e2e = self.e2e.labels(m)
+        self._delivery = self.delivery.labels(m)
         self._aborted = self.request_aborted.labels(m)
         self._rejected = self.request_rejected.labels(m, "queue_full")
         self._late_rejected = self.request_rejected.labels(m, "late")
@@ -147,6 +152,9 @@ class ServerMetrics:
                 self._ttft.observe(times[0] - req.arrival)
             else:
                 itl.observe(times[j] - times[j - 1])
+
+    def on_first_token_delivered(self, delay: float) -> None:
+        self._delivery.observe(delay)
 
     def on_scheduled(self, req: Request, when: float) -> None:
         """The engine scheduled ``req`` for the first time at ``when``."""

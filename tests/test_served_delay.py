@@ -45,3 +45,45 @@ def test_every_streamed_first_token_is_counted_in_the_delivery_histogram():
         page = {x.name: x.value for x in samples(http.get("/metrics").text) if not x.labels.get("le")}
     assert page["fairbatch:first_token_delivery_seconds_count"] == 3
     assert page["fairbatch:first_token_delivery_seconds_sum"] >= 0
+
+
+def test_chunk_events_match_encode_event_byte_for_byte():
+    from fairbatch.server.sse_stream import ChunkEvents
+    from fairbatch.wire.sse import encode_event
+
+    choice = {"index": 1, "text": 'a"\\\u2028\n\u00e9', "logprobs": None, "finish_reason": None}
+    for base in ({"id": "x", "object": "text_completion", "created": 1, "model": "m\u2028"}, {}):
+        events = ChunkEvents(base)
+        assert events.event(choice) == encode_event({**base, "choices": [choice]})
+        assert events.event(choice, usage={"prompt_tokens": 2}) == encode_event(
+            {**base, "choices": [choice], "usage": {"prompt_tokens": 2}})
+        assert events.event(usage={"total_tokens": 3}) == encode_event({**base, "choices": [], "usage": {"total_tokens": 3}})
+
+
+class _Backend:
+    mirrors = False
+    alive = True
+    error = None
+
+    def send(self, cmd) -> None:
+        pass
+
+
+class _Model:
+    num_blocks = 1
+
+
+def test_a_steps_first_tokens_reach_their_streams_before_later_tokens():
+    from fairbatch.request import SLO, Request
+    from fairbatch.server.async_engine import AsyncEngine
+    from fairbatch.server.engine_messages import Delta, StepDeltas
+
+    engine = AsyncEngine(_Model(), backend=_Backend())
+    filled: list[str] = []
+    for rid in ("a", "b", "c", "d"):
+        group = engine.add([Request(rid, 0.0, 4, 8, SLO(1.0, 0.1))])
+        group.queue.put_nowait = lambda item, rid=rid: filled.append(rid)
+    engine._on_message(StepDeltas((("a", Delta([7], time=1.0, start=3)), ("b", Delta([7], time=1.0, start=0)),
+                                   ("c", Delta([7], "length", time=1.0, start=5)),
+                                   ("d", Delta([7], time=1.0, start=0)))))
+    assert filled == ["b", "d", "a", "c"]

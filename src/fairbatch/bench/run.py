@@ -24,6 +24,7 @@ import numpy as np
 
 from fairbatch.bench.client import BenchRequest, make_payload, send_request
 from fairbatch.bench.datasets import load_text_dataset
+from fairbatch.bench.event_loop import run as run_loop
 from fairbatch.bench.prefix_prompts import prompt_key, shared_prompt_tokens, trace_prompt
 from fairbatch.bench.prometheus_text import samples
 from fairbatch.bench.vllm_compat import (
@@ -349,7 +350,7 @@ async def _run_async(cfg: BenchConfig, wl: Workload, rate_scale: float,
 
 def _worker(cfg: BenchConfig, wl: Workload, rate_scale: float, start: float
             ) -> tuple[list[RequestRecord], ClientTimes]:
-    records, _, times = asyncio.run(_run_async(cfg, wl, rate_scale, None, warmup=False, start=start))
+    records, _, times = run_loop(_run_async(cfg, wl, rate_scale, None, warmup=False, start=start))
     return records, times
 
 
@@ -368,7 +369,7 @@ def _run_workers(cfg: BenchConfig, wl: Workload, rate_scale: float,
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     if cfg.warmup:     # here, once: it checks the server before any process starts
-        asyncio.run(_warmup_alone(cfg, wl))
+        run_loop(_warmup_alone(cfg, wl))
     if on_start is not None:
         on_start()
     k = cfg.workers
@@ -443,7 +444,7 @@ def run_once(cfg: BenchConfig, wl: Workload, rate_scale: float = 1.0,
     if cfg.workers > 1:
         records, duration, times = _run_workers(cfg, wl, rate_scale, on_done, on_start)
     else:
-        records, duration, times = asyncio.run(_run_async(cfg, wl, rate_scale, on_done, on_start=on_start))
+        records, duration, times = run_loop(_run_async(cfg, wl, rate_scale, on_done, on_start=on_start))
     summary = summarize(records, duration=duration, percentiles=cfg.percentiles)
     # vLLM's ITL (per stream event) and peak concurrency (per second), not the simulator's
     summary |= itl_summary(records, times.events, cfg.percentiles)

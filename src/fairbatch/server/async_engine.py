@@ -208,10 +208,14 @@ class AsyncEngine:
 
     def _dispatch(self, deltas: tuple[tuple[str, Delta], ...]) -> None:
         """Hand each request's delta to its group and observe metrics, here, off the
-        engine's critical path."""
+        engine's critical path. First tokens go first: each queue wakes its stream's task
+        in the order filled, and a step's tokens then take the front end milliseconds to
+        stream; a first token is what a TTFT deadline waits on, a later one has a TPOT's slack."""
         groups = self._groups
         metrics = self.metrics
         mirrors = self.backend.mirrors
+        if len(deltas) > 1:
+            deltas = sorted(deltas, key=_later_token)      # stable: the engine's order otherwise
         for rid, delta in deltas:
             entry = groups.get(rid)
             if entry is None:
@@ -246,6 +250,12 @@ class AsyncEngine:
         for fut in self._loads.values():
             if not fut.done():
                 fut.set_exception(EngineDead(message))
+
+
+def _later_token(item: tuple[str, Delta]) -> bool:
+    """False (sorts first) for a delta that carries its request's first token."""
+    delta = item[1]
+    return not (delta.start == 0 and delta.token_ids)
 
 
 __all__ = ["AsyncEngine", "Delta", "EngineDead", "EngineSnapshot", "QueueFull", "RequestGroup", "clock"]

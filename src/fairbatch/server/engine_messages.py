@@ -27,6 +27,7 @@ A backend adds two of its own: ``EngineGone`` when the engine died (or its threa
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any, Union
 
 if TYPE_CHECKING:
@@ -62,6 +63,12 @@ class Delta:
     cached_tokens: int | None = None
     num_preemptions: int = 0
 
+    def __reduce__(self) -> tuple[type, tuple]:
+        # the fields by position: pickle's default for slots writes a name -> value dict
+        # per delta, and a step's deltas (one per running request) cross to the front end
+        # every step; this form unpickles in about a third of the time
+        return Delta, _delta_fields(self)
+
     @property
     def done(self) -> bool:
         return self.finish_reason is not None or self.error is not None
@@ -69,6 +76,9 @@ class Delta:
     @property
     def rejected(self) -> bool:
         return self.finish_reason == REJECTED
+
+
+_delta_fields = attrgetter(*Delta.__slots__)      # every field, in the constructor's order
 
 
 @dataclass(slots=True)

@@ -8,6 +8,7 @@ events ``stream_options`` asks for, an error event on a failure, ``[DONE]``);
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -85,6 +86,25 @@ class SSEResponse(StreamingResponse):
                     pass
 
 
+_compact_json = json.JSONEncoder(separators=(",", ":")).encode     # as wire.sse.encode_event writes
+
+
+class ChunkEvents:
+    """``encode_event({**base, "choices": [...], "usage": ...})`` byte for byte, with
+    ``base`` (id, object, created, model) encoded once per stream instead of per token."""
+
+    def __init__(self, base: dict[str, Any]) -> None:
+        if "choices" in base or "usage" in base:
+            raise ValueError("base holds the fields every chunk shares, not choices or usage")
+        shared = _compact_json(base)[1:-1]
+        self._head = "data: {" + shared + ("," if shared else "") + '"choices":['
+
+    def event(self, *choices: dict[str, Any], usage: dict[str, Any] | None = None) -> str:
+        body = ",".join(map(_compact_json, choices))
+        tail = "]}\n\n" if usage is None else '],"usage":' + _compact_json(usage) + "}\n\n"
+        return self._head + body + tail
+
+
 # One choice's part of a chunk: (index, text, finish_reason, its processor, its first?).
 ChoiceChunk = Callable[[int, str, "str | None", OutputProcessor, bool], dict[str, Any]]
 
@@ -98,6 +118,8 @@ async def stream_events(outputs: AsyncIterator[Output | Failure], group: Request
     measures the first token); usage per chunk (``continuous_usage_stats``) or at the end
     (``include_usage``); an error event instead of the rest on a failure; ``[DONE]``."""
     started: set[int] = set()
+    chunks = ChunkEvents(base)
+    continuous = bool(usage_opts and usage_opts.continuous_usage_stats)
     async for ev in outputs:
         if isinstance(ev, Failure):
             yield encode_event(error_body(ev.status, ev.message))
@@ -105,12 +127,10 @@ async def stream_events(outputs: AsyncIterator[Output | Failure], group: Request
         i, text, reason, procs = ev
         first = i not in started
         started.add(i)
-        head = encode_event({**base, "choices": [opening(i)]}) if first and opening is not None else ""
-        chunk = {**base, "choices": [choice_chunk(i, text, reason, procs[i], first)]}
-        if usage_opts and usage_opts.continuous_usage_stats:
-            chunk["usage"] = usage(prompt_tokens, procs)
-        yield head + encode_event(chunk)
+        head = chunks.event(opening(i)) if first and opening is not None else ""
+        yield head + chunks.event(choice_chunk(i, text, reason, procs[i], first),
+                                  usage=usage(prompt_tokens, procs) if continuous else None)
     else:
         if usage_opts and usage_opts.include_usage:
-            yield encode_event({**base, "choices": [], "usage": usage(prompt_tokens, procs_of(group))})
+            yield chunks.event(usage=usage(prompt_tokens, procs_of(group)))
     yield DONE_EVENT

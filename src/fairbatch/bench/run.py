@@ -25,6 +25,7 @@ import numpy as np
 from fairbatch.bench.client import BenchRequest, make_payload, send_request
 from fairbatch.bench.datasets import load_text_dataset
 from fairbatch.bench.event_loop import run as run_loop
+from fairbatch.bench.stream_client import client_for
 from fairbatch.bench.prefix_prompts import prompt_key, shared_prompt_tokens, trace_prompt
 from fairbatch.bench.prometheus_text import samples
 from fairbatch.bench.vllm_compat import (
@@ -309,11 +310,10 @@ async def _run_async(cfg: BenchConfig, wl: Workload, rate_scale: float,
     ``on_start`` runs after the warm-up, before the first request."""
     url = _url(cfg.base_url, cfg.endpoint)
     limits = httpx.Limits(max_connections=cfg.max_concurrency, max_keepalive_connections=cfg.max_concurrency or 512)
-    timeout = httpx.Timeout(cfg.timeout, connect=min(60.0, cfg.timeout))
     sem = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
     times = ClientTimes()
     events = times.events
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+    async with client_for(url, cfg.timeout, limits=limits) as client:
         if warmup and cfg.warmup:
             await _warmup(client, url, cfg, wl.model, wl.requests[0])
         if on_start is not None:

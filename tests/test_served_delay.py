@@ -87,3 +87,37 @@ def test_a_steps_first_tokens_reach_their_streams_before_later_tokens():
                                    ("c", Delta([7], "length", time=1.0, start=5)),
                                    ("d", Delta([7], time=1.0, start=0)))))
     assert filled == ["b", "d", "a", "c"]
+
+
+def test_later_tokens_wait_for_new_streams_first_writes():
+    import asyncio
+
+    from fairbatch.request import SLO, Request
+    from fairbatch.server.async_engine import AsyncEngine
+    from fairbatch.server.engine_messages import Delta, StepDeltas
+
+    async def main():
+        engine = AsyncEngine(_Model(), backend=_Backend())
+        filled: list[str] = []
+        groups = {}
+        for rid in ("old1", "new1", "new2", "old2"):
+            g = groups[rid] = engine.add([Request(rid, 0.0, 4, 8, SLO(1.0, 0.1))])
+            g.streaming = rid.startswith("new")
+            g.queue.put_nowait = lambda item, rid=rid: filled.append(rid)
+        engine._on_message(StepDeltas((("old1", Delta([7], time=1.0, start=3)), ("new1", Delta([7], time=1.0)),
+                                       ("new2", Delta([7], time=1.0)), ("old2", Delta([7], time=1.0, start=2)))))
+        assert filled == ["new1", "new2"]
+        groups["new1"].first_chunk_written(0)
+        assert filled == ["new1", "new2"]
+        groups["new2"].first_chunk_written(0)
+        assert filled == ["new1", "new2", "old1", "old2"]
+        # a stream that never writes holds nothing back past the next step
+        engine._on_message(StepDeltas((("new1", Delta([7], time=2.0, start=1)),
+                                       ("new3", Delta([7], time=2.0)))))
+        engine.add([Request("new4", 0.0, 4, 8, SLO(1.0, 0.1))]).streaming = True
+        engine._on_message(StepDeltas((("new4", Delta([7], time=3.0)), ("old1", Delta([7], time=3.0, start=4)))))
+        assert filled[-1] != "old1"
+        engine._on_message(StepDeltas(()))
+        assert filled[-1] == "old1"
+
+    asyncio.run(main())

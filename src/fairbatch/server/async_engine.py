@@ -44,6 +44,11 @@ from fairbatch.server.engine_messages import (
 )
 
 
+# Later tokens of a step wait at most this long for its first tokens' streams to write
+# (a stream whose client left never writes).
+HOLD_LATER_TOKENS_S = 0.005
+
+
 class QueueFull(Exception):
     """The server holds as many requests as it accepts; the client should retry later."""
 
@@ -61,10 +66,15 @@ class RequestGroup:
         self.requests = list(requests)
         self.queue: asyncio.Queue[tuple[int, Delta]] = asyncio.Queue()
         self.live: set[str] = {r.request_id for r in requests}
+        self.streaming = False     # its answer is an SSE stream (set before its first delta)
 
     @property
     def finished(self) -> bool:
         return not self.live
+
+    def first_chunk_written(self, index: int) -> None:
+        """The stream wrote choice ``index``'s first token to its connection."""
+        self.engine.first_chunk_written(self.requests[index].request_id)
 
     def abort(self, index: int | None = None, *, finished: bool = False) -> None:
         """Abort one choice (``index``) or every unfinished one; idempotent. ``finished``:
@@ -98,6 +108,10 @@ class AsyncEngine:
         self._error: str | None = None           # the engine died, and why
         self._started = False
         self._delays: list[float] = []           # first-token delivery delays not yet sent
+        # a step's later tokens, held until its first tokens' streams have written them
+        self._held: list[tuple[str, Delta]] = []
+        self._awaited: set[str] = set()          # request ids whose first chunk is not written yet
+        self._hold_timer: asyncio.TimerHandle | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -158,6 +172,14 @@ class AsyncEngine:
         if ids and self.alive:
             self.backend.send(AbortRequests(tuple(ids)))
 
+    def first_chunk_written(self, request_id: str) -> None:
+        """A stream wrote its first token: once every first token of the step is out, its
+        later tokens go to their streams."""
+        if request_id in self._awaited:
+            self._awaited.discard(request_id)
+            if not self._awaited:
+                self._release_held()
+
     def first_token_delivered(self, delta: Delta) -> None:
         """A first token (produced by the step that ended at ``delta.time``) is being handed
         to its client now: the delay goes to the scheduler with the next step's deltas
@@ -183,6 +205,7 @@ class AsyncEngine:
     # --- the engine's messages (event loop) ----------------------------------------------------
     def _on_message(self, msg: EngineMessage) -> None:
         if isinstance(msg, StepDeltas):
+            self._release_held()                # per request, tokens stay in step order
             if self._delays and self.alive:     # the previous steps' first tokens are out by now
                 self.backend.send(DeliveryDelays(tuple(self._delays)))
                 self._delays.clear()
@@ -207,15 +230,42 @@ class AsyncEngine:
             self._error = None
 
     def _dispatch(self, deltas: tuple[tuple[str, Delta], ...]) -> None:
+        """First tokens first. A step's tokens take the front end milliseconds to stream
+        (hundreds of streams, each woken in turn), and a first token is what a TTFT
+        deadline waits on, while a later one has a TPOT's slack. A new stream's first
+        token also takes several turns of the event loop to reach its socket (the
+        response starts), each behind every task then ready; so the step's later tokens
+        are held until the new streams have written their first (at most
+        ``HOLD_LATER_TOKENS_S``)."""
+        first = [d for d in deltas if _is_first_token(d)]
+        if not first:
+            self._deliver(deltas)
+            return
+        groups = self._groups
+        awaited = {rid for rid, _ in first if rid in groups and groups[rid][0].streaming}
+        self._deliver(first)
+        later = [d for d in deltas if not _is_first_token(d)]
+        if not (awaited and later):
+            self._deliver(later)
+            return
+        self._held, self._awaited = later, awaited
+        self._hold_timer = asyncio.get_running_loop().call_later(HOLD_LATER_TOKENS_S, self._release_held)
+
+    def _release_held(self) -> None:
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
+        self._awaited.clear()
+        if self._held:
+            held, self._held = self._held, []
+            self._deliver(held)
+
+    def _deliver(self, deltas: Sequence[tuple[str, Delta]]) -> None:
         """Hand each request's delta to its group and observe metrics, here, off the
-        engine's critical path. First tokens go first: each queue wakes its stream's task
-        in the order filled, and a step's tokens then take the front end milliseconds to
-        stream; a first token is what a TTFT deadline waits on, a later one has a TPOT's slack."""
+        engine's critical path."""
         groups = self._groups
         metrics = self.metrics
         mirrors = self.backend.mirrors
-        if len(deltas) > 1:
-            deltas = sorted(deltas, key=_later_token)      # stable: the engine's order otherwise
         for rid, delta in deltas:
             entry = groups.get(rid)
             if entry is None:
@@ -242,6 +292,7 @@ class AsyncEngine:
                 self.num_active -= 1
 
     def _fail_all(self, message: str) -> None:
+        self._release_held()
         for rid, (group, idx) in list(self._groups.items()):
             group.queue.put_nowait((idx, Delta([], error=message, time=clock())))
             group.live.discard(rid)
@@ -252,10 +303,9 @@ class AsyncEngine:
                 fut.set_exception(EngineDead(message))
 
 
-def _later_token(item: tuple[str, Delta]) -> bool:
-    """False (sorts first) for a delta that carries its request's first token."""
+def _is_first_token(item: tuple[str, Delta]) -> bool:
     delta = item[1]
-    return not (delta.start == 0 and delta.token_ids)
+    return delta.start == 0 and bool(delta.token_ids)
 
 
 __all__ = ["AsyncEngine", "Delta", "EngineDead", "EngineSnapshot", "QueueFull", "RequestGroup", "clock"]

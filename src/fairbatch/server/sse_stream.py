@@ -31,6 +31,7 @@ async def first_output(outputs: AsyncIterator[Output | Failure], group: RequestG
     stream that began 200. Returns the outputs, the first one included; raises
     ``APIError`` for a refusal, a failure, or a client that left first (its requests
     aborted)."""
+    group.streaming = True          # before its first delta can arrive: AsyncEngine waits for its first write
     first = asyncio.ensure_future(outputs.__anext__())
     watch = asyncio.ensure_future(wait_disconnect(raw))
     try:
@@ -130,6 +131,8 @@ async def stream_events(outputs: AsyncIterator[Output | Failure], group: Request
         head = chunks.event(opening(i)) if first and opening is not None else ""
         yield head + chunks.event(choice_chunk(i, text, reason, procs[i], first),
                                   usage=usage(prompt_tokens, procs) if continuous else None)
+        if first:                   # resumed: the response wrote it to the connection
+            group.first_chunk_written(i)
     else:
         if usage_opts and usage_opts.include_usage:
             yield chunks.event(usage=usage(prompt_tokens, procs_of(group)))

@@ -115,6 +115,8 @@ def decode_batch(n: int, ctx: int) -> StepFeatures:
 def test_shipped_profile_is_the_default_where_it_exists() -> None:
     m = load_latency_model("llama-3-8b", "h100")
     assert m.kind == "linear" and m.meta["model"] == "llama-3-8b" and m.meta["gpu"] == "h100"
+    h200 = load_latency_model("llama-3-8b", "h200")      # a served refit until an H200 sweep
+    assert h200.kind == "linear" and h200.meta["gpu"] == "h200"
     assert isinstance(load_latency_model("llama-3-8b", "a100"), RooflineLatencyModel)   # none measured
 
 

@@ -139,6 +139,7 @@ def run_once(url: str, server: subprocess.Popen, args: argparse.Namespace, scale
         "front_end_us_per_token": 1e6 * (cpu1[0] - cpu0[0]) / tokens,
         "engine_us_per_token": 1e6 * (cpu1[1] - cpu0[1]) / tokens,
         "client_us_per_token": 1e6 * (cpu1[2] - cpu0[2]) / tokens,
+        "client_tpot_mean_ms": r["mean_tpot_ms"], "client_itl_p99_ms": r["p99_itl_ms"],
         "slo_attainment": r.get("slo_attainment"),
     }
 

@@ -4,11 +4,14 @@
 2. ``benchmarks/micro/engine_roofline.py`` (imported, in this process): ceilings, Triton
    attention tuning, step times vs roofline;
 3. ``fairbatch profile`` for each model (dummy bf16 weights), with the tuned attention
-   configs, writing ``{model}_{gpu}.json`` profiles and their raw samples.
+   configs, writing ``{model}_{gpu}.json`` profiles and their raw samples;
+4. with ``--piecewise MODEL``: issue #15's step times with piecewise CUDA graphs on and
+   off (``piecewise_rows``), and what their capture cost in GPU memory.
 
 Results go to ``$OUT`` (or ``--out``); a short table is printed last.
 
     OUT=/tmp/out PYTHONPATH=src python benchmarks/gpu/engine_device.py --models llama-3-8b qwen2.5-7b
+    OUT=/tmp/out PYTHONPATH=src python benchmarks/gpu/engine_device.py --skip-bench --models --piecewise llama-3-8b
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ def main() -> None:
     ap.add_argument("--skip-bench", action="store_true")
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--quick-profile", action="store_true")
+    ap.add_argument("--piecewise", metavar="MODEL", help="time piecewise CUDA graphs on vs off for MODEL")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -46,7 +50,8 @@ def main() -> None:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(["src", "tests", os.environ.get("PYTHONPATH", "")]))
         with open(out / "gpu_tests.log", "w") as log:
             rc = subprocess.call([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-                                  "tests/test_engine_gpu.py"], stdout=log, stderr=subprocess.STDOUT, env=env)
+                                  "tests/test_engine_gpu.py", "tests/test_piecewise_graph_gpu.py"],
+                                 stdout=log, stderr=subprocess.STDOUT, env=env)
         tail = (out / "gpu_tests.log").read_text().strip().splitlines()[-1:]
         summary.append(f"gpu tests rc={rc}: {tail[0] if tail else ''}  ({time.time() - t0:.0f}s)")
         print(summary[-1], flush=True)
@@ -98,10 +103,82 @@ def main() -> None:
         torch.cuda.empty_cache()
         print(summary[-1], flush=True)
 
+    if args.piecewise:
+        try:
+            summary.extend(piecewise_rows(args.piecewise, out))
+        except Exception:
+            traceback.print_exc()
+            summary.append("piecewise FAILED: " + traceback.format_exc().strip().splitlines()[-1])
+
     (out / "summary.txt").write_text("\n".join(summary) + "\n")
     print("\n===== summary =====")
     print("\n".join(summary))
     print(f"total {time.time() - t0:.0f}s")
+
+
+# (context, new tokens) per sequence: issue #15's rows, and steps at and around the buckets
+PIECEWISE_CASES = (
+    ("mixed 128 dec@2048 + 512 chunk", [(2047, 1)] * 128 + [(0, 512)]),
+    ("mixed 64 dec@1024 + 1024 chunk@2048", [(1023, 1)] * 64 + [(2048, 1024)]),
+    ("mixed 32 dec@512 + 2016 chunk", [(511, 1)] * 32 + [(0, 2016)]),
+    ("prefill 128", [(0, 128)]),
+    ("prefill 300", [(0, 300)]),
+    ("prefill 512", [(0, 512)]),
+    ("prefill 1024", [(0, 1024)]),
+    ("prefill 2048", [(0, 2048)]),
+)
+
+
+def piecewise_rows(model: str, out: Path, repeats: int = 10) -> list[str]:
+    """Median step ms of each case in four modes: eager; whole-step graphs (today's
+    default); whole-step then piecewise graphs (--piecewise-cuda-graphs); piecewise alone.
+    Writes piecewise.json; returns summary lines."""
+    import torch
+
+    from fairbatch.engine.llm import Engine, EngineArgs
+    from fairbatch.engine.piecewise_graph import (
+        CudaGraphPieces,
+        PiecewiseGraphs,
+        piecewise_buckets,
+        piecewise_memory_bytes,
+    )
+    from fairbatch.engine.profile import measure
+
+    engine = Engine(EngineArgs(model, load_format="dummy", dtype="bfloat16", max_num_seqs=256))
+    engine.kv.data.normal_()
+    ex = engine.executor
+    buckets = piecewise_buckets(engine.args.max_num_batched_tokens)
+    torch.cuda.synchronize()
+    reserved = torch.cuda.memory_reserved()
+    t = time.time()
+    # what Engine does with piecewise_cuda_graphs=True, after the KV cache took its share
+    pw = PiecewiseGraphs(engine.model, engine.kv, engine.backend, engine.ops, buckets, CudaGraphPieces(engine.device))
+    pw.capture_all()
+    torch.cuda.synchronize()
+    cost = torch.cuda.memory_reserved() - reserved
+    estimate = piecewise_memory_bytes(engine.config.spec, buckets[-1])
+    lines = [f"piecewise {model}: buckets {buckets}, capture {time.time() - t:.1f}s, {cost / 2**20:.0f} MiB reserved "
+             f"(estimate {estimate / 2**20:.0f} MiB), {torch.cuda.mem_get_info()[0] / 2**30:.1f} GiB free"]
+    whole = ex.graphs
+    modes = {"eager": (None, None), "whole": (whole, None), "whole+piecewise": (whole, pw), "piecewise": (None, pw)}
+    rows = []
+    for name, comp in PIECEWISE_CASES:
+        row = {"case": name, "tokens": sum(k for _, k in comp)}
+        for mode, (graphs, piecewise) in modes.items():
+            ex.graphs, ex.piecewise = graphs, piecewise
+            before = pw.replays
+            row[mode] = measure(engine, comp, repeats=repeats) * 1e3
+            row[mode + "_ran_piecewise"] = pw.replays > before
+        ex.graphs, ex.piecewise = whole, None
+        rows.append(row)
+        lines.append(f"{name:38s} " + "  ".join(f"{m} {row[m]:6.2f}{'*' if row[m + '_ran_piecewise'] else ''}"
+                                                 for m in modes) + " ms")
+        print(lines[-1], flush=True)
+    (out / "piecewise.json").write_text(json.dumps({
+        "device": torch.cuda.get_device_name(), "model": model, "buckets": buckets, "capture_reserved_bytes": cost,
+        "rows": rows, "note": "* = the piecewise graphs ran"}, indent=1))
+    del engine, pw
+    return lines
 
 
 if __name__ == "__main__":

@@ -34,6 +34,10 @@ MaxLen = Annotated[int | None, typer.Option(help="Context limit (default: the mo
 MaxTokens = Annotated[int, typer.Option(help="Token budget of one step (scheduler max_num_batched_tokens).")]
 MaxSeqs = Annotated[int, typer.Option(help="Most requests running at once.")]
 Graphs = Annotated[bool, typer.Option(help="Replay CUDA graphs for decode-only steps (triton backend).")]
+PiecewiseGraphs = Annotated[bool, typer.Option(
+    "--piecewise-cuda-graphs/--no-piecewise-cuda-graphs",
+    help="Replay per-bucket CUDA graphs of everything but attention for mixed/prefill steps over 256 tokens "
+         "(experimental, not yet validated on a GPU; docs/PERFORMANCE.md).")]
 # vLLM's spelling (--enable-prefix-caching / --no-enable-prefix-caching), and --no-prefix-caching
 PREFIX_CACHING_FLAGS = ("--enable-prefix-caching/--no-enable-prefix-caching", " /--no-prefix-caching")
 PREFIX_CACHING_HELP = ("Reuse the KV of cached full prompt blocks across requests (automatic prefix caching; "
@@ -42,11 +46,13 @@ PrefixCaching = Annotated[bool, typer.Option(*PREFIX_CACHING_FLAGS, help=PREFIX_
 
 
 def _engine_kwargs(load_format, dtype, device, attention_backend, num_kv_blocks, max_model_len,
-                   max_num_batched_tokens, max_num_seqs, cuda_graphs, seed, enable_prefix_caching=True) -> dict:
+                   max_num_batched_tokens, max_num_seqs, cuda_graphs, seed, enable_prefix_caching=True,
+                   piecewise_cuda_graphs=False) -> dict:
     return dict(load_format=load_format, dtype=dtype, device=device, attention_backend=attention_backend,
                 num_kv_blocks=num_kv_blocks, max_model_len=max_model_len,
                 max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-                cuda_graphs=cuda_graphs, seed=seed, enable_prefix_caching=enable_prefix_caching)
+                cuda_graphs=cuda_graphs, seed=seed, enable_prefix_caching=enable_prefix_caching,
+                piecewise_cuda_graphs=piecewise_cuda_graphs)
 
 
 def _read_prompts(path: Path) -> list[tuple[str, int | None]]:
@@ -102,6 +108,7 @@ def register(app: typer.Typer) -> None:
         max_num_batched_tokens: MaxTokens = 8192,
         max_num_seqs: MaxSeqs = 256,
         cuda_graphs: Graphs = True,
+        piecewise_cuda_graphs: PiecewiseGraphs = False,
         enable_prefix_caching: PrefixCaching = True,
         seed: Annotated[int, typer.Option(help="Seed for dummy weights, sampling, trace prompts and SLO draws.")] = 0,
         output: Annotated[Path | None, typer.Option(help="Write one JSON line per request here.")] = None,
@@ -131,6 +138,7 @@ def register(app: typer.Typer) -> None:
         max_num_batched_tokens: MaxTokens = 8192,
         max_num_seqs: MaxSeqs = 256,
         cuda_graphs: Graphs = True,
+        piecewise_cuda_graphs: PiecewiseGraphs = False,
         seed: Annotated[int, typer.Option()] = 0,
     ) -> None:
         """Time real engine steps over batch compositions and fit the latency model `fairbatch simulate --profile` loads."""
@@ -144,8 +152,8 @@ def register(app: typer.Typer) -> None:
 def _run_generate(*, model, prompt, prompts, trace, num_requests, rate_scale, offline, policy, max_tokens,
                   temperature, top_p, top_k, ignore_eos, ttft_slo, tpot_slo, slo_classes, latency_profile,
                   load_format, dtype, device, attention_backend, num_kv_blocks, max_model_len,
-                  max_num_batched_tokens, max_num_seqs, cuda_graphs, enable_prefix_caching, seed, output,
-                  json_path) -> None:
+                  max_num_batched_tokens, max_num_seqs, cuda_graphs, piecewise_cuda_graphs, enable_prefix_caching,
+                  seed, output, json_path) -> None:
     import numpy as np
 
     from fairbatch.engine.llm import LLM
@@ -164,7 +172,8 @@ def _run_generate(*, model, prompt, prompts, trace, num_requests, rate_scale, of
     with console.status(f"loading {model}"):
         llm = LLM(model, policy=policy, scheduler_config=cfg, latency_model=lat,
                   **_engine_kwargs(load_format, dtype, device, attention_backend, num_kv_blocks, max_model_len,
-                                   max_num_batched_tokens, max_num_seqs, cuda_graphs, seed, enable_prefix_caching))
+                                   max_num_batched_tokens, max_num_seqs, cuda_graphs, seed, enable_prefix_caching,
+                                   piecewise_cuda_graphs))
     e = llm.engine
     console.print(f"{e.name}: {e.config.family}, {str(e.dtype).replace('torch.', '')} on {e.device}, "
                   f"attention {e.backend.name}, {e.allocator.num_blocks} KV blocks, policy {policy}, "
@@ -223,7 +232,8 @@ def _run_generate(*, model, prompt, prompts, trace, num_requests, rate_scale, of
 
 
 def _run_profile(*, model, out, samples_path, quick, repeats, load_format, dtype, device, attention_backend,
-                 num_kv_blocks, max_num_batched_tokens, max_num_seqs, cuda_graphs, seed) -> None:
+                 num_kv_blocks, max_num_batched_tokens, max_num_seqs, cuda_graphs, piecewise_cuda_graphs,
+                 seed) -> None:
     from rich.progress import Progress
 
     from fairbatch.engine.llm import Engine, EngineArgs
@@ -234,7 +244,8 @@ def _run_profile(*, model, out, samples_path, quick, repeats, load_format, dtype
     with console.status(f"loading {model}"):
         engine = Engine(EngineArgs(model, **_engine_kwargs(load_format, dtype, device, attention_backend,
                                                            num_kv_blocks, None, max_num_batched_tokens,
-                                                           max_num_seqs, cuda_graphs, seed)))
+                                                           max_num_seqs, cuda_graphs, seed,
+                                                           piecewise_cuda_graphs=piecewise_cuda_graphs)))
     if engine.device.type != "cuda":
         console.print("[yellow]profiling on the CPU: the fitted model describes this CPU, not a GPU[/]")
     with Progress(console=console) as bar:

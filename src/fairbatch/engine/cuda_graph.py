@@ -12,7 +12,8 @@ the step's indices into one pinned buffer and the replay starts with a single co
   cache's scratch block, attending only to itself. Their outputs land in padding rows.
 
 The graphs stop at the final hidden states; logits of the sampling rows are computed
-eagerly (keeping vocabulary-sized outputs out of every bucket's static memory).
+eagerly (keeping vocabulary-sized outputs out of every bucket's static memory). Larger
+steps may replay piecewise graphs instead (``piecewise_graph.py``, off by default).
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ class EngineExecutor:
     def __init__(self, model: CausalLM, kv: KVCache, allocator: BlockAllocator, backend: AttentionBackend,
                  ops: TorchOps, sampler: Sampler, eos_token_ids: tuple[int, ...] = (), *,
                  cuda_graphs: bool = False, graph_max_batch: int = 256, max_model_len: int | None = None,
-                 max_num_batched_tokens: int = 8192) -> None:
+                 max_num_batched_tokens: int = 8192, piecewise_cuda_graphs: bool = False) -> None:
         if kv.num_blocks != allocator.num_blocks or kv.block_size != allocator.block_size:
             raise ValueError(f"KV cache ({kv.num_blocks} x {kv.block_size}) and block allocator "
                              f"({allocator.num_blocks} x {allocator.block_size}) disagree")
@@ -50,6 +50,12 @@ class EngineExecutor:
             from fairbatch.engine.cuda_graph import StepGraphs
 
             self.graphs = StepGraphs(self, graph_max_batch, max_model_len or model.config.max_position_embeddings)
+        self.piecewise = None      # steps the whole-step graphs leave: piecewise_graph.py
+        if piecewise_cuda_graphs and self.device.type == "cuda":
+            from fairbatch.engine.piecewise_graph import CudaGraphPieces, PiecewiseGraphs, piecewise_buckets
+
+            self.piecewise = PiecewiseGraphs(model, kv, backend, ops, piecewise_buckets(max_num_batched_tokens),
+                                             CudaGraphPieces(self.device))
         self.steps = 0
 
     # --- Executor protocol -----------------------------------------------------------------
@@ -91,7 +97,8 @@ class EngineExecutor:
     def _logits_for_sampling(self, plan: StepPlan, keep_hidden: bool = False
                              ) -> tuple[torch.Tensor, list[Request], torch.Tensor | None]:
         """Logits of the rows that sample; with ``keep_hidden``, every row's hidden state too
-        (prompt logprobs), which rules out the decode graphs."""
+        (prompt logprobs), which rules out the whole-step graphs. Whole-step graphs first,
+        then (in ``forward``) piecewise graphs, then eager."""
         if self.graphs is not None and not keep_hidden:
             out = self.graphs.try_run(plan)
             if out is not None:
@@ -156,6 +163,12 @@ class EngineExecutor:
         return out
 
     def forward(self, inputs: StepInputs) -> torch.Tensor:
+        """Final hidden states; from the piecewise graphs, a static buffer's view that the
+        next step overwrites (callers use it within the step)."""
+        if self.piecewise is not None:
+            hidden = self.piecewise.try_forward(inputs)
+            if hidden is not None:
+                return hidden
         return self.model(inputs.input_ids, inputs.positions, inputs.meta, self.kv, self.backend, self.ops)
 
     @torch.inference_mode()

@@ -59,6 +59,9 @@ class EngineArgs:
     block_size: int = 16
     seed: int = 0
     cuda_graphs: bool = True                    # decode-only steps replay captured graphs (triton)
+    # larger mixed/prefill steps replay per-bucket graphs of everything but attention
+    # (piecewise_graph.py); off until validated on a GPU (docs/PERFORMANCE.md)
+    piecewise_cuda_graphs: bool = False
     tokenizer: str | None = None                # directory with tokenizer.json; default: the model's
     max_num_batched_tokens: int = 8192
     # 256, not the simulator's 1024 (scheduler.config.DEFAULT_MAX_NUM_SEQS, vLLM's H100/H200
@@ -141,9 +144,11 @@ class Engine:
             self.model, self.kv, self.allocator, self.backend, self.ops, Sampler(self.device, args.seed),
             self.eos_token_ids, cuda_graphs=args.cuda_graphs,
             graph_max_batch=min(256, args.max_num_seqs), max_model_len=self.max_model_len,
-            max_num_batched_tokens=args.max_num_batched_tokens)
+            max_num_batched_tokens=args.max_num_batched_tokens, piecewise_cuda_graphs=args.piecewise_cuda_graphs)
         if self.executor.graphs is not None:
             self.executor.graphs.capture_all()   # now, not inside a timed serving step
+        if self.executor.piecewise is not None:
+            self.executor.piecewise.capture_all()
 
     def _auto_kv_blocks(self) -> int:
         """``specs.kv_cache_blocks`` on the device's measured memory, with the simulator's

@@ -99,34 +99,59 @@ class CausalLM(nn.Module):
     def lm_head_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
+    # --- the forward pass, as pieces ---------------------------------------------------------
+    # A layer is pre_attention -> attention -> post_attention. The eager forward below and the
+    # piecewise CUDA graphs (piecewise_graph.py, which capture everything but attention) call
+    # these same functions, so the two paths cannot drift apart.
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.model.embed_tokens.weight)
+
+    def pre_attention(self, i: int, h: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+                      slot_mapping: torch.Tensor, kv: KVCache, ops: TorchOps) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``i`` up to attention: (add +) input norm, fused q/k/v, q/k norm and RoPE,
+        and the new tokens' K/V written to their cache slots. -> (q ``[T, H, D]``, residual).
+        ``residual`` is None for layer 0 (the embeddings become the residual stream)."""
+        layer = self.model.layers[i]
+        eps = self.config.rms_norm_eps
+        if residual is None:
+            residual = h
+            x = ops.rms_norm(h, layer.input_layernorm.weight, eps)
+        else:
+            x, residual = ops.add_rms_norm(h, residual, layer.input_layernorm.weight, eps)
+        a = layer.self_attn
+        q = ops.qk_rope_cache(
+            a.qkv_proj(x), a.num_heads, a.num_kv_heads, a.head_dim, positions, self.cos_sin,
+            a.q_norm.weight if a.q_norm is not None else None,
+            a.k_norm.weight if a.k_norm is not None else None, eps,
+            kv.k[i], kv.v[i], slot_mapping)
+        return q, residual
+
+    def post_attention(self, i: int, o: torch.Tensor, residual: torch.Tensor,
+                       ops: TorchOps) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``i`` after attention (``o``: ``[T, H * D]``): output projection, add +
+        norm, MLP. -> (the MLP's output, residual), the next piece's ``h`` and residual."""
+        layer = self.model.layers[i]
+        x, residual = ops.add_rms_norm(layer.self_attn.o_proj(o), residual,
+                                       layer.post_attention_layernorm.weight, self.config.rms_norm_eps)
+        m = layer.mlp
+        return m.down_proj(ops.silu_mul(m.gate_up_proj(x))), residual
+
+    def final_norm(self, h: torch.Tensor, residual: torch.Tensor, ops: TorchOps) -> torch.Tensor:
+        out, _ = ops.add_rms_norm(h, residual, self.model.norm.weight, self.config.rms_norm_eps)
+        return out
+
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv: KVCache, attn: AttentionBackend, ops: TorchOps) -> torch.Tensor:
         """Hidden states after the final norm for every token, ``[T, hidden]``."""
-        cfg = self.config
-        eps = cfg.rms_norm_eps
-        h = F.embedding(input_ids, self.model.embed_tokens.weight)
+        h = self.embed(input_ids)
         residual: torch.Tensor | None = None
-        for i, layer in enumerate(self.model.layers):
-            if residual is None:
-                residual = h
-                x = ops.rms_norm(h, layer.input_layernorm.weight, eps)
-            else:
-                x, residual = ops.add_rms_norm(h, residual, layer.input_layernorm.weight, eps)
-            a = layer.self_attn
-            qkv = a.qkv_proj(x)
-            q = ops.qk_rope_cache(
-                qkv, a.num_heads, a.num_kv_heads, a.head_dim, positions, self.cos_sin,
-                a.q_norm.weight if a.q_norm is not None else None,
-                a.k_norm.weight if a.k_norm is not None else None, eps,
-                kv.k[i], kv.v[i], meta.slot_mapping)
+        for i in range(self.config.num_layers):
+            q, residual = self.pre_attention(i, h, residual, positions, meta.slot_mapping, kv, ops)
             o = attn.forward(q, kv.k[i], kv.v[i], meta)
-            x, residual = ops.add_rms_norm(a.o_proj(o.reshape(o.shape[0], -1)), residual,
-                                           layer.post_attention_layernorm.weight, eps)
-            m = layer.mlp
-            h = m.down_proj(ops.silu_mul(m.gate_up_proj(x)))
-        out, _ = ops.add_rms_norm(h, residual, self.model.norm.weight, eps)
-        return out
+            h, residual = self.post_attention(i, o.reshape(o.shape[0], -1), residual, ops)
+        return self.final_norm(h, residual, ops)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

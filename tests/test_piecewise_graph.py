@@ -135,6 +135,29 @@ def test_padding_writes_only_the_scratch_block(ckpt):
     assert (pw.slot_mapping[20:40] == pw.scratch_slot).all()
 
 
+class WarmingPieces(EagerPieces):
+    """Runs each piece once when capturing it, as the CUDA capture's warm-up does."""
+
+    def capture(self, piece):
+        piece()
+        return piece
+
+
+def test_capturing_a_bucket_mid_run_leaves_the_kv_alone(ckpt):
+    path, _ = ckpt
+    eager, piecewise = _engine(path), _engine(path)
+    pw = PiecewiseGraphs(piecewise.model, piecewise.kv, piecewise.backend, piecewise.ops, BUCKETS, WarmingPieces())
+    piecewise.executor.piecewise = pw
+
+    def steps(tag: str) -> list[list[tuple[Request, int]]]:
+        r = Request(f"{tag}r", 0.0, 38, 4, SLO(1, 1), prompt_token_ids=_ids(38, 5))
+        return [[(r, 8)], [(r, 30)]]            # bucket 8, then bucket 40, captured after it
+
+    got, want = _run(piecewise, steps("p")), _run(eager, steps("e"))
+    assert list(pw.pieces) == [8, 40]
+    assert torch.equal(got[1], want[1])
+
+
 def test_steps_past_the_largest_bucket_run_eager(ckpt):
     path, _ = ckpt
     engine = _engine(path)

@@ -91,16 +91,16 @@ class CudaGraphPieces:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
+        self.warm_stream = torch.cuda.Stream(device)
         self.pool = None
         self.graphs: list[torch.cuda.CUDAGraph] = []
 
     def capture(self, piece: Piece) -> Piece:
         here = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(here)
-        with torch.cuda.stream(side):       # compile Triton kernels, warm cuBLAS, off the graph
+        self.warm_stream.wait_stream(here)
+        with torch.cuda.stream(self.warm_stream):   # compile Triton kernels, warm cuBLAS, off the graph
             piece()
-        here.wait_stream(side)
+        here.wait_stream(self.warm_stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             piece()
@@ -175,6 +175,9 @@ class PiecewiseGraphs:
     def _pieces_of(self, t: int) -> list[Piece]:
         pieces = self.pieces.get(t)
         if pieces is None:
+            # capturing runs the pieces (warm-up): after a step, rows :t still hold its
+            # slots, and those K/V writes would land in live requests' blocks
+            self.slot_mapping[:t].fill_(self.scratch_slot)
             pieces = [self.capture.capture(p) for p in self._piece_functions(t)]
             self.pieces[t] = pieces
         return pieces

@@ -105,7 +105,7 @@ class Scheduler(ABC):
         self._rejected: list[Request] = []        # refused since the host last asked
         q = config.ttft_margin_quantile           # first tokens planned ahead of delivery
         self._delivery = DeliveryLead(q) if q is not None else None
-        self._prefix = PrefixReuse(allocator)     # prefix caching (prefix_reuse.py)
+        self._prefix = PrefixReuse(allocator, self._work_left_changed)   # prefix caching (prefix_reuse.py)
         self._pinned = self._prefix.pinned        # waiting requests holding a cached prefix
 
     # --- interface -------------------------------------------------------------------------
@@ -378,6 +378,10 @@ class Scheduler(ABC):
         when it is queued and, by every policy, before sizing its chunk at admission (its
         prefix may have been given back under KV pressure, or cached meanwhile)."""
         self._prefix.take(req)
+
+    def _work_left_changed(self, req: Request) -> None:
+        """A waiting request took or gave back a cached prefix, so its ``num_computed``
+        changed: a policy that keeps waiting prompts ordered by their work left moves it."""
 
     # --- queries ---------------------------------------------------------------------------
     def has_work(self) -> bool:

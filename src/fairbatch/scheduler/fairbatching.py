@@ -21,9 +21,10 @@ left until its next one. Each step:
    that needs the blocks (preempt.py).
 4. **Load estimate** for a router (admission.py).
 
-Waiting requests are kept in a heap keyed by their prefill order, which cannot change
-while they wait, so selecting prefills costs O(log n) (prompt_heap.py). docs/ALGORITHM.md
-has what each rule measured.
+Waiting requests are kept in a heap keyed by their prefill order, which changes while
+they wait only when a cached prefix is taken or given back (the prompt is then pushed
+again), so selecting prefills costs O(log n) (prompt_heap.py). docs/ALGORITHM.md has what
+each rule measured.
 """
 
 from __future__ import annotations
@@ -82,6 +83,9 @@ class FairBatchingScheduler(Scheduler):
     def _requeue_front(self, req: Request) -> None:
         super()._requeue_front(req)
         self._heap.push(req)
+
+    def _work_left_changed(self, req: Request) -> None:
+        self._heap.rekey(req)   # its prefill key read num_computed
 
     def _prefill_key(self, req: Request) -> float:
         """Order of prompts: the first-token deadline, plus ``prefill_work_weight`` seconds
@@ -176,7 +180,6 @@ class FairBatchingScheduler(Scheduler):
         while not set_aside and not plan.preempted and (head := heap.head()) is not None:
             if not self._admit_waiting(head, self.waiting, T, token_cap, plan):
                 break
-            heap.pop()   # its entry, still on top: nothing was pushed since head()
         for req in late_partials:
             self._add_partial(req, T, token_cap, plan)
         relegated = self.relegated
@@ -211,11 +214,13 @@ class FairBatchingScheduler(Scheduler):
                          decode_share: float) -> bool:
         """Admit the waiting prompts in the Moore-Hodgson order (set_aside.py) while they
         fit. False when there was nothing to order (fewer than two prompts)."""
+        # sorted again by the current key: a host may refresh a waiting request behind the
+        # heap's back (the vLLM plugin's mirrors)
         order = admission_order(sorted(self._heap.waiting(), key=self._prefill_key), partials,
                                 self._step_now, self._prefill_rate, decode_share, self._prefill_key)
         if order is None:
             return False
-        for req in order:   # their heap entries go stale (no longer WAITING)
+        for req in order:
             if not self._admit_waiting(req, self.waiting, T, token_cap, plan):
                 break
         return True
@@ -231,6 +236,7 @@ class FairBatchingScheduler(Scheduler):
         if k == 0 or not self._grow(req, req.num_computed + k):
             return False
         queue.remove(req)   # the relegated queue's head, or anywhere in the waiting one
+        self._heap.discard(req)
         self._admit(req)
         plan.add(req, k)
         return True

@@ -63,6 +63,7 @@ from fairbatch.scheduler.base import Scheduler, register_policy
 from fairbatch.scheduler.chunk import qoserve_chunk
 from fairbatch.scheduler.late import Late, last_token_time
 from fairbatch.scheduler.preempt import reserve_by_rank
+from fairbatch.scheduler.prompt_heap import in_prompt_queue
 from fairbatch.scheduler.step_budget import StepBudget
 
 _INF = float("inf")
@@ -83,8 +84,9 @@ class QoServeScheduler(Scheduler):
 
     def __init__(self, config, allocator, latency_model) -> None:
         super().__init__(config, allocator, latency_model)
-        # waiting prompts by (relegated, hybrid key): the key cannot change while a request
-        # waits, so a heap replaces sorting the queue every step; stale entries are skipped
+        # waiting prompts by (relegated, hybrid key): the key changes while a request waits
+        # only when it takes or gives back a cached prefix (it is pushed again then), so a
+        # heap replaces sorting the queue every step; stale entries are skipped
         self._heap: list[tuple[int, float, int, Request]] = []
         self._entry: dict[str, int] = {}      # request id -> seq of its live heap entry
         self._seq = count()
@@ -112,6 +114,11 @@ class QoServeScheduler(Scheduler):
     def _requeue_front(self, req: Request) -> None:
         super()._requeue_front(req)
         self._push(req)
+
+    def _work_left_changed(self, req: Request) -> None:
+        # its hybrid key read num_computed: a fresh entry replaces the stale one
+        if req.request_id in self._entry and in_prompt_queue(req):
+            self._push(req)
 
     def _preempt(self, req: Request, plan: StepPlan) -> None:
         super()._preempt(req, plan)
@@ -222,8 +229,7 @@ class QoServeScheduler(Scheduler):
             if not self._grow(req, req.num_computed + k):
                 admit = False               # admissions never preempt; partials may still run
                 continue
-            heapq.heappop(heap)
-            del entry[req.request_id]
+            del entry[req.request_id]       # its entries go stale (it may have been pushed again)
             self.waiting.remove(req)
             self._admit(req)
             plan.add(req, k)

@@ -111,13 +111,17 @@ def test_later_tokens_wait_for_new_streams_first_writes():
         assert filled == ["new1", "new2"]
         groups["new2"].first_chunk_written(0)
         assert filled == ["new1", "new2", "old1", "old2"]
-        # a stream that never writes holds nothing back past the next step
-        engine._on_message(StepDeltas((("new1", Delta([7], time=2.0, start=1)),
-                                       ("new3", Delta([7], time=2.0)))))
-        engine.add([Request("new4", 0.0, 4, 8, SLO(1.0, 0.1))]).streaming = True
-        engine._on_message(StepDeltas((("new4", Delta([7], time=3.0)), ("old1", Delta([7], time=3.0, start=4)))))
-        assert filled[-1] != "old1"
-        engine._on_message(StepDeltas(()))
-        assert filled[-1] == "old1"
+        # the next step's first tokens go ahead of tokens still held; a stream that never
+        # writes holds the rest back only until the timer
+        engine.add([Request("new3", 0.0, 4, 8, SLO(1.0, 0.1))]).streaming = True
+        engine._on_message(StepDeltas((("new3", Delta([7], time=2.0)), ("old1", Delta([7], time=2.0, start=4)))))
+        engine._on_message(StepDeltas((("new1", Delta([7], time=3.0, start=1)), ("new5", Delta([7], time=3.0)),
+                                       ("old1", Delta([7], time=3.0, start=5)))))
+        assert filled[-1] == "old2" and "old1" not in filled[4:]
+        for _ in range(10_000):             # the timer's turn (a condition, not a duration)
+            if len(filled) == 7:
+                break
+            await asyncio.sleep(0.001)
+        assert filled[4:] == ["old1", "new1", "old1"]
 
     asyncio.run(main())

@@ -205,7 +205,6 @@ class AsyncEngine:
     # --- the engine's messages (event loop) ----------------------------------------------------
     def _on_message(self, msg: EngineMessage) -> None:
         if isinstance(msg, StepDeltas):
-            self._release_held()                # per request, tokens stay in step order
             if self._delays and self.alive:     # the previous steps' first tokens are out by now
                 self.backend.send(DeliveryDelays(tuple(self._delays)))
                 self._delays.clear()
@@ -236,20 +235,18 @@ class AsyncEngine:
         token also takes several turns of the event loop to reach its socket (the
         response starts), each behind every task then ready; so the step's later tokens
         are held until the new streams have written their first (at most
-        ``HOLD_LATER_TOKENS_S``)."""
+        ``HOLD_LATER_TOKENS_S`` from the first hold; a step arriving meanwhile has its first
+        tokens go ahead of them too)."""
         first = [d for d in deltas if _is_first_token(d)]
-        if not first:
-            self._deliver(deltas)
-            return
+        later = [d for d in deltas if not _is_first_token(d)] if first else deltas
         groups = self._groups
-        awaited = {rid for rid, _ in first if rid in groups and groups[rid][0].streaming}
-        self._deliver(first)
-        later = [d for d in deltas if not _is_first_token(d)]
-        if not (awaited and later):
-            self._deliver(later)
-            return
-        self._held, self._awaited = later, awaited
-        self._hold_timer = asyncio.get_running_loop().call_later(HOLD_LATER_TOKENS_S, self._release_held)
+        self._awaited.update(rid for rid, _ in first if rid in groups and groups[rid][0].streaming)
+        self._deliver(first)        # ahead of tokens still held from earlier steps: no request has both
+        self._held.extend(later)    # behind them: per request, tokens stay in step order
+        if not self._awaited:
+            self._release_held()
+        elif self._hold_timer is None:
+            self._hold_timer = asyncio.get_running_loop().call_later(HOLD_LATER_TOKENS_S, self._release_held)
 
     def _release_held(self) -> None:
         if self._hold_timer is not None:

@@ -30,8 +30,9 @@ from fairbatch.specs import default_activation_reserve, get_gpu, kv_cache_blocks
 
 SIMULATED = "simulated"
 SIMULATED_DEVICE_PREFIX = "simulated-"     # the device clients see (/v1/models): simulated-h100
-# Synthetic output cycles through these characters: ids below 256 are one character each
-# in the byte tokenizer and in Llama/Qwen vocabularies alike, so clients read plain text.
+# Synthetic output cycles through the ids of these characters: ids below 256 are single
+# characters in the byte tokenizer (this text, verbatim) and in byte-level BPE
+# vocabularies (Llama 3, Qwen 2.5: other characters), so clients read plain text.
 SYNTHETIC_TEXT = "simulated output "
 SYNTHETIC_LOGPROB = -20.0           # the made-up alternatives' logprob (the chosen token: 0.0)
 
@@ -76,7 +77,7 @@ class SimulatedExecutor:
                 continue                # a prefill chunk short of the prompt's end samples nothing
             tok = synthetic_token(req.generated)
             tokens[req.request_id] = tok
-            if tok in p.stop_token_ids and req.generated + 1 >= p.min_tokens:
+            if tok in p.stop_token_ids and req.generated >= p.min_tokens:
                 stopped.add(req.request_id)
             if p.logprobs is not None:
                 logprobs[req.request_id] = synthetic_logprobs(tok, p.logprobs)

@@ -9,7 +9,8 @@ messages to ``on_message`` on the event loop. Both directions are the typed mess
 ``engine_messages``.
 
 Here: every HTTP request's engine requests form a ``RequestGroup`` with one asyncio
-queue; each step's deltas arrive in one message and fan out to those queues. A request
+queue; each step's deltas arrive in one message and fan out to those queues, first tokens
+first, later ones once the new streams have written theirs (``_dispatch``). A request
 the scheduler refused (``late=reject``) gets one last delta with finish reason "rejected"
 (the app answers 429). An abort (client gone, stop string hit) is sent at once and
 applied at the engine's next step boundary, where ``Scheduler.abort`` frees the

@@ -121,3 +121,15 @@ def test_failures_raise_httpx_exceptions():
             with pytest.raises(httpx.UnsupportedProtocol):
                 await read_all(client, "https://127.0.0.1/")
     run(main())
+
+
+def test_the_lean_client_only_for_direct_http(monkeypatch):
+    from fairbatch.bench.stream_client import client_for
+
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY",
+                "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    assert isinstance(client_for("http://127.0.0.1:8000/v1/completions", 10), StreamingClient)
+    assert isinstance(client_for("https://example.com/v1/completions", 10), httpx.AsyncClient)
+    monkeypatch.setenv("http_proxy", "http://proxy.invalid:3128")
+    assert isinstance(client_for("http://example.com/v1/completions", 10), httpx.AsyncClient)

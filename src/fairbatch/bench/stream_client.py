@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import urlsplit
+from urllib.request import getproxies, proxy_bypass
 
 import httpx
 
@@ -267,8 +268,11 @@ def _json_bytes(obj: Any) -> bytes:
 
 
 def client_for(url: str, timeout: float, **httpx_kwargs: Any) -> "StreamingClient | httpx.AsyncClient":
-    """The lean client for an ``http://`` URL; httpx for anything else (https, proxies)."""
-    if urlsplit(url).scheme == "http":
+    """The lean client for an ``http://`` URL reached directly; httpx for anything else
+    (https, or a proxy the environment names for this host, which httpx honours)."""
+    parts = urlsplit(url)
+    proxied = "http" in getproxies() and not proxy_bypass(parts.hostname or "")
+    if parts.scheme == "http" and not proxied:
         return StreamingClient(timeout)
     return httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=min(CONNECT_TIMEOUT, timeout)), **httpx_kwargs)
 

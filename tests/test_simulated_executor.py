@@ -79,3 +79,13 @@ def test_served_over_http_with_the_real_front_end():
         assert body["choices"][0]["text"] == "".join(chr(synthetic_token(j)) for j in range(5))
         info = http.get("/v1/models").json()["data"][0]["fairbatch"]
         assert info["device"].startswith(SIMULATED_DEVICE_PREFIX)
+
+
+def test_a_profile_names_the_simulated_gpu():
+    from fairbatch.latency.profiles import load_latency_model
+
+    h200 = load_latency_model("llama-3-8b", "h200")
+    llm = LLM("llama-3-8b", load_format="simulated", latency_model=h200)
+    plain = LLM("llama-3-8b", load_format="simulated")
+    assert llm.engine.device == SIMULATED_DEVICE_PREFIX + "h200" and llm.engine.executor.model is h200
+    assert llm.engine.allocator.num_blocks > plain.engine.allocator.num_blocks    # 141 GB vs 80 GB

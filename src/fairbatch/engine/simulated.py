@@ -11,7 +11,9 @@ served stack adds on top of the engine (``benchmarks/micro/served_delay.py``).
 
 ``SimulatedEngine`` is ``Engine`` without weights or KV tensors: the same config,
 tokenizer, block allocator and latency-model choice, with the KV cache sized as the
-simulator sizes it for the model on the simulated GPU (``specs.kv_cache_blocks``).
+simulator sizes it for the model on the simulated GPU (``specs.kv_cache_blocks``). The
+simulated GPU is the one the profile names (``--profile .../llama-3-8b_h200.json``: an
+H200's step times and memory), else an H100 (the shipped profile of ``--model`` there).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from fairbatch.kv import BlockAllocator
 from fairbatch.latency.base import LatencyModel
 from fairbatch.plan import StepPlan, StepResult
 from fairbatch.request import Request
-from fairbatch.specs import default_activation_reserve, get_gpu, kv_cache_blocks
+from fairbatch.specs import default_activation_reserve, get_gpu, gpu_names, kv_cache_blocks
 
 SIMULATED = "simulated"
 SIMULATED_DEVICE_PREFIX = "simulated-"     # the device clients see (/v1/models): simulated-h100
@@ -34,7 +36,14 @@ SIMULATED_DEVICE_PREFIX = "simulated-"     # the device clients see (/v1/models)
 # characters in the byte tokenizer (this text, verbatim) and in byte-level BPE
 # vocabularies (Llama 3, Qwen 2.5: other characters), so clients read plain text.
 SYNTHETIC_TEXT = "simulated output "
+DEFAULT_GPU = "h100"                # with no profile: the shipped profiles of every preset are H100s
 SYNTHETIC_LOGPROB = -20.0           # the made-up alternatives' logprob (the chosen token: 0.0)
+
+
+def profile_gpu(model: LatencyModel | None) -> str | None:
+    """The GPU preset a measured profile was taken on, if it says and the preset exists."""
+    gpu = (getattr(model, "meta", None) or {}).get("gpu")
+    return gpu if gpu in gpu_names() else None
 
 
 def synthetic_token(position: int) -> int:
@@ -100,6 +109,7 @@ class SimulatedEngine:
         from fairbatch.engine.llm import EngineError
 
         self.args = args
+        self.gpu_name = profile_gpu(latency_model) or DEFAULT_GPU
         p = Path(args.model).expanduser()
         try:
             cfg = ModelConfig.from_dir(p) if p.is_dir() else ModelConfig.from_preset(args.model)
@@ -120,11 +130,6 @@ class SimulatedEngine:
         num_blocks = args.num_kv_blocks or self._gpu_kv_blocks()
         self.allocator = BlockAllocator(num_blocks, args.block_size, prefix_caching=args.enable_prefix_caching)
         self.executor = SimulatedExecutor(latency_model or self.default_latency_model())
-
-    @property
-    def gpu_name(self) -> str:
-        """The GPU the step times are of (the shipped profiles are H100s)."""
-        return "h100"
 
     def _gpu_kv_blocks(self) -> int:
         """The KV cache the engine would have on the simulated GPU (the simulator's count)."""

@@ -101,7 +101,8 @@ def register(app: typer.Typer) -> None:
         model: Annotated[str, typer.Option(help="Model preset (e.g. llama-3-8b, tiny-llama) or Hugging Face model directory.")],
         load_format: Annotated[str, typer.Option(help="auto, safetensors, dummy (random weights), or simulated: no "
                                                   "model runs; each step lasts what the GPU step-time profile predicts "
-                                                  "(--profile, else the shipped one for --model on an H100) and the "
+                                                  "(--profile, whose GPU it simulates, KV cache size included; else the "
+                                                  "shipped H100 one for --model) and the "
                                                   "output token ids are SYNTHETIC (fixed filler text, made-up "
                                                   "logprobs). For measuring the served stack at GPU rates on a CPU.")] = "auto",
         policy: Annotated[str, typer.Option(help="Scheduling policy: fairbatching, qoserve, sarathi, vllm, vllm-priority, prefill-first.")] = "fairbatching",

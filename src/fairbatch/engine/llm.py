@@ -160,6 +160,12 @@ class Engine:
         free, total = torch.cuda.mem_get_info(self.device)
         served = replace(self.config.spec, dtype_bytes=self.model.lm_head_weight.element_size())
         reserve = default_activation_reserve(served, self.args.max_num_batched_tokens, self.args.max_num_seqs)
+        if self.args.piecewise_cuda_graphs:     # their static buffers and graph pool, captured after the KV
+            from fairbatch.engine.piecewise_graph import piecewise_buckets, piecewise_memory_bytes
+
+            buckets = piecewise_buckets(self.args.max_num_batched_tokens)
+            if buckets:
+                reserve += piecewise_memory_bytes(served, buckets[-1])
         try:
             return kv_cache_blocks(served, total, gpu_memory_utilization=self.args.gpu_memory_utilization,
                                    block_size=self.args.block_size, activation_reserve_bytes=reserve,

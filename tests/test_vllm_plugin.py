@@ -415,6 +415,86 @@ def test_prefix_cache_hits_are_used(sched_factory):
     _assert_clean(sched)
 
 
+def _stale_keys(pol) -> list[str]:
+    """Waiting prompts whose place in the policy's heap, or whose late check, no longer
+    matches their counts: the policy would order them, or find them late, by old ones."""
+    from fairbatch.scheduler.late import latest_start
+    from fairbatch.scheduler.prompt_heap import in_prompt_queue
+
+    if pol.name == "qoserve":
+        keys = {r.request_id: k for _, k, seq, r in pol._heap if pol._entry.get(r.request_id) == seq}
+        key = pol._priority
+    else:
+        keys = {rid: e[0] for rid, e in pol._heap._latest.items()}
+        key = pol._prefill_key
+    stale = [m.request_id for m in pol.waiting if in_prompt_queue(m) and keys.get(m.request_id) != key(m)]
+    stale += [m.request_id for m in pol.waiting if m.late_check != float("inf") and not m.relegated
+              and not m.generated and m.late_check != latest_start(pol.latency, m)]
+    return stale
+
+
+def _fb_options(policy: str) -> dict:
+    # both policies order waiting prompts by deadline + 8 ms per token left; no refit, so
+    # a latest start moves only with the counts
+    opts = {"policy": policy, "refit": False}
+    if policy == "fairbatching":
+        opts["scheduler"] = {"prefill_work_weight": 0.008}
+    return opts
+
+
+@pytest.mark.parametrize("policy", ["fairbatching", "qoserve"])
+def test_a_waiting_count_vllm_changes_reaches_the_policy(sched_factory, policy):
+    """vLLM's count of a waiting request moves (as for one holding its prefix's KV while
+    it waits): the plugin's refresh tells the policy (``waiting_changed``), which orders
+    the prompt and times its late check by the new work left, both ways."""
+    import time
+
+    import fairbatch.integrations.vllm as fv
+
+    sched = sched_factory(fv.FairBatchingScheduler, fairbatch=_fb_options(policy))
+    pol = sched.fb_policy
+    a = _request("a", range(3, 163), 4, sched_factory.hasher)   # 160 tokens
+    b = _request("b", range(3, 103), 4, sched_factory.hasher)   # 100 tokens
+    for r in (a, b):
+        sched.add_request(r)
+    for count in (144, 0):
+        a.num_computed_tokens = count
+        sched._fb_sync(time.time())
+        assert sched._fb_mirrors["a"].num_computed == count
+        assert _stale_keys(pol) == []
+    from vllm.v1.request import RequestStatus
+
+    sched.finish_requests(["a", "b"], RequestStatus.FINISHED_ABORTED)
+    _assert_clean(sched)
+
+
+@pytest.mark.parametrize("policy", ["fairbatching", "qoserve"])
+def test_waiting_keys_stay_current_through_async_preemptions(sched_factory, policy):
+    """Whenever the policy schedules, every waiting prompt's heap key and late check match
+    its counts, through async scheduling (in-flight tokens counted) and preemptions."""
+    import fairbatch.integrations.vllm as fv
+
+    sched = sched_factory(fv.FairBatchingScheduler, num_blocks=24, async_scheduling=True,
+                          fairbatch=_fb_options(policy))
+    pol = sched.fb_policy
+    stale: list[str] = []
+    orig = pol.schedule
+
+    def checked(now, _orig=orig):
+        stale.extend(_stale_keys(pol))
+        return _orig(now)
+
+    pol.schedule = checked
+    rng = random.Random(9)
+    prefix = [rng.randint(3, 500) for _ in range(48)]
+    reqs = [_request(f"w{i}", prefix + [rng.randint(3, 500) for _ in range(rng.randint(40, 140))],
+                     rng.randint(20, 50), sched_factory.hasher) for i in range(10)]
+    done, _ = _drive(sched, {0: reqs[:6], 4: reqs[6:]}, in_flight=2)
+    assert len(done) == 10 and pol.stats.preemptions > 0
+    assert stale == []
+    _assert_clean(sched)
+
+
 def test_per_request_slo_and_load_in_stats(sched_factory):
     import fairbatch.integrations.vllm as fv
 

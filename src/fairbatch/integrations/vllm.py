@@ -22,8 +22,9 @@ The policy is driven through its public interface only (``fairbatch.scheduler.ba
 Scheduler``): ``add``, ``abort``, ``schedule``, ``load`` and, since vLLM owns the request
 list and applies step results itself, ``sync_running`` (vLLM's running list, before and
 after each ``schedule``), ``record_tokens`` (the tokens a step delivered), ``finish`` (a
-request vLLM ended) and ``requeue`` (a request vLLM preempted by itself, or an
-admission vLLM could not run).
+request vLLM ended), ``requeue`` (a request vLLM preempted by itself, or an
+admission vLLM could not run) and ``waiting_changed`` (a waiting request whose counts or
+deadline the refresh from vLLM moved: the policy re-orders it and re-times its late check).
 
 Step times measured between ``schedule()`` and ``update_from_output()`` refit the
 policy's latency model online (``OnlineLatencyModel``). The load estimate is attached to
@@ -243,11 +244,13 @@ def initial_latency_model(cfg: PluginConfig, hf_config: dict[str, Any] | None = 
 _RUNNING = RequestState.RUNNING
 
 
-def _refresh(m: Request, req: VllmRequest, in_flight: int = 0, first_token_lead: float = 0.0) -> None:
+def _refresh(m: Request, req: VllmRequest, in_flight: int = 0, first_token_lead: float = 0.0) -> bool:
     """Copy vLLM's view of ``req`` into its mirror ``m``. ``in_flight``: output tokens
     of steps still executing (async scheduling's placeholders), counted as generated
     so that the policy plans the step after them. ``first_token_lead``: the policy's
-    ``ttft_margin``, kept on a request still waiting for its first token."""
+    ``ttft_margin``, kept on a request still waiting for its first token. True if what
+    a policy orders a waiting prompt by changed (its work left or its deadline)."""
+    before = (m.prompt_len, m.generated, m.num_computed, m.deadline)
     m.prompt_len = req.num_prompt_tokens
     m.generated = req.num_output_tokens + in_flight
     m.num_computed = req.num_computed_tokens
@@ -256,6 +259,7 @@ def _refresh(m: Request, req: VllmRequest, in_flight: int = 0, first_token_lead:
     if first_token_lead and not m.generated:
         m.plan_first_token_early(first_token_lead)
     m.kv_slots = 0   # unknown to the policy: it asks the block adapter, which asks vLLM
+    return before != (m.prompt_len, m.generated, m.num_computed, m.deadline)
 
 
 class _FairBatchMixin:
@@ -439,7 +443,8 @@ class _FairBatchMixin:
             visible.append(m)
         pol.sync_running(visible)
         for m in pol.waiting:
-            _refresh(m, m.user_data, first_token_lead=lead)
+            if _refresh(m, m.user_data, first_token_lead=lead):
+                pol.waiting_changed(m)   # re-ordered, and its latest start moved
 
     # ---- allocator adapter ------------------------------------------------------------------
     def _fb_allocate(self, request_id: str, num_tokens: int) -> bool:
@@ -587,6 +592,7 @@ class _FairBatchMixin:
                 self._fb_release(rid)
                 if m is not None:
                     m.num_computed = 0
+                    pol.waiting_changed(m)   # the prefix hit it was sized with is gone
         if admitted:
             self.waiting.remove_requests(admitted)
             self.kv_holding_waiting.remove_requests(admitted)

@@ -78,7 +78,8 @@ class Scheduler(ABC):
     - ``record_tokens(req, n, now)`` ``req`` has ``n`` output tokens;
     - ``finish(request_id, now, reason)`` it ended a request by its own stop conditions;
     - ``requeue(req, plan)`` it preempted ``req`` by itself, or could not run the
-      admission of ``req`` in ``plan`` after all.
+      admission of ``req`` in ``plan`` after all;
+    - ``waiting_changed(req)`` it changed the counts or deadline of waiting ``req``.
     """
 
     name: ClassVar[str] = "abstract"
@@ -195,14 +196,38 @@ class Scheduler(ABC):
     # --- late requests (late.py) -----------------------------------------------------------
     def _watch(self, req: Request, now: float, *, arriving: bool = False) -> bool:
         """Give up on ``req`` now if it cannot meet its TTFT, else remember when to look
-        again. Returns True if it was given up on."""
+        again. Returns True if it was given up on. A waiting prompt that gave its cached
+        prefix back takes it again first if it is still cached: it would at admission, so
+        the work left without it is no lower bound."""
         t = latest_start(self.latency, req)
+        if t < now and not arriving and self._retake_prefix(req):
+            t = latest_start(self.latency, req)
         if t < now:
             self._give_up(req, now, arriving=arriving)
             return True
-        req.late_check = t
-        heapq.heappush(self._late_watch, (t, next(self._late_seq), req))
+        if req.late_check != t:   # (equal: the prefix just taken again queued it under t)
+            req.late_check = t
+            heapq.heappush(self._late_watch, (t, next(self._late_seq), req))
         return False
+
+    def _retake_prefix(self, req: Request) -> bool:
+        """A waiting request holding no KV takes its cached prefix again; True if it now
+        holds one."""
+        if req.block_hashes is None or req.kv_slots or req.state is not RequestState.WAITING:
+            return False
+        self.take_cached_prefix(req)
+        return req.kv_slots > 0
+
+    def _watch_again(self, req: Request) -> None:
+        """``req``'s prompt work left (or deadline) changed while watched: its latest start
+        moved, so it is looked at when the new one passes (an entry under the old time is
+        skipped). A prompt that gave its cached prefix back must be found earlier."""
+        if req.generated or req.relegated or req.state not in _WATCHED:
+            return
+        t = latest_start(self.latency, req)
+        if t != req.late_check:
+            req.late_check = t
+            heapq.heappush(self._late_watch, (t, next(self._late_seq), req))
 
     def _sweep_late(self, now: float) -> None:
         """Find the prompts that can no longer meet their TTFT: each is looked at when its
@@ -220,6 +245,7 @@ class Scheduler(ABC):
             if head.arrival + factor * head.slo.ttft < now:   # waited long enough: compete again
                 relegated.popleft()
                 head.relegated = False
+                head.late_check = _INF   # past its deadline on purpose: no longer watched
                 self._requeue_front(head)
 
     def _give_up(self, req: Request, now: float, *, arriving: bool = False) -> None:
@@ -324,6 +350,8 @@ class Scheduler(ABC):
         req.deadline = req.token_deadline(num_tokens)
         if req.block_hashes is not None:
             self.allocator.register(req.request_id, req.block_hashes, req.num_computed)
+        if req.state is RequestState.WAITING:   # (vLLM: preempted while its token was in flight)
+            self._work_left_changed(req)       # its deadline and work left moved
         if (recorded == 0 and req.ttft_missed and req.state is RequestState.RUNNING
                 and self.late is not Late.SERVE and not req.relegated):
             req.relegated = True      # its SLO is lost: best effort from here on
@@ -379,9 +407,21 @@ class Scheduler(ABC):
         prefix may have been given back under KV pressure, or cached meanwhile)."""
         self._prefix.take(req)
 
+    def waiting_changed(self, req: Request) -> None:
+        """For a host that refreshes a waiting request's counts from its own state (vLLM:
+        its prefix cache): ``req``'s ``num_computed``, ``generated``, ``prompt_len`` or
+        ``deadline`` changed while it waits. The policy re-orders it and the late watch
+        moves its latest start, as when a cached prefix is taken or given back here."""
+        if req.state is RequestState.WAITING:
+            self._work_left_changed(req)
+
     def _work_left_changed(self, req: Request) -> None:
-        """A waiting request took or gave back a cached prefix, so its ``num_computed``
-        changed: a policy that keeps waiting prompts ordered by their work left moves it."""
+        """A waiting request took or gave back a cached prefix (or a host changed its
+        counts), so its work left changed: the late watch follows its latest start; a
+        policy that keeps waiting prompts ordered by their work left extends this to move
+        it."""
+        if req.late_check != _INF:   # watched (late is not serve and it was queued on time)
+            self._watch_again(req)
 
     # --- queries ---------------------------------------------------------------------------
     def has_work(self) -> bool:
@@ -532,6 +572,7 @@ class Scheduler(ABC):
 
 
 _WATCHED = frozenset({RequestState.WAITING, RequestState.RUNNING})
+_INF = float("inf")
 
 
 # --- registry -------------------------------------------------------------------------------

@@ -85,6 +85,7 @@ class FairBatchingScheduler(Scheduler):
         self._heap.push(req)
 
     def _work_left_changed(self, req: Request) -> None:
+        super()._work_left_changed(req)
         self._heap.rekey(req)   # its prefill key read num_computed
 
     def _prefill_key(self, req: Request) -> float:
@@ -214,9 +215,9 @@ class FairBatchingScheduler(Scheduler):
                          decode_share: float) -> bool:
         """Admit the waiting prompts in the Moore-Hodgson order (set_aside.py) while they
         fit. False when there was nothing to order (fewer than two prompts)."""
-        # sorted again by the current key: a host may refresh a waiting request behind the
-        # heap's back (the vLLM plugin's mirrors)
-        order = admission_order(sorted(self._heap.waiting(), key=self._prefill_key), partials,
+        # (in key order: a host that changes a waiting request's counts reports it,
+        # waiting_changed, so the heap's keys are current)
+        order = admission_order(self._heap.waiting(), partials,
                                 self._step_now, self._prefill_rate, decode_share, self._prefill_key)
         if order is None:
             return False

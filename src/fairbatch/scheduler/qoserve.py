@@ -116,6 +116,7 @@ class QoServeScheduler(Scheduler):
         self._push(req)
 
     def _work_left_changed(self, req: Request) -> None:
+        super()._work_left_changed(req)
         # its hybrid key read num_computed: a fresh entry replaces the stale one
         if req.request_id in self._entry and in_prompt_queue(req):
             self._push(req)

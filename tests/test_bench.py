@@ -237,7 +237,7 @@ def test_bench_counts_every_failure_with_its_reason(tmp_path):
     by_len = {r.output_len if r.success else outputs[int(r.request_id.split("-")[1])]: r for r in out.records}
     assert out.summary["completed"] == 3 and out.summary["failed"] == 5
     assert by_len[5].error.startswith("HTTP 500: boom")
-    assert "RemoteProtocolError" in by_len[6].error or "without [DONE]" in by_len[6].error
+    assert "ClientPayloadError" in by_len[6].error or "without [DONE]" in by_len[6].error
     assert by_len[7].error == "short output: 3 of 7 tokens"
     assert by_len[9].error == "server error in stream: engine fell over"
     assert by_len[10].error == "stream ended without [DONE]"

@@ -1,5 +1,9 @@
 """One benchmark request against an OpenAI-compatible ``/v1/completions``: stream it, time
-every token's arrival, and turn it into a ``metrics.RequestRecord``.
+every token's arrival, and turn it into a ``metrics.RequestRecord``. The HTTP client is
+aiohttp's (``open_session``), as ``vllm bench serve``'s; one client process reads every
+token event of every stream, and aiohttp costs about half of httpx's CPU per event, which
+otherwise queues first tokens in the client's loop and inflates the TTFT it reports
+(docs/PERFORMANCE.md, "Served stack").
 
 Timing follows ``vllm bench serve`` (``async_request_openai_completions``): the clock
 starts right before the POST; every SSE event that carries ``choices`` is a token
@@ -25,7 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import aiohttp
 import numpy as np
 
 from fairbatch.metrics import RequestRecord
@@ -74,7 +78,23 @@ def make_payload(req: BenchRequest, model: str, *, send_slo: bool = True, ignore
     return body
 
 
-async def send_request(client: httpx.AsyncClient, url: str, req: BenchRequest, payload: dict[str, Any],
+CONNECT_TIMEOUT = 60.0
+
+
+def open_session(timeout: float, max_connections: int | None = None) -> aiohttp.ClientSession:
+    """The streaming client of one bench process, aiohttp's (as ``vllm bench serve``'s);
+    open it inside the running loop. ``timeout`` bounds a whole request, as vLLM's does
+    (getting a connection: at most 60 s of it); a timer per request, not one per read,
+    which would cost every token event a few microseconds. ``max_connections``: None for
+    no limit. ``trust_env``: an HTTP(S) proxy the environment names for the host is used
+    (``http_proxy``, ``https_proxy``, ``no_proxy``), as httpx and curl use it."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=max_connections or 0),
+        timeout=aiohttp.ClientTimeout(total=timeout, connect=min(CONNECT_TIMEOUT, timeout)),
+        trust_env=True)
+
+
+async def send_request(client: aiohttp.ClientSession, url: str, req: BenchRequest, payload: dict[str, Any],
                        *, check_length: bool = True, events: dict[str, list[float]] | None = None,
                        cached: dict[str, int] | None = None) -> RequestRecord:
     """POST ``payload`` to ``url`` and stream the answer into a RequestRecord. ``events``:
@@ -90,15 +110,15 @@ async def send_request(client: httpx.AsyncClient, url: str, req: BenchRequest, p
     error: str | None = None
     start = clock()
     try:
-        async with client.stream("POST", url, json=payload) as resp:
-            if resp.status_code == 429:
-                await resp.aread()
+        async with client.post(url, json=payload) as resp:
+            if resp.status == 429:
+                await resp.read()
                 error = REJECTED
-            elif resp.status_code != 200:
-                body = await resp.aread()
-                error = f"HTTP {resp.status_code}: {describe_error(body)}"
+            elif resp.status != 200:
+                body = await resp.read()
+                error = f"HTTP {resp.status}: {describe_error(body)}"
             else:
-                async for line in sse.lines(resp.aiter_bytes()):
+                async for line in sse.lines(resp.content.iter_any()):
                     now = clock()
                     data = sse.data_payload(line)
                     if data is None:
@@ -127,9 +147,9 @@ async def send_request(client: httpx.AsyncClient, url: str, req: BenchRequest, p
                             cached[req.request_id] = n_cached
                 if error is None and not done:
                     error = "stream ended without [DONE]"
-    except httpx.TimeoutException as e:
+    except TimeoutError as e:         # aiohttp's timeouts (the request's, the connection's) are TimeoutErrors
         error = f"timeout: {type(e).__name__}"
-    except httpx.HTTPError as e:
+    except aiohttp.ClientError as e:
         error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
     except OSError as e:
         error = f"{type(e).__name__}: {e}"

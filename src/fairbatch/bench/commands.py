@@ -58,9 +58,9 @@ def register(app: typer.Typer) -> None:
         capacity_hi: Annotated[Optional[float], typer.Option(help="Upper rate scale of the capacity search (default: doubling).")] = None,
         rel_tol: Annotated[float, typer.Option(help="Capacity search stops when the bracket is this tight (ratio).")] = 0.05,
         max_concurrency: Annotated[Optional[int], typer.Option(help="At most this many requests in flight (with --workers 1).")] = None,
-        workers: Annotated[int, typer.Option(help="Client processes sharing the schedule: one spends ~50 us of CPU per "
-                                             "streamed token against an http:// server (~100-146 with httpx, "
-                                             "for https://); its loop's backlog adds to the TTFT it measures.")] = 1,
+        workers: Annotated[int, typer.Option(help="Client processes sharing the schedule: one spends ~55-65 us of CPU per "
+                                             "streamed token (aiohttp on uvloop); its loop's backlog adds to the "
+                                             "TTFT it measures.")] = 1,
         max_model_len: Annotated[Optional[int], typer.Option(help="Truncate requests to this context (default: the server's).")] = None,
         send_slo: Annotated[bool, typer.Option(help="Send each request's SLO in its body (fairbatch servers use it).")] = True,
         extra_body: Annotated[Optional[str], typer.Option(help="JSON object merged into every request body.")] = None,

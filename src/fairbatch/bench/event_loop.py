@@ -1,7 +1,7 @@
 """The bench client's event loop: uvloop where installed (the server extra installs it),
 else asyncio's. One client process reads every token of every stream; asyncio's selector
-loop re-registers a socket with epoll on each read (httpx pauses and resumes reading per
-chunk), and that loop time is queueing delay for the next token event."""
+loop costs more per socket read than uvloop's, and that loop time is queueing delay for
+the next token event."""
 
 from __future__ import annotations
 

@@ -19,13 +19,13 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
+import aiohttp
 import httpx
 import numpy as np
 
-from fairbatch.bench.client import BenchRequest, make_payload, send_request
+from fairbatch.bench.client import BenchRequest, make_payload, open_session, send_request
 from fairbatch.bench.datasets import load_text_dataset
 from fairbatch.bench.event_loop import run as run_loop
-from fairbatch.bench.stream_client import client_for
 from fairbatch.bench.prefix_prompts import prompt_key, shared_prompt_tokens, trace_prompt
 from fairbatch.bench.prometheus_text import samples
 from fairbatch.bench.vllm_compat import (
@@ -286,7 +286,7 @@ def _rate(entries: list[TraceEntry]) -> float:
     return mean_rate(entries)
 
 
-async def _warmup(client: httpx.AsyncClient, url: str, cfg: BenchConfig, model: str, like: BenchRequest) -> None:
+async def _warmup(client: aiohttp.ClientSession, url: str, cfg: BenchConfig, model: str, like: BenchRequest) -> None:
     """One short request before the run: checks the server and warms its connection."""
     # under one KV block of 16: the probe leaves no cached block behind for the run
     probe = BenchRequest("warmup", 0.0, like.prompt_ids[:8] or [1], 2, like.slo)
@@ -297,7 +297,7 @@ async def _warmup(client: httpx.AsyncClient, url: str, cfg: BenchConfig, model: 
 
 
 async def _warmup_alone(cfg: BenchConfig, wl: Workload) -> None:
-    async with httpx.AsyncClient(timeout=httpx.Timeout(cfg.timeout, connect=min(60.0, cfg.timeout))) as client:
+    async with open_session(cfg.timeout) as client:
         await _warmup(client, _url(cfg.base_url, cfg.endpoint), cfg, wl.model, wl.requests[0])
 
 
@@ -309,11 +309,10 @@ async def _run_async(cfg: BenchConfig, wl: Workload, rate_scale: float,
     ``perf_counter`` time shared with other client processes: CLOCK_MONOTONIC, host-wide).
     ``on_start`` runs after the warm-up, before the first request."""
     url = _url(cfg.base_url, cfg.endpoint)
-    limits = httpx.Limits(max_connections=cfg.max_concurrency, max_keepalive_connections=cfg.max_concurrency or 512)
     sem = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
     times = ClientTimes()
     events = times.events
-    async with client_for(url, cfg.timeout, limits=limits) as client:
+    async with open_session(cfg.timeout, cfg.max_concurrency) as client:
         if warmup and cfg.warmup:
             await _warmup(client, url, cfg, wl.model, wl.requests[0])
         if on_start is not None:

@@ -94,3 +94,28 @@ def test_serve_busy_port_is_one_line():
     finally:
         s.close()
     assert r.exit_code == 2 and "cannot listen" in r.output
+
+
+@pytest.mark.parametrize("flag, expected", [([], False), (["--piecewise-cuda-graphs"], True),
+                                            (["--no-piecewise-cuda-graphs"], False)])
+def test_serve_piecewise_cuda_graphs_reaches_engine_args(monkeypatch, flag, expected):
+    """The flag is off by default and reaches the engine's EngineArgs (on the CPU it changes
+    nothing else, so the engine is stopped once its arguments are built)."""
+    from typer.testing import CliRunner
+
+    import fairbatch.engine
+    from fairbatch.cli import app
+    from fairbatch.engine.llm import EngineArgs
+
+    seen: list[EngineArgs] = []
+
+    class ArgsOnly:
+        def __init__(self, model, *, policy, scheduler_config, latency_model, **engine_kwargs):
+            seen.append(EngineArgs(model, **engine_kwargs))
+            raise ValueError("engine arguments seen")
+
+    monkeypatch.setattr(fairbatch.engine, "LLM", ArgsOnly)
+    r = CliRunner().invoke(app, ["serve", "--model", "tiny-llama", "--load-format", "dummy", "--port", "0",
+                                 "--engine-thread", *flag])
+    assert r.exit_code == 2 and "engine arguments seen" in r.output, r.output
+    assert [a.piecewise_cuda_graphs for a in seen] == [expected]

@@ -87,7 +87,9 @@ def add_vllm_routes(app: FastAPI, model: Any, engine: Any) -> None:
     async def version() -> JSONResponse:
         return JSONResponse({"version": __version__})
 
-    @app.api_route("/ping", methods=["GET", "POST"])
+    # one route per method: a two-method route gives both the same OpenAPI operation id
+    @app.get("/ping", operation_id="ping_get")
+    @app.post("/ping", operation_id="ping_post")
     async def ping() -> Response:
         if not engine.alive:
             return error_response(503, engine.error or "engine not running")

@@ -23,27 +23,22 @@ import argparse
 import json
 import os
 import resource
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
 from fairbatch.bench.prometheus_text import samples
+from fairbatch.cluster.launcher import free_port
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "abuse"))
+from tiny_server import running  # noqa: E402  (a fairbatch subprocess, healthy while in use)
 
 FB = [sys.executable, "-m", "fairbatch.cli"]
 TICKS = os.sysconf("SC_CLK_TCK")
 TTFT = "time_to_first_token_seconds"
 DELIVERY = "first_token_delivery_seconds"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def process_cpu(pid: int) -> float:
@@ -96,21 +91,6 @@ def quantile_ms(delta: dict[str, float], name: str, q: float) -> float | None:
     return None
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited (code {proc.returncode}) before it was healthy")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit("the server did not become healthy in time")
-
-
 def run_once(url: str, server: subprocess.Popen, args: argparse.Namespace, scale: float, salt: int) -> dict:
     engine_pids = child_pids(server.pid)
     before, cpu0 = scrape(url), (process_cpu(server.pid), sum(map(process_cpu, engine_pids)), children_cpu())
@@ -156,22 +136,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="write the rows as JSON here")
     args = ap.parse_args()
 
-    port = free_port()
+    port = free_port("127.0.0.1")
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(FB + ["serve", "--model", args.model, "--load-format", "simulated", "--port", str(port),
-                                    "--log-level", "warning", *args.serve_arg])
     rows = []
-    try:
-        wait_healthy(url, server)
+    with running(["serve", "--model", args.model, "--load-format", "simulated", "--port", str(port),
+                  "--log-level", "warning", *args.serve_arg], url) as server:
         for salt, scale in enumerate(args.rate_scale):
             rows.append(run_once(url, server, args, scale, salt))
             print(json.dumps(rows[-1]), flush=True)
-    finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(20)
-        except subprocess.TimeoutExpired:
-            server.kill()
     print(f"\n{'scale':>5} {'tok/s':>6} {'TTFT client':>11} {'server':>7} {'offset':>7} {'delivery':>8} "
           f"{'p99':>5} {'us/token: front':>15} {'engine':>6} {'client':>6}")
     for r in rows:

@@ -12,6 +12,7 @@ from fairbatch.latency.linear import LinearLatencyModel
 from fairbatch.plan import StepFeatures, StepPlan, StepResult
 from fairbatch.request import SLO, Request, RequestState
 from fairbatch.scheduler import SchedulerConfig, make_scheduler, policy_names
+from fairbatch.scheduler.late import Late, latest_start
 from fairbatch.sim import SimExecutor, simulate
 
 MODEL = LinearLatencyModel(a=0.005, b=4e-5, c=2e-7, d=1e-10, e=2e-5)
@@ -24,6 +25,13 @@ class CheckingExecutor(SimExecutor):
         super().__init__(model)
         self.scheduler = scheduler
         self.over_time_budget = 0
+        self.now = 0.0
+        schedule = scheduler.schedule
+
+        def schedule_at(now: float) -> StepPlan:   # the step's start, for the late check
+            self.now = now
+            return schedule(now)
+        scheduler.schedule = schedule_at
 
     def execute(self, plan: StepPlan) -> StepResult:
         cfg = self.scheduler.config
@@ -41,6 +49,10 @@ class CheckingExecutor(SimExecutor):
             assert req.num_computed + k <= req.prompt_len + req.generated, "computes unknown tokens"
             alloc = self.scheduler.allocator
             assert alloc.num_allocated(req.request_id) * alloc.block_size >= req.num_computed + k, "no KV slots"
+            if self.scheduler.late is not Late.SERVE and not (req.generated or req.relegated) and req.late_check != float("inf"):
+                # the late watch gives up on a prompt once its remaining prefill can no
+                # longer make its TTFT (also after a preemption made that remainder longer)
+                assert latest_start(self.model, req) >= self.now - 1e-12, f"late prompt scheduled: {req}"
         name = self.scheduler.name
         if name == "vllm":
             assert plan.num_tokens <= cfg.max_num_batched_tokens

@@ -1,6 +1,6 @@
 """Everything the engine needs from a GPU session, in one process-frugal run:
 
-1. the GPU tests (``pytest -m gpu tests/test_engine_gpu.py``) in a subprocess;
+1. the GPU tests (``pytest -m gpu``: engine, piecewise graphs, prefix cache) in a subprocess;
 2. ``benchmarks/micro/engine_roofline.py`` (imported, in this process): ceilings, Triton
    attention tuning, step times vs roofline;
 3. ``fairbatch profile`` for each model (dummy bf16 weights), with the tuned attention
@@ -50,7 +50,8 @@ def main() -> None:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(["src", "tests", os.environ.get("PYTHONPATH", "")]))
         with open(out / "gpu_tests.log", "w") as log:
             rc = subprocess.call([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-                                  "tests/test_engine_gpu.py", "tests/test_piecewise_graph_gpu.py"],
+                                  "tests/test_engine_gpu.py", "tests/test_piecewise_graph_gpu.py",
+                                  "tests/test_engine_prefix_cache.py"],
                                  stdout=log, stderr=subprocess.STDOUT, env=env)
         tail = (out / "gpu_tests.log").read_text().strip().splitlines()[-1:]
         summary.append(f"gpu tests rc={rc}: {tail[0] if tail else ''}  ({time.time() - t0:.0f}s)")

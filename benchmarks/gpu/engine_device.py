@@ -6,7 +6,8 @@
 3. ``fairbatch profile`` for each model (dummy bf16 weights), with the tuned attention
    configs, writing ``{model}_{gpu}.json`` profiles and their raw samples;
 4. with ``--piecewise MODEL``: issue #15's step times with piecewise CUDA graphs on and
-   off (``piecewise_rows``), and what their capture cost in GPU memory.
+   off (``piecewise_rows``), what their capture cost in GPU memory, and the step-time
+   curve over chunk sizes 64-2,048 (eager and piecewise).
 
 Results go to ``$OUT`` (or ``--out``); a short table is printed last.
 
@@ -175,9 +176,23 @@ def piecewise_rows(model: str, out: Path, repeats: int = 10) -> list[str]:
         lines.append(f"{name:38s} " + "  ".join(f"{m} {row[m]:6.2f}{'*' if row[m + '_ran_piecewise'] else ''}"
                                                  for m in modes) + " ms")
         print(lines[-1], flush=True)
+    # the step-time curve over prompt chunk sizes (the step-shape lead of issue #12: is it
+    # monotone, where are the tile steps), alone and beside 64 decodes, eager and piecewise
+    curve = []
+    for k in range(64, 2049, 64):
+        point = {"tokens": k}
+        for shape, comp in (("prefill", [(0, k)]), ("with_64_decodes", [(1023, 1)] * 64 + [(0, k)])):
+            for mode, (graphs, piecewise) in (("eager", (None, None)), ("piecewise", (None, pw))):
+                ex.graphs, ex.piecewise = graphs, piecewise
+                point[f"{shape}_{mode}"] = measure(engine, comp, repeats=5) * 1e3
+        curve.append(point)
+    ex.graphs, ex.piecewise = whole, None
+    lines.append("curve ms (k: prefill eager/piecewise, +64 decodes eager/piecewise): " + "; ".join(
+        f"{p['tokens']}: {p['prefill_eager']:.1f}/{p['prefill_piecewise']:.1f}, "
+        f"{p['with_64_decodes_eager']:.1f}/{p['with_64_decodes_piecewise']:.1f}" for p in curve))
     (out / "piecewise.json").write_text(json.dumps({
         "device": torch.cuda.get_device_name(), "model": model, "buckets": buckets, "capture_reserved_bytes": cost,
-        "rows": rows, "note": "* = the piecewise graphs ran"}, indent=1))
+        "rows": rows, "curve": curve, "note": "* = the piecewise graphs ran"}, indent=1))
     del engine, pw
     return lines
 

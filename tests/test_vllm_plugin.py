@@ -469,6 +469,31 @@ def test_a_waiting_count_vllm_changes_reaches_the_policy(sched_factory, policy):
 
 
 @pytest.mark.parametrize("policy", ["fairbatching", "qoserve"])
+def test_a_relegated_prompt_vllm_changes_is_refreshed_too(sched_factory, policy):
+    """A prompt relegated at arrival (its TTFT cannot be met) waits behind the on-time
+    ones; vLLM's count of it still moves (its prefix's KV held or given back), and the
+    policy must size its chunks from the current count when it is admitted."""
+    import time
+
+    import fairbatch.integrations.vllm as fv
+
+    sched = sched_factory(fv.FairBatchingScheduler, fairbatch=_fb_options(policy))
+    pol = sched.fb_policy
+    a = _request("a", range(3, 163), 4, sched_factory.hasher, extra_args={"ttft_slo": 1e-4})
+    sched.add_request(a)
+    m = sched._fb_mirrors["a"]
+    assert m.relegated and m in pol.relegated
+    for count in (144, 0):
+        a.num_computed_tokens = count
+        sched._fb_sync(time.time())
+        assert m.num_computed == count
+    from vllm.v1.request import RequestStatus
+
+    sched.finish_requests(["a"], RequestStatus.FINISHED_ABORTED)
+    _assert_clean(sched)
+
+
+@pytest.mark.parametrize("policy", ["fairbatching", "qoserve"])
 def test_waiting_keys_stay_current_through_async_preemptions(sched_factory, policy):
     """Whenever the policy schedules, every waiting prompt's heap key and late check match
     its counts, through async scheduling (in-flight tokens counted) and preemptions."""

@@ -442,9 +442,10 @@ class _FairBatchMixin:
                 continue
             visible.append(m)
         pol.sync_running(visible)
-        for m in pol.waiting:
-            if _refresh(m, m.user_data, first_token_lead=lead):
-                pol.waiting_changed(m)   # re-ordered, and its latest start moved
+        for queue in (pol.waiting, pol.relegated):   # a relegated prompt's chunks are sized from its counts too
+            for m in queue:
+                if _refresh(m, m.user_data, first_token_lead=lead):
+                    pol.waiting_changed(m)   # re-ordered, and its latest start moved
 
     # ---- allocator adapter ------------------------------------------------------------------
     def _fb_allocate(self, request_id: str, num_tokens: int) -> bool:

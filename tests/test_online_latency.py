@@ -109,3 +109,48 @@ def test_engine_loop_charges_a_step_until_the_next_one_starts():
     online = sched.latency
     assert online.num_observed == loop.steps_run
     assert sum(t for _, t in online._samples) == pytest.approx(loop.busy_seconds)
+
+
+class _ModelExecutor:
+    """Steps that take exactly what ``model`` predicts, and say so."""
+
+    def __init__(self, model: LinearLatencyModel) -> None:
+        self.model = model
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        seconds = self.model.predict(plan.features)
+        time.sleep(seconds)
+        return StepResult(seconds, {r.request_id: 7 for r, _ in plan.chunks})
+
+    def release(self, request: Request) -> None:
+        pass
+
+
+@pytest.mark.parametrize("policy", ["fairbatching", "qoserve"])
+def test_the_overrun_correction_sees_the_served_cycle_not_the_step_alone(policy: str):
+    """Served, a step costs its waiting requests until the next step starts: the policies
+    that shorten their steps while the model is overrun compare that cycle (the clock the
+    refit uses too) with the prediction. Here every step runs exactly as predicted, and a
+    slow intake of 5 ms follows it: the correction must see the overrun, where the
+    executor's own duration says there is none."""
+    model = LinearLatencyModel(0.002, 1e-6)
+    sched = make_scheduler(policy, SchedulerConfig(), BlockAllocator(256, 16), model)
+    inst = Instance(sched, _ModelExecutor(model))
+    loop = EngineLoop(inst, [].append, idle_wait=0.01)
+    reqs = [Request(f"r{i}", 0.0, 40, 12, SLO(1.0, 0.05)) for i in range(4)]
+    calls = {"n": 0}
+
+    def receive(timeout: float):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return [AddRequests(tuple(reqs))]
+        time.sleep(0.005)
+        return []
+
+    loop.run(receive, stopping=lambda: calls["n"] > 1 and not inst.has_work())
+    assert all(r.generated == 12 for r in reqs)
+    assert sched.host_reports_steps
+    # every cycle ran >= 2x its ~2 ms prediction: after 12 steps the moving average
+    # (gain 0.05, from 1) is above 1 + (1 - 0.95^12) = 1.46; the steps alone say exactly 1
+    assert loop.steps_run >= 12
+    assert sched._budget.overrun > 1.4

@@ -104,6 +104,11 @@ class Scheduler(ABC):
         self._late_watch: list[tuple[float, int, Request]] = []   # (latest start, seq, request)
         self._late_seq = count()
         self._rejected: list[Request] = []        # refused since the host last asked
+        # A host that measures each step's whole cycle (start to the next step's start, the
+        # clock its deadlines and its online model's refit run on) reports it through
+        # ``observe_step`` and sets this: ``on_step_end`` then leaves the step-time
+        # corrections alone (the executor's duration leaves out the host's share)
+        self.host_reports_steps = False
         q = config.ttft_margin_quantile           # first tokens planned ahead of delivery
         self._delivery = DeliveryLead(q) if q is not None else None
         self._prefix = PrefixReuse(allocator, self._work_left_changed)   # prefix caching (prefix_reuse.py)
@@ -364,8 +369,9 @@ class Scheduler(ABC):
         self._preempt(req, plan if plan is not None else StepPlan())
 
     def observe_step(self, predicted: float, measured: float) -> None:
-        """A host that applies step results itself (no ``on_step_end``) reports a step's
-        predicted and measured seconds; policies that pace steps by the model use it."""
+        """A host that applies step results itself (no ``on_step_end``), or that measures
+        whole step cycles (``host_reports_steps``), reports a step's predicted and
+        measured seconds; policies that pace steps by the model use it."""
 
     def observe_delivery(self, delay: float) -> None:
         """A host reports how long after the step that made it a first token reached its

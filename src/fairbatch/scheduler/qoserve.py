@@ -127,7 +127,8 @@ class QoServeScheduler(Scheduler):
             self._push(req)
 
     def on_step_end(self, plan: StepPlan, result: StepResult, now: float) -> list[Request]:
-        self._budget.observe(plan.predicted_time, result.duration)
+        if not self.host_reports_steps:
+            self._budget.observe(plan.predicted_time, result.duration)
         return super().on_step_end(plan, result, now)
 
     def observe_step(self, predicted: float, measured: float) -> None:

@@ -75,6 +75,9 @@ class EngineLoop:
         self.iteration_tokens = [0] * (len(ITERATION_TOKENS_BUCKETS) + 1)
         lat = instance.scheduler.latency
         self._online = lat if isinstance(lat, OnlineLatencyModel) else None
+        # the policy's overrun correction compares the same cycles the refit is fitted to
+        # (on a GPU the executor's step was ~6 % shorter: the correction never engaged)
+        instance.scheduler.host_reports_steps = True
         self.latency_refits = 0
         self._published_late = (0, 0)       # (rejected, relegated) as last posted
 
@@ -135,6 +138,8 @@ class EngineLoop:
         """A step's whole cost on the wall clock, once known: into the busy counter and, with
         an online step-time model, into its refit window."""
         self.busy_seconds += seconds
+        if plan.predicted_time is not None:
+            self.instance.scheduler.observe_step(plan.predicted_time, seconds)
         if self._online is not None and self._online.observe(plan.features, seconds):
             self.instance.scheduler.latency_model_changed()
             self.latency_refits += 1

@@ -77,3 +77,39 @@ def test_serve_bench_probes(driver) -> None:
     # a failed bench run (no result) counts as a miss; no probes, no run
     assert _search(driver, cap(3.8), [3.4, 4.0], 0) == [3.4, 4.0]
     assert driver.bracket({3.0: {"att": 0.95}, 3.5: {"error": "bench exited 1"}, 4.0: {"att": 0.5}}, 0.9) == (3.0, 3.5)
+
+
+def _fidelity_rows(capsys, *extra: str) -> dict[tuple[str, str], str]:
+    """served_fidelity.py on the committed H100 runs: (policy, scale) -> simulated SLO attainment."""
+    import sys
+
+    spec = importlib.util.spec_from_file_location("served_fidelity", BENCH / "gpu" / "served_fidelity.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    d = ROOT / "docs" / "results" / "fair_conv_h100_cut"
+    argv = sys.argv
+    sys.argv = ["served_fidelity.py", str(d / "b_summary.json"), "--num-blocks", "27850",
+                "--profile", str(d / "b_profile_fairbatching.json"), "--set", "tpot_margin=0.1",
+                "--set", "ttft_margin=0.1", "--served-offset", "measured", *extra]
+    try:
+        mod.main()
+    finally:
+        sys.argv = argv
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and not line.startswith("| policy ")]
+    return {(r[1].strip(), r[2].strip()): r[5].split("/")[0].strip() for r in rows}
+
+
+def test_served_fidelity_simulates_each_policy_on_its_own_refit_and_noisy_steps(capsys) -> None:
+    """--policy-profile puts a policy's rows on its own server's refit (the others keep
+    --profile); --step-noise averages --seeds runs of noisy steps."""
+    d = ROOT / "docs" / "results" / "fair_conv_h100_cut"
+    shared = _fidelity_rows(capsys)
+    own = _fidelity_rows(capsys, "--policy-profile", f"qoserve={d / 'b_profile_qoserve.json'}")
+    fb = "fairbatching:ttft_margin_quantile=0.9"
+    assert set(shared) == set(own) == {("qoserve", "4"), (fb, "4")}
+    assert own[(fb, "4")] == shared[(fb, "4")]
+    assert own[("qoserve", "4")] != shared[("qoserve", "4")]
+    noisy = _fidelity_rows(capsys, "--step-noise", "0.1", "--seeds", "2")
+    assert noisy != shared
+    assert all(0.0 <= float(v) <= 1.0 for v in noisy.values())

@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from fairbatch.cli import parse_options
+from fairbatch.sim.executor import NoisySimExecutor
 from fairbatch.sim.experiment import Scenario, capacity, prepare, run_policy
 
 POLICY_ORDER = {"vllm": 0, "sarathi": 1, "qoserve": 2, "fairbatching": 3}
@@ -49,6 +50,14 @@ def main() -> None:
     ap.add_argument("--served-offset", default="0",
                     help="seconds the served stack adds to each TTFT, judged by the simulator (Scenario.served_offset); "
                          "'measured': each run's own served_offset_ms (client minus engine mean TTFT), where recorded")
+    ap.add_argument("--policy-profile", action="append", default=[], metavar="POLICY=PATH",
+                    help="this policy's rows on this profile instead of --profile (each policy on "
+                         "the refit of the server that ran it: the refits differ by policy)")
+    ap.add_argument("--step-noise", type=float, default=0.0, metavar="SIGMA",
+                    help="steps take the model's time x a log-normal factor of this standard deviation "
+                         "(NoisySimExecutor; the GPU's cycles vary around the refit)")
+    ap.add_argument("--step-noise-rho", type=float, default=0.98, help="its step-to-step correlation")
+    ap.add_argument("--seeds", type=int, default=1, help="with --step-noise: simulator runs per cell, averaged")
     ap.add_argument("--served-offset-cv", type=float, default=0.0,
                     help="spread of that delay across requests (Scenario.served_offset_cv; 1: exponential)")
     args = ap.parse_args()
@@ -71,8 +80,17 @@ def main() -> None:
     prep = prepare(sc)
     if args.num_blocks:
         prep = replace(prep, num_blocks=args.num_blocks)
+    preps = {}   # variant -> its own Prepared (--policy-profile)
+    for spec in args.policy_profile:
+        policy, sep, path = spec.partition("=")
+        if not sep:
+            raise SystemExit(f"--policy-profile wants POLICY=PATH, got {spec!r}")
+        own = prepare(replace(sc, profile=path))
+        preps[policy] = replace(own, num_blocks=args.num_blocks) if args.num_blocks else own
     print(f"{n} requests of {args.trace}, llama-3-8b, KV blocks {prep.num_blocks}, step-time profile "
-          f"{args.profile or 'shipped'}, options {sc.scheduler or 'none'}; each cell: simulator / real (difference)\n")
+          f"{args.profile or 'shipped'}" + "".join(f", {p}" for p in args.policy_profile)
+          + (f", step noise {args.step_noise:g} (rho {args.step_noise_rho:g}, {args.seeds} seeds)" if args.step_noise else "")
+          + f", options {sc.scheduler or 'none'}; each cell: simulator / real (difference)\n")
     print("| policy | scale | rate req/s | served offset ms | SLO att. | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms "
           "| goodput req/s | step time real / model |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -80,9 +98,9 @@ def main() -> None:
         real = r["result"]
         offset = (r.get("engine", {}).get("served_offset_ms", 0.0) / 1e3 if args.served_offset == "measured"
                   else float(args.served_offset))
-        sc_run = replace(prep.scenario, served_offset=offset, served_offset_cv=args.served_offset_cv)
-        sim = run_policy(replace(prep, scenario=sc_run), r["variant"],
-                         r["scale"]).summary
+        base = preps.get(r["variant"], prep)
+        sc_run = replace(base.scenario, served_offset=offset, served_offset_cv=args.served_offset_cv)
+        sim = simulate_cell(replace(base, scenario=sc_run), r["variant"], r["scale"], args)
         cells = []
         for key, fmt in (("slo_attainment", ".3f"), ("median_ttft_ms", ".0f"), ("p99_ttft_ms", ".0f"),
                          ("median_tpot_ms", ".1f"), ("p99_tpot_ms", ".1f"), ("request_goodput", ".2f")):
@@ -101,6 +119,25 @@ def main() -> None:
         for policy in sorted({r["variant"] for r in rows}, key=lambda p: POLICY_ORDER.get(p.split(":")[0], 9)):
             c = capacity(prep, policy, lo=2.0, rel_tol=0.02)
             print(f"simulator capacity {policy}: scale {c.rate_scale:.3f} = {c.request_rate:.2f} req/s ({c.status})")
+
+
+def simulate_cell(prep, policy: str, scale: float, args) -> dict:
+    """The simulator's summary for one served cell: exact steps, or with --step-noise the
+    mean over --seeds runs of noisy steps (numbers averaged; what is not a number, from
+    the first run)."""
+    if not args.step_noise:
+        return run_policy(prep, policy, scale).summary
+    runs = []
+    for seed in range(args.seeds):
+        def noisy(model, k, seed=seed):   # noqa: ANN001, ANN202
+            return NoisySimExecutor(model, args.step_noise, args.step_noise_rho, seed=1000 * seed + k)
+        runs.append(run_policy(prep, policy, scale, make_executor=noisy).summary)
+    out = dict(runs[0])
+    for key, value in out.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and all(
+                isinstance(r.get(key), (int, float)) for r in runs):
+            out[key] = sum(r[key] for r in runs) / len(runs)
+    return out
 
 
 if __name__ == "__main__":

@@ -5,12 +5,14 @@ geometric bisection between the highest load that met the SLO-attainment target 
 lowest that did not, or steps of 25 % out of the grid). Writes few files (the device tool
 returns at most 8 per call): summary_<policies>.json with every bench result in full,
 serve_<policy>.log and profile_<policy>.json (the step-time model the server refitted
-while serving, from GET /profile); the bench logs stay in --work. A table is printed last. Stays inside
---budget-s (a device call's limit).
+while serving, from GET /profile; with --rounds, profile_<policy>_r<k>.json for the later
+rounds, whose server logs stay in --work); the bench logs stay in --work. A table is
+printed last. Stays inside --budget-s (a device call's limit).
 
     PYTHONPATH=src python benchmarks/gpu/serve_bench_device.py --policy sarathi --out $OUT \\
         --num 1000 --scales 3.5 4.2 4.9 --probes 2 --budget-s 560
     # a policy with settings of its own: --policy fairbatching:ttft_margin_quantile=0.9
+    # two runs per cell, the order alternated: --policy fairbatching --policy qoserve --rounds 2
 """
 
 from __future__ import annotations
@@ -189,6 +191,66 @@ def probe_capacity(run: Callable[[float], dict], done: dict[float, dict], probes
                   seen=seen)
 
 
+def serve_and_run(policy: str, port: int, log_path: Path, profile_path: Path, args: argparse.Namespace,
+                  end: float, rows: list[dict], rnd: int) -> dict | None:
+    """Start a server for ``policy``, run the grid of scales and the capacity probes
+    against it (rows appended to ``rows``, tagged with the round), save its refitted
+    profile, stop it. Returns its capacity entry, or None if it did not come up."""
+    url = f"http://127.0.0.1:{port}"
+    name, own_args = serve_args_of(policy)
+    log = open(log_path, "w")
+    t0 = time.monotonic()
+    proc = subprocess.Popen(FB + ["serve", "--model", args.model, "--load-format", "dummy", "--policy", name,
+                                  "--port", str(port), "--log-level", "warning", *own_args, *args.serve_arg],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        if not wait_healthy(url, proc, min(400.0, end - time.monotonic())):
+            print(f"{policy}: server did not come up; see {log_path.name}", flush=True)
+            return None
+        print(f"{policy}: healthy after {time.monotonic() - t0:.0f} s, {triton_kernels()} Triton kernels "
+              f"compiled" + (f" (round {rnd + 1})" if rnd else ""), flush=True)
+        done: dict[float, dict] = {}
+        longest = 0.0
+        work = args.work if rnd == 0 else args.work / f"round{rnd + 1}"   # its bench files beside the first round's
+        work.mkdir(exist_ok=True)
+
+        def run(scale: float) -> dict:
+            """One bench run at ``scale``: its row, or OutOfBudget if it would not end in time."""
+            nonlocal longest
+            # a run at a higher load takes no longer than the slowest so far, give or take
+            if longest and time.monotonic() + 1.15 * longest > end:
+                print(f"{policy} x{scale:g}: skipped (budget)", flush=True)
+                raise OutOfBudget
+            row = bench(url, args, policy, scale, work, end, salt=len(done))
+            longest = max(longest, row["wall_s"])
+            row["policy"] = policy
+            row["round"] = rnd + 1
+            rows.append(row)
+            done[scale] = row
+            print(json.dumps({k: v for k, v in row.items() if k != "result"}), flush=True)
+            return row
+
+        try:
+            for s in args.scales:
+                run(s)
+            probe_capacity(run, done, args.probes, args.target)
+        except OutOfBudget:
+            pass
+        save_profile(url, profile_path)
+        good, bad = bracket(done, args.target)
+        return {"capacity_scale": good, "first_failing_scale": bad,
+                "capacity_rate": done[good]["rate"] if good is not None else None}
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(30)
+        except ProcessLookupError:
+            pass              # the server had already exited
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--policy", action="append", required=True)
@@ -197,6 +259,9 @@ def main() -> None:
     ap.add_argument("--num", type=int, default=1000)
     ap.add_argument("--scales", type=float, nargs="+", default=[3.5, 4.2, 4.9])
     ap.add_argument("--probes", type=int, default=2, help="extra capacity runs per policy")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every policy this many times, each on a fresh server, every other round in "
+                         "reverse order (runs per cell, alternated)")
     ap.add_argument("--target", type=float, default=0.9)
     ap.add_argument("--budget-s", type=float, default=560)
     ap.add_argument("--port", type=int, default=8100)
@@ -213,68 +278,30 @@ def main() -> None:
     end = time.monotonic() + args.budget_s
     rows: list[dict] = []
     summary: dict[str, dict] = {}
-    for i, policy in enumerate(args.policy):
-        port = args.port + i
-        url = f"http://127.0.0.1:{port}"
-        name, own_args = serve_args_of(policy)
-        log = open(args.out / f"serve_{file_label(policy)}.log", "w")
-        t0 = time.monotonic()
-        proc = subprocess.Popen(FB + ["serve", "--model", args.model, "--load-format", "dummy", "--policy", name,
-                                      "--port", str(port), "--log-level", "warning", *own_args, *args.serve_arg],
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            if not wait_healthy(url, proc, min(400.0, end - time.monotonic())):
-                print(f"{policy}: server did not come up; see serve_{policy}.log", flush=True)
-                continue
-            print(f"{policy}: healthy after {time.monotonic() - t0:.0f} s, {triton_kernels()} Triton kernels "
-                  f"compiled", flush=True)
-            done: dict[float, dict] = {}
-            longest = 0.0
-
-            def run(scale: float) -> dict:
-                """One bench run at ``scale``: its row, or OutOfBudget if it would not end in time."""
-                nonlocal longest
-                # a run at a higher load takes no longer than the slowest so far, give or take
-                if longest and time.monotonic() + 1.15 * longest > end:
-                    print(f"{policy} x{scale:g}: skipped (budget)", flush=True)
-                    raise OutOfBudget
-                row = bench(url, args, policy, scale, args.work, end, salt=len(done))
-                longest = max(longest, row["wall_s"])
-                row["policy"] = policy
-                rows.append(row)
-                done[scale] = row
-                print(json.dumps({k: v for k, v in row.items() if k != "result"}), flush=True)
-                return row
-
-            try:
-                for s in args.scales:
-                    run(s)
-                probe_capacity(run, done, args.probes, args.target)
-            except OutOfBudget:
-                pass
-            save_profile(url, args.out / f"profile_{file_label(policy)}.json")
-            good, bad = bracket(done, args.target)
-            summary[policy] = {"capacity_scale": good, "first_failing_scale": bad,
-                               "capacity_rate": done[good]["rate"] if good is not None else None}
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(30)
-            except ProcessLookupError:
-                pass              # the server had already exited
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-            log.close()
+    for rnd in range(args.rounds):
+        # each round a fresh server per policy; every other round in the reverse order, so
+        # that no policy always runs first on a GPU that warms (RESULTS.md, H100 runs)
+        order = list(enumerate(args.policy))
+        for i, policy in (order if rnd % 2 == 0 else order[::-1]):
+            key = policy if rnd == 0 else f"{policy} (round {rnd + 1})"
+            suffix = "" if rnd == 0 else f"_r{rnd + 1}"
+            # later rounds' server logs stay in --work: the device tool returns few files
+            log_dir = args.out if rnd == 0 else args.work
+            entry = serve_and_run(policy, args.port + i, log_dir / f"serve_{file_label(policy)}{suffix}.log",
+                                  args.out / f"profile_{file_label(policy)}{suffix}.json", args, end, rows, rnd)
+            if entry is not None:
+                summary[key] = entry
     (args.out / f"summary_{'_'.join(map(file_label, args.policy))}.json").write_text(json.dumps({"rows": rows, "capacity": summary, "serve_args": args.serve_arg},
                                                                               indent=1))
     print(f"{'policy':13s} {'scale':>6s} {'rate':>6s} {'done':>5s} {'fail':>4s} {'ttft50':>7s} {'ttft99':>7s} "
           f"{'tpot50':>6s} {'tpot99':>6s} {'att':>6s} {'goodput':>7s} {'wall':>5s} {'stepms':>6s} {'meas/pred':>9s} "
           f"{'busy/step':>9s} {'busy/pred':>9s} {'offset':>6s} {'jit':>4s}")
     for r in rows:
+        label = r["policy"] + (f" r{r['round']}" if args.rounds > 1 else "")
         if "error" in r:
-            print(f"{r['policy']:13s} {r['scale']:6g} {r['error']}")
+            print(f"{label:13s} {r['scale']:6g} {r['error']}")
             continue
-        print(f"{r['policy']:13s} {r['scale']:6g} {r['rate']:6.2f} {r['completed']:5d} {r['failed']:4d} "
+        print(f"{label:13s} {r['scale']:6g} {r['rate']:6.2f} {r['completed']:5d} {r['failed']:4d} "
               f"{r['ttft50']:7.0f} {r['ttft99']:7.0f} {r['tpot50']:6.1f} {r['tpot99']:6.1f} {r['att']:6.3f} "
               f"{r['goodput'] if r['goodput'] is not None else float('nan'):7.2f} {r['wall_s']:5.0f} {r['engine']['step_ms']:6.1f} "
               f"{r['engine']['measured_over_predicted']:9.2f} {r['engine']['busy_over_step']:9.2f} "

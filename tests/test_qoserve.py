@@ -153,7 +153,7 @@ def test_light_mixed_load_meets_every_requests_own_slo(late: str) -> None:
     for r in reqs:
         assert r.first_token_time - r.arrival <= r.slo.ttft
         assert (r.finish_time - r.first_token_time) / (r.generated - 1) <= r.slo.tpot
-    assert sched.stats.relegated == 0 and not sched._entry and not sched._heap
+    assert sched.stats.relegated == 0 and sched._heap.head() is None and len(sched._heap) == 0
 
 
 @pytest.mark.parametrize("opts", [{"qoserve_safety_factor": 0.9}, {"qoserve_priority_weight": -0.001},

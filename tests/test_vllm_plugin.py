@@ -421,12 +421,8 @@ def _stale_keys(pol) -> list[str]:
     from fairbatch.scheduler.late import latest_start
     from fairbatch.scheduler.prompt_heap import in_prompt_queue
 
-    if pol.name == "qoserve":
-        keys = {r.request_id: k for _, k, seq, r in pol._heap if pol._entry.get(r.request_id) == seq}
-        key = pol._priority
-    else:
-        keys = {rid: e[0] for rid, e in pol._heap._latest.items()}
-        key = pol._prefill_key
+    keys = {rid: e[0] for rid, e in pol._heap._latest.items()}
+    key = pol._heap_key if pol.name == "qoserve" else pol._prefill_key
     stale = [m.request_id for m in pol.waiting if in_prompt_queue(m) and keys.get(m.request_id) != key(m)]
     stale += [m.request_id for m in pol.waiting if m.late_check != float("inf") and not m.relegated
               and not m.generated and m.late_check != latest_start(pol.latency, m)]

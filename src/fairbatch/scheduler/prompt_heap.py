@@ -1,4 +1,4 @@
-"""FairBatching's waiting prompts in prefill order.
+"""The waiting prompts of FairBatching and QoServe in their prefill order.
 
 A prompt's order key (its first-token deadline plus the work left) is fixed while it
 waits, except when a cached prefix is taken or given back (prefix_reuse.py): a heap keyed
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable
+from typing import Any
 from itertools import count
 
 from fairbatch.request import Request, RequestState
@@ -32,11 +33,11 @@ def in_prompt_queue(req: Request) -> bool:
 
 
 class PromptHeap:
-    def __init__(self, key: Callable[[Request], float]) -> None:
+    def __init__(self, key: Callable[[Request], Any]) -> None:   # any ordered key: a float, a tuple
         self._key = key
-        self._entries: list[tuple[float, int, Request]] = []   # (key, seq, request)
+        self._entries: list[tuple[Any, int, Request]] = []   # (key, seq, request)
         self._seq = count()
-        self._latest: dict[str, tuple[float, int, Request]] = {}   # request id -> its newest entry
+        self._latest: dict[str, tuple[Any, int, Request]] = {}   # request id -> its newest entry
 
     def __len__(self) -> int:
         """Entries, stale ones included."""
@@ -61,13 +62,19 @@ class PromptHeap:
 
     def head(self) -> Request | None:
         """The waiting prompt with the smallest key, dropping stale entries above it."""
+        entry = self.head_entry()
+        return entry[2] if entry is not None else None
+
+    def head_entry(self) -> tuple | None:
+        """``(key, seq, request)`` of the waiting prompt with the smallest key (the key it
+        was queued under), dropping stale entries above it."""
         entries, latest = self._entries, self._latest
         while entries:
             entry = entries[0]
             req = entry[2]
             if latest.get(req.request_id) is entry:
                 if req.state is _WAITING and not (req.relegated and not req.generated):   # in_prompt_queue
-                    return req
+                    return entry
                 del latest[req.request_id]
             heapq.heappop(entries)
         return None

@@ -53,8 +53,6 @@ Where the original is silent or tied to its own engine, we chose:
 
 from __future__ import annotations
 
-import heapq
-from itertools import count
 from operator import attrgetter
 
 from fairbatch.plan import StepPlan, StepResult
@@ -63,17 +61,16 @@ from fairbatch.scheduler.base import Scheduler, register_policy
 from fairbatch.scheduler.chunk import qoserve_chunk
 from fairbatch.scheduler.late import Late, last_token_time
 from fairbatch.scheduler.preempt import reserve_by_rank
-from fairbatch.scheduler.prompt_heap import in_prompt_queue
+from fairbatch.scheduler.prompt_heap import PromptHeap
 from fairbatch.scheduler.step_budget import StepBudget
 
 _INF = float("inf")
 _RUNNING = RequestState.RUNNING
-_WAITING = RequestState.WAITING
 _by_deadline = attrgetter("deadline")
 
 
-def _order(entry: tuple) -> tuple:
-    return entry[0], entry[1]
+def _first(pair: tuple) -> tuple:
+    return pair[0]
 
 
 @register_policy
@@ -84,12 +81,9 @@ class QoServeScheduler(Scheduler):
 
     def __init__(self, config, allocator, latency_model) -> None:
         super().__init__(config, allocator, latency_model)
-        # waiting prompts by (relegated, hybrid key): the key changes while a request waits
-        # only when it takes or gives back a cached prefix (it is pushed again then), so a
-        # heap replaces sorting the queue every step; stale entries are skipped
-        self._heap: list[tuple[int, float, int, Request]] = []
-        self._entry: dict[str, int] = {}      # request id -> seq of its live heap entry
-        self._seq = count()
+        # waiting prompts by (relegated, hybrid key) (prompt_heap.py; relegated here are
+        # preempted late decodes: relegated prompts wait in self.relegated)
+        self._heap = PromptHeap(self._heap_key)
         self._budget = StepBudget(config, allocator)
 
     # --- order -----------------------------------------------------------------------------
@@ -102,29 +96,25 @@ class QoServeScheduler(Scheduler):
         """Preemption order (preempt.py): relegated last, then the hybrid key, then admission."""
         return req.relegated, self._priority(req), req.admitted_at
 
-    def _push(self, req: Request) -> None:
-        s = next(self._seq)
-        self._entry[req.request_id] = s
-        heapq.heappush(self._heap, (1 if req.relegated else 0, self._priority(req), s, req))
+    def _heap_key(self, req: Request) -> tuple[int, float]:
+        return (1 if req.relegated else 0), self._priority(req)
 
     def _enqueue(self, req: Request) -> None:
         super()._enqueue(req)
-        self._push(req)
+        self._heap.push(req)
 
     def _requeue_front(self, req: Request) -> None:
         super()._requeue_front(req)
-        self._push(req)
+        self._heap.push(req)
 
     def _work_left_changed(self, req: Request) -> None:
         super()._work_left_changed(req)
-        # its hybrid key read num_computed: a fresh entry replaces the stale one
-        if req.request_id in self._entry and in_prompt_queue(req):
-            self._push(req)
+        self._heap.rekey(req)   # its hybrid key read num_computed
 
     def _preempt(self, req: Request, plan: StepPlan) -> None:
         super()._preempt(req, plan)
         if not (req.relegated and not req.generated):   # those went to self.relegated
-            self._push(req)
+            self._heap.push(req)
 
     def on_step_end(self, plan: StepPlan, result: StepResult, now: float) -> list[Request]:
         if not self.host_reports_steps:
@@ -190,25 +180,15 @@ class QoServeScheduler(Scheduler):
         """Running partial prefills and waiting prompts in one hybrid order (on-time before
         relegated), each given the largest chunk that fits; stops at the first that gets
         none, so no prompt is overtaken by a lower-priority one that happens to fit."""
-        parts = sorted(((1 if r.relegated else 0, self._priority(r), r) for r in partials), key=_order) \
-            if partials else []
-        heap, entry = self._heap, self._entry
+        parts = sorted(((self._heap_key(r), r) for r in partials), key=_first) if partials else []
+        heap = self._heap
         max_seqs = self.config.max_num_seqs
         i, n = 0, len(parts)
         admit = True
         while True:
-            top = None
-            while admit and heap:
-                flag, _, s, r = heap[0]
-                if r.state is not _WAITING or entry.get(r.request_id) != s or (r.relegated and not flag):
-                    heapq.heappop(heap)     # admitted, aborted, re-pushed or relegated since
-                    if entry.get(r.request_id) == s:
-                        del entry[r.request_id]
-                    continue
-                top = heap[0]
-                break
-            if i < n and (top is None or _order(parts[i]) <= _order(top)):
-                req = parts[i][2]
+            top = heap.head_entry() if admit else None
+            if i < n and (top is None or parts[i][0] <= top[0]):
+                req = parts[i][1]
                 i += 1
                 if req.state is not _RUNNING:
                     continue                # preempted earlier in this step
@@ -220,7 +200,7 @@ class QoServeScheduler(Scheduler):
                 continue
             if top is None:
                 break
-            req = top[3]
+            req = top[2]
             if plan.preempted or len(self.running) >= max_seqs:
                 admit = False               # like vLLM: no admissions in a step that preempted
                 continue
@@ -231,7 +211,7 @@ class QoServeScheduler(Scheduler):
             if not self._grow(req, req.num_computed + k):
                 admit = False               # admissions never preempt; partials may still run
                 continue
-            del entry[req.request_id]       # its entries go stale (it may have been pushed again)
+            heap.discard(req)               # its entries go stale (it may have been pushed again)
             self.waiting.remove(req)
             self._admit(req)
             plan.add(req, k)

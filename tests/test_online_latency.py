@@ -83,14 +83,10 @@ class _SlowExecutor:
         pass
 
 
-def test_engine_loop_charges_a_step_until_the_next_one_starts():
-    """Time between steps (taking in commands here) is part of what a step costs the
-    requests waiting on it: the busy counter and the refit window see it."""
-    sched = make_scheduler("sarathi", SchedulerConfig(max_num_batched_tokens=256), BlockAllocator(256, 16),
-                           OnlineLatencyModel(LinearLatencyModel(0.002, 1e-6), refit_every=10**9))
-    inst = Instance(sched, _SlowExecutor(0.002))
-    posted: list = []
-    loop = EngineLoop(inst, posted.append, idle_wait=0.01)
+def _serve(inst: Instance, intake_s: float) -> tuple[EngineLoop, list[Request]]:
+    """Four requests through an engine loop whose intake between steps takes at least
+    ``intake_s`` (the time a served host spends outside the step); runs until they finish."""
+    loop = EngineLoop(inst, [].append, idle_wait=0.01)
     reqs = [Request(f"r{i}", 0.0, 40, 12, SLO(1.0, 0.05)) for i in range(4)]
     calls = {"n": 0}
 
@@ -98,10 +94,20 @@ def test_engine_loop_charges_a_step_until_the_next_one_starts():
         calls["n"] += 1
         if calls["n"] == 1:
             return [AddRequests(tuple(reqs))]
-        time.sleep(0.003)                 # a slow intake between steps
+        time.sleep(intake_s)              # a slow intake between steps
         return []
 
     loop.run(receive, stopping=lambda: calls["n"] > 1 and not inst.has_work())
+    return loop, reqs
+
+
+def test_engine_loop_charges_a_step_until_the_next_one_starts():
+    """Time between steps (taking in commands here) is part of what a step costs the
+    requests waiting on it: the busy counter and the refit window see it."""
+    sched = make_scheduler("sarathi", SchedulerConfig(max_num_batched_tokens=256), BlockAllocator(256, 16),
+                           OnlineLatencyModel(LinearLatencyModel(0.002, 1e-6), refit_every=10**9))
+    inst = Instance(sched, _SlowExecutor(0.002))
+    loop, reqs = _serve(inst, intake_s=0.003)
     assert all(r.generated == 12 for r in reqs)
     assert loop.steps_run >= 12
     # every step but the last is followed by a 3 ms intake before the next starts
@@ -136,18 +142,7 @@ def test_the_overrun_correction_sees_the_served_cycle_not_the_step_alone(policy:
     model = LinearLatencyModel(0.002, 1e-6)
     sched = make_scheduler(policy, SchedulerConfig(), BlockAllocator(256, 16), model)
     inst = Instance(sched, _ModelExecutor(model))
-    loop = EngineLoop(inst, [].append, idle_wait=0.01)
-    reqs = [Request(f"r{i}", 0.0, 40, 12, SLO(1.0, 0.05)) for i in range(4)]
-    calls = {"n": 0}
-
-    def receive(timeout: float):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            return [AddRequests(tuple(reqs))]
-        time.sleep(0.005)
-        return []
-
-    loop.run(receive, stopping=lambda: calls["n"] > 1 and not inst.has_work())
+    loop, reqs = _serve(inst, intake_s=0.005)
     assert all(r.generated == 12 for r in reqs)
     assert sched.host_reports_steps
     # every cycle ran >= 2x its ~2 ms prediction: after 12 steps the moving average

@@ -295,6 +295,8 @@ class Scheduler(ABC):
 
     def on_step_end(self, plan: StepPlan, result: StepResult, now: float) -> list[Request]:
         """Advance every scheduled request; returns those that finished (blocks freed)."""
+        if not self.host_reports_steps:
+            self.observe_step(plan.predicted_time, result.duration)
         finished: list[Request] = []
         token_ids = result.token_ids
         stopped = result.stopped
@@ -368,10 +370,11 @@ class Scheduler(ABC):
         ``reset_prefix_cache``), or could not run its admission in ``plan`` after all."""
         self._preempt(req, plan if plan is not None else StepPlan())
 
-    def observe_step(self, predicted: float, measured: float) -> None:
-        """A host that applies step results itself (no ``on_step_end``), or that measures
-        whole step cycles (``host_reports_steps``), reports a step's predicted and
-        measured seconds; policies that pace steps by the model use it."""
+    def observe_step(self, predicted: float | None, measured: float) -> None:
+        """A step the model predicted to take ``predicted`` seconds (None: the policy made
+        no prediction) took ``measured``; policies that pace steps by the model use it.
+        ``on_step_end`` reports the executor's duration, unless the host reports whole
+        step cycles itself (``host_reports_steps``) or applies results without it (vLLM)."""
 
     def observe_delivery(self, delay: float) -> None:
         """A host reports how long after the step that made it a first token reached its

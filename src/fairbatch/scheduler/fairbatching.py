@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from operator import attrgetter
 
-from fairbatch.plan import StepPlan, StepResult
+from fairbatch.plan import StepPlan
 from fairbatch.request import Request, RequestState
 from fairbatch.scheduler.admission import admission_budget
 from fairbatch.scheduler.base import Scheduler, register_policy
@@ -98,12 +98,7 @@ class FairBatchingScheduler(Scheduler):
         if not (req.relegated and not req.generated):   # those went to self.relegated
             self._heap.push(req)
 
-    def on_step_end(self, plan: StepPlan, result: StepResult, now: float) -> list[Request]:
-        if not self.host_reports_steps:
-            self._budget.observe(plan.predicted_time, result.duration)
-        return super().on_step_end(plan, result, now)
-
-    def observe_step(self, predicted: float, measured: float) -> None:
+    def observe_step(self, predicted: float | None, measured: float) -> None:
         self._budget.observe(predicted, measured)
 
     # --- batch formation -------------------------------------------------------------------

@@ -113,14 +113,17 @@ def test_a_host_refreshing_a_waiting_count_moves_its_latest_start(policy: str) -
     assert a.state is RequestState.REJECTED and plan.rejected == [a]
 
 
-def _preempting_pair(policy: str, ttft: float):
+def _preempting_pair(policy: str, ttft: float, hashed: bool):
     """``d`` decodes and grows its KV until ``p``, a 100-token prompt prefilled in chunks
-    of at most 32 tokens, is preempted: 8 blocks of 16 do not hold both."""
+    of at most 32 tokens, is preempted: 8 blocks of 16 do not hold both. ``hashed``: ``p``
+    names its blocks, but the cache holds none of them when it is preempted."""
     cfg = SchedulerConfig(max_model_len=256, max_num_seqs=4, max_num_batched_tokens=32, late="reject",
                           chunk_size=32 if policy == "sarathi" else None)
     sched = make_scheduler(policy, cfg, BlockAllocator(8, 16), MODEL)
     d = Request("d", 0.0, 16, 100, SLO(10.0, 1.0))
     p = Request("p", 0.0, 100, 1, SLO(ttft, 1.0))
+    if hashed:
+        p.block_hashes = trace_block_hashes([99], 100, 16, NAMES)
     sched.add(d, 0.0)
     sched.add(p, 0.0)
     return sched, p
@@ -138,18 +141,19 @@ def _steps_until(sched, p, now: float = 0.0):
     return None, now
 
 
+@pytest.mark.parametrize("hashed", [False, True])
 @pytest.mark.parametrize("policy", ["vllm", "vllm-priority", "sarathi"])
-def test_a_preempted_partial_prefill_is_found_late_at_its_new_latest_start(policy: str) -> None:
+def test_a_preempted_partial_prefill_is_found_late_at_its_new_latest_start(policy: str, hashed: bool) -> None:
     """A partial prefill that is preempted (no prefix cache: it starts over) has its whole
     prompt to compute again, so its latest start moves back by the tokens it had done. With
     its deadline 70 ms after the preemption, it had 32 tokens left (latest start 38 ms after
     it) and now 100 (40 ms before it): the next step must refuse it, not compute it.
     (FairBatching and QoServe share this preemption path; with that deadline they finish
     ``p`` before ``d`` runs short, so this pair does not preempt it there.)"""
-    sched, p = _preempting_pair(policy, ttft=100.0)
+    sched, p = _preempting_pair(policy, ttft=100.0, hashed=hashed)
     plan, at = _steps_until(sched, p)
     assert plan is not None, "the scenario no longer preempts the prompt"
-    sched, p = _preempting_pair(policy, ttft=at + 0.07)
+    sched, p = _preempting_pair(policy, ttft=at + 0.07, hashed=hashed)
     plan, now = _steps_until(sched, p)
     assert plan is not None and now == at and p.num_computed == 0
     duration = MODEL.predict(plan.features)

@@ -539,8 +539,10 @@ class Scheduler(ABC):
         req.reset_for_recompute()
         if req.block_hashes is not None:
             self.take_cached_prefix(req)   # what it computed of its prompt is named: reused
-        elif req.late_check != _INF:
-            self._watch_again(req)   # a partial prefill starts over: its latest start moved back
+        if req.late_check != _INF:
+            # it starts over (less any prefix it took back): its latest start moved back;
+            # a no-op when taking the prefix already moved it
+            self._watch_again(req)
         if req.relegated and not req.generated:
             self.relegated.appendleft(req)    # a relegated prompt stays behind the on-time ones
         else:

@@ -113,3 +113,32 @@ def test_served_fidelity_simulates_each_policy_on_its_own_refit_and_noisy_steps(
     noisy = _fidelity_rows(capsys, "--step-noise", "0.1", "--seeds", "2")
     assert noisy != shared
     assert all(0.0 <= float(v) <= 1.0 for v in noisy.values())
+
+
+def test_step_kernels_groups_gpu_kernels_by_kind() -> None:
+    """The kernel breakdown of issue #15 names cuBLAS's Hopper GEMMs, this engine's Triton
+    kernels and torch's sampling ops by kind, and sums only GPU rows, per step."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    spec = importlib.util.spec_from_file_location("step_kernels", BENCH / "micro" / "step_kernels.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.kernel_kind("nvjet_tst_128x256_64x4_2x1_v_bz_coopA_TNT") == "gemm"
+    assert mod.kernel_kind("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "gemm"
+    assert mod.kernel_kind("_paged_attention_kernel") == "attention"
+    assert mod.kernel_kind("_rms_norm_kernel") == "norm"
+    assert mod.kernel_kind("_silu_mul_kernel") == "act"
+    assert mod.kernel_kind("_qk_rope_cache_kernel") == "rope_kv"
+    assert mod.kernel_kind("void at::native::reduce_kernel<512, 1, ArgMaxOps>") == "sampling"
+    assert mod.kernel_kind("Memcpy HtoD (Pageable -> Device)") == "copy"
+    assert mod.kernel_kind("void at::native::vectorized_elementwise_kernel<4, AddFunctor>") == "other"
+
+    def ev(key, us, count, dev=DeviceType.CUDA):
+        return SimpleNamespace(key=key, device_type=dev, self_device_time_total=us, count=count)
+
+    got = mod.kernel_times([ev("nvjet_a", 3000.0, 10), ev("nvjet_b", 1000.0, 5), ev("_paged_attention_kernel", 500.0, 5),
+                            ev("aten::mm", 0.0, 15, DeviceType.CPU), ev("cudaLaunchKernel", 0.0, 30, DeviceType.CPU)],
+                           steps=5)
+    assert got == {"gemm": {"ms": 0.8, "count": 3.0}, "attention": {"ms": 0.1, "count": 1.0}}

@@ -7,12 +7,15 @@
    configs, writing ``{model}_{gpu}.json`` profiles and their raw samples;
 4. with ``--piecewise MODEL``: issue #15's step times with piecewise CUDA graphs on and
    off (``piecewise_rows``), what their capture cost in GPU memory, and the step-time
-   curve over chunk sizes 64-2,048 (eager and piecewise).
+   curve over chunk sizes 64-2,048 (eager and piecewise);
+5. with ``--kernels MODEL``: ``benchmarks/micro/step_kernels.py`` (imported): each step
+   shape's GPU kernel time by kind and the host gap (``step_kernels.json``).
 
 Results go to ``$OUT`` (or ``--out``); a short table is printed last.
 
     OUT=/tmp/out PYTHONPATH=src python benchmarks/gpu/engine_device.py --models llama-3-8b qwen2.5-7b
     OUT=/tmp/out PYTHONPATH=src python benchmarks/gpu/engine_device.py --skip-bench --models --piecewise llama-3-8b
+    OUT=/tmp/out PYTHONPATH=src python benchmarks/gpu/engine_device.py --skip-tests --skip-bench --models --kernels llama-3-8b
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ def main() -> None:
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--quick-profile", action="store_true")
     ap.add_argument("--piecewise", metavar="MODEL", help="time piecewise CUDA graphs on vs off for MODEL")
+    ap.add_argument("--kernels", metavar="MODEL", help="GPU kernel time by kind per step shape for MODEL")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -111,6 +115,19 @@ def main() -> None:
         except Exception:
             traceback.print_exc()
             summary.append("piecewise FAILED: " + traceback.format_exc().strip().splitlines()[-1])
+
+    if args.kernels:
+        try:
+            import step_kernels
+
+            res = step_kernels.run(args.kernels, repeats=5)
+            (out / "step_kernels.json").write_text(json.dumps(res, indent=1))
+            summary.extend(res["lines"])
+        except Exception:
+            traceback.print_exc()
+            summary.append("kernels FAILED: " + traceback.format_exc().strip().splitlines()[-1])
+        gc.collect()
+        torch.cuda.empty_cache()
 
     (out / "summary.txt").write_text("\n".join(summary) + "\n")
     print("\n===== summary =====")

@@ -10,10 +10,11 @@ error on it is what the profile reports.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import random
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,8 +91,11 @@ def _describe(comp: Composition) -> str:
 
 
 @torch.inference_mode()
-def measure(engine: Engine, comp: Composition, repeats: int = 3, seed: int = 0) -> float:
-    """Median seconds of ``repeats`` executions of one synthetic step (after one warm-up)."""
+@contextlib.contextmanager
+def synthetic_step(engine: Engine, comp: Composition, seed: int = 0) -> Iterator[StepPlan]:
+    """A ``StepPlan`` of one step of composition ``comp`` over random prompt tokens, its KV
+    blocks allocated for the duration (released on exit). Anything that times or inspects
+    one step shape (``measure``, ``benchmarks/micro/step_kernels.py``) runs inside it."""
     alloc = engine.allocator
     rng = np.random.default_rng(seed)
     vocab = engine.config.vocab_size
@@ -106,14 +110,19 @@ def measure(engine: Engine, comp: Composition, repeats: int = 3, seed: int = 0) 
                 raise ValueError("composition does not fit the KV cache")
             reqs.append(req)
             plan.add(req, k)
-        ex = engine.executor
-        ex.execute(plan)
-        times = [ex.execute(plan).duration for _ in range(repeats)]
-        return statistics.median(times)
+        yield plan
     finally:
         for r in reqs:
             engine.executor.release(r)
             alloc.free(r.request_id)
+
+
+def measure(engine: Engine, comp: Composition, repeats: int = 3, seed: int = 0) -> float:
+    """Median seconds of ``repeats`` executions of one synthetic step (after one warm-up)."""
+    with synthetic_step(engine, comp, seed) as plan:
+        ex = engine.executor
+        ex.execute(plan)
+        return statistics.median(ex.execute(plan).duration for _ in range(repeats))
 
 
 def profile(engine: Engine, *, quick: bool = False, repeats: int = 3, seed: int = 0,

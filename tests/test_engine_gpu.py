@@ -85,6 +85,25 @@ def test_triton_attention_matches_torch(H, KVH, D, dtype):
         assert err < tol, f"case {q_lens} @ {ctx0}: relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("H,KVH,D", [(32, 8, 128), (28, 4, 128), (8, 1, 128)])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_triton_split_kv_decode_matches_torch(H, KVH, D, dtype, monkeypatch):
+    """Decodes split over several programs (split-KV) and merged give the reference result,
+    with empty splits (contexts shorter than the splits), long contexts and prefills beside."""
+    from fairbatch.engine.attention import triton_paged as tp
+
+    dt = getattr(torch, dtype)
+    tol = {"float32": 1e-5, "bfloat16": 2e-2}[dtype]
+    cases = [([1], [2047]), ([1] * 4, [0, 15, 700, 3000]), ([1, 300, 1], [5000, 0, 63]), ([1] * 3, [64, 127, 128])]
+    for max_splits in (2, 7, 16):
+        monkeypatch.setitem(tp.SPLIT_KV, "programs_per_sm", 1000)
+        monkeypatch.setitem(tp.SPLIT_KV, "max_splits", max_splits)
+        assert tp.TritonPagedAttention(H, KVH, D).decode_splits(4) == max_splits
+        for i, (q_lens, ctx0) in enumerate(cases):
+            err = _attention_case(H, KVH, D, q_lens, ctx0, dt, seed=i)
+            assert err < tol, f"{max_splits} splits, case {q_lens} @ {ctx0}: relative error {err:.2e}"
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 def test_triton_ops_match_torch(dtype):
     from fairbatch.engine.ops import TorchOps

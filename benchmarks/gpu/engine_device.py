@@ -8,8 +8,9 @@
 4. with ``--piecewise MODEL``: issue #15's step times with piecewise CUDA graphs on and
    off (``piecewise_rows``), what their capture cost in GPU memory, and the step-time
    curve over chunk sizes 64-2,048 (eager and piecewise);
-5. with ``--kernels MODEL``: ``benchmarks/micro/step_kernels.py`` (imported): each step
-   shape's GPU kernel time by kind and the host gap (``step_kernels.json``).
+5. with ``--kernels MODEL``: ``benchmarks/micro/split_kv.py`` (split-KV decode attention
+   at each setting, ``split_kv.json``) and ``benchmarks/micro/step_kernels.py`` (each step
+   shape's GPU kernel time by kind and the host gap, ``step_kernels.json``), imported.
 
 Results go to ``$OUT`` (or ``--out``); a short table is printed last.
 
@@ -118,8 +119,13 @@ def main() -> None:
 
     if args.kernels:
         try:
+            import split_kv
             import step_kernels
 
+            rows = split_kv.sweep()
+            (out / "split_kv.json").write_text(json.dumps(rows, indent=1))
+            summary.extend(f"split-kv b={r['batch']} ctx={r['context']}: " + " ".join(
+                f"{s}:{ms * 1e3:.0f}us/{r['splits'][s]}" for s, ms in r["ms"].items()) for r in rows)
             res = step_kernels.run(args.kernels, repeats=5)
             (out / "step_kernels.json").write_text(json.dumps(res, indent=1))
             summary.extend(res["lines"])

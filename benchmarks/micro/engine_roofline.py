@@ -56,35 +56,55 @@ def measure_ceilings() -> tuple[float, float]:
     return bw, flops
 
 
-def tune_attention(report: list) -> None:
-    """Kernel-only timings of launch configs; the fastest becomes the module default."""
+def paged_inputs(q_lens, ctx0, H, KVH, D, B=16, dtype=None):
+    """Random q and a paged KV cache (blocks scattered) for sequences with ``q_lens`` new
+    tokens after ``ctx0`` cached ones: (q, k_cache, v_cache, seq_lens)."""
+    import numpy as np
+
+    dtype = dtype or torch.bfloat16
+    seq_lens = np.array([c + k for c, k in zip(ctx0, q_lens)], np.int32)
+    nb = sum(-(-int(s) // B) for s in seq_lens)
+    kc = torch.randn(nb, B, KVH, D, dtype=dtype, device="cuda")
+    vc = torch.randn_like(kc)
+    q = torch.randn(int(sum(q_lens)), H, D, dtype=dtype, device="cuda")
+    return q, kc, vc, seq_lens
+
+
+def paged_meta(att, q_lens, seq_lens, B=16):
+    """The ``AttentionMetadata`` of one step over ``paged_inputs``' cache for backend ``att``
+    (each sequence's blocks a random permutation slice of the cache)."""
     import numpy as np
 
     from fairbatch.engine.attention import AttentionMetadata
+
+    S = len(q_lens)
+    nb = sum(-(-int(s) // B) for s in seq_lens)
+    W = max(-(-int(s) // B) for s in seq_lens)
+    perm = np.random.default_rng(0).permutation(nb).astype(np.int32)
+    bt = np.zeros((S, W), np.int32)
+    o = 0
+    for i, s in enumerate(seq_lens):
+        n = -(-int(s) // B)
+        bt[i, :n] = perm[o:o + n]
+        o += n
+    qsl = np.zeros(S + 1, np.int32)
+    qsl[1:] = np.cumsum(q_lens)
+    T = int(qsl[-1])
+    ex = att.launch_arrays(np.array(q_lens), seq_lens)
+    dev = lambda a: torch.from_numpy(a).cuda()
+    return AttentionMetadata(torch.zeros(T, dtype=torch.int32, device="cuda"), dev(qsl), dev(seq_lens), dev(bt), T, S,
+                             max(q_lens), int(seq_lens.max()), qsl, seq_lens, B, {k: dev(v) for k, v in ex.items()},
+                             {k: int(v.size) for k, v in ex.items()})
+
+
+def tune_attention(report: list) -> None:
+    """Kernel-only timings of launch configs; the fastest becomes the module default."""
     from fairbatch.engine.attention import triton_paged as tp
 
     H, KVH, D, B = 32, 8, 128, 16
 
     def bench(q_lens, ctx0, configs, which):
-        S = len(q_lens)
-        seq_lens = np.array([c + q for c, q in zip(ctx0, q_lens)], np.int32)
-        nb = sum(-(-int(s) // B) for s in seq_lens)
-        kc = torch.randn(nb, B, KVH, D, dtype=torch.bfloat16, device="cuda")
-        vc = torch.randn_like(kc)
-        W = max(-(-int(s) // B) for s in seq_lens)
-        perm = np.random.default_rng(0).permutation(nb).astype(np.int32)
-        bt = np.zeros((S, W), np.int32)
-        o = 0
-        for i, s in enumerate(seq_lens):
-            n = -(-int(s) // B)
-            bt[i, :n] = perm[o:o + n]
-            o += n
-        qsl = np.zeros(S + 1, np.int32)
-        qsl[1:] = np.cumsum(q_lens)
-        T = int(qsl[-1])
-        q = torch.randn(T, H, D, dtype=torch.bfloat16, device="cuda")
-        att = tp.TritonPagedAttention(H, KVH, D)
-        dev = lambda a: torch.from_numpy(a).cuda()
+        q, kc, vc, seq_lens = paged_inputs(q_lens, ctx0, H, KVH, D, B)
         best = None
         kv_bytes = float(seq_lens.sum()) * KVH * D * 2 * 2
         pairs = sum(q * c + q * (q + 1) / 2 for q, c in zip(q_lens, ctx0))
@@ -94,10 +114,7 @@ def tune_attention(report: list) -> None:
             (tp.DECODE_CONFIG if which == "decode" else tp.PREFILL_CONFIG).update(cfg)
             try:
                 att = tp.TritonPagedAttention(H, KVH, D)
-                ex = att.launch_arrays(np.array(q_lens), seq_lens)
-                meta = AttentionMetadata(torch.zeros(T, dtype=torch.int32, device="cuda"), dev(qsl), dev(seq_lens),
-                                         dev(bt), T, S, max(q_lens), int(seq_lens.max()), qsl, seq_lens, B,
-                                         {k: dev(v) for k, v in ex.items()}, {k: int(v.size) for k, v in ex.items()})
+                meta = paged_meta(att, q_lens, seq_lens, B)
                 import triton.testing
                 ms = triton.testing.do_bench(lambda: att.forward(q, kc, vc, meta), warmup=25, rep=100,
                                              return_mode="median")

@@ -23,8 +23,10 @@ import statistics
 from collections import defaultdict
 
 # the step shapes of issue #15's table that run eagerly in serving (steps over 256 tokens)
-# and two graphed ones for comparison
+# and decodes (graphed in serving; eager here, so their kernels show)
 CASES = [
+    ("decode b=1 ctx=2048", [(2047, 1)]),
+    ("decode b=32 ctx=2048", [(2047, 1)] * 32),
     ("decode b=128 ctx=2048", [(2047, 1)] * 128),
     ("prefill 128", [(0, 128)]),
     ("prefill 300", [(0, 300)]),

@@ -4,7 +4,10 @@ One kernel, two launch shapes. Each program owns ``BLOCK_Q`` consecutive query t
 one sequence and *all* ``GROUP`` query heads that share one KV head (GQA), so every K/V
 tile read from the cache serves ``BLOCK_Q * GROUP`` query rows. Decodes (one new token)
 launch with ``BLOCK_Q = 1`` (a program per sequence x KV head: the KV read is the cost);
-prefill chunks launch with ``BLOCK_Q = 128 // GROUP`` rows (tensor-core tiles).
+prefill chunks launch with ``BLOCK_Q = 128 // GROUP`` rows (tensor-core tiles). When few
+sequences decode, their keys are split over several programs (split-KV, as flash-decoding
+does; ``decode_splits``), each writing a partial result and its log-sum-exp that a small
+second kernel merges.
 
 The context of a sequence is ``seq_lens[s]`` tokens, all in the cache (the step's new
 K/V were written first); a query at absolute position ``p`` attends positions ``0..p``.
@@ -27,7 +30,7 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _paged_attention_kernel(
-    Q, K, V, O,
+    Q, K, V, O, O_PART, LSE_PART,
     block_tables, seq_lens, query_start_loc, prog_seq, prog_qoff,
     qk_scale,
     stride_qt, stride_qh,
@@ -37,10 +40,11 @@ def _paged_attention_kernel(
     stride_bt,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_P: tl.constexpr, PAGE: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, NUM_SPLITS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
+    split = tl.program_id(2)
     seq = tl.load(prog_seq + pid)
     qoff = tl.load(prog_qoff + pid)
     q_begin = tl.load(query_start_loc + seq)
@@ -68,12 +72,16 @@ def _paged_attention_kernel(
     blk_first = first_pos + qoff                             # earliest query position here
     kv_end = tl.minimum(first_pos + qoff + BLOCK_Q, ctx)     # keys any row here may see
     full_end = ((blk_first + 1) // BLOCK_N) * BLOCK_N        # tiles every row sees in full
+    # split-KV: this program's share of the keys, whole tiles (NUM_SPLITS = 1: all of them)
+    per_split = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, kv_end)
     bt_row = block_tables + seq.to(tl.int64) * stride_bt
     offs_n = tl.arange(0, BLOCK_N)
     k_base = K + kvh * stride_kh
     v_base = V + kvh * stride_vh
 
-    for start in range(0, full_end, BLOCK_N):
+    for start in range(lo, tl.minimum(full_end, hi), BLOCK_N):
         n = start + offs_n
         page = tl.load(bt_row + n // PAGE).to(tl.int64)
         slot = n % PAGE
@@ -89,9 +97,9 @@ def _paged_attention_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
-    for start in range(full_end, kv_end, BLOCK_N):
+    for start in range(tl.maximum(full_end, lo), hi, BLOCK_N):
         n = start + offs_n
-        n_ok = n < kv_end
+        n_ok = n < hi
         page = tl.load(bt_row + n // PAGE, mask=n_ok, other=0).to(tl.int64)
         slot = n % PAGE
         k = tl.load(k_base + page[:, None] * stride_kb + slot[:, None] * stride_ks + offs_d[None, :],
@@ -107,10 +115,40 @@ def _paged_attention_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
-    l_i = tl.where(row_ok, l_i, 1.0)
-    out = acc / l_i[:, None]
-    tl.store(O + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
-             out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    if NUM_SPLITS == 1:
+        l_i = tl.where(row_ok, l_i, 1.0)
+        out = acc / l_i[:, None]
+        tl.store(O + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+                 out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    else:
+        # a partial result per split (decodes only: one row per head), merged by
+        # _merge_splits_kernel; an empty split (past the context) leaves lse = -inf
+        seen = l_i > 0
+        out = acc / tl.where(seen, l_i, 1.0)[:, None]
+        lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+        part = (pid * NUM_SPLITS + split) * (GROUP * tl.num_programs(1)) + head   # [prog, split, head]
+        tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(LSE_PART + part, lse, mask=row_ok)
+
+
+@triton.jit
+def _merge_splits_kernel(O_PART, LSE_PART, O, prog_seq, query_start_loc, stride_ot, stride_oh,
+                         NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, D_P: tl.constexpr,
+                         NUM_SPLITS: tl.constexpr, SPLITS_P: tl.constexpr):
+    pid = tl.program_id(0)
+    head = tl.program_id(1)
+    row = tl.load(query_start_loc + tl.load(prog_seq + pid)).to(tl.int64)
+    offs_s = tl.arange(0, SPLITS_P)
+    offs_d = tl.arange(0, D_P)
+    s_ok = offs_s < NUM_SPLITS
+    part = (pid * NUM_SPLITS + offs_s) * NUM_HEADS + head
+    lse = tl.load(LSE_PART + part, mask=s_ok, other=float("-inf"))
+    w = tl.math.exp2(lse - tl.max(lse, 0))
+    w = w / tl.sum(w, 0)
+    o = tl.load(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None] & (offs_d < HEAD_DIM)[None, :],
+                other=0.0)
+    out = tl.sum(o * w[:, None], 0)
+    tl.store(O + row * stride_ot + head * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
 # Launch configurations, tuned on an H100 with benchmarks/micro/engine_roofline.py (Llama-3-8B
@@ -118,6 +156,9 @@ def _paged_attention_kernel(
 # 2.97 read+write); a 4096-token causal prefill runs at 317 TFLOP/s. Overridable.
 DECODE_CONFIG = {"BLOCK_N": 64, "num_warps": 2, "num_stages": 3}
 PREFILL_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+# Split-KV for small decode batches: split each decode's keys until there are about this
+# many programs per SM (at most max_splits per sequence; programs_per_sm 0 turns it off).
+SPLIT_KV = {"programs_per_sm": 4, "max_splits": 16}
 
 
 def _next_pow2(x: int) -> int:
@@ -136,6 +177,8 @@ class TritonPagedAttention:
         self.d_p = max(16, _next_pow2(head_dim))
         self.qk_scale = head_dim ** -0.5 * LOG2E
         self.prefill_block_q = max(1, PREFILL_CONFIG["BLOCK_M"] // self.group_p)
+        self.num_sms = (torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+                        if torch.cuda.is_available() else 8)
 
     # The launch maps: one entry per program, (sequence, first query token offset).
     def launch_arrays(self, q_lens: np.ndarray, seq_lens: np.ndarray) -> dict[str, np.ndarray]:
@@ -148,6 +191,15 @@ class TritonPagedAttention:
         starts = np.concatenate([np.arange(n, dtype=np.int32) * bq for n in nblk]) if len(pre) else np.zeros(0, np.int32)
         return {"dec_seq": dec, "dec_off": np.zeros(len(dec), np.int32), "pre_seq": pre_seq, "pre_off": starts}
 
+    def decode_splits(self, n_dec: int) -> int:
+        """Key splits per decode (flash-decoding): enough programs to fill the GPU when few
+        sequences decode (one program per sequence x KV head streams its whole context
+        otherwise: 8 programs for one sequence of Llama-3-8B). A function of the decode
+        count alone, so a CUDA graph captured for a batch size replays with the same grid."""
+        target = SPLIT_KV["programs_per_sm"] * self.num_sms
+        programs = max(1, n_dec * self.num_kv_heads)
+        return max(1, min(SPLIT_KV["max_splits"], -(-target // programs)))
+
     def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         out = torch.empty_like(q)
@@ -156,16 +208,21 @@ class TritonPagedAttention:
         n_pre = meta.extra_host.get("pre_seq", 0)
         if n_dec:
             self._launch(q, k_cache, v_cache, out, meta, x["dec_seq"], x["dec_off"], n_dec, 1,
-                         max(16, self.group_p), DECODE_CONFIG)
+                         max(16, self.group_p), DECODE_CONFIG, self.decode_splits(n_dec))
         if n_pre:
             bq = self.prefill_block_q
             self._launch(q, k_cache, v_cache, out, meta, x["pre_seq"], x["pre_off"], n_pre, bq,
                          max(16, bq * self.group_p), PREFILL_CONFIG)
         return out
 
-    def _launch(self, q, k_cache, v_cache, out, meta, prog_seq, prog_off, n_progs, block_q, block_m, cfg):
-        _paged_attention_kernel[(n_progs, self.num_kv_heads)](
-            q, k_cache, v_cache, out,
+    def _launch(self, q, k_cache, v_cache, out, meta, prog_seq, prog_off, n_progs, block_q, block_m, cfg, splits=1):
+        if splits > 1:
+            o_part = torch.empty(n_progs * splits * self.num_heads, self.head_dim, dtype=torch.float32, device=q.device)
+            lse_part = torch.empty(n_progs * splits * self.num_heads, dtype=torch.float32, device=q.device)
+        else:
+            o_part = lse_part = out          # unused
+        _paged_attention_kernel[(n_progs, self.num_kv_heads, splits)](
+            q, k_cache, v_cache, out, o_part, lse_part,
             meta.block_tables, meta.seq_lens, meta.query_start_loc, prog_seq, prog_off,
             self.qk_scale,
             q.stride(0), q.stride(1),
@@ -177,5 +234,12 @@ class TritonPagedAttention:
             BLOCK_N=cfg["BLOCK_N"], HEAD_DIM=self.head_dim, D_P=self.d_p, PAGE=meta.block_size,
             # float32 models get exact products (the reference tests); 16-bit ones tensor cores
             PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            NUM_SPLITS=splits,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
+        if splits > 1:
+            _merge_splits_kernel[(n_progs, self.num_heads)](
+                o_part, lse_part, out, prog_seq, meta.query_start_loc, out.stride(0), out.stride(1),
+                NUM_HEADS=self.num_heads, HEAD_DIM=self.head_dim, D_P=self.d_p,
+                NUM_SPLITS=splits, SPLITS_P=_next_pow2(splits), num_warps=1,
+            )

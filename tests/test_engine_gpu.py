@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import random
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -19,36 +18,21 @@ def _rel(a, b) -> float:
 
 
 def _attention_case(H, KVH, D, q_lens, ctx0, dtype, seed):
-    from fairbatch.engine.attention import AttentionMetadata
+    """Relative error of the Triton backend against the torch reference on one random step
+    (scattered blocks, block tables wider than needed; the inputs of benchmarks/micro)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "micro"))
+    from engine_roofline import paged_inputs, paged_meta
+
     from fairbatch.engine.attention.torch_ref import TorchAttention
     from fairbatch.engine.attention.triton_paged import TritonPagedAttention
 
     g = torch.Generator(device="cuda").manual_seed(seed)
-    B = 16
-    S = len(q_lens)
-    seq_lens = np.array([c + q for c, q in zip(ctx0, q_lens)], np.int32)
-    need = sum(-(-int(s) // B) for s in seq_lens)
-    nblocks = need + 7
-    kc = torch.randn(nblocks, B, KVH, D, dtype=dtype, device="cuda", generator=g)
-    vc = torch.randn(nblocks, B, KVH, D, dtype=dtype, device="cuda", generator=g)
-    perm = np.random.default_rng(seed).permutation(nblocks)   # scattered, non-contiguous blocks
-    W = max(-(-int(s) // B) for s in seq_lens) + 3               # padded wider than needed
-    bt = np.zeros((S, W), np.int32)
-    o = 0
-    for i, s in enumerate(seq_lens):
-        n = -(-int(s) // B)
-        bt[i, :n] = perm[o:o + n]
-        o += n
-    qsl = np.zeros(S + 1, np.int32)
-    qsl[1:] = np.cumsum(q_lens)
-    T = int(qsl[-1])
-    q = torch.randn(T, H, D, dtype=dtype, device="cuda", generator=g)
+    q, kc, vc, seq_lens = paged_inputs(q_lens, ctx0, H, KVH, D, 16, dtype, spare_blocks=7, generator=g)
     ref, tri = TorchAttention(H, KVH, D), TritonPagedAttention(H, KVH, D)
-    ex = tri.launch_arrays(np.array(q_lens), seq_lens)
-    dev = lambda a: torch.from_numpy(a).cuda()
-    meta = AttentionMetadata(torch.zeros(T, dtype=torch.int32, device="cuda"), dev(qsl), dev(seq_lens), dev(bt),
-                             T, S, max(q_lens), int(seq_lens.max()), qsl, seq_lens, B,
-                             {k: dev(v) for k, v in ex.items()}, {k: int(v.size) for k, v in ex.items()})
+    meta = paged_meta(tri, q_lens, seq_lens, 16, num_blocks=kc.shape[0], extra_width=3, seed=seed)
     want = ref.forward(q, kc, vc, meta)
     got = tri.forward(q, kc, vc, meta)
     torch.cuda.synchronize()

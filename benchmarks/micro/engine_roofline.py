@@ -56,31 +56,32 @@ def measure_ceilings() -> tuple[float, float]:
     return bw, flops
 
 
-def paged_inputs(q_lens, ctx0, H, KVH, D, B=16, dtype=None):
-    """Random q and a paged KV cache (blocks scattered) for sequences with ``q_lens`` new
-    tokens after ``ctx0`` cached ones: (q, k_cache, v_cache, seq_lens)."""
+def paged_inputs(q_lens, ctx0, H, KVH, D, B=16, dtype=None, spare_blocks=0, generator=None):
+    """Random q and a paged KV cache for sequences with ``q_lens`` new tokens after ``ctx0``
+    cached ones (``spare_blocks`` more blocks than they fill): (q, k_cache, v_cache, seq_lens)."""
     import numpy as np
 
     dtype = dtype or torch.bfloat16
     seq_lens = np.array([c + k for c, k in zip(ctx0, q_lens)], np.int32)
-    nb = sum(-(-int(s) // B) for s in seq_lens)
-    kc = torch.randn(nb, B, KVH, D, dtype=dtype, device="cuda")
-    vc = torch.randn_like(kc)
-    q = torch.randn(int(sum(q_lens)), H, D, dtype=dtype, device="cuda")
+    nb = sum(-(-int(s) // B) for s in seq_lens) + spare_blocks
+    kc = torch.randn(nb, B, KVH, D, dtype=dtype, device="cuda", generator=generator)
+    vc = torch.randn(nb, B, KVH, D, dtype=dtype, device="cuda", generator=generator)
+    q = torch.randn(int(sum(q_lens)), H, D, dtype=dtype, device="cuda", generator=generator)
     return q, kc, vc, seq_lens
 
 
-def paged_meta(att, q_lens, seq_lens, B=16):
-    """The ``AttentionMetadata`` of one step over ``paged_inputs``' cache for backend ``att``
-    (each sequence's blocks a random permutation slice of the cache)."""
+def paged_meta(att, q_lens, seq_lens, B=16, num_blocks=None, extra_width=0, seed=0):
+    """The ``AttentionMetadata`` of one step for backend ``att``: each sequence's blocks a
+    slice of a random permutation of the cache's ``num_blocks`` (scattered, non-contiguous),
+    block tables ``extra_width`` columns wider than needed."""
     import numpy as np
 
     from fairbatch.engine.attention import AttentionMetadata
 
     S = len(q_lens)
-    nb = sum(-(-int(s) // B) for s in seq_lens)
-    W = max(-(-int(s) // B) for s in seq_lens)
-    perm = np.random.default_rng(0).permutation(nb).astype(np.int32)
+    nb = num_blocks or sum(-(-int(s) // B) for s in seq_lens)
+    W = max(-(-int(s) // B) for s in seq_lens) + extra_width
+    perm = np.random.default_rng(seed).permutation(nb).astype(np.int32)
     bt = np.zeros((S, W), np.int32)
     o = 0
     for i, s in enumerate(seq_lens):

@@ -8,7 +8,8 @@
 4. with ``--piecewise MODEL``: issue #15's step times with piecewise CUDA graphs on and
    off (``piecewise_rows``), what their capture cost in GPU memory, and the step-time
    curve over chunk sizes 64-2,048 (eager and piecewise);
-5. with ``--kernels MODEL``: ``benchmarks/micro/split_kv.py`` (split-KV decode attention
+5. with ``--kernels MODEL``: ``benchmarks/micro/gemm_shapes.py`` (a layer's GEMMs at 64-2,048
+   rows, ``gemm_shapes.json``), ``benchmarks/micro/split_kv.py`` (split-KV decode attention
    at each setting, ``split_kv.json``) and ``benchmarks/micro/step_kernels.py`` (each step
    shape's GPU kernel time by kind and the host gap, ``step_kernels.json``), imported.
 
@@ -119,9 +120,14 @@ def main() -> None:
 
     if args.kernels:
         try:
+            import gemm_shapes
             import split_kv
             import step_kernels
 
+            rows = gemm_shapes.sweep()
+            (out / "gemm_shapes.json").write_text(json.dumps(rows, indent=1))
+            summary.extend(f"gemm M={r['rows']}: {r['ms'] * 1e3:.0f} us {r['TFLOPs']:.0f} TFLOP/s, padded to "
+                           f"{r['padded_rows']}: {r['padded_ms'] * 1e3:.0f} us" for r in rows)
             rows = split_kv.sweep()
             (out / "split_kv.json").write_text(json.dumps(rows, indent=1))
             summary.extend(f"split-kv b={r['batch']} ctx={r['context']}: " + " ".join(

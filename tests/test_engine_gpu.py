@@ -79,10 +79,14 @@ def test_triton_split_kv_decode_matches_torch(H, KVH, D, dtype, monkeypatch):
     dt = getattr(torch, dtype)
     tol = {"float32": 1e-5, "bfloat16": 2e-2}[dtype]
     cases = [([1], [2047]), ([1] * 4, [0, 15, 700, 3000]), ([1, 300, 1], [5000, 0, 63]), ([1] * 3, [64, 127, 128])]
-    for max_splits in (2, 7, 16):
+    for max_splits in (2, 8, 16):
         monkeypatch.setitem(tp.SPLIT_KV, "programs_per_sm", 1000)
         monkeypatch.setitem(tp.SPLIT_KV, "max_splits", max_splits)
-        assert tp.TritonPagedAttention(H, KVH, D).decode_splits(4) == max_splits
+        att = tp.TritonPagedAttention(H, KVH, D)
+        assert att.decode_splits(4) == max_splits
+        monkeypatch.setitem(tp.SPLIT_KV, "programs_per_sm", 2)   # the default: powers of two, none past 16
+        assert {att.decode_splits(n) for n in range(1, 300)} <= {1, 2, 4, 8, 16}
+        monkeypatch.setitem(tp.SPLIT_KV, "programs_per_sm", 1000)
         for i, (q_lens, ctx0) in enumerate(cases):
             err = _attention_case(H, KVH, D, q_lens, ctx0, dt, seed=i)
             assert err < tol, f"{max_splits} splits, case {q_lens} @ {ctx0}: relative error {err:.2e}"

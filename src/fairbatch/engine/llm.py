@@ -140,6 +140,7 @@ class Engine:
         except ValueError as e:
             raise EngineError(str(e)) from None
         self.ops = make_ops(self.device, "triton" if self.backend.name == "triton" else "torch")
+        self.backend.warm_up(self.kv.k[0], self.kv.v[0], self.kv.scratch_block)
         self.executor = EngineExecutor(
             self.model, self.kv, self.allocator, self.backend, self.ops, Sampler(self.device, args.seed),
             self.eos_token_ids, cuda_graphs=args.cuda_graphs,

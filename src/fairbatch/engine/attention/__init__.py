@@ -52,6 +52,11 @@ class AttentionBackend(Protocol):
         """``q``: [T, H, D] (rotated). Returns [T, H, D]."""
         ...
 
+    def warm_up(self, k_cache: torch.Tensor, v_cache: torch.Tensor, scratch_block: int) -> None:
+        """Compile, before serving, the kernel variants that steps pick by their shape
+        (reading only ``scratch_block`` of the cache)."""
+        ...
+
 
 def default_backend_name(device: torch.device) -> str:
     if device.type == "cuda":

@@ -22,6 +22,9 @@ class TorchAttention:
     def launch_arrays(self, q_lens: np.ndarray, seq_lens: np.ndarray) -> dict[str, np.ndarray]:
         return {}
 
+    def warm_up(self, k_cache: torch.Tensor, v_cache: torch.Tensor, scratch_block: int) -> None:
+        """Nothing to compile."""
+
     def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         out = torch.empty_like(q)

@@ -157,8 +157,9 @@ def _merge_splits_kernel(O_PART, LSE_PART, O, prog_seq, query_start_loc, stride_
 DECODE_CONFIG = {"BLOCK_N": 64, "num_warps": 2, "num_stages": 3}
 PREFILL_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 # Split-KV for small decode batches: split each decode's keys until there are about this
-# many programs per SM (at most max_splits per sequence; programs_per_sm 0 turns it off).
-SPLIT_KV = {"programs_per_sm": 4, "max_splits": 16}
+# many programs per SM (a power of two, at most max_splits per sequence; programs_per_sm 0
+# turns it off). 2 per SM: measured on an H100 with benchmarks/micro/split_kv.py.
+SPLIT_KV = {"programs_per_sm": 2, "max_splits": 16}
 
 
 def _next_pow2(x: int) -> int:
@@ -195,10 +196,37 @@ class TritonPagedAttention:
         """Key splits per decode (flash-decoding): enough programs to fill the GPU when few
         sequences decode (one program per sequence x KV head streams its whole context
         otherwise: 8 programs for one sequence of Llama-3-8B). A function of the decode
-        count alone, so a CUDA graph captured for a batch size replays with the same grid."""
+        count alone, so a CUDA graph captured for a batch size replays with the same grid;
+        a power of two, so ``warm_up`` can compile every variant before serving."""
         target = SPLIT_KV["programs_per_sm"] * self.num_sms
-        programs = max(1, n_dec * self.num_kv_heads)
-        return max(1, min(SPLIT_KV["max_splits"], -(-target // programs)))
+        want = -(-target // max(1, n_dec * self.num_kv_heads))
+        if want <= 1:
+            return 1
+        return min(SPLIT_KV["max_splits"], _next_pow2(want))
+
+    def warm_up(self, k_cache: torch.Tensor, v_cache: torch.Tensor, scratch_block: int) -> None:
+        """Compile the split-KV variants now (one decode of one token in the scratch block
+        per split count): eager steps pick any of them, and a Triton compile in the middle
+        of serving stalls every request for a second."""
+        dev = k_cache.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.zeros(1, dtype=torch.int32, device=dev),
+            query_start_loc=torch.tensor([0, 1], dtype=torch.int32, device=dev),
+            seq_lens=torch.ones(1, dtype=torch.int32, device=dev),
+            # 16 wide: served block tables are padded to a multiple of 16 (one specialization)
+            block_tables=torch.full((1, 16), scratch_block, dtype=torch.int32, device=dev),
+            num_tokens=1, num_seqs=1, max_query_len=1, max_seq_len=1,
+            query_start_loc_host=np.array([0, 1], np.int32), seq_lens_host=np.ones(1, np.int32),
+            block_size=k_cache.shape[1],
+            extra={"dec_seq": torch.zeros(1, dtype=torch.int32, device=dev),
+                   "dec_off": torch.zeros(1, dtype=torch.int32, device=dev)}, extra_host={"dec_seq": 1})
+        q = torch.zeros(1, self.num_heads, self.head_dim, dtype=k_cache.dtype, device=dev)
+        out = torch.empty_like(q)
+        splits = 2
+        while splits <= SPLIT_KV["max_splits"]:
+            self._launch(q, k_cache, v_cache, out, meta, meta.extra["dec_seq"], meta.extra["dec_off"], 1, 1,
+                         max(16, self.group_p), DECODE_CONFIG, splits)
+            splits *= 2
 
     def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:

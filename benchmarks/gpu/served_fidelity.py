@@ -62,8 +62,10 @@ def main() -> None:
                     help="spread of that delay across requests (Scenario.served_offset_cv; 1: exponential)")
     args = ap.parse_args()
     rows = []
+    caching = set()     # the served engines' prefix caching, which the simulator copies
     for path in args.summaries:
         d = json.loads(path.read_text())
+        caching.add("--no-prefix-caching" not in d.get("serve_args", []))
         for r in d.get("rows", []):
             if "result" in r:
                 # cluster_bench_device.py names the policy once, in its arguments
@@ -75,14 +77,17 @@ def main() -> None:
     if len(num) != 1:
         raise SystemExit(f"runs of different sizes: {sorted(num)}")
     n = num.pop()
+    if len(caching) != 1:
+        raise SystemExit("runs with and without prefix caching: compare them in two calls")
     sc = Scenario(trace=args.trace, num_requests=n, instances=args.instances, router=args.router,
-                  profile=str(args.profile) if args.profile else None, scheduler=parse_options(args.options))
+                  profile=str(args.profile) if args.profile else None, scheduler=parse_options(args.options),
+                  prefix_caching=caching.pop())
     prep = prepare(sc)
     if args.num_blocks:
         prep = replace(prep, num_blocks=args.num_blocks)
     preps = {}   # variant -> its own Prepared (--policy-profile)
     for spec in args.policy_profile:
-        policy, sep, path = spec.partition("=")
+        policy, sep, path = spec.rpartition("=")    # the policy may carry settings (name:key=value)
         if not sep:
             raise SystemExit(f"--policy-profile wants POLICY=PATH, got {spec!r}")
         own = prepare(replace(sc, profile=path))

@@ -207,8 +207,10 @@ def serve_and_run(policy: str, port: int, log_path: Path, profile_path: Path, ar
         if not wait_healthy(url, proc, min(400.0, end - time.monotonic())):
             print(f"{policy}: server did not come up; see {log_path.name}", flush=True)
             return None
+        # the cache's total (earlier servers' and tests' kernels included); `jit` in the
+        # table counts the ones compiled while a run was being served
         print(f"{policy}: healthy after {time.monotonic() - t0:.0f} s, {triton_kernels()} Triton kernels "
-              f"compiled" + (f" (round {rnd + 1})" if rnd else ""), flush=True)
+              f"in the cache" + (f" (round {rnd + 1})" if rnd else ""), flush=True)
         done: dict[float, dict] = {}
         longest = 0.0
         work = args.work if rnd == 0 else args.work / f"round{rnd + 1}"   # its bench files beside the first round's

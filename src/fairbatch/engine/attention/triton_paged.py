@@ -6,7 +6,7 @@ tile read from the cache serves ``BLOCK_Q * GROUP`` query rows. Decodes (one new
 launch with ``BLOCK_Q = 1`` (a program per sequence x KV head: the KV read is the cost);
 prefill chunks launch with ``BLOCK_Q = 128 // GROUP`` rows (tensor-core tiles). When few
 sequences decode, their keys are split over several programs (split-KV, as flash-decoding
-does; ``decode_splits``), each writing a partial result and its log-sum-exp that a small
+does; ``attention/split_kv.py``), each writing a partial result and its log-sum-exp that a small
 second kernel merges.
 
 The context of a sequence is ``seq_lens[s]`` tokens, all in the cache (the step's new
@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fairbatch.engine.attention import AttentionMetadata
+from fairbatch.engine.attention import AttentionMetadata, split_kv
 
 LOG2E = 1.4426950408889634
 
@@ -156,10 +156,9 @@ def _merge_splits_kernel(O_PART, LSE_PART, O, prog_seq, query_start_loc, stride_
 # 2.97 read+write); a 4096-token causal prefill runs at 317 TFLOP/s. Overridable.
 DECODE_CONFIG = {"BLOCK_N": 64, "num_warps": 2, "num_stages": 3}
 PREFILL_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
-# Split-KV for small decode batches: split each decode's keys until there are about this
-# many programs per SM (a power of two, at most max_splits per sequence; programs_per_sm 0
-# turns it off). 2 per SM: measured on an H100 with benchmarks/micro/split_kv.py.
-SPLIT_KV = {"programs_per_sm": 2, "max_splits": 16}
+# Split-KV for small decode batches (attention/split_kv.py); overridable like the configs
+# above (programs_per_sm 0 turns it off; max_splits a power of two).
+SPLIT_KV = {"programs_per_sm": split_kv.PROGRAMS_PER_SM, "max_splits": split_kv.MAX_SPLITS}
 
 
 def _next_pow2(x: int) -> int:
@@ -193,16 +192,8 @@ class TritonPagedAttention:
         return {"dec_seq": dec, "dec_off": np.zeros(len(dec), np.int32), "pre_seq": pre_seq, "pre_off": starts}
 
     def decode_splits(self, n_dec: int) -> int:
-        """Key splits per decode (flash-decoding): enough programs to fill the GPU when few
-        sequences decode (one program per sequence x KV head streams its whole context
-        otherwise: 8 programs for one sequence of Llama-3-8B). A function of the decode
-        count alone, so a CUDA graph captured for a batch size replays with the same grid;
-        a power of two, so ``warm_up`` can compile every variant before serving."""
-        target = SPLIT_KV["programs_per_sm"] * self.num_sms
-        want = -(-target // max(1, n_dec * self.num_kv_heads))
-        if want <= 1:
-            return 1
-        return min(SPLIT_KV["max_splits"], _next_pow2(want))
+        """Key splits per decode for a step with ``n_dec`` decodes (``split_kv.decode_splits``)."""
+        return split_kv.decode_splits(n_dec, self.num_kv_heads, self.num_sms, **SPLIT_KV)
 
     def warm_up(self, k_cache: torch.Tensor, v_cache: torch.Tensor, scratch_block: int) -> None:
         """Compile the split-KV variants now (one decode of one token in the scratch block
@@ -222,11 +213,9 @@ class TritonPagedAttention:
                    "dec_off": torch.zeros(1, dtype=torch.int32, device=dev)}, extra_host={"dec_seq": 1})
         q = torch.zeros(1, self.num_heads, self.head_dim, dtype=k_cache.dtype, device=dev)
         out = torch.empty_like(q)
-        splits = 2
-        while splits <= SPLIT_KV["max_splits"]:
+        for splits in split_kv.split_variants(SPLIT_KV["max_splits"]):
             self._launch(q, k_cache, v_cache, out, meta, meta.extra["dec_seq"], meta.extra["dec_off"], 1, 1,
                          max(16, self.group_p), DECODE_CONFIG, splits)
-            splits *= 2
 
     def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:

@@ -8,8 +8,9 @@
 4. with ``--piecewise MODEL``: issue #15's step times with piecewise CUDA graphs on and
    off (``piecewise_rows``), what their capture cost in GPU memory, and the step-time
    curve over chunk sizes 64-2,048 (eager and piecewise);
-5. with ``--kernels MODEL``: ``benchmarks/micro/gemm_shapes.py`` (a layer's GEMMs at 64-2,048
-   rows, ``gemm_shapes.json``), ``benchmarks/micro/split_kv.py`` (split-KV decode attention
+5. with ``--kernels MODEL``: ``benchmarks/micro/prefill_attention.py`` (ours vs torch's SDPA
+   backends, ``prefill_attention.json``), ``benchmarks/micro/gemm_shapes.py`` (a layer's
+   GEMMs at 64-2,048 rows, ``gemm_shapes.json``), ``benchmarks/micro/split_kv.py`` (split-KV decode attention
    at each setting, ``split_kv.json``) and ``benchmarks/micro/step_kernels.py`` (each step
    shape's GPU kernel time by kind and the host gap, ``step_kernels.json``), imported.
 
@@ -119,32 +120,59 @@ def main() -> None:
             summary.append("piecewise FAILED: " + traceback.format_exc().strip().splitlines()[-1])
 
     if args.kernels:
-        try:
-            import gemm_shapes
-            import split_kv
-            import step_kernels
-
-            rows = gemm_shapes.sweep()
-            (out / "gemm_shapes.json").write_text(json.dumps(rows, indent=1))
-            summary.extend(f"gemm M={r['rows']}: {r['ms'] * 1e3:.0f} us {r['TFLOPs']:.0f} TFLOP/s, padded to "
-                           f"{r['padded_rows']}: {r['padded_ms'] * 1e3:.0f} us" for r in rows)
-            rows = split_kv.sweep()
-            (out / "split_kv.json").write_text(json.dumps(rows, indent=1))
-            summary.extend(f"split-kv b={r['batch']} ctx={r['context']}: " + " ".join(
-                f"{s}:{ms * 1e3:.0f}us/{r['splits'][s]}" for s, ms in r["ms"].items()) for r in rows)
-            res = step_kernels.run(args.kernels, repeats=5)
-            (out / "step_kernels.json").write_text(json.dumps(res, indent=1))
-            summary.extend(res["lines"])
-        except Exception:
-            traceback.print_exc()
-            summary.append("kernels FAILED: " + traceback.format_exc().strip().splitlines()[-1])
-        gc.collect()
-        torch.cuda.empty_cache()
+        summary.extend(kernel_rows(args.kernels, out))
 
     (out / "summary.txt").write_text("\n".join(summary) + "\n")
     print("\n===== summary =====")
     print("\n".join(summary))
     print(f"total {time.time() - t0:.0f}s")
+
+
+def kernel_rows(model: str, out: Path) -> list[str]:
+    """Issue #15's kernel measurements, each on its own (one failing does not lose the
+    others): prefill attention vs torch's SDPA, GEMMs by row count, the split-KV sweep,
+    and each step shape's kernel time by kind. Writes their JSON; returns summary lines."""
+    import torch
+
+    import gemm_shapes
+    import prefill_attention
+    import split_kv
+    import step_kernels
+
+    def prefill() -> list[str]:
+        rows = prefill_attention.sweep()
+        (out / "prefill_attention.json").write_text(json.dumps(rows, indent=1))
+        return [f"prefill attention {r['tokens']} tokens, TFLOP/s: "
+                + ", ".join(f"{k} {v:.0f}" for k, v in r["TFLOPs"].items() if v) for r in rows]
+
+    def gemms() -> list[str]:
+        rows = gemm_shapes.sweep()
+        (out / "gemm_shapes.json").write_text(json.dumps(rows, indent=1))
+        return [f"gemm M={r['rows']}: {r['ms'] * 1e3:.0f} us {r['TFLOPs']:.0f} TFLOP/s, padded to "
+                f"{r['padded_rows']}: {r['padded_ms'] * 1e3:.0f} us" for r in rows]
+
+    def splits() -> list[str]:
+        rows = split_kv.sweep()
+        (out / "split_kv.json").write_text(json.dumps(rows, indent=1))
+        return [f"split-kv b={r['batch']} ctx={r['context']}: "
+                + " ".join(f"{s}:{ms * 1e3:.0f}us/{r['splits'][s]}" for s, ms in r["ms"].items()) for r in rows]
+
+    def steps() -> list[str]:
+        res = step_kernels.run(model, repeats=5)
+        (out / "step_kernels.json").write_text(json.dumps(res, indent=1))
+        return res["lines"]
+
+    lines: list[str] = []
+    for name, part in (("prefill attention", prefill), ("gemm shapes", gemms), ("split-kv", splits),
+                       ("step kernels", steps)):
+        try:
+            lines.extend(part())
+        except Exception:
+            traceback.print_exc()
+            lines.append(f"{name} FAILED: " + traceback.format_exc().strip().splitlines()[-1])
+        gc.collect()
+        torch.cuda.empty_cache()
+    return lines
 
 
 # (context, new tokens) per sequence: issue #15's rows, and steps at and around the buckets

@@ -142,3 +142,25 @@ def test_step_kernels_groups_gpu_kernels_by_kind() -> None:
                             ev("aten::mm", 0.0, 15, DeviceType.CPU), ev("cudaLaunchKernel", 0.0, 30, DeviceType.CPU)],
                            steps=5)
     assert got == {"gemm": {"ms": 0.8, "count": 3.0}, "attention": {"ms": 0.1, "count": 1.0}}
+
+
+def test_predict_served_prints_one_row_per_policy_with_its_own_profile(capsys, monkeypatch) -> None:
+    """predict_served.py simulates each policy on the profile named for it and prints one
+    attainment per load; a policy with settings keeps them (split at the last '=')."""
+    import sys
+
+    from fairbatch.latency.profiles import shipped_profile
+
+    spec = importlib.util.spec_from_file_location("predict_served", BENCH / "gpu" / "predict_served.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    prof = str(shipped_profile("llama-3-8b", "h100"))      # an installed file (editable install)
+    monkeypatch.setattr(sys, "argv", ["predict_served.py", "--trace", "azure-code", "--num", "60", "--scales", "1", "3",
+                                      "--seeds", "1", "--policy-profile", f"qoserve={prof}",
+                                      "--policy-profile", f"fairbatching:ttft_margin_quantile=0.9={prof}"])
+    mod.main()
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [r.split(" | ")[0] for r in rows] == ["| policy", "| qoserve", "| fairbatching:ttft_margin_quantile=0.9"]
+    for r in rows[1:]:
+        att = [float(x) for x in r.strip("| ").split(" | ")[1:]]
+        assert len(att) == 2 and all(0.0 <= a <= 1.0 for a in att) and att[0] >= att[1]

@@ -92,6 +92,21 @@ def test_triton_split_kv_decode_matches_torch(H, KVH, D, dtype, monkeypatch):
             assert err < tol, f"{max_splits} splits, case {q_lens} @ {ctx0}: relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_triton_overlapped_decode_and_prefill_attention_match_torch(dtype, monkeypatch):
+    """Decode attention on a second stream beside the prefill chunks' (OVERLAP): the same
+    output as the reference, split-KV decodes included, and the step's stream sees it."""
+    from fairbatch.engine.attention import triton_paged as tp
+
+    monkeypatch.setitem(tp.OVERLAP, "decodes_beside_prefills", True)
+    dt = getattr(torch, dtype)
+    tol = {"float32": 1e-5, "bfloat16": 2e-2}[dtype]
+    cases = [([1] * 3 + [300], [2047, 5, 900, 0]), ([1, 129, 1, 7], [1000, 2047, 0, 5]), ([1] * 64 + [512], [1023] * 64 + [0])]
+    for i, (q_lens, ctx0) in enumerate(cases):
+        err = _attention_case(32, 8, 128, q_lens, ctx0, dt, seed=i)
+        assert err < tol, f"case {q_lens[:4]}... : relative error {err:.2e}"
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 def test_triton_ops_match_torch(dtype):
     from fairbatch.engine.ops import TorchOps
@@ -168,6 +183,26 @@ def test_engine_on_gpu_matches_transformers(tiny_ckpt, backend):
     if backend == "triton":
         assert e.executor.graphs is not None and e.executor.graphs.replays > 0
     assert e.allocator.num_free == e.allocator.num_blocks
+
+
+def test_engine_with_overlapped_attention_matches_transformers(tiny_ckpt, monkeypatch):
+    """Eager mixed steps with decode attention on a second stream generate what
+    transformers does (the layer after attention waits for both halves)."""
+    from test_engine_support import hf_greedy
+
+    from fairbatch.engine.attention import triton_paged as tp
+    from fairbatch.engine.llm import LLM
+    from fairbatch.engine.params import SamplingParams
+
+    monkeypatch.setitem(tp.OVERLAP, "decodes_beside_prefills", True)
+    path, hf = tiny_ckpt
+    llm = LLM(str(path), dtype="float32", device="cuda", attention_backend="triton", num_kv_blocks=64,
+              max_num_seqs=8, cuda_graphs=False, max_num_batched_tokens=32)
+    prompts = [[random.Random(n).randrange(512) for _ in range(n)] for n in (3, 20, 33, 47, 60)]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+    for p, o in zip(prompts, outs):
+        assert o.token_ids == hf_greedy(hf, p, 12)
+    assert llm.engine.backend._side is not None, "no step mixed decodes with prefill chunks"
 
 
 def test_cuda_graph_decode_equals_eager(tiny_ckpt):

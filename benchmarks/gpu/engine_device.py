@@ -72,7 +72,8 @@ def main() -> None:
 
     if not args.skip_bench:
         try:
-            sys.argv = ["engine_roofline.py", "--out", str(out / "engine_roofline.json")] + (["--tune"] if args.tune else [])
+            sys.argv = (["engine_roofline.py", "--out", str(out / "engine_roofline.json"), "--overlap"]
+                        + (["--tune"] if args.tune else []))
             er.main()
             res = json.loads((out / "engine_roofline.json").read_text())
             summary.append(f"copy {res['copy_bw_Bps'] / 1e12:.2f} TB/s, matmul {res['matmul_flops'] / 1e12:.0f} TFLOP/s; "

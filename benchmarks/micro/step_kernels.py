@@ -9,6 +9,8 @@ spent in kernels, the gap between them (host work and launch latency the GPU wai
 for), each kind's milliseconds and kernel count, and what the GEMMs and attention
 achieved against the measured ceilings. This is what tells the ways into issue #15
 apart: launch-bound steps show a gap, kernel-bound ones a kind far from its ceiling.
+Mixed steps are also timed with decode attention on a second stream beside the prefill
+chunks' (``triton_paged.OVERLAP``, off by default): ``wall_overlap_ms``.
 
     PYTHONPATH=src python benchmarks/micro/step_kernels.py --out step_kernels.json
 """
@@ -84,11 +86,22 @@ def breakdown(engine, comp, repeats: int, bw: float, flops_rate: float, spec) ->
     from fairbatch.engine.profile import synthetic_step
     from fairbatch.plan import attention_pairs
 
+    from fairbatch.engine.attention import triton_paged as tp
+
     ex = engine.executor
+    mixed = any(k == 1 for _, k in comp) and any(k > 1 for _, k in comp)
     with synthetic_step(engine, comp) as plan:
         for _ in range(2):
             ex.execute(plan)
         wall = statistics.median(ex.execute(plan).duration for _ in range(repeats)) * 1e3
+        wall_overlap = None
+        if mixed:       # the same step with decode attention on a second stream (triton_paged.OVERLAP)
+            tp.OVERLAP["decodes_beside_prefills"] = True
+            try:
+                ex.execute(plan)
+                wall_overlap = statistics.median(ex.execute(plan).duration for _ in range(repeats)) * 1e3
+            finally:
+                tp.OVERLAP["decodes_beside_prefills"] = False
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(repeats):
@@ -101,7 +114,7 @@ def breakdown(engine, comp, repeats: int, bw: float, flops_rate: float, spec) ->
     pairs = sum(attention_pairs(c, k) for c, k in comp)
     kv_bytes = sum(c + k for c, k in comp) * spec.kv_bytes_per_token
     _, _, roof, phase = roofline(spec, comp, bw, flops_rate)
-    row = {"wall_ms": wall, "gpu_busy_ms": busy, "host_gap_ms": wall - busy, "kinds": kinds,
+    row = {"wall_ms": wall, "wall_overlap_ms": wall_overlap, "gpu_busy_ms": busy, "host_gap_ms": wall - busy, "kinds": kinds,
            "roofline_ms": roof * 1e3, "phase_roofline_ms": phase * 1e3,
            "kernels_per_step": sum(k["count"] for k in kinds.values())}
     if kinds.get("gemm", {}).get("ms"):
@@ -125,6 +138,8 @@ def format_row(name: str, row: dict) -> str:
     if "attention_TBps" in row:
         extra += (f" | attn {row['attention_TBps']:.2f} TB/s {row['attention_TFLOPs']:.0f} TFLOP/s "
                   f"(floor {row['attention_floor_ms']:.2f})")
+    if row.get("wall_overlap_ms"):
+        extra += f" | overlapped attention: wall {row['wall_overlap_ms']:.2f}"
     return (f"{name:38s} wall {row['wall_ms']:6.2f} gpu {row['gpu_busy_ms']:6.2f} gap {row['host_gap_ms']:5.2f} "
             f"({row['kernels_per_step']:.0f} kernels) roof {row['roofline_ms']:.2f}/{row['phase_roofline_ms']:.2f}: "
             f"{parts}{extra}")

@@ -159,6 +159,10 @@ PREFILL_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 # Split-KV for small decode batches (attention/split_kv.py); overridable like the configs
 # above (programs_per_sm 0 turns it off; max_splits a power of two).
 SPLIT_KV = {"programs_per_sm": split_kv.PROGRAMS_PER_SM, "max_splits": split_kv.MAX_SPLITS}
+# Mixed steps: decode attention on a second stream beside the prefill chunks' attention
+# (eager steps only; graphs keep one stream). Off until measured on a GPU
+# (benchmarks/micro/engine_roofline.py --overlap).
+OVERLAP = {"decodes_beside_prefills": False}
 
 
 def _next_pow2(x: int) -> int:
@@ -177,6 +181,7 @@ class TritonPagedAttention:
         self.d_p = max(16, _next_pow2(head_dim))
         self.qk_scale = head_dim ** -0.5 * LOG2E
         self.prefill_block_q = max(1, PREFILL_CONFIG["BLOCK_M"] // self.group_p)
+        self._side: torch.cuda.Stream | None = None     # OVERLAP's second stream, made on first use
         self.num_sms = (torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
                         if torch.cuda.is_available() else 8)
 
@@ -223,14 +228,38 @@ class TritonPagedAttention:
         x = meta.extra
         n_dec = meta.extra_host.get("dec_seq", 0)
         n_pre = meta.extra_host.get("pre_seq", 0)
-        if n_dec:
+
+        def decodes() -> None:
             self._launch(q, k_cache, v_cache, out, meta, x["dec_seq"], x["dec_off"], n_dec, 1,
                          max(16, self.group_p), DECODE_CONFIG, self.decode_splits(n_dec))
-        if n_pre:
+
+        def prefills() -> None:
             bq = self.prefill_block_q
             self._launch(q, k_cache, v_cache, out, meta, x["pre_seq"], x["pre_off"], n_pre, bq,
                          max(16, bq * self.group_p), PREFILL_CONFIG)
+
+        if n_dec and n_pre and OVERLAP["decodes_beside_prefills"] and q.is_cuda \
+                and not torch.cuda.is_current_stream_capturing():
+            self._overlapped(decodes, prefills)
+            return out
+        if n_dec:
+            decodes()
+        if n_pre:
+            prefills()
         return out
+
+    def _overlapped(self, decodes, prefills) -> None:
+        """Decode attention (bound by streaming the KV) on a side stream while the prefill
+        chunks' attention (bound by tensor-core math) runs on the step's stream: the two
+        disjoint halves of one output, joined before the layer goes on."""
+        main = torch.cuda.current_stream()
+        if self._side is None or self._side.device != main.device:
+            self._side = torch.cuda.Stream(main.device)
+        self._side.wait_stream(main)          # q and the step's K/V are written
+        with torch.cuda.stream(self._side):
+            decodes()
+        prefills()
+        main.wait_stream(self._side)
 
     def _launch(self, q, k_cache, v_cache, out, meta, prog_seq, prog_off, n_progs, block_q, block_m, cfg, splits=1):
         if splits > 1:

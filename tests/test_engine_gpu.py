@@ -93,12 +93,15 @@ def test_triton_split_kv_decode_matches_torch(H, KVH, D, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_triton_overlapped_decode_and_prefill_attention_match_torch(dtype, monkeypatch):
-    """Decode attention on a second stream beside the prefill chunks' (OVERLAP): the same
-    output as the reference, split-KV decodes included, and the step's stream sees it."""
+@pytest.mark.parametrize("overlap,prefill", [(True, "triton"), (False, "sdpa"), (True, "sdpa")])
+def test_triton_overlapped_decode_and_prefill_attention_match_torch(dtype, overlap, prefill, monkeypatch):
+    """Decode attention on a second stream beside the prefill chunks' (OVERLAP), and prefill
+    chunks through torch's SDPA (PREFILL): the same output as the reference, split-KV
+    decodes and chunks with cached context included, and the step's stream sees it."""
     from fairbatch.engine.attention import triton_paged as tp
 
-    monkeypatch.setitem(tp.OVERLAP, "decodes_beside_prefills", True)
+    monkeypatch.setitem(tp.OVERLAP, "decodes_beside_prefills", overlap)
+    monkeypatch.setitem(tp.PREFILL, "kernel", prefill)
     dt = getattr(torch, dtype)
     tol = {"float32": 1e-5, "bfloat16": 2e-2}[dtype]
     cases = [([1] * 3 + [300], [2047, 5, 900, 0]), ([1, 129, 1, 7], [1000, 2047, 0, 5]), ([1] * 64 + [512], [1023] * 64 + [0])]
@@ -185,9 +188,9 @@ def test_engine_on_gpu_matches_transformers(tiny_ckpt, backend):
     assert e.allocator.num_free == e.allocator.num_blocks
 
 
-def test_engine_with_overlapped_attention_matches_transformers(tiny_ckpt, monkeypatch):
-    """Eager mixed steps with decode attention on a second stream generate what
-    transformers does (the layer after attention waits for both halves)."""
+def test_engine_with_overlap_and_sdpa_prefill_matches_transformers(tiny_ckpt, monkeypatch):
+    """Eager mixed steps with decode attention on a second stream and prefill chunks through
+    SDPA generate what transformers does (the layer after attention waits for both)."""
     from test_engine_support import hf_greedy
 
     from fairbatch.engine.attention import triton_paged as tp
@@ -195,6 +198,7 @@ def test_engine_with_overlapped_attention_matches_transformers(tiny_ckpt, monkey
     from fairbatch.engine.params import SamplingParams
 
     monkeypatch.setitem(tp.OVERLAP, "decodes_beside_prefills", True)
+    monkeypatch.setitem(tp.PREFILL, "kernel", "sdpa")
     path, hf = tiny_ckpt
     llm = LLM(str(path), dtype="float32", device="cuda", attention_backend="triton", num_kv_blocks=64,
               max_num_seqs=8, cuda_graphs=False, max_num_batched_tokens=32)

@@ -1,6 +1,6 @@
 """The Triton kernels on a CPU, in Triton's interpreter (``TRITON_INTERPRET=1``), against the
 torch reference: split-KV decode attention merged across splits (empty splits included),
-prefill chunks beside decodes, the start-up compile of every split variant, and the fused
+prefill chunks beside decodes (the Triton kernel's and the SDPA path's), the start-up compile of every split variant, and the fused
 q/k norm + rotary + KV-write kernel. For kernel work between GPU sessions; skipped where
 Triton is not installed (CI: the CPU torch wheel does not bring it) and for Triton older
 than 3.9, whose interpreter cannot run the attention kernel's data-dependent loop bounds.
@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Runs in a fresh interpreter: triton.jit reads TRITON_INTERPRET when the kernels are defined.
 CHECK = r'''
-import numpy as np, torch
-from fairbatch.engine.attention import AttentionMetadata
+import torch
+from paged_support import random_paged_step
 from fairbatch.engine.attention.torch_ref import TorchAttention
 from fairbatch.engine.attention import triton_paged as tp
 from fairbatch.engine.kv_cache import KVCache
@@ -35,29 +35,8 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 def attention(H, KVH, D, q_lens, ctx0, seed):
-    g = torch.Generator().manual_seed(seed)
-    B = 16
-    seq_lens = np.array([c + q for c, q in zip(ctx0, q_lens)], np.int32)
-    nblocks = sum(-(-int(s) // B) for s in seq_lens) + 5
-    kc = torch.randn(nblocks, B, KVH, D, generator=g)
-    vc = torch.randn(nblocks, B, KVH, D, generator=g)
-    perm = np.random.default_rng(seed).permutation(nblocks)
-    W = max(-(-int(s) // B) for s in seq_lens) + 2
-    bt = np.zeros((len(q_lens), W), np.int32)
-    o = 0
-    for i, s in enumerate(seq_lens):
-        n = -(-int(s) // B)
-        bt[i, :n] = perm[o:o + n]
-        o += n
-    qsl = np.zeros(len(q_lens) + 1, np.int32)
-    qsl[1:] = np.cumsum(q_lens)
-    q = torch.randn(int(qsl[-1]), H, D, generator=g)
     tri = tp.TritonPagedAttention(H, KVH, D)
-    ex = tri.launch_arrays(np.array(q_lens), seq_lens)
-    t = torch.from_numpy
-    meta = AttentionMetadata(torch.zeros(len(q), dtype=torch.int32), t(qsl), t(seq_lens), t(bt), len(q), len(q_lens),
-                             max(q_lens), int(seq_lens.max()), qsl, seq_lens, B, {k: t(v) for k, v in ex.items()},
-                             {k: int(v.size) for k, v in ex.items()})
+    q, kc, vc, meta = random_paged_step(q_lens, ctx0, H, KVH, D, seed, backend=tri)
     return rel(tri.forward(q, kc, vc, meta), TorchAttention(H, KVH, D).forward(q, kc, vc, meta))
 
 cases = [([1], [700]), ([1] * 3, [15, 200, 33]), ([16, 1, 33], [0, 130, 16]), ([1, 40, 1], [1000, 5, 77])]
@@ -67,6 +46,11 @@ for programs_per_sm, max_splits in ((0, 16), (1000, 2), (1000, 16)):
         for i, (q_lens, ctx0) in enumerate(cases):
             err = attention(H, KVH, D, q_lens, ctx0, i)
             assert err < 1e-5, (programs_per_sm, max_splits, H, KVH, D, q_lens, ctx0, err)
+tp.PREFILL["kernel"] = "sdpa"       # prefill chunks through torch's SDPA, decodes split
+for i, (q_lens, ctx0) in enumerate(cases):
+    err = attention(8, 2, 32, q_lens, ctx0, i)
+    assert err < 1e-5, ("sdpa prefill", q_lens, ctx0, err)
+tp.PREFILL["kernel"] = "triton"
 tp.SPLIT_KV.update(programs_per_sm=2, max_splits=16)
 att = tp.TritonPagedAttention(8, 2, 32)
 assert {att.decode_splits(n) for n in range(1, 100)} == {1, 2, 4, 8}, "8 SMs: powers of two up to 8"
@@ -93,6 +77,6 @@ print("ok")
 
 
 def test_kernels_match_torch_in_the_interpreter() -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT / "src"))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]))
     proc = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

@@ -10,7 +10,8 @@ for), each kind's milliseconds and kernel count, and what the GEMMs and attentio
 achieved against the measured ceilings. This is what tells the ways into issue #15
 apart: launch-bound steps show a gap, kernel-bound ones a kind far from its ceiling.
 Mixed steps are also timed with decode attention on a second stream beside the prefill
-chunks' (``triton_paged.OVERLAP``, off by default): ``wall_overlap_ms``.
+chunks' (``triton_paged.OVERLAP``, off by default): ``wall_overlap_ms``; steps with prefill
+chunks with those through torch's SDPA (``triton_paged.PREFILL``): ``wall_sdpa_prefill_ms``.
 
     PYTHONPATH=src python benchmarks/micro/step_kernels.py --out step_kernels.json
 """
@@ -94,14 +95,19 @@ def breakdown(engine, comp, repeats: int, bw: float, flops_rate: float, spec) ->
         for _ in range(2):
             ex.execute(plan)
         wall = statistics.median(ex.execute(plan).duration for _ in range(repeats)) * 1e3
-        wall_overlap = None
-        if mixed:       # the same step with decode attention on a second stream (triton_paged.OVERLAP)
-            tp.OVERLAP["decodes_beside_prefills"] = True
+        def wall_with(setting: dict, key: str, value) -> float:
+            saved = setting[key]
+            setting[key] = value
             try:
                 ex.execute(plan)
-                wall_overlap = statistics.median(ex.execute(plan).duration for _ in range(repeats)) * 1e3
+                return statistics.median(ex.execute(plan).duration for _ in range(repeats)) * 1e3
             finally:
-                tp.OVERLAP["decodes_beside_prefills"] = False
+                setting[key] = saved
+
+        # the same step with decode attention on a second stream (triton_paged.OVERLAP), and
+        # with prefill chunks through torch's SDPA (triton_paged.PREFILL)
+        wall_overlap = wall_with(tp.OVERLAP, "decodes_beside_prefills", True) if mixed else None
+        wall_sdpa = wall_with(tp.PREFILL, "kernel", "sdpa") if any(k > 1 for _, k in comp) else None
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(repeats):
@@ -114,7 +120,7 @@ def breakdown(engine, comp, repeats: int, bw: float, flops_rate: float, spec) ->
     pairs = sum(attention_pairs(c, k) for c, k in comp)
     kv_bytes = sum(c + k for c, k in comp) * spec.kv_bytes_per_token
     _, _, roof, phase = roofline(spec, comp, bw, flops_rate)
-    row = {"wall_ms": wall, "wall_overlap_ms": wall_overlap, "gpu_busy_ms": busy, "host_gap_ms": wall - busy, "kinds": kinds,
+    row = {"wall_ms": wall, "wall_overlap_ms": wall_overlap, "wall_sdpa_prefill_ms": wall_sdpa, "gpu_busy_ms": busy, "host_gap_ms": wall - busy, "kinds": kinds,
            "roofline_ms": roof * 1e3, "phase_roofline_ms": phase * 1e3,
            "kernels_per_step": sum(k["count"] for k in kinds.values())}
     if kinds.get("gemm", {}).get("ms"):
@@ -140,6 +146,8 @@ def format_row(name: str, row: dict) -> str:
                   f"(floor {row['attention_floor_ms']:.2f})")
     if row.get("wall_overlap_ms"):
         extra += f" | overlapped attention: wall {row['wall_overlap_ms']:.2f}"
+    if row.get("wall_sdpa_prefill_ms"):
+        extra += f" | SDPA prefill: wall {row['wall_sdpa_prefill_ms']:.2f}"
     return (f"{name:38s} wall {row['wall_ms']:6.2f} gpu {row['gpu_busy_ms']:6.2f} gap {row['host_gap_ms']:5.2f} "
             f"({row['kernels_per_step']:.0f} kernels) roof {row['roofline_ms']:.2f}/{row['phase_roofline_ms']:.2f}: "
             f"{parts}{extra}")

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from fairbatch.engine.attention import AttentionMetadata, split_kv
+from fairbatch.engine.attention.sdpa_prefill import prefill_attention
 
 LOG2E = 1.4426950408889634
 
@@ -163,6 +164,10 @@ SPLIT_KV = {"programs_per_sm": split_kv.PROGRAMS_PER_SM, "max_splits": split_kv.
 # (eager steps only; graphs keep one stream). Off until measured on a GPU
 # (benchmarks/micro/engine_roofline.py --overlap).
 OVERLAP = {"decodes_beside_prefills": False}
+# Prefill chunks in eager steps: this file's kernel ("triton") or torch's scaled-dot-product
+# attention over each chunk's gathered context ("sdpa", attention/sdpa_prefill.py). Triton
+# until measured on a GPU (benchmarks/micro/prefill_attention.py).
+PREFILL = {"kernel": "triton"}
 
 
 def _next_pow2(x: int) -> int:
@@ -233,13 +238,17 @@ class TritonPagedAttention:
             self._launch(q, k_cache, v_cache, out, meta, x["dec_seq"], x["dec_off"], n_dec, 1,
                          max(16, self.group_p), DECODE_CONFIG, self.decode_splits(n_dec))
 
+        eager = not (q.is_cuda and torch.cuda.is_current_stream_capturing())
+
         def prefills() -> None:
+            if PREFILL["kernel"] == "sdpa" and eager:
+                prefill_attention(q, k_cache, v_cache, out, meta, self.head_dim ** -0.5)
+                return
             bq = self.prefill_block_q
             self._launch(q, k_cache, v_cache, out, meta, x["pre_seq"], x["pre_off"], n_pre, bq,
                          max(16, bq * self.group_p), PREFILL_CONFIG)
 
-        if n_dec and n_pre and OVERLAP["decodes_beside_prefills"] and q.is_cuda \
-                and not torch.cuda.is_current_stream_capturing():
+        if n_dec and n_pre and OVERLAP["decodes_beside_prefills"] and q.is_cuda and eager:
             self._overlapped(decodes, prefills)
             return out
         if n_dec:

@@ -6,7 +6,9 @@ the cache) is gathered from the paged cache into contiguous tensors, a few micro
 copying per layer against the chunk's attention math, and attended with a lower-right
 causal mask (a chunk's first query sees the whole cached context). One call per chunk
 from host-side lengths, so no device sync; CUDA graphs keep the Triton kernel (shapes
-here vary step to step). Whether it beats the Triton kernel is for the GPU to say
+here vary step to step). The gathered copy is transient memory the KV sizing does not
+reserve: context x kv_heads x head_dim x 4 bytes per chunk (Llama-3-8B: 32 MiB at 8k
+tokens). Whether it beats the Triton kernel is for the GPU to say
 (``benchmarks/micro/prefill_attention.py``); ``triton_paged.PREFILL`` chooses.
 """
 

@@ -51,31 +51,52 @@ class Sampler:
         scaled = logits / temps[:, None]
         if not all(p.plain for p in params) and any(p.min_p > 0 and not g for p, g in zip(params, greedy)):
             scaled = apply_min_p(scaled, [0.0 if g else p.min_p for p, g in zip(params, greedy)])
-        sorted_logits, order = scaled.sort(dim=-1, descending=True)
         ks = [p.top_k if p.top_k > 0 and not g else V for p, g in zip(params, greedy)]
+        tops = [p.top_p if not g else 1.0 for p, g in zip(params, greedy)]
+        if min(ks) == V and min(tops) == 1.0:
+            # nothing truncates the distribution: race the tokens themselves, no sort of the
+            # vocabulary (128k entries a row for Llama 3: the costliest part otherwise)
+            tokens = self._race(torch.softmax(scaled, dim=-1), reqs, params, greedy)
+            return self._keep_greedy(tokens, logits, greedy).tolist()
+        sorted_logits, order = scaled.sort(dim=-1, descending=True)
         if min(ks) < V:
             k_t = torch.tensor(ks, device=dev)
             rank = torch.arange(V, device=dev)
             sorted_logits = sorted_logits.masked_fill(rank[None, :] >= k_t[:, None], float("-inf"))
         probs = torch.softmax(sorted_logits, dim=-1)
-        tops = [p.top_p if not g else 1.0 for p, g in zip(params, greedy)]
         if min(tops) < 1.0:
             p_t = torch.tensor(tops, dtype=torch.float32, device=dev)
             before = probs.cumsum(dim=-1) - probs       # mass strictly ahead of each entry
             probs = probs.masked_fill(before >= p_t[:, None], 0.0)   # the top entry always stays
+        pick = self._race(probs, reqs, params, greedy, order)
+        tokens = order.gather(1, pick[:, None]).squeeze(1)
+        return self._keep_greedy(tokens, logits, greedy).tolist()
+
+    def _race(self, probs: torch.Tensor, reqs: list[Request], params: list, greedy: list[bool],
+              order: torch.Tensor | None = None) -> torch.Tensor:
+        """One draw per row, argmax(p / Exp(1)): the column index into ``probs``, whose
+        columns are the vocabulary, or its entries sorted by ``order``. The noise is drawn
+        per vocabulary entry either way, so a row picks the same token whether or not its
+        batch-mates made the step sort (a seeded request stays batch-independent). A seeded
+        row draws from a generator of its own, keyed by (seed, token index)."""
+        dev = probs.device
         noise = torch.empty_like(probs)
-        seeded = [i for i, p in enumerate(params) if p.seed is not None and not greedy[i]]
         noise.exponential_(generator=self.generator)
-        for i in seeded:
-            r = reqs[i]
-            g = torch.Generator(device=dev).manual_seed(_mix(params[i].seed, r.generated))
-            noise[i].exponential_(generator=g)
-        pick = (probs / noise).argmax(dim=-1, keepdim=True)
-        tokens = order.gather(1, pick).squeeze(1)
+        for i, p in enumerate(params):
+            if p.seed is not None and not greedy[i]:
+                g = torch.Generator(device=dev).manual_seed(_mix(p.seed, reqs[i].generated))
+                noise[i].exponential_(generator=g)
+        if order is not None:
+            noise = noise.gather(1, order)
+        return (probs / noise).argmax(dim=-1)
+
+    @staticmethod
+    def _keep_greedy(tokens: torch.Tensor, logits: torch.Tensor, greedy: list[bool]) -> torch.Tensor:
+        """Greedy rows of a mixed batch take their argmax."""
         if any(greedy):
-            g_rows = torch.tensor(greedy, device=dev)
+            g_rows = torch.tensor(greedy, device=logits.device)
             tokens = torch.where(g_rows, logits.argmax(dim=-1), tokens)
-        return tokens.tolist()
+        return tokens
 
 
 def process(logits: torch.Tensor, reqs: Sequence[Request], params: Sequence[SamplingParams],

@@ -17,7 +17,7 @@ def _rel(a, b) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
-def _attention_case(H, KVH, D, q_lens, ctx0, dtype, seed):
+def _attention_case(H, KVH, D, q_lens, ctx0, dtype, seed, **options):
     """Relative error of the Triton backend against the torch reference on one random step
     (scattered blocks, block tables wider than needed; the inputs of benchmarks/micro)."""
     import sys
@@ -31,7 +31,7 @@ def _attention_case(H, KVH, D, q_lens, ctx0, dtype, seed):
 
     g = torch.Generator(device="cuda").manual_seed(seed)
     q, kc, vc, seq_lens = paged_inputs(q_lens, ctx0, H, KVH, D, 16, dtype, spare_blocks=7, generator=g)
-    ref, tri = TorchAttention(H, KVH, D), TritonPagedAttention(H, KVH, D)
+    ref, tri = TorchAttention(H, KVH, D), TritonPagedAttention(H, KVH, D, **options)
     meta = paged_meta(tri, q_lens, seq_lens, 16, num_blocks=kc.shape[0], extra_width=3, seed=seed)
     want = ref.forward(q, kc, vc, meta)
     got = tri.forward(q, kc, vc, meta)
@@ -94,19 +94,15 @@ def test_triton_split_kv_decode_matches_torch(H, KVH, D, dtype, monkeypatch):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("overlap,prefill", [(True, "triton"), (False, "sdpa"), (True, "sdpa")])
-def test_triton_overlapped_decode_and_prefill_attention_match_torch(dtype, overlap, prefill, monkeypatch):
-    """Decode attention on a second stream beside the prefill chunks' (OVERLAP), and prefill
-    chunks through torch's SDPA (PREFILL): the same output as the reference, split-KV
+def test_triton_overlapped_decode_and_prefill_attention_match_torch(dtype, overlap, prefill):
+    """Decode attention on a second stream beside the prefill chunks' (overlap), and prefill
+    chunks through torch's SDPA (prefill="sdpa"): the same output as the reference, split-KV
     decodes and chunks with cached context included, and the step's stream sees it."""
-    from fairbatch.engine.attention import triton_paged as tp
-
-    monkeypatch.setitem(tp.OVERLAP, "decodes_beside_prefills", overlap)
-    monkeypatch.setitem(tp.PREFILL, "kernel", prefill)
     dt = getattr(torch, dtype)
     tol = {"float32": 1e-5, "bfloat16": 2e-2}[dtype]
     cases = [([1] * 3 + [300], [2047, 5, 900, 0]), ([1, 129, 1, 7], [1000, 2047, 0, 5]), ([1] * 64 + [512], [1023] * 64 + [0])]
     for i, (q_lens, ctx0) in enumerate(cases):
-        err = _attention_case(32, 8, 128, q_lens, ctx0, dt, seed=i)
+        err = _attention_case(32, 8, 128, q_lens, ctx0, dt, seed=i, overlap=overlap, prefill=prefill)
         assert err < tol, f"case {q_lens[:4]}... : relative error {err:.2e}"
 
 
@@ -188,20 +184,18 @@ def test_engine_on_gpu_matches_transformers(tiny_ckpt, backend):
     assert e.allocator.num_free == e.allocator.num_blocks
 
 
-def test_engine_with_overlap_and_sdpa_prefill_matches_transformers(tiny_ckpt, monkeypatch):
+def test_engine_with_overlap_and_sdpa_prefill_matches_transformers(tiny_ckpt):
     """Eager mixed steps with decode attention on a second stream and prefill chunks through
     SDPA generate what transformers does (the layer after attention waits for both)."""
     from test_engine_support import hf_greedy
 
-    from fairbatch.engine.attention import triton_paged as tp
     from fairbatch.engine.llm import LLM
     from fairbatch.engine.params import SamplingParams
 
-    monkeypatch.setitem(tp.OVERLAP, "decodes_beside_prefills", True)
-    monkeypatch.setitem(tp.PREFILL, "kernel", "sdpa")
     path, hf = tiny_ckpt
     llm = LLM(str(path), dtype="float32", device="cuda", attention_backend="triton", num_kv_blocks=64,
-              max_num_seqs=8, cuda_graphs=False, max_num_batched_tokens=32)
+              max_num_seqs=8, cuda_graphs=False, max_num_batched_tokens=32, attention_overlap=True,
+              prefill_attention="sdpa")
     prompts = [[random.Random(n).randrange(512) for _ in range(n)] for n in (3, 20, 33, 47, 60)]
     outs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
     for p, o in zip(prompts, outs):

@@ -151,6 +151,12 @@ def test_generate_command_trace(cli, tmp_path):
     (["generate", "-m", "tiny-llama", "--load-format", "dummy", "--prompt", "x" * 100, "--max-model-len", "50"],
      "exceeds the context limit"),
     (["profile", "-m", "/no/such/dir"], "not found"),
+    (["generate", "-m", "tiny-llama", "--load-format", "dummy", "--prompt", "x", "--prefill-attention", "sdpa"],
+     "need the triton backend"),
+    (["generate", "-m", "tiny-llama", "--load-format", "dummy", "--prompt", "x", "--attention-overlap"],
+     "need the triton backend"),
+    (["profile", "-m", "tiny-llama", "--load-format", "dummy", "--prefill-attention", "flash"],
+     "unknown prefill attention 'flash'; choose from triton, sdpa"),
 ])
 def test_command_errors_are_one_line(cli, args, needle):
     r = CliRunner().invoke(cli, args)

@@ -67,6 +67,8 @@ def test_serve_subprocess_answers_and_stops_cleanly():
     (["--model", "tiny-llama", "--load-format", "dummy", "--port", "0", "--policy", "nope"], "unknown policy"),
     (["--model", "tiny-llama", "--load-format", "dummy", "--port", "0", "--max-pending", "0"], "--max-pending"),
     (["--model", "/no/such/dir", "--port", "0"], "not found"),
+    (["--model", "tiny-llama", "--load-format", "dummy", "--port", "0", "--prefill-attention", "flash"],
+     "unknown prefill attention"),
 ])
 def test_serve_user_errors(args, message):
     from typer.testing import CliRunner
@@ -96,11 +98,14 @@ def test_serve_busy_port_is_one_line():
     assert r.exit_code == 2 and "cannot listen" in r.output
 
 
-@pytest.mark.parametrize("flag, expected", [([], False), (["--piecewise-cuda-graphs"], True),
-                                            (["--no-piecewise-cuda-graphs"], False)])
-def test_serve_piecewise_cuda_graphs_reaches_engine_args(monkeypatch, flag, expected):
-    """The flag is off by default and reaches the engine's EngineArgs (on the CPU it changes
-    nothing else, so the engine is stopped once its arguments are built)."""
+@pytest.mark.parametrize("flag, expected", [
+    ([], (False, False, "triton")), (["--piecewise-cuda-graphs"], (True, False, "triton")),
+    (["--no-piecewise-cuda-graphs"], (False, False, "triton")),
+    (["--attention-overlap", "--prefill-attention", "sdpa"], (False, True, "sdpa"))])
+def test_serve_engine_flags_reach_engine_args(monkeypatch, flag, expected):
+    """The experimental engine flags (piecewise graphs, attention overlap, SDPA prefill) are
+    off by default and reach the engine's EngineArgs (on the CPU they change nothing else,
+    so the engine is stopped once its arguments are built)."""
     from typer.testing import CliRunner
 
     import fairbatch.engine
@@ -118,4 +123,4 @@ def test_serve_piecewise_cuda_graphs_reaches_engine_args(monkeypatch, flag, expe
     r = CliRunner().invoke(app, ["serve", "--model", "tiny-llama", "--load-format", "dummy", "--port", "0",
                                  "--engine-thread", *flag])
     assert r.exit_code == 2 and "engine arguments seen" in r.output, r.output
-    assert [a.piecewise_cuda_graphs for a in seen] == [expected]
+    assert [(a.piecewise_cuda_graphs, a.attention_overlap, a.prefill_attention) for a in seen] == [expected]

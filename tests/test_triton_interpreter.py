@@ -34,8 +34,8 @@ from fairbatch.engine.triton_ops import TritonOps
 def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
-def attention(H, KVH, D, q_lens, ctx0, seed):
-    tri = tp.TritonPagedAttention(H, KVH, D)
+def attention(H, KVH, D, q_lens, ctx0, seed, prefill="triton"):
+    tri = tp.TritonPagedAttention(H, KVH, D, prefill=prefill)
     q, kc, vc, meta = random_paged_step(q_lens, ctx0, H, KVH, D, seed, backend=tri)
     return rel(tri.forward(q, kc, vc, meta), TorchAttention(H, KVH, D).forward(q, kc, vc, meta))
 
@@ -46,11 +46,9 @@ for programs_per_sm, max_splits in ((0, 16), (1000, 2), (1000, 16)):
         for i, (q_lens, ctx0) in enumerate(cases):
             err = attention(H, KVH, D, q_lens, ctx0, i)
             assert err < 1e-5, (programs_per_sm, max_splits, H, KVH, D, q_lens, ctx0, err)
-tp.PREFILL["kernel"] = "sdpa"       # prefill chunks through torch's SDPA, decodes split
-for i, (q_lens, ctx0) in enumerate(cases):
-    err = attention(8, 2, 32, q_lens, ctx0, i)
+for i, (q_lens, ctx0) in enumerate(cases):     # prefill chunks through torch's SDPA, decodes split
+    err = attention(8, 2, 32, q_lens, ctx0, i, prefill="sdpa")
     assert err < 1e-5, ("sdpa prefill", q_lens, ctx0, err)
-tp.PREFILL["kernel"] = "triton"
 tp.SPLIT_KV.update(programs_per_sm=2, max_splits=16)
 att = tp.TritonPagedAttention(8, 2, 32)
 assert {att.decode_splits(n) for n in range(1, 100)} == {1, 2, 4, 8}, "8 SMs: powers of two up to 8"

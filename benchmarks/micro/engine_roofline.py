@@ -192,7 +192,6 @@ def main() -> None:
                     help="also time mixed steps eagerly with decode attention on a second stream (mode 'overlap')")
     args = ap.parse_args()
 
-    from fairbatch.engine.attention import triton_paged as tp
     from fairbatch.engine.cuda_graph import MIXED_MAX_TOKENS
     from fairbatch.engine.llm import Engine, EngineArgs
     from fairbatch.engine.profile import measure
@@ -225,12 +224,12 @@ def main() -> None:
             saved = engine.executor.graphs
             if not use_graph:
                 engine.executor.graphs = None
-            tp.OVERLAP["decodes_beside_prefills"] = label == "overlap"
+            engine.backend.overlap = label == "overlap"
             try:
                 sec = measure(engine, comp, repeats=args.repeats)
             finally:
                 engine.executor.graphs = saved
-                tp.OVERLAP["decodes_beside_prefills"] = False
+                engine.backend.overlap = False
             nbytes, flops, roof, phase = roofline(spec, comp, bw, fl)
             row = {"case": name, "mode": label,
                    "ms": sec * 1e3, "roofline_ms": roof * 1e3, "ratio": sec / roof,
@@ -242,6 +241,8 @@ def main() -> None:
             print(f"{name:40s} {row['mode']:5s} {row['ms']:8.2f} ms  roof {row['roofline_ms']:8.2f} ms  "
                   f"x{row['ratio']:.2f} (phase x{row['phase_ratio']:.2f})  {row['achieved_TBps']:.2f} TB/s  "
                   f"{row['achieved_TFLOPs']:.0f} TFLOP/s", flush=True)
+    from fairbatch.engine.attention import triton_paged as tp
+
     result = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
               "torch": torch.__version__, "model": args.model, "copy_bw_Bps": bw, "matmul_flops": fl,
               "kv_blocks": engine.allocator.num_blocks, "decode_config": tp.DECODE_CONFIG,

@@ -4,7 +4,7 @@ prefill kernel could buy before writing one.
 
 Llama-3-8B heads (32 query, 8 KV, head dim 128), bf16, one layer, prompts of 512-8,192
 tokens starting at position 0: ours over a paged cache with scattered blocks and with the
-blocks in order, the engine's SDPA prefill path (``triton_paged.PREFILL = "sdpa"``: each
+blocks in order, the engine's SDPA prefill path (``--prefill-attention sdpa``: each
 chunk's context gathered from the cache, then torch's attention), and `F.scaled_dot_product_attention(is_causal=True, enable_gqa=True)`
 on contiguous tensors with each backend torch offers here (flash, cuDNN, efficient).
 TFLOP/s counts the causal half (4 * pairs * heads * head dim).
@@ -30,7 +30,6 @@ def sweep(lengths=(512, 1024, 2048, 4096, 8192)) -> list[dict]:
     import triton.testing
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from fairbatch.engine.attention import triton_paged as tp
     from fairbatch.engine.attention.triton_paged import TritonPagedAttention
 
     bench = lambda fn: triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
@@ -45,11 +44,8 @@ def sweep(lengths=(512, 1024, 2048, 4096, 8192)) -> list[dict]:
         in_order = paged_meta(att, [n], seq_lens, B)
         in_order.block_tables.copy_(torch.arange(in_order.block_tables.shape[1], dtype=torch.int32, device="cuda"))
         row["ms"]["ours, blocks in order"] = bench(lambda: att.forward(q, kc, vc, in_order))
-        tp.PREFILL["kernel"] = "sdpa"       # the engine's other prefill path: gather + SDPA
-        try:
-            row["ms"]["sdpa path, scattered blocks"] = bench(lambda: att.forward(q, kc, vc, scattered))
-        finally:
-            tp.PREFILL["kernel"] = "triton"
+        sdpa = TritonPagedAttention(H, KVH, D, prefill="sdpa")     # the engine's other prefill path
+        row["ms"]["sdpa path, scattered blocks"] = bench(lambda: sdpa.forward(q, kc, vc, scattered))
         # the same keys and values, contiguous, [1, heads, tokens, head dim]
         k = kc.reshape(-1, KVH, D)[:n].transpose(0, 1).unsqueeze(0).contiguous()
         v = vc.reshape(-1, KVH, D)[:n].transpose(0, 1).unsqueeze(0).contiguous()

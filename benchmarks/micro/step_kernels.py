@@ -10,8 +10,8 @@ for), each kind's milliseconds and kernel count, and what the GEMMs and attentio
 achieved against the measured ceilings. This is what tells the ways into issue #15
 apart: launch-bound steps show a gap, kernel-bound ones a kind far from its ceiling.
 Mixed steps are also timed with decode attention on a second stream beside the prefill
-chunks' (``triton_paged.OVERLAP``, off by default): ``wall_overlap_ms``; steps with prefill
-chunks with those through torch's SDPA (``triton_paged.PREFILL``): ``wall_sdpa_prefill_ms``.
+chunks' (``--attention-overlap``, off by default): ``wall_overlap_ms``; steps with prefill
+chunks with those through torch's SDPA (``--prefill-attention sdpa``): ``wall_sdpa_prefill_ms``.
 
     PYTHONPATH=src python benchmarks/micro/step_kernels.py --out step_kernels.json
 """
@@ -87,27 +87,25 @@ def breakdown(engine, comp, repeats: int, bw: float, flops_rate: float, spec) ->
     from fairbatch.engine.profile import synthetic_step
     from fairbatch.plan import attention_pairs
 
-    from fairbatch.engine.attention import triton_paged as tp
-
     ex = engine.executor
     mixed = any(k == 1 for _, k in comp) and any(k > 1 for _, k in comp)
     with synthetic_step(engine, comp) as plan:
         for _ in range(2):
             ex.execute(plan)
         wall = statistics.median(ex.execute(plan).duration for _ in range(repeats)) * 1e3
-        def wall_with(setting: dict, key: str, value) -> float:
-            saved = setting[key]
-            setting[key] = value
+        def wall_with(option: str, value) -> float:
+            saved = getattr(engine.backend, option)
+            setattr(engine.backend, option, value)
             try:
                 ex.execute(plan)
                 return statistics.median(ex.execute(plan).duration for _ in range(repeats)) * 1e3
             finally:
-                setting[key] = saved
+                setattr(engine.backend, option, saved)
 
-        # the same step with decode attention on a second stream (triton_paged.OVERLAP), and
-        # with prefill chunks through torch's SDPA (triton_paged.PREFILL)
-        wall_overlap = wall_with(tp.OVERLAP, "decodes_beside_prefills", True) if mixed else None
-        wall_sdpa = wall_with(tp.PREFILL, "kernel", "sdpa") if any(k > 1 for _, k in comp) else None
+        # the same step with decode attention on a second stream (--attention-overlap), and
+        # with prefill chunks through torch's SDPA (--prefill-attention sdpa)
+        wall_overlap = wall_with("overlap", True) if mixed else None
+        wall_sdpa = wall_with("prefill", "sdpa") if any(k > 1 for _, k in comp) else None
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(repeats):

@@ -38,6 +38,13 @@ PiecewiseGraphs = Annotated[bool, typer.Option(
     "--piecewise-cuda-graphs/--no-piecewise-cuda-graphs",
     help="Replay per-bucket CUDA graphs of everything but attention for mixed/prefill steps over 256 tokens "
          "(experimental, not yet validated on a GPU; docs/PERFORMANCE.md).")]
+AttentionOverlap = Annotated[bool, typer.Option(
+    "--attention-overlap/--no-attention-overlap",
+    help="Eager mixed steps: decode attention on a second CUDA stream beside the prefill chunks' "
+         "(triton backend; off until measured on a GPU, docs/PERFORMANCE.md).")]
+PrefillAttention = Annotated[str, typer.Option(
+    help="Eager steps' prefill chunks: triton (the paged kernel) or sdpa (each chunk's context gathered, "
+         "then torch's scaled-dot-product attention; triton backend; docs/PERFORMANCE.md).")]
 # vLLM's spelling (--enable-prefix-caching / --no-enable-prefix-caching), and --no-prefix-caching
 PREFIX_CACHING_FLAGS = ("--enable-prefix-caching/--no-enable-prefix-caching", " /--no-prefix-caching")
 PREFIX_CACHING_HELP = ("Reuse the KV of cached full prompt blocks across requests (automatic prefix caching; "
@@ -47,12 +54,13 @@ PrefixCaching = Annotated[bool, typer.Option(*PREFIX_CACHING_FLAGS, help=PREFIX_
 
 def _engine_kwargs(load_format, dtype, device, attention_backend, num_kv_blocks, max_model_len,
                    max_num_batched_tokens, max_num_seqs, cuda_graphs, seed, enable_prefix_caching=True,
-                   piecewise_cuda_graphs=False) -> dict:
+                   piecewise_cuda_graphs=False, attention_overlap=False, prefill_attention="triton") -> dict:
     return dict(load_format=load_format, dtype=dtype, device=device, attention_backend=attention_backend,
                 num_kv_blocks=num_kv_blocks, max_model_len=max_model_len,
                 max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                 cuda_graphs=cuda_graphs, seed=seed, enable_prefix_caching=enable_prefix_caching,
-                piecewise_cuda_graphs=piecewise_cuda_graphs)
+                piecewise_cuda_graphs=piecewise_cuda_graphs, attention_overlap=attention_overlap,
+                prefill_attention=prefill_attention)
 
 
 def _read_prompts(path: Path) -> list[tuple[str, int | None]]:
@@ -109,6 +117,8 @@ def register(app: typer.Typer) -> None:
         max_num_seqs: MaxSeqs = 256,
         cuda_graphs: Graphs = True,
         piecewise_cuda_graphs: PiecewiseGraphs = False,
+        attention_overlap: AttentionOverlap = False,
+        prefill_attention: PrefillAttention = "triton",
         enable_prefix_caching: PrefixCaching = True,
         seed: Annotated[int, typer.Option(help="Seed for dummy weights, sampling, trace prompts and SLO draws.")] = 0,
         output: Annotated[Path | None, typer.Option(help="Write one JSON line per request here.")] = None,
@@ -139,6 +149,8 @@ def register(app: typer.Typer) -> None:
         max_num_seqs: MaxSeqs = 256,
         cuda_graphs: Graphs = True,
         piecewise_cuda_graphs: PiecewiseGraphs = False,
+        attention_overlap: AttentionOverlap = False,
+        prefill_attention: PrefillAttention = "triton",
         seed: Annotated[int, typer.Option()] = 0,
     ) -> None:
         """Time real engine steps over batch compositions and fit the latency model `fairbatch simulate --profile` loads."""
@@ -152,8 +164,8 @@ def register(app: typer.Typer) -> None:
 def _run_generate(*, model, prompt, prompts, trace, num_requests, rate_scale, offline, policy, max_tokens,
                   temperature, top_p, top_k, ignore_eos, ttft_slo, tpot_slo, slo_classes, latency_profile,
                   load_format, dtype, device, attention_backend, num_kv_blocks, max_model_len,
-                  max_num_batched_tokens, max_num_seqs, cuda_graphs, piecewise_cuda_graphs, enable_prefix_caching,
-                  seed, output, json_path) -> None:
+                  max_num_batched_tokens, max_num_seqs, cuda_graphs, piecewise_cuda_graphs, attention_overlap,
+                  prefill_attention, enable_prefix_caching, seed, output, json_path) -> None:
     import numpy as np
 
     from fairbatch.engine.llm import LLM
@@ -173,7 +185,7 @@ def _run_generate(*, model, prompt, prompts, trace, num_requests, rate_scale, of
         llm = LLM(model, policy=policy, scheduler_config=cfg, latency_model=lat,
                   **_engine_kwargs(load_format, dtype, device, attention_backend, num_kv_blocks, max_model_len,
                                    max_num_batched_tokens, max_num_seqs, cuda_graphs, seed, enable_prefix_caching,
-                                   piecewise_cuda_graphs))
+                                   piecewise_cuda_graphs, attention_overlap, prefill_attention))
     e = llm.engine
     console.print(f"{e.name}: {e.config.family}, {str(e.dtype).replace('torch.', '')} on {e.device}, "
                   f"attention {e.backend.name}, {e.allocator.num_blocks} KV blocks, policy {policy}, "
@@ -233,7 +245,7 @@ def _run_generate(*, model, prompt, prompts, trace, num_requests, rate_scale, of
 
 def _run_profile(*, model, out, samples_path, quick, repeats, load_format, dtype, device, attention_backend,
                  num_kv_blocks, max_num_batched_tokens, max_num_seqs, cuda_graphs, piecewise_cuda_graphs,
-                 seed) -> None:
+                 attention_overlap, prefill_attention, seed) -> None:
     from rich.progress import Progress
 
     from fairbatch.engine.llm import Engine, EngineArgs
@@ -245,7 +257,9 @@ def _run_profile(*, model, out, samples_path, quick, repeats, load_format, dtype
         engine = Engine(EngineArgs(model, **_engine_kwargs(load_format, dtype, device, attention_backend,
                                                            num_kv_blocks, None, max_num_batched_tokens,
                                                            max_num_seqs, cuda_graphs, seed,
-                                                           piecewise_cuda_graphs=piecewise_cuda_graphs)))
+                                                           piecewise_cuda_graphs=piecewise_cuda_graphs,
+                                                           attention_overlap=attention_overlap,
+                                                           prefill_attention=prefill_attention)))
     if engine.device.type != "cuda":
         console.print("[yellow]profiling on the CPU: the fitted model describes this CPU, not a GPU[/]")
     with Progress(console=console) as bar:

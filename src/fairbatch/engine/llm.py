@@ -62,6 +62,11 @@ class EngineArgs:
     # larger mixed/prefill steps replay per-bucket graphs of everything but attention
     # (piecewise_graph.py); off until validated on a GPU (docs/PERFORMANCE.md)
     piecewise_cuda_graphs: bool = False
+    # triton backend, eager steps: decode attention on a second stream beside the prefill
+    # chunks' (attention_overlap), prefill chunks through torch's SDPA (prefill_attention
+    # "sdpa"); both off until measured on a GPU (docs/PERFORMANCE.md)
+    attention_overlap: bool = False
+    prefill_attention: str = "triton"
     tokenizer: str | None = None                # directory with tokenizer.json; default: the model's
     max_num_batched_tokens: int = 8192
     # 256, not the simulator's 1024 (scheduler.config.DEFAULT_MAX_NUM_SEQS, vLLM's H100/H200
@@ -136,7 +141,8 @@ class Engine:
         self.kv = KVCache.for_model(cfg, num_blocks, args.block_size, self.dtype, self.device)
         self.allocator = BlockAllocator(num_blocks, args.block_size, prefix_caching=args.enable_prefix_caching)
         try:
-            self.backend = make_backend(args.attention_backend, self.device, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+            self.backend = make_backend(args.attention_backend, self.device, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                                        overlap=args.attention_overlap, prefill=args.prefill_attention)
         except ValueError as e:
             raise EngineError(str(e)) from None
         self.ops = make_ops(self.device, "triton" if self.backend.name == "triton" else "torch")

@@ -10,7 +10,13 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from fairbatch.engine.commands import PREFIX_CACHING_FLAGS, PREFIX_CACHING_HELP, PiecewiseGraphs
+from fairbatch.engine.commands import (
+    PREFIX_CACHING_FLAGS,
+    PREFIX_CACHING_HELP,
+    AttentionOverlap,
+    PiecewiseGraphs,
+    PrefillAttention,
+)
 from fairbatch.server.access import API_KEY_ENV
 
 # What a queued request is assumed to wait behind when no queue cap is given: each running
@@ -122,6 +128,8 @@ def register(app: typer.Typer) -> None:
         num_kv_blocks: Annotated[Optional[int], typer.Option(help="KV-cache blocks; default: from GPU memory (1024 on CPU).")] = None,
         enable_prefix_caching: Annotated[bool, typer.Option(*PREFIX_CACHING_FLAGS, help=PREFIX_CACHING_HELP)] = True,
         piecewise_cuda_graphs: PiecewiseGraphs = False,
+        attention_overlap: AttentionOverlap = False,
+        prefill_attention: PrefillAttention = "triton",
         gpu_memory_utilization: Annotated[float, typer.Option(help="Fraction of GPU memory for weights + KV cache.")] = 0.9,
         max_pending: Annotated[Optional[int], typer.Option(help="Requests held at once (running + queued); beyond it 503 + "
                                                          "Retry-After. Default: from the SLO (docs/SERVING.md).")] = None,
@@ -224,7 +232,8 @@ def register(app: typer.Typer) -> None:
             attention_backend=attention_backend, num_kv_blocks=num_kv_blocks,
             gpu_memory_utilization=gpu_memory_utilization, seed=seed, cpu_threads=cpu_threads,
             refit_latency=refit_latency, enable_prefix_caching=enable_prefix_caching,
-            piecewise_cuda_graphs=piecewise_cuda_graphs)
+            piecewise_cuda_graphs=piecewise_cuda_graphs, attention_overlap=attention_overlap,
+            prefill_attention=prefill_attention)
         logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                             format="%(levelname)s %(name)s: %(message)s")
         backend = None

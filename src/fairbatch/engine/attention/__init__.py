@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 BACKENDS = ("torch", "triton")
+PREFILL_KERNELS = ("triton", "sdpa")      # the triton backend's prefill paths (--prefill-attention)
 
 
 @dataclass
@@ -69,9 +70,14 @@ def default_backend_name(device: torch.device) -> str:
 
 
 def make_backend(name: str | None, device: torch.device, num_heads: int, num_kv_heads: int,
-                 head_dim: int) -> AttentionBackend:
+                 head_dim: int, *, overlap: bool = False, prefill: str = "triton") -> AttentionBackend:
+    """``overlap`` and ``prefill``: the triton backend's options (``TritonPagedAttention``)."""
     name = name or default_backend_name(device)
+    if prefill not in PREFILL_KERNELS:
+        raise ValueError(f"unknown prefill attention {prefill!r}; choose from {', '.join(PREFILL_KERNELS)}")
     if name == "torch":
+        if overlap or prefill != "triton":
+            raise ValueError("--attention-overlap and --prefill-attention need the triton backend")
         from fairbatch.engine.attention.torch_ref import TorchAttention
 
         return TorchAttention(num_heads, num_kv_heads, head_dim)
@@ -80,7 +86,7 @@ def make_backend(name: str | None, device: torch.device, num_heads: int, num_kv_
             raise ValueError("the triton attention backend needs a CUDA device; use --attention-backend torch")
         from fairbatch.engine.attention.triton_paged import TritonPagedAttention
 
-        return TritonPagedAttention(num_heads, num_kv_heads, head_dim)
+        return TritonPagedAttention(num_heads, num_kv_heads, head_dim, overlap=overlap, prefill=prefill)
     raise ValueError(f"unknown attention backend {name!r}; choose from {', '.join(BACKENDS)}")
 
 

@@ -9,7 +9,7 @@ from host-side lengths, so no device sync; CUDA graphs keep the Triton kernel (s
 here vary step to step). The gathered copy is transient memory the KV sizing does not
 reserve: context x kv_heads x head_dim x 4 bytes per chunk (Llama-3-8B: 32 MiB at 8k
 tokens). Whether it beats the Triton kernel is for the GPU to say
-(``benchmarks/micro/prefill_attention.py``); ``triton_paged.PREFILL`` chooses.
+(``benchmarks/micro/prefill_attention.py``); ``--prefill-attention`` chooses.
 """
 
 from __future__ import annotations

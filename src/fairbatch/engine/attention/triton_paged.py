@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fairbatch.engine.attention import AttentionMetadata, split_kv
+from fairbatch.engine.attention import PREFILL_KERNELS, AttentionMetadata, split_kv
 from fairbatch.engine.attention.sdpa_prefill import prefill_attention
 
 LOG2E = 1.4426950408889634
@@ -160,14 +160,6 @@ PREFILL_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 # Split-KV for small decode batches (attention/split_kv.py); overridable like the configs
 # above (programs_per_sm 0 turns it off; max_splits a power of two).
 SPLIT_KV = {"programs_per_sm": split_kv.PROGRAMS_PER_SM, "max_splits": split_kv.MAX_SPLITS}
-# Mixed steps: decode attention on a second stream beside the prefill chunks' attention
-# (eager steps only; graphs keep one stream). Off until measured on a GPU
-# (benchmarks/micro/engine_roofline.py --overlap).
-OVERLAP = {"decodes_beside_prefills": False}
-# Prefill chunks in eager steps: this file's kernel ("triton") or torch's scaled-dot-product
-# attention over each chunk's gathered context ("sdpa", attention/sdpa_prefill.py). Triton
-# until measured on a GPU (benchmarks/micro/prefill_attention.py).
-PREFILL = {"kernel": "triton"}
 
 
 def _next_pow2(x: int) -> int:
@@ -177,7 +169,17 @@ def _next_pow2(x: int) -> int:
 class TritonPagedAttention:
     name = "triton"
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, *, overlap: bool = False,
+                 prefill: str = "triton") -> None:
+        """``overlap``: in eager mixed steps, decode attention on a second stream beside the
+        prefill chunks' attention. ``prefill``: eager steps' prefill chunks through this
+        file's kernel ("triton") or torch's scaled-dot-product attention over each chunk's
+        gathered context ("sdpa", attention/sdpa_prefill.py). Both off until measured on a
+        GPU (`fairbatch serve --attention-overlap --prefill-attention sdpa`)."""
+        if prefill not in PREFILL_KERNELS:
+            raise ValueError(f"unknown prefill attention {prefill!r}; choose from {', '.join(PREFILL_KERNELS)}")
+        self.overlap = overlap
+        self.prefill = prefill
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.group = num_heads // num_kv_heads
@@ -186,7 +188,7 @@ class TritonPagedAttention:
         self.d_p = max(16, _next_pow2(head_dim))
         self.qk_scale = head_dim ** -0.5 * LOG2E
         self.prefill_block_q = max(1, PREFILL_CONFIG["BLOCK_M"] // self.group_p)
-        self._side: torch.cuda.Stream | None = None     # OVERLAP's second stream, made on first use
+        self._side: torch.cuda.Stream | None = None     # overlap's second stream, made on first use
         self.num_sms = (torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
                         if torch.cuda.is_available() else 8)
 
@@ -241,14 +243,14 @@ class TritonPagedAttention:
         eager = not (q.is_cuda and torch.cuda.is_current_stream_capturing())
 
         def prefills() -> None:
-            if PREFILL["kernel"] == "sdpa" and eager:
+            if self.prefill == "sdpa" and eager:
                 prefill_attention(q, k_cache, v_cache, out, meta, self.head_dim ** -0.5)
                 return
             bq = self.prefill_block_q
             self._launch(q, k_cache, v_cache, out, meta, x["pre_seq"], x["pre_off"], n_pre, bq,
                          max(16, bq * self.group_p), PREFILL_CONFIG)
 
-        if n_dec and n_pre and OVERLAP["decodes_beside_prefills"] and q.is_cuda and eager:
+        if n_dec and n_pre and self.overlap and q.is_cuda and eager:
             self._overlapped(decodes, prefills)
             return out
         if n_dec:

@@ -5,8 +5,12 @@ transformers, with and without CUDA graphs."""
 from __future__ import annotations
 
 import random
+import sys
+from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "micro"))   # engine_roofline's inputs
 
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu,
@@ -20,10 +24,6 @@ def _rel(a, b) -> float:
 def _attention_case(H, KVH, D, q_lens, ctx0, dtype, seed, **options):
     """Relative error of the Triton backend against the torch reference on one random step
     (scattered blocks, block tables wider than needed; the inputs of benchmarks/micro)."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "micro"))
     from engine_roofline import paged_inputs, paged_meta
 
     from fairbatch.engine.attention.torch_ref import TorchAttention

@@ -4,12 +4,16 @@ without cached context, blocks scattered over the cache, GQA, decodes left alone
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from paged_support import random_paged_step  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "micro"))
+from engine_roofline import paged_inputs, paged_meta  # noqa: E402
 
 from fairbatch.engine.attention.sdpa_prefill import gather_context, prefill_attention  # noqa: E402
 from fairbatch.engine.attention.torch_ref import TorchAttention  # noqa: E402
@@ -18,7 +22,12 @@ B = 16
 
 
 def _step(q_lens, ctx0, H, KVH, D, seed):
-    return random_paged_step(q_lens, ctx0, H, KVH, D, seed)
+    """A random step on the CPU, blocks scattered, tables wider than needed."""
+    g = torch.Generator().manual_seed(seed)
+    q, kc, vc, seq_lens = paged_inputs(q_lens, ctx0, H, KVH, D, B, torch.float32, spare_blocks=3, generator=g,
+                                       device="cpu")
+    meta = paged_meta(None, q_lens, seq_lens, B, num_blocks=kc.shape[0], extra_width=2, seed=seed, device="cpu")
+    return q, kc, vc, meta
 
 
 def test_gather_context_reads_a_sequence_in_position_order() -> None:

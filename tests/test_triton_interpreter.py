@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Runs in a fresh interpreter: triton.jit reads TRITON_INTERPRET when the kernels are defined.
 CHECK = r'''
 import torch
-from paged_support import random_paged_step
+from engine_roofline import paged_inputs, paged_meta
 from fairbatch.engine.attention.torch_ref import TorchAttention
 from fairbatch.engine.attention import triton_paged as tp
 from fairbatch.engine.kv_cache import KVCache
@@ -36,7 +36,10 @@ def rel(a, b):
 
 def attention(H, KVH, D, q_lens, ctx0, seed, prefill="triton"):
     tri = tp.TritonPagedAttention(H, KVH, D, prefill=prefill)
-    q, kc, vc, meta = random_paged_step(q_lens, ctx0, H, KVH, D, seed, backend=tri)
+    g = torch.Generator().manual_seed(seed)
+    q, kc, vc, seq_lens = paged_inputs(q_lens, ctx0, H, KVH, D, 16, torch.float32, spare_blocks=3, generator=g,
+                                       device="cpu")
+    meta = paged_meta(tri, q_lens, seq_lens, 16, num_blocks=kc.shape[0], extra_width=2, seed=seed, device="cpu")
     return rel(tri.forward(q, kc, vc, meta), TorchAttention(H, KVH, D).forward(q, kc, vc, meta))
 
 cases = [([1], [700]), ([1] * 3, [15, 200, 33]), ([16, 1, 33], [0, 130, 16]), ([1, 40, 1], [1000, 5, 77])]
@@ -75,6 +78,6 @@ print("ok")
 
 
 def test_kernels_match_torch_in_the_interpreter() -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT / "benchmarks" / "micro")]))
     proc = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

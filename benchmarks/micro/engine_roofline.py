@@ -56,24 +56,39 @@ def measure_ceilings() -> tuple[float, float]:
     return bw, flops
 
 
-def paged_inputs(q_lens, ctx0, H, KVH, D, B=16, dtype=None, spare_blocks=0, generator=None):
+def sweep_main(default_out: str, sweep, **notes) -> None:
+    """The command line of a kernel sweep script (``gemm_shapes.py``, ``split_kv.py``,
+    ``prefill_attention.py``): run ``sweep()`` and write its rows with the date, GPU and
+    torch version (and ``notes``) to ``--out``."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=default_out)
+    args = ap.parse_args()
+    rows = sweep()
+    with open(args.out, "w") as f:
+        json.dump({"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
+                   "torch": torch.__version__, **notes, "rows": rows}, f, indent=1)
+
+
+def paged_inputs(q_lens, ctx0, H, KVH, D, B=16, dtype=None, spare_blocks=0, generator=None, device="cuda"):
     """Random q and a paged KV cache for sequences with ``q_lens`` new tokens after ``ctx0``
-    cached ones (``spare_blocks`` more blocks than they fill): (q, k_cache, v_cache, seq_lens)."""
+    cached ones (``spare_blocks`` more blocks than they fill): (q, k_cache, v_cache, seq_lens).
+    The attention tests build their steps with it too (on the CPU: ``device="cpu"``)."""
     import numpy as np
 
     dtype = dtype or torch.bfloat16
     seq_lens = np.array([c + k for c, k in zip(ctx0, q_lens)], np.int32)
     nb = sum(-(-int(s) // B) for s in seq_lens) + spare_blocks
-    kc = torch.randn(nb, B, KVH, D, dtype=dtype, device="cuda", generator=generator)
-    vc = torch.randn(nb, B, KVH, D, dtype=dtype, device="cuda", generator=generator)
-    q = torch.randn(int(sum(q_lens)), H, D, dtype=dtype, device="cuda", generator=generator)
+    kc = torch.randn(nb, B, KVH, D, dtype=dtype, device=device, generator=generator)
+    vc = torch.randn(nb, B, KVH, D, dtype=dtype, device=device, generator=generator)
+    q = torch.randn(int(sum(q_lens)), H, D, dtype=dtype, device=device, generator=generator)
     return q, kc, vc, seq_lens
 
 
-def paged_meta(att, q_lens, seq_lens, B=16, num_blocks=None, extra_width=0, seed=0):
-    """The ``AttentionMetadata`` of one step for backend ``att``: each sequence's blocks a
-    slice of a random permutation of the cache's ``num_blocks`` (scattered, non-contiguous),
-    block tables ``extra_width`` columns wider than needed."""
+def paged_meta(att, q_lens, seq_lens, B=16, num_blocks=None, extra_width=0, seed=0, device="cuda"):
+    """The ``AttentionMetadata`` of one step for backend ``att`` (its launch arrays; None:
+    none): each sequence's blocks a slice of a random permutation of the cache's
+    ``num_blocks`` (scattered, non-contiguous), block tables ``extra_width`` columns wider
+    than needed."""
     import numpy as np
 
     from fairbatch.engine.attention import AttentionMetadata
@@ -91,9 +106,9 @@ def paged_meta(att, q_lens, seq_lens, B=16, num_blocks=None, extra_width=0, seed
     qsl = np.zeros(S + 1, np.int32)
     qsl[1:] = np.cumsum(q_lens)
     T = int(qsl[-1])
-    ex = att.launch_arrays(np.array(q_lens), seq_lens)
-    dev = lambda a: torch.from_numpy(a).cuda()
-    return AttentionMetadata(torch.zeros(T, dtype=torch.int32, device="cuda"), dev(qsl), dev(seq_lens), dev(bt), T, S,
+    ex = att.launch_arrays(np.array(q_lens), seq_lens) if att is not None else {}
+    dev = lambda a: torch.from_numpy(a).to(device)
+    return AttentionMetadata(torch.zeros(T, dtype=torch.int32, device=device), dev(qsl), dev(seq_lens), dev(bt), T, S,
                              max(q_lens), int(seq_lens.max()), qsl, seq_lens, B, {k: dev(v) for k, v in ex.items()},
                              {k: int(v.size) for k, v in ex.items()})
 

@@ -8,12 +8,11 @@ up to a multiple of 128 (does cuBLAS pick worse tiles for ragged M?).
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
 
 import torch
 import torch.nn.functional as F
+
+from engine_roofline import sweep_main
 
 # (name, in features, out features) of one Llama-3-8B layer
 LLAMA_3_8B = (("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672), ("down", 14336, 4096))
@@ -50,13 +49,7 @@ def sweep(shapes=LLAMA_3_8B, rows=ROWS) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="gemm_shapes.json")
-    args = ap.parse_args()
-    rows = sweep()
-    with open(args.out, "w") as f:
-        json.dump({"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
-                   "torch": torch.__version__, "rows": rows}, f, indent=1)
+    sweep_main("gemm_shapes.json", sweep)
 
 
 if __name__ == "__main__":

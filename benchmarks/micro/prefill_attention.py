@@ -14,14 +14,11 @@ TFLOP/s counts the causal half (4 * pairs * heads * head dim).
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
 
 import torch
 import torch.nn.functional as F
 
-from engine_roofline import paged_inputs, paged_meta
+from engine_roofline import paged_inputs, paged_meta, sweep_main
 
 H, KVH, D, B = 32, 8, 128, 16
 
@@ -68,13 +65,7 @@ def sweep(lengths=(512, 1024, 2048, 4096, 8192)) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="prefill_attention.json")
-    args = ap.parse_args()
-    rows = sweep()
-    with open(args.out, "w") as f:
-        json.dump({"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
-                   "torch": torch.__version__, "rows": rows}, f, indent=1)
+    sweep_main("prefill_attention.json", sweep)
 
 
 if __name__ == "__main__":

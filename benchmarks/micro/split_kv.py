@@ -12,13 +12,8 @@ where it matters (few sequences, long contexts).
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
 
-import torch
-
-from engine_roofline import paged_inputs, paged_meta
+from engine_roofline import paged_inputs, paged_meta, sweep_main
 
 SETTINGS = (0, 2, 4, 8, 16)
 
@@ -58,14 +53,7 @@ def sweep(batches=(1, 4, 16, 32, 64, 128), contexts=(512, 2048, 8192)) -> list[d
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="split_kv.json")
-    args = ap.parse_args()
-    rows = sweep()
-    with open(args.out, "w") as f:
-        json.dump({"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
-                   "settings": "SPLIT_KV programs_per_sm (0 = off): ms per setting, splits per setting",
-                   "rows": rows}, f, indent=1)
+    sweep_main("split_kv.json", sweep, settings="SPLIT_KV programs_per_sm (0 = off): ms per setting, splits per setting")
 
 
 if __name__ == "__main__":

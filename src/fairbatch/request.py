@@ -202,6 +202,21 @@ class Request:
         if token_id is not None:
             self.output_token_ids.append(token_id)
 
+    def settle_last_token(self, now: float, token_id: int) -> None:
+        """The last recorded token (recorded before its id was known, at a predicted time)
+        is ``token_id`` and came at ``now``: its id appended, its time and, for a first
+        token, the TTFT verdict and the deadline base moved to ``now``."""
+        self.output_token_ids.append(token_id)
+        self.token_times[-1] = now
+        if self.generated == 1:
+            self.first_token_time = now
+            env0 = self.arrival + self.slo.ttft
+            self.ttft_missed = now > env0
+            base = now if (self._safe and now < env0) else env0
+            self.deadline = base + self.pace
+        if self.finish_time is not None and self.state is RequestState.FINISHED:
+            self.finish_time = now
+
     @property
     def max_lateness(self) -> float:
         """Max over produced tokens of (time - envelope deadline); <= 0 means the request

@@ -62,6 +62,14 @@ def _token_slice(req: Request, start: int, stop: int) -> list[int]:
     return p[start:] + out[:stop - plen]
 
 
+def _pend(pending: list[tuple[int, Request, int]] | None, index: int, req: Request, known: int, stop: int) -> None:
+    """Note the in-flight token at input index ``index`` (see ``host_arrays``)."""
+    if pending is None or stop != known + 1:
+        raise RuntimeError(f"request {req.request_id}: tokens up to position {stop} needed, ids known up to "
+                           f"{known}" + ("" if pending is None else " (only the last may be in flight)"))
+    pending.append((index, req, known - req.prompt_len))
+
+
 # Every array starts on a 64-byte boundary of the packed buffer. Triton specializes a
 # kernel on whether each pointer argument is 16-byte aligned: views at arbitrary offsets
 # would make every step shape a new combination to JIT-compile (~1 s each, mid-serving).
@@ -108,8 +116,15 @@ class BatchBuilder:
         # Reused staging buffer: a pinned copy per step would cost a cudaHostAlloc each time.
         self.pinned = torch.empty(pinned_elems, dtype=torch.int32).pin_memory() if device.type == "cuda" else None
 
-    def host_arrays(self, plan: StepPlan) -> tuple[dict[str, np.ndarray], list[Request], int, int]:
-        """Host int32 arrays of the step, the requests that sample, max query/seq len."""
+    def host_arrays(self, plan: StepPlan, pending: list[tuple[int, Request, int]] | None = None
+                    ) -> tuple[dict[str, np.ndarray], list[Request], int, int]:
+        """Host int32 arrays of the step, the requests that sample, max query/seq len.
+
+        ``pending``: a step planned while the last one runs (``step_overlap.py``) may need
+        a token whose id is still being sampled (its request's last, counted in
+        ``generated`` but not yet in ``output_token_ids``). Its input id is left 0 and
+        ``(index in input_ids, request, output index)`` appended here, for the caller to
+        fill in once the id is known. Without the list such a token is an error."""
         B = self.block_size
         chunks = plan.chunks
         S = len(chunks)
@@ -124,7 +139,12 @@ class BatchBuilder:
             c = req.num_computed
             q_lens[i] = k
             ctx0[i] = c
-            if k == 1:
+            known = req.prompt_len + len(req.output_token_ids)
+            if c + k > known:
+                ids.extend(_token_slice(req, c, known))
+                _pend(pending, len(ids), req, known, c + k)
+                ids.append(0)
+            elif k == 1:
                 ids.append(req.prompt_token_ids[c] if c < req.prompt_len else req.output_token_ids[c - req.prompt_len])
             else:
                 ids.extend(_token_slice(req, c, c + k))
@@ -166,12 +186,17 @@ class BatchBuilder:
 
     def build(self, plan: StepPlan) -> StepInputs:
         arrays, sample_reqs, max_q, max_s = self.host_arrays(plan)
+        return self.to_device(arrays, sample_reqs, max_q, max_s)
+
+    def to_device(self, arrays: dict[str, np.ndarray], sample_reqs: list[Request], max_q: int, max_s: int
+                  ) -> StepInputs:
+        """``host_arrays``' output as the forward pass's inputs (one copy to the device)."""
         dev = pack_to_device(arrays, self.device, self.pinned)
         extra = {k[2:]: v for k, v in dev.items() if k.startswith("x_")}
         meta = AttentionMetadata(
             slot_mapping=dev["slot_mapping"], query_start_loc=dev["query_start_loc"],
             seq_lens=dev["seq_lens"], block_tables=dev["block_tables"],
-            num_tokens=int(arrays["positions"].size), num_seqs=len(plan.chunks),
+            num_tokens=int(arrays["positions"].size), num_seqs=int(arrays["seq_lens"].size),
             max_query_len=max_q, max_seq_len=max_s,
             query_start_loc_host=arrays["query_start_loc"], seq_lens_host=arrays["seq_lens"],
             block_size=self.block_size, extra=extra,

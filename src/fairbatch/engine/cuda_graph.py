@@ -18,6 +18,8 @@ steps may replay piecewise graphs instead (``piecewise_graph.py``, off by defaul
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -40,7 +42,9 @@ MIXED_MAX_PREFILLS = 16          # prefill chunks a mixed graph has attention pr
 
 
 class _Graph:
-    """Static buffers (host pinned + device, one packed int32 buffer) and a captured graph."""
+    """Static buffers (one packed int32 buffer on the device, two pinned on the host) and a
+    captured graph. Steps fill the host buffers in turn: with scheduling one step ahead,
+    the next step is filled while the last one's copy may still be in flight."""
 
     def __init__(self, shapes: dict[str, tuple[int, ...]], device: torch.device) -> None:
         self.layout: dict[str, tuple[int, tuple[int, ...]]] = {}
@@ -48,15 +52,34 @@ class _Graph:
         for name, shape in shapes.items():
             self.layout[name] = (off, shape)
             off += aligned(int(np.prod(shape)))      # 16-byte aligned views: one Triton specialization
-        self.host = torch.zeros(off, dtype=torch.int32).pin_memory()
-        self.host_np = self.host.numpy()
+        self.hosts = [torch.zeros(off, dtype=torch.int32).pin_memory() for _ in range(2)]
+        self.hosts_np = [h.numpy() for h in self.hosts]
+        self.fill = 0                                 # the host buffer ``h`` writes
         self.dev = torch.zeros(off, dtype=torch.int32, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.hidden: torch.Tensor | None = None
 
     def h(self, name: str) -> np.ndarray:
         off, shape = self.layout[name]
-        return self.host_np[off:off + int(np.prod(shape))].reshape(shape)
+        return self.hosts_np[self.fill][off:off + int(np.prod(shape))].reshape(shape)
+
+    def both(self, fill: Callable[[], None]) -> None:
+        """Run ``fill`` (which writes through ``h``) on both host buffers."""
+        for _ in range(2):
+            fill()
+            self.fill ^= 1
+
+
+@dataclass
+class GraphStep:
+    """A step filled into one of a graph's host buffers, ready to replay."""
+
+    graph: _Graph
+    buffer: int
+    rows: list[int]                       # hidden-state rows that sample
+    reqs: list[Request]                   # their requests
+    input_ids: np.ndarray                 # the filled buffer's input ids (in-flight tokens to set)
+    mixed: bool
 
     def d(self, name: str) -> torch.Tensor:
         off, shape = self.layout[name]
@@ -89,6 +112,12 @@ class StepGraphs:
             self._decode_graph(b)
 
     def try_run(self, plan: StepPlan) -> tuple[torch.Tensor, list[Request]] | None:
+        step = self.prepare(plan)
+        return self.replay(step) if step is not None else None
+
+    def prepare(self, plan: StepPlan, pending: list[tuple[int, Request, int]] | None = None) -> GraphStep | None:
+        """Fill a graph's next host buffer for ``plan`` (None: no graph covers it).
+        ``pending`` as in ``BatchBuilder.host_arrays``."""
         chunks = plan.chunks
         n = len(chunks)
         if n == 0:
@@ -98,31 +127,42 @@ class StepGraphs:
             T += k
         if T == n and n <= self.max_batch:
             g = self._decode_graph(next(b for b in self.decode_buckets if b >= n))
-            rows, reqs = self._fill_decode(g, chunks)
-            self.replays += 1
+            rows, reqs = self._fill_decode(g, chunks, pending)
+            mixed = False
         elif self.mixed and T < self.max_tokens:
             bucket = next(b for b in self.mixed_buckets if b > T)    # > : at least one pad token
             g = self._mixed_graph(bucket)
-            filled = self._fill_mixed(g, bucket, plan)
+            filled = self._fill_mixed(g, bucket, plan, pending)
             if filled is None:
                 return None
             rows, reqs = filled
-            self.mixed_replays += 1
+            mixed = True
         else:
             return None
-        g.dev.copy_(g.host, non_blocking=True)
+        step = GraphStep(g, g.fill, rows, reqs, g.h("input_ids"), mixed)
+        g.fill ^= 1
+        return step
+
+    def replay(self, step: GraphStep) -> tuple[torch.Tensor, list[Request]]:
+        g = step.graph
+        if step.mixed:
+            self.mixed_replays += 1
+        else:
+            self.replays += 1
+        g.dev.copy_(g.hosts[step.buffer], non_blocking=True)
         g.graph.replay()
-        if not reqs:
-            return g.hidden[:0, :0], reqs
-        idx = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(g.hidden.device, non_blocking=True)
-        return self.ex.model.compute_logits(g.hidden.index_select(0, idx)), reqs
+        if not step.reqs:
+            return g.hidden[:0, :0], step.reqs
+        idx = torch.from_numpy(np.asarray(step.rows, dtype=np.int64)).to(g.hidden.device, non_blocking=True)
+        return self.ex.model.compute_logits(g.hidden.index_select(0, idx)), step.reqs
 
     # --- decode-only -----------------------------------------------------------------------
     def _decode_shapes(self, b: int) -> dict[str, tuple[int, ...]]:
         return {"input_ids": (b,), "positions": (b,), "slot_mapping": (b,), "query_start_loc": (b + 1,),
                 "seq_lens": (b,), "block_tables": (b, self.width), "dec_seq": (b,), "dec_off": (b,)}
 
-    def _fill_decode(self, g: _Graph, chunks: list[tuple[Request, int]]) -> tuple[list[int], list[Request]]:
+    def _fill_decode(self, g: _Graph, chunks: list[tuple[Request, int]],
+                     pending: list[tuple[int, Request, int]] | None = None) -> tuple[list[int], list[Request]]:
         B = self.block_size
         scratch = self.ex.kv.scratch_block
         ids, pos, slots, lens, bt = (g.h(k) for k in ("input_ids", "positions", "slot_mapping", "seq_lens",
@@ -135,7 +175,15 @@ class StepGraphs:
         for i, (req, _) in enumerate(chunks):
             c = req.num_computed
             plen = req.prompt_len
-            ids[i] = req.prompt_token_ids[c] if c < plen else req.output_token_ids[c - plen]
+            if c < plen:
+                ids[i] = req.prompt_token_ids[c]
+            elif c - plen < len(req.output_token_ids):
+                ids[i] = req.output_token_ids[c - plen]
+            elif pending is not None:
+                ids[i] = 0                              # in flight: set at launch
+                pending.append((i, req, c - plen))
+            else:
+                raise RuntimeError(f"request {req.request_id}: the id of output token {c - plen} is not known")
             pos[i] = c
             row = tables.get(req.request_id, alloc.block_table(req.request_id))
             nb = c // B + 1
@@ -157,9 +205,11 @@ class StepGraphs:
         g = self.decode_graphs.get(b)
         if g is None:
             g = _Graph(self._decode_shapes(b), self.ex.device)
-            g.h("query_start_loc")[:] = np.arange(b + 1)
-            g.h("dec_seq")[:] = np.arange(b)
-            self._fill_decode(g, [])
+            def constants() -> None:
+                g.h("query_start_loc")[:] = np.arange(b + 1)
+                g.h("dec_seq")[:] = np.arange(b)
+                self._fill_decode(g, [])
+            g.both(constants)
             meta = self._meta(g, b, b, {"dec_seq": b, "pre_seq": 0})
             self._capture(g, meta)
             self.decode_graphs[b] = g
@@ -189,13 +239,17 @@ class StepGraphs:
         g.h("seq_lens")[S:] = 1
         g.h("block_tables")[S:, 0] = scratch
 
-    def _fill_mixed(self, g: _Graph, t: int, plan: StepPlan) -> tuple[list[int], list[Request]] | None:
-        arrays, reqs, _, _ = self.ex.builder.host_arrays(plan)
+    def _fill_mixed(self, g: _Graph, t: int, plan: StepPlan, pending: list[tuple[int, Request, int]] | None = None
+                    ) -> tuple[list[int], list[Request]] | None:
+        mark = len(pending) if pending is not None else 0
+        arrays, reqs, _, _ = self.ex.builder.host_arrays(plan, pending)
         T = int(arrays["positions"].size)
         S = len(plan.chunks)
         pre_seq = arrays["x_pre_seq"]
         n_pre = pre_seq.size
         if n_pre > g.layout["pre_seq"][1][0] or arrays["block_tables"].shape[1] > self.width:
+            if pending is not None:
+                del pending[mark:]                  # the caller builds the step eagerly instead
             return None
         for name in ("input_ids", "positions", "slot_mapping", "seq_lens"):
             g.h(name)[:len(arrays[name])] = arrays[name]
@@ -218,9 +272,11 @@ class StepGraphs:
         g = self.mixed_graphs.get(t)
         if g is None:
             g = _Graph(self._mixed_shapes(t), self.ex.device)
-            self._pad_mixed(g, t, 0, 0)                 # all padding while capturing
-            g.h("dec_seq")[:] = np.arange(t)
-            g.h("pre_seq")[:] = t - 1
+            def constants() -> None:
+                self._pad_mixed(g, t, 0, 0)                 # all padding while capturing
+                g.h("dec_seq")[:] = np.arange(t)
+                g.h("pre_seq")[:] = t - 1
+            g.both(constants)
             meta = self._meta(g, t, t, {"dec_seq": t, "pre_seq": self._prefill_programs(t)})
             self._capture(g, meta)
             self.mixed_graphs[t] = g
@@ -237,7 +293,7 @@ class StepGraphs:
             block_size=self.block_size, extra=extra, extra_host=launches)
 
     def _capture(self, g: _Graph, meta: AttentionMetadata) -> None:
-        g.dev.copy_(g.host)
+        g.dev.copy_(g.hosts[g.fill])
         ex = self.ex
         ids, pos = g.d("input_ids"), g.d("positions")
         s = torch.cuda.Stream(ex.device)

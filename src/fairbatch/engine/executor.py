@@ -9,11 +9,14 @@ measured wall time (device synchronised). Token bookkeeping is the scheduler's
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from fairbatch.engine.attention import AttentionBackend
 from fairbatch.engine.batch import BatchBuilder, StepInputs
+from fairbatch.engine.cuda_graph import GraphStep
 from fairbatch.engine.kv_cache import KVCache
 from fairbatch.engine.logits_ops import logprob_entries
 from fairbatch.engine.model import CausalLM
@@ -21,9 +24,34 @@ from fairbatch.engine.ops import TorchOps
 from fairbatch.engine.sampler import Sampler, params_of
 from fairbatch.kv import BlockAllocator
 from fairbatch.plan import StepPlan, StepResult
-from fairbatch.request import Request
+from fairbatch.request import Request, RequestState
 
 PROMPT_LOGPROB_SLICE = 512      # prompt positions scored per logits matmul
+
+
+@dataclass
+class PreparedStep:
+    """A step's host work, done (``EngineExecutor.prepare``)."""
+
+    plan: StepPlan
+    t0: float
+    prompt_lp: list[tuple[Request, int, int, int]] | None
+    pending: list[tuple[int, Request, int]]    # (index in input_ids, request, output index) in flight
+    input_ids: np.ndarray                       # the host input ids ``pending`` indexes
+    graph: GraphStep | None = None              # a whole-step graph's filled buffer, or
+    host: tuple | None = None                   # the eager step's (arrays, requests, max q, max seq)
+
+
+@dataclass
+class LaunchedStep:
+    """A step running on the device (``EngineExecutor.launch``)."""
+
+    t0: float
+    reqs: list[Request]
+    stop_sets: list[frozenset[int]]
+    tokens: torch.Tensor | None                 # sampled, on the device
+    logits: torch.Tensor | None                 # kept when a request wants logprobs
+    prompt_logprobs: dict[str, tuple[int, list]] | None
 
 
 class EngineExecutor:
@@ -60,17 +88,62 @@ class EngineExecutor:
 
     # --- Executor protocol -----------------------------------------------------------------
     def execute(self, plan: StepPlan) -> StepResult:
-        cuda = self.device.type == "cuda"
+        prepared = self.prepare(plan)
+        launched = self.launch(prepared)
+        launched.t0 = prepared.t0           # the step's host work counts in its time here
+        return self.collect(launched)
+
+    # --- in three parts, for planning one step ahead (OverlappingExecutor) ----------------
+    def prepare(self, plan: StepPlan) -> "PreparedStep":
+        """The step's host work, from the requests' state now: a graph's host buffer
+        filled, or the eager step's arrays. Ids of tokens still in flight are left to
+        ``launch``."""
         t0 = time.perf_counter()
         prompt_lp = self._prompt_logprob_rows(plan)
-        logits, reqs, hidden = self._logits_for_sampling(plan, keep_hidden=prompt_lp is not None)
-        prompt_out = self._prompt_logprobs(plan, prompt_lp, hidden) if prompt_lp is not None else None
+        pending: list[tuple[int, Request, int]] = []
+        if self.graphs is not None and prompt_lp is None:    # prompt logprobs need every hidden row
+            step = self.graphs.prepare(plan, pending)
+            if step is not None:
+                return PreparedStep(plan, t0, prompt_lp, pending, step.input_ids, graph=step)
+        arrays, reqs, max_q, max_s = self.builder.host_arrays(plan, pending)
+        return PreparedStep(plan, t0, prompt_lp, pending, arrays["input_ids"], host=(arrays, reqs, max_q, max_s))
+
+    def launch(self, prepared: "PreparedStep") -> "LaunchedStep":
+        """Set the in-flight token ids (known by now), start the forward pass and the
+        sampling; does not wait for the device."""
+        t0 = time.perf_counter()
+        ids = prepared.input_ids
+        for i, req, j in prepared.pending:
+            out = req.output_token_ids
+            if j >= len(out):
+                raise RuntimeError(f"request {req.request_id}: output token {j} launched before its id was known")
+            ids[i] = out[j]
+        hidden = None
+        if prepared.graph is not None:
+            logits, reqs = self.graphs.replay(prepared.graph)
+        else:
+            inputs = self.builder.to_device(*prepared.host)
+            hidden = self.forward(inputs)
+            reqs = inputs.sample_requests
+            if reqs:
+                logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_indices))
+            else:
+                logits = hidden[:0, :0]
+        plan = prepared.plan
+        prompt_out = self._prompt_logprobs(plan, prepared.prompt_lp, hidden) if prepared.prompt_lp is not None else None
         stop_sets = [self._stop_set(r) for r in reqs]
-        tokens = self.sampler.sample(logits, reqs, stop_sets) if reqs else []
-        logprobs = self._sample_logprobs(logits, reqs, tokens)
-        if cuda:
+        tokens = self.sampler.sample_tensor(logits, reqs, stop_sets) if reqs else None
+        keep = logits if reqs and not all(params_of(r).plain for r in reqs) else None   # for logprobs
+        return LaunchedStep(t0, reqs, stop_sets, tokens, keep, prompt_out)
+
+    def collect(self, launched: "LaunchedStep") -> StepResult:
+        """Wait for a launched step; its tokens, stops and logprobs."""
+        reqs, stop_sets = launched.reqs, launched.stop_sets
+        tokens: list[int] = launched.tokens.tolist() if launched.tokens is not None else []
+        logprobs = self._sample_logprobs(launched.logits, reqs, tokens) if launched.logits is not None else None
+        if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        duration = time.perf_counter() - t0
+        duration = time.perf_counter() - launched.t0
         token_ids: dict[str, int] = {}
         stopped: set[str] = set()
         for req, tok, stops in zip(reqs, tokens, stop_sets):
@@ -79,7 +152,7 @@ class EngineExecutor:
             if tok in stops:
                 stopped.add(rid)
         self.steps += 1
-        return StepResult(duration, token_ids, stopped, logprobs, prompt_out)
+        return StepResult(duration, token_ids, stopped, logprobs, launched.prompt_logprobs)
 
     def release(self, request: Request) -> None:
         self.builder.release(request)
@@ -91,24 +164,9 @@ class EngineExecutor:
         if s is None:
             p = params_of(req)
             s = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_token_ids)
-            self._stops[req.request_id] = s
+            if req.state is RequestState.RUNNING:   # not one that stopped while its next step was planned
+                self._stops[req.request_id] = s
         return s
-
-    def _logits_for_sampling(self, plan: StepPlan, keep_hidden: bool = False
-                             ) -> tuple[torch.Tensor, list[Request], torch.Tensor | None]:
-        """Logits of the rows that sample; with ``keep_hidden``, every row's hidden state too
-        (prompt logprobs), which rules out the whole-step graphs. Whole-step graphs first,
-        then (in ``forward``) piecewise graphs, then eager."""
-        if self.graphs is not None and not keep_hidden:
-            out = self.graphs.try_run(plan)
-            if out is not None:
-                return out[0], out[1], None
-        inputs = self.builder.build(plan)
-        hidden = self.forward(inputs)
-        if not inputs.sample_requests:
-            return hidden[:0, :0], [], hidden
-        rows = hidden.index_select(0, inputs.logits_indices)
-        return self.model.compute_logits(rows), inputs.sample_requests, hidden
 
     # --- logprobs (only for requests that ask) ------------------------------------------------
     def _sample_logprobs(self, logits: torch.Tensor, reqs: list[Request], tokens: list[int]

@@ -38,16 +38,20 @@ class Sampler:
         back while the request has fewer output tokens."""
         if not reqs:
             return []
+        return self.sample_tensor(logits, reqs, stop_sets).tolist()
+
+    def sample_tensor(self, logits: torch.Tensor, reqs: list[Request],
+                      stop_sets: Sequence[Collection[int]] | None = None) -> torch.Tensor:
+        """``sample`` without waiting for the device: the tokens as a tensor on it."""
         params = [params_of(r) for r in reqs]
         greedy = [p.greedy for p in params]
         if not all(p.plain for p in params) and any(p.edits_logits for p in params):
             logits = process(logits, reqs, params, stop_sets)
         if all(greedy):
-            return logits.argmax(dim=-1).tolist()
+            return logits.argmax(dim=-1)
         V = logits.shape[1]
         dev = logits.device
-        temps = torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)],
-                             dtype=torch.float32, device=dev)
+        temps = _to_device([1.0 if g else p.temperature for p, g in zip(params, greedy)], torch.float32, dev)
         scaled = logits / temps[:, None]
         if not all(p.plain for p in params) and any(p.min_p > 0 and not g for p, g in zip(params, greedy)):
             scaled = apply_min_p(scaled, [0.0 if g else p.min_p for p, g in zip(params, greedy)])
@@ -57,20 +61,20 @@ class Sampler:
             # nothing truncates the distribution: race the tokens themselves, no sort of the
             # vocabulary (128k entries a row for Llama 3: the costliest part otherwise)
             tokens = self._race(torch.softmax(scaled, dim=-1), reqs, params, greedy)
-            return self._keep_greedy(tokens, logits, greedy).tolist()
+            return self._keep_greedy(tokens, logits, greedy)
         sorted_logits, order = scaled.sort(dim=-1, descending=True)
         if min(ks) < V:
-            k_t = torch.tensor(ks, device=dev)
+            k_t = _to_device(ks, torch.int64, dev)
             rank = torch.arange(V, device=dev)
             sorted_logits = sorted_logits.masked_fill(rank[None, :] >= k_t[:, None], float("-inf"))
         probs = torch.softmax(sorted_logits, dim=-1)
         if min(tops) < 1.0:
-            p_t = torch.tensor(tops, dtype=torch.float32, device=dev)
+            p_t = _to_device(tops, torch.float32, dev)
             before = probs.cumsum(dim=-1) - probs       # mass strictly ahead of each entry
             probs = probs.masked_fill(before >= p_t[:, None], 0.0)   # the top entry always stays
         pick = self._race(probs, reqs, params, greedy, order)
         tokens = order.gather(1, pick[:, None]).squeeze(1)
-        return self._keep_greedy(tokens, logits, greedy).tolist()
+        return self._keep_greedy(tokens, logits, greedy)
 
     def _race(self, probs: torch.Tensor, reqs: list[Request], params: list, greedy: list[bool],
               order: torch.Tensor | None = None) -> torch.Tensor:
@@ -94,9 +98,18 @@ class Sampler:
     def _keep_greedy(tokens: torch.Tensor, logits: torch.Tensor, greedy: list[bool]) -> torch.Tensor:
         """Greedy rows of a mixed batch take their argmax."""
         if any(greedy):
-            g_rows = torch.tensor(greedy, device=logits.device)
+            g_rows = _to_device(greedy, torch.bool, logits.device)
             tokens = torch.where(g_rows, logits.argmax(dim=-1), tokens)
         return tokens
+
+
+def _to_device(values: list, dtype: torch.dtype, dev: torch.device) -> torch.Tensor:
+    """A small host list on the device without waiting for the work queued there (a plain
+    ``torch.tensor(..., device=cuda)`` copies synchronously: it would wait for the step)."""
+    t = torch.tensor(values, dtype=dtype)
+    if dev.type != "cuda":
+        return t
+    return t.pin_memory().to(dev, non_blocking=True)
 
 
 def process(logits: torch.Tensor, reqs: Sequence[Request], params: Sequence[SamplingParams],

@@ -69,8 +69,11 @@ class SimulatedExecutor:
         self.graphs = None              # what the engine's executor has for CUDA graphs
 
     def execute(self, plan: StepPlan) -> StepResult:
-        t0 = time.perf_counter()
-        wake = t0 + self.model.predict(plan.features)
+        return self.collect(self.launch(self.prepare(plan)))
+
+    # --- OverlappingExecutor: the step's "device" time is a deadline to sleep until -----
+    def prepare(self, plan: StepPlan) -> tuple[StepPlan, StepResult]:
+        """The step's tokens, from the requests' state at planning time."""
         tokens: dict[str, int] = {}
         stopped: set[str] = set()
         logprobs: dict[str, list] = {}
@@ -90,12 +93,22 @@ class SimulatedExecutor:
                 stopped.add(req.request_id)
             if p.logprobs is not None:
                 logprobs[req.request_id] = synthetic_logprobs(tok, p.logprobs)
+        return plan, StepResult(0.0, tokens, stopped, logprobs or None, prompt_logprobs or None)
+
+    def launch(self, prepared: tuple[StepPlan, StepResult]) -> tuple[float, float, StepResult]:
+        plan, result = prepared
+        t0 = time.perf_counter()
+        return t0, t0 + self.model.predict(plan.features), result
+
+    def collect(self, launched: tuple[float, float, StepResult]) -> StepResult:
+        t0, wake, result = launched
         # the predicted step time, slept rather than spun: the front end shares these cores
         pause = wake - time.perf_counter()
         if pause > 0:
             time.sleep(pause)
         self.steps += 1
-        return StepResult(time.perf_counter() - t0, tokens, stopped, logprobs or None, prompt_logprobs or None)
+        result.duration = time.perf_counter() - t0
+        return result
 
     def release(self, request: Request) -> None:
         pass

@@ -69,6 +69,12 @@ class Scheduler(ABC):
       ``request_ids()``, ``stats``;
     - ``latency_model_changed()`` after the step-time model was refitted.
 
+    A host that plans the next step while the last one still runs (``--async-scheduling``:
+    ``fairbatch.step_overlap``) splits ``on_step_end`` in two: ``advance_in_flight(plan,
+    now)`` when the step is launched (counts, deadlines and length finishes as if it had
+    ended at ``now``, its predicted end; token ids unknown), ``settle(plan, result, end)``
+    when its tokens are back (ids, the real time, stop finishes, relegation).
+
     A host that owns the request objects and applies step results itself (vLLM: its
     own stop conditions, preemptions and running list) calls, instead of
     ``on_step_end``:
@@ -329,6 +335,62 @@ class Scheduler(ABC):
             for req in finished:
                 self._finish(req, now)
         self.stats.steps += 1
+        return finished
+
+    # --- for a host that plans one step ahead (step_overlap.py) ----------------------------
+    def advance_in_flight(self, plan: StepPlan, now: float) -> list[Request]:
+        """``plan`` was launched and is predicted to end at ``now``: advance its requests as
+        ``on_step_end`` would, recording each new token at ``now`` without its id, so that
+        the next step can be planned before this one's tokens are known. Requests that
+        reach ``max_tokens`` finish here; stops and relegation wait for ``settle``."""
+        finished: list[Request] = []
+        running = RequestState.RUNNING
+        for req, k in plan.chunks:
+            if req.state is not running:
+                continue
+            c = req.num_computed + k
+            req.num_computed = c
+            if c == req.prompt_len + req.generated:
+                req.record_token(now)
+                if req.generated >= req.max_new_tokens:
+                    req.finish_reason = "length"
+                    finished.append(req)
+        if self._prefix.naming:
+            self._prefix.name_computed_blocks()
+        for req in finished:
+            self._finish(req, now)
+        self.stats.steps += 1
+        return finished
+
+    def settle(self, plan: StepPlan, result: StepResult, end: float) -> list[Request]:
+        """The tokens of ``plan`` (advanced by ``advance_in_flight``) are back at ``end``:
+        give each its id and its real time, finish the requests that sampled a stop token
+        (they may already sit in the next step, whose token for them is then dropped) and
+        relegate a first token past its TTFT, as ``on_step_end`` does. Returns the
+        requests finished here."""
+        finished: list[Request] = []
+        token_ids = result.token_ids
+        stopped = result.stopped
+        running = RequestState.RUNNING
+        relegate = self.late is not Late.SERVE
+        seen: set[str] = set()
+        for req, _ in plan.chunks:
+            rid = req.request_id
+            tok = token_ids.get(rid)
+            if tok is None or rid in seen or len(req.output_token_ids) >= req.generated:
+                continue   # sampled nothing, or aborted before its token was counted
+            seen.add(rid)
+            req.settle_last_token(end, tok)
+            if req.state is not running:
+                continue   # finished by length at launch, aborted or preempted meanwhile
+            if stopped and rid in stopped:
+                req.finish_reason = "stop"
+                finished.append(req)
+            elif req.generated == 1 and req.ttft_missed and relegate and not req.relegated:
+                req.relegated = True      # its SLO is lost: best effort from here on
+                self.stats.relegated += 1
+        for req in finished:
+            self._finish(req, end)
         return finished
 
     # --- for a host that owns the request list (vLLM) -------------------------------------

@@ -176,6 +176,11 @@ def register(app: typer.Typer) -> None:
                                                    "before their TTFT deadline: room for what the server "
                                                    "adds after the step (IPC, detokenizing, streaming; "
                                                    "docs/ALGORITHM.md). At most half a request's TTFT.")] = 0.1,
+        async_scheduling: Annotated[bool, typer.Option(help="Plan each step while the last one runs (vLLM's "
+                                                       "--async-scheduling): the GPU no longer waits for "
+                                                       "scheduling and the hand-off of tokens; a request that "
+                                                       "stops computes one token nobody sees. Off until "
+                                                       "measured on a GPU (docs/PERFORMANCE.md).")] = False,
         engine_thread: Annotated[bool, typer.Option(help="Run the engine on a thread of the server process "
                                                     "instead of its own process (slower under load).")] = False,
         metrics_prefix: Annotated[str, typer.Option(help="Prefix of the /metrics names: 'vllm' publishes them as "
@@ -240,6 +245,7 @@ def register(app: typer.Typer) -> None:
         try:
             if engine_thread:
                 served = load_served_model(served_model_name=served_model_name, **load_kwargs)
+                served.async_scheduling = async_scheduling
                 # The engine thread shares the GIL with the event loop: a 1 ms switch interval
                 # (the default is 5 ms) bounds how long a torch call waits for the loop.
                 sys.setswitchinterval(0.001)
@@ -254,7 +260,8 @@ def register(app: typer.Typer) -> None:
                                      max_model_len=max_model_len, scheduler_options=options)
                 if cpu_threads is not None and cpu_threads < 1:
                     raise ValueError("--cpu-threads must be >= 1")
-                spawn_kwargs = dict(name=served_model_name, warmup=warmup, log_level=log_level)
+                spawn_kwargs = dict(name=served_model_name, warmup=warmup, log_level=log_level,
+                                    async_scheduling=async_scheduling)
                 info, backend = spawn_engine(load_kwargs, **spawn_kwargs)
                 if engine_restarts > 0:
                     from fairbatch.server.engine_restart import RestartingBackend
@@ -273,6 +280,7 @@ def register(app: typer.Typer) -> None:
         late_mode = f", late={options['late']}" if "late" in options else ""
         console.print(f"serving [bold]{served.name}[/] ({served.device}, policy {policy}{late_mode}, "
                       f"{served.num_blocks} KV blocks, prefix caching {'on' if served.prefix_caching else 'off'}, "
+                      f"{'async scheduling, ' if async_scheduling else ''}"
                       f"context {served.max_model_len}, "
                       f"SLO TTFT {ttft_slo:g}s / TPOT {tpot_slo * 1e3:g}ms) on http://{host}:{bound[1]}",
                       highlight=False)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 from fairbatch.instance import Instance
 from fairbatch.latency.online import OnlineLatencyModel
-from fairbatch.plan import StepPlan
+from fairbatch.plan import StepPlan, StepResult
 from fairbatch.request import Request, RequestState
 from fairbatch.scheduler.base import Load
 from fairbatch.server.engine_messages import (
@@ -189,38 +189,64 @@ class EngineLoop:
         try:
             plan, result, finished = inst.step(now)
         except Exception as e:   # noqa: BLE001 - an engine bug must not take the server down
-            self.step_errors += 1
-            msg = f"engine step failed: {type(e).__name__}: {e}"
-            log.error("%s\n%s", msg, traceback.format_exc())
-            self.drop_all(msg, notify=True)
+            self.step_failed(e)
             return None
-        sent = self._sent
-        # refused while queued or part-way through their prefill (late=reject); the
-        # instance already released their KV and executor state
-        deltas: list[tuple[str, Delta]] = [(r.request_id, Delta([], REJECTED, time=now)) for r in plan.rejected
-                                           if sent.pop(r.request_id, None) is not None]
-        for r in plan.rejected:
-            self._prompt_lp.pop(r.request_id, None)
-            self._unscheduled.discard(r.request_id)
-            self._scheduled.pop(r.request_id, None)
+        deltas = self.rejected_deltas(plan, now)
         if plan.is_empty:
             if deltas:
                 self.post_deltas(deltas)
             else:
                 time.sleep(0.0005)   # nothing schedulable right now (should be rare): do not spin
             return None
-        self.steps_run += 1
-        self.step_seconds += result.duration
-        self.step_predicted_seconds += inst.scheduler.latency.predict(plan.features)
-        self.step_tokens += plan.features.new_tokens
-        self.iteration_tokens[bisect_left(ITERATION_TOKENS_BUCKETS, plan.features.new_tokens)] += 1
+        self.mark_scheduled(plan, now)
+        self.count_step(plan, result)
+        deltas += self.token_deltas(plan, result, {r.request_id for r in finished}, now + result.duration)
+        if deltas:
+            self.post_deltas(deltas)
+        return plan
+
+    def step_failed(self, e: Exception) -> None:
+        """A step raised: log it, fail every request in the instance, go on serving."""
+        self.step_errors += 1
+        msg = f"engine step failed: {type(e).__name__}: {e}"
+        log.error("%s\n%s", msg, traceback.format_exc())
+        self.drop_all(msg, notify=True)
+
+    def rejected_deltas(self, plan: StepPlan, now: float) -> list[tuple[str, Delta]]:
+        """Requests the plan refused while queued or part-way through their prefill
+        (late=reject); the instance already released their KV and executor state."""
+        sent = self._sent
+        deltas: list[tuple[str, Delta]] = [(r.request_id, Delta([], REJECTED, time=now)) for r in plan.rejected
+                                           if sent.pop(r.request_id, None) is not None]
+        for r in plan.rejected:
+            self._prompt_lp.pop(r.request_id, None)
+            self._unscheduled.discard(r.request_id)
+            self._scheduled.pop(r.request_id, None)
+        return deltas
+
+    def mark_scheduled(self, plan: StepPlan, now: float) -> None:
+        """When each request of the plan was first scheduled (its queueing time)."""
         if self._unscheduled:
             for req, _ in plan.chunks:
                 if req.request_id in self._unscheduled:
                     self._unscheduled.discard(req.request_id)
                     self._scheduled[req.request_id] = now
-        end = now + result.duration
-        fin = {r.request_id for r in finished}
+
+    def count_step(self, plan: StepPlan, result: StepResult) -> None:
+        inst = self.instance
+        self.steps_run += 1
+        self.step_seconds += result.duration
+        self.step_predicted_seconds += inst.scheduler.latency.predict(plan.features)
+        self.step_tokens += plan.features.new_tokens
+        self.iteration_tokens[bisect_left(ITERATION_TOKENS_BUCKETS, plan.features.new_tokens)] += 1
+
+    def token_deltas(self, plan: StepPlan, result: StepResult, fin: set[str], end: float, *,
+                     settled: bool = False) -> list[tuple[str, Delta]]:
+        """Each request's new tokens from the step that ended at ``end`` (and its finish,
+        for those in ``fin``). ``settled``: the next step is already in flight, so only the
+        tokens whose ids are known (``output_token_ids``) are this step's."""
+        sent = self._sent
+        deltas: list[tuple[str, Delta]] = []
         if result.prompt_logprobs:
             self._gather_prompt_logprobs(result.prompt_logprobs)
         sample_lp = result.logprobs or {}
@@ -229,7 +255,7 @@ class EngineLoop:
             start = sent.get(rid)
             if start is None:
                 continue
-            gen = req.generated
+            gen = len(req.output_token_ids) if settled else req.generated
             if gen > start or rid in fin:
                 reason = None
                 if rid in fin:
@@ -248,9 +274,7 @@ class EngineLoop:
                 if reason is not None:
                     delta.num_preemptions = req.num_preemptions
                 deltas.append((rid, delta))
-        if deltas:
-            self.post_deltas(deltas)
-        return plan
+        return deltas
 
     def _gather_prompt_logprobs(self, scored: dict[str, tuple[int, list]]) -> None:
         """Append each request's newly scored prompt positions, once each: a request

@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from fairbatch.server.engine_loop import EngineLoop
+from fairbatch.server.engine_loop_overlap import make_engine_loop, require_overlap
 from fairbatch.server.engine_messages import Command, EngineGone, EngineMessage
 
 log = logging.getLogger("fairbatch.server")
@@ -27,9 +27,13 @@ class ThreadBackend:
     # The engine mutates the very Request objects the front end holds: nothing to mirror.
     mirrors = False
 
-    def __init__(self, model: Any, *, idle_wait: float = 0.5) -> None:
+    def __init__(self, model: Any, *, idle_wait: float = 0.5, async_scheduling: bool | None = None) -> None:
         self.model = model                       # an in-process ServedModel
         self._idle_wait = idle_wait
+        # one step ahead (engine_loop_overlap): as asked, else as the served model says
+        self._async = getattr(model, "async_scheduling", False) if async_scheduling is None else async_scheduling
+        if self._async:
+            require_overlap(model.instance)
         self._inbox: deque[Command] = deque()
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -48,7 +52,7 @@ class ThreadBackend:
             except RuntimeError:
                 pass   # the loop is closed: nobody is listening any more
 
-        engine = EngineLoop(self.model.instance, post, idle_wait=self._idle_wait)
+        engine = make_engine_loop(self.model.instance, post, idle_wait=self._idle_wait, async_scheduling=self._async)
 
         def run() -> None:
             try:

@@ -19,7 +19,8 @@ from fairbatch.request import SLO, Request, RequestState
 from fairbatch.scheduler.base import make_scheduler
 from fairbatch.scheduler.config import SchedulerConfig
 from fairbatch.server.engine_loop import EngineLoop
-from fairbatch.server.engine_loop_overlap import OverlappedEngineLoop, make_engine_loop, require_overlap
+from fairbatch.server.engine_loop_overlap import OverlappedEngineLoop, make_engine_loop
+from fairbatch.step_ahead import require_overlap
 from fairbatch.server.engine_messages import AbortRequests, AddRequests, StepDeltas
 
 
@@ -150,7 +151,7 @@ def test_an_executor_that_cannot_launch_ahead_is_refused():
             pass
 
     sched = make_scheduler("vllm", SchedulerConfig(), BlockAllocator(64, 16), LinearLatencyModel(0.01, 0.0))
-    with pytest.raises(ValueError, match="async-scheduling"):
+    with pytest.raises(ValueError, match="async scheduling"):
         require_overlap(Instance(sched, Plain()))
     assert type(make_engine_loop(Instance(sched, Plain()), [].append)) is EngineLoop
 
@@ -233,3 +234,41 @@ def test_on_a_gpu_the_outputs_match_the_plain_loop(graphs):
     assert ahead == sync
     if graphs:
         assert b.engine.executor.graphs.replays > 0
+
+
+def test_offline_generate_one_step_ahead():
+    """``LLM(..., async_scheduling=True)`` (``fairbatch generate --async-scheduling``):
+    the same outputs, stop strings included (searched in each step's settled tokens)."""
+    def make(ahead: bool) -> LLM:
+        return LLM("tiny-llama", load_format="dummy", dtype="float32", num_kv_blocks=64, policy="sarathi",
+                   max_num_batched_tokens=64, async_scheduling=ahead)
+
+    plain = make(False)
+    probe = plain.generate([PROMPTS[1], PROMPTS[3]], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+    stop = probe[1].outputs[0].text[3:5]            # a stop string met part-way
+    prompts = [[t for t in p] for p in PROMPTS]
+    sps = [SamplingParams(temperature=0.0, max_tokens=6 + i, ignore_eos=True, stop=[stop] if i == 3 else [])
+           for i in range(len(prompts))]
+    want = [(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason) for o in plain.generate(prompts, sps)]
+    got = [(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason)
+           for o in make(True).generate(prompts, sps)]
+    assert got == want
+    assert want[3][2] == "stop" and stop not in want[3][1]
+
+
+def test_an_abort_after_a_length_finish_still_in_flight():
+    """A request that finishes by length in a launched step can still be ended by its host
+    before that step is back (a stop string met in the step before): it is aborted and
+    its last token, never delivered, is dropped."""
+    inst = _instance()
+    req = Request("a", 0.0, 8, 1, SLO(5.0, 0.5), prompt_token_ids=list(range(8)))
+    inst.add(req, 0.0)
+    plan, prep = inst.plan_step(0.0)
+    run, finished = inst.launch_step(plan, prep, 0.01)
+    assert finished == [req] and inst.scheduler.stats.finished == 1
+    assert inst.abort("a", 0.005) is req and req.state is RequestState.ABORTED
+    assert inst.settle_step(plan, inst.collect_step(run), 0.02) == []
+    assert req.generated == 0 and len(req.token_times) == 0 and req.output_token_ids == []
+    st = inst.scheduler.stats
+    assert (st.finished, st.aborted) == (0, 1)
+    assert inst.abort("a", 0.03) is None

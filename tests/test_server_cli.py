@@ -99,11 +99,13 @@ def test_serve_busy_port_is_one_line():
 
 
 @pytest.mark.parametrize("flag, expected", [
-    ([], (False, False, "triton")), (["--piecewise-cuda-graphs"], (True, False, "triton")),
-    (["--no-piecewise-cuda-graphs"], (False, False, "triton")),
-    (["--attention-overlap", "--prefill-attention", "sdpa"], (False, True, "sdpa"))])
+    ([], (False, False, "triton", False)), (["--piecewise-cuda-graphs"], (True, False, "triton", False)),
+    (["--no-piecewise-cuda-graphs"], (False, False, "triton", False)),
+    (["--attention-overlap", "--prefill-attention", "sdpa"], (False, True, "sdpa", False)),
+    (["--async-scheduling"], (False, False, "triton", True))])
 def test_serve_engine_flags_reach_engine_args(monkeypatch, flag, expected):
-    """The experimental engine flags (piecewise graphs, attention overlap, SDPA prefill) are
+    """The experimental engine flags (piecewise graphs, attention overlap, SDPA prefill,
+    async scheduling) are
     off by default and reach the engine's EngineArgs (on the CPU they change nothing else,
     so the engine is stopped once its arguments are built)."""
     from typer.testing import CliRunner
@@ -123,4 +125,5 @@ def test_serve_engine_flags_reach_engine_args(monkeypatch, flag, expected):
     r = CliRunner().invoke(app, ["serve", "--model", "tiny-llama", "--load-format", "dummy", "--port", "0",
                                  "--engine-thread", *flag])
     assert r.exit_code == 2 and "engine arguments seen" in r.output, r.output
-    assert [(a.piecewise_cuda_graphs, a.attention_overlap, a.prefill_attention) for a in seen] == [expected]
+    assert [(a.piecewise_cuda_graphs, a.attention_overlap, a.prefill_attention, a.async_scheduling)
+            for a in seen] == [expected]

@@ -176,3 +176,38 @@ def test_refit_latency_learns_this_hosts_step_times():
         from fairbatch.plan import StepFeatures
 
         assert latency_model_from_dict(prof).predict(StepFeatures(1, 1, 10, 10)) > 0
+
+
+def test_async_scheduling_in_the_engine_process(server):
+    """`fairbatch serve --async-scheduling`: the engine process plans one step ahead; several
+    concurrent streams (one ended by a stop string at the front end) answer as the plain
+    engine does, and every block comes back."""
+    info, backend = spawn_engine({**LOAD, "async_scheduling": True}, warmup=False, log_level="WARNING")
+    ahead = ServerThread(build_app(ServedModel(info), backend=backend)).start()
+    try:
+        prompts = ["The quick brown fox", "Paged attention", "x", "one step ahead"]
+
+        def answers(url: str, stop: str | None = None) -> list[str]:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=60)
+            out: list[str] = [""] * len(prompts)
+
+            def one(i: int) -> None:
+                stream = client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=12, temperature=0,
+                                                   stream=True, stop=[stop] if stop and i == 1 else None,
+                                                   extra_body={"ignore_eos": True})
+                out[i] = "".join(c.choices[0].text for c in stream)
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            return out
+
+        plain = answers(server.url)
+        stop = plain[1][4:6]
+        assert answers(ahead.url) == plain
+        with_stop = answers(ahead.url, stop)
+        assert with_stop[1] == plain[1][:plain[1].index(stop)] and with_stop[0] == plain[0]
+        wait_engine_idle(httpx.Client(base_url=ahead.url))
+    finally:
+        ahead.stop()

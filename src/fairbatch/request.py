@@ -217,6 +217,14 @@ class Request:
         if self.finish_time is not None and self.state is RequestState.FINISHED:
             self.finish_time = now
 
+    def drop_unsettled_token(self) -> None:
+        """Forget the last recorded token, whose id never came (its request was aborted
+        while the step producing it was in flight)."""
+        self.generated -= 1
+        self.token_times.pop()
+        if self.generated == 0:
+            self.first_token_time = None
+
     @property
     def max_lateness(self) -> float:
         """Max over produced tokens of (time - envelope deadline); <= 0 means the request

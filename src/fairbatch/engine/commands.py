@@ -42,6 +42,11 @@ AttentionOverlap = Annotated[bool, typer.Option(
     "--attention-overlap/--no-attention-overlap",
     help="Eager mixed steps: decode attention on a second CUDA stream beside the prefill chunks' "
          "(triton backend; off until measured on a GPU, docs/PERFORMANCE.md).")]
+AsyncScheduling = Annotated[bool, typer.Option(
+    "--async-scheduling/--no-async-scheduling",
+    help="Plan each step while the last one runs (vLLM's --async-scheduling; the GPU no longer waits for the "
+         "scheduler; a request that stops computes one token nobody sees). Off until measured on a GPU "
+         "(docs/PERFORMANCE.md).")]
 PrefillAttention = Annotated[str, typer.Option(
     help="Eager steps' prefill chunks: triton (the paged kernel) or sdpa (each chunk's context gathered, "
          "then torch's scaled-dot-product attention; triton backend; docs/PERFORMANCE.md).")]
@@ -120,6 +125,7 @@ def register(app: typer.Typer) -> None:
         attention_overlap: AttentionOverlap = False,
         prefill_attention: PrefillAttention = "triton",
         enable_prefix_caching: PrefixCaching = True,
+        async_scheduling: AsyncScheduling = False,
         seed: Annotated[int, typer.Option(help="Seed for dummy weights, sampling, trace prompts and SLO draws.")] = 0,
         output: Annotated[Path | None, typer.Option(help="Write one JSON line per request here.")] = None,
         json_path: Annotated[Path | None, typer.Option("--json", help="Write the run summary (vLLM bench keys) here.")] = None,
@@ -165,7 +171,7 @@ def _run_generate(*, model, prompt, prompts, trace, num_requests, rate_scale, of
                   temperature, top_p, top_k, ignore_eos, ttft_slo, tpot_slo, slo_classes, latency_profile,
                   load_format, dtype, device, attention_backend, num_kv_blocks, max_model_len,
                   max_num_batched_tokens, max_num_seqs, cuda_graphs, piecewise_cuda_graphs, attention_overlap,
-                  prefill_attention, enable_prefix_caching, seed, output, json_path) -> None:
+                  prefill_attention, enable_prefix_caching, async_scheduling, seed, output, json_path) -> None:
     import numpy as np
 
     from fairbatch.engine.llm import LLM
@@ -182,7 +188,7 @@ def _run_generate(*, model, prompt, prompts, trace, num_requests, rate_scale, of
     cfg = SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                           ttft_slo=ttft_slo, tpot_slo=tpot_slo)
     with console.status(f"loading {model}"):
-        llm = LLM(model, policy=policy, scheduler_config=cfg, latency_model=lat,
+        llm = LLM(model, policy=policy, scheduler_config=cfg, latency_model=lat, async_scheduling=async_scheduling,
                   **_engine_kwargs(load_format, dtype, device, attention_backend, num_kv_blocks, max_model_len,
                                    max_num_batched_tokens, max_num_seqs, cuda_graphs, seed, enable_prefix_caching,
                                    piecewise_cuda_graphs, attention_overlap, prefill_attention))

@@ -34,9 +34,11 @@ from fairbatch.engine.weights import WeightsError, init_dummy, load_safetensors
 from fairbatch.instance import Instance
 from fairbatch.kv import BlockAllocator, check_fits
 from fairbatch.latency.base import LatencyModel
+from fairbatch.plan import StepPlan, StepResult
 from fairbatch.request import SLO, Request, RequestState
 from fairbatch.scheduler.base import SchedulerConfig, make_scheduler
 from fairbatch.specs import default_activation_reserve, gpu_preset_for, kv_cache_blocks
+from fairbatch.step_ahead import StepAhead
 
 LOAD_FORMATS = ("auto", "safetensors", "dummy", "simulated")   # simulated: engine/simulated.py
 CPU_DEFAULT_KV_BLOCKS = 1024
@@ -67,6 +69,9 @@ class EngineArgs:
     # "sdpa"); both off until measured on a GPU (docs/PERFORMANCE.md)
     attention_overlap: bool = False
     prefill_attention: str = "triton"
+    # plan each step while the last one runs (vLLM's async_scheduling; step_ahead.py): in
+    # `fairbatch serve` and LLM.generate/run; off until measured on a GPU (docs/PERFORMANCE.md)
+    async_scheduling: bool = False
     tokenizer: str | None = None                # directory with tokenizer.json; default: the model's
     max_num_batched_tokens: int = 8192
     # 256, not the simulator's 1024 (scheduler.config.DEFAULT_MAX_NUM_SEQS, vLLM's H100/H200
@@ -318,8 +323,9 @@ class LLM:
             if bar is not None:
                 bar.advance()
 
+        ahead = StepAhead(inst, lambda: clock() - t0) if self.engine.args.async_scheduling else None
         try:
-            while i < len(pending) or inst.has_work():
+            while i < len(pending) or inst.has_work() or (ahead is not None and ahead.in_flight):
                 now = clock() - t0
                 while i < len(pending) and pending[i][0] <= now:
                     req = pending[i][1]
@@ -328,6 +334,17 @@ class LLM:
                     if req.state is RequestState.REJECTED:   # late=reject: hopeless on arrival
                         done(req)
                     i += 1
+                if ahead is not None and (ahead.in_flight or inst.has_work()):
+                    plan, settled = ahead.cycle(now)
+                    for req in plan.rejected if plan is not None else ():
+                        done(req)
+                    if settled is not None:
+                        self._after_step(settled.plan, settled.result, settled.finished, settled.end,
+                                         logprobs, stops, done)
+                    elif plan is not None and not plan.chunks:
+                        idle_steps = 0 if plan.rejected else idle_steps + 1
+                        self._check_progress(idle_steps)
+                    continue
                 if not inst.has_work():
                     if i < len(pending):        # else every request has ended (the last ones refused)
                         time.sleep(max(0.0, min(pending[i][0] - now, 0.05)))
@@ -340,18 +357,12 @@ class LLM:
                 # tokens are stamped at the real end of the step (scheduling included)
                 end = clock() - t0
                 finished = inst.end_step(plan, result, end)
-                if stops.watching:
-                    for req in stops.after_step([r for r, _ in plan.chunks], lambda rid: inst.abort(rid, end)):
-                        done(req)
                 if plan.is_empty:
                     idle_steps = 0 if plan.rejected else idle_steps + 1
-                    if idle_steps > 10000 and not self.scheduler.num_running:
-                        raise RuntimeError(f"the {self.policy} scheduler makes no progress "
-                                           f"({self.scheduler.num_waiting} requests waiting)")
+                    self._check_progress(idle_steps)
                     continue
                 idle_steps = 0
-                for req in finished:
-                    done(req)
+                self._after_step(plan, result, finished, end, None, stops, done)
         finally:
             if bar is not None:
                 bar.close()
@@ -359,6 +370,23 @@ class LLM:
         for req, out in zip(order, outputs):
             stops.apply(req, out)
         return outputs
+
+    def _after_step(self, plan: StepPlan, result: StepResult, finished: list[Request], end: float,
+                    logprobs: "_Logprobs | None", stops: StopStrings, done: Callable[[Request], None]) -> None:
+        """A step's tokens are recorded: logprobs kept, stop strings searched, finished
+        requests reported."""
+        if logprobs is not None and (result.logprobs or result.prompt_logprobs):
+            logprobs.add(result)
+        if stops.watching:
+            for req in stops.after_step([r for r, _ in plan.chunks], lambda rid: self.instance.abort(rid, end)):
+                done(req)
+        for req in finished:
+            done(req)
+
+    def _check_progress(self, idle_steps: int) -> None:
+        if idle_steps > 10000 and not self.scheduler.num_running:
+            raise RuntimeError(f"the {self.policy} scheduler makes no progress "
+                               f"({self.scheduler.num_waiting} requests waiting)")
 
     def output_of(self, req: Request, t0: float = 0.0, logprobs: "_Logprobs | None" = None) -> RequestOutput:
         sp = req.sampling if isinstance(req.sampling, SamplingParams) else None

@@ -38,7 +38,8 @@ class StopStrings:
             if proc is None or proc.finish_reason is not None:
                 continue
             new = req.output_token_ids[proc.num_tokens:]
-            final = req.state is RequestState.FINISHED
+            # (a request whose last token is still in flight, one step ahead, is not done yet)
+            final = req.state is RequestState.FINISHED and len(req.output_token_ids) >= req.generated
             if new or final:
                 proc.feed(new, final=final, stopped_by_token=final and req.finish_reason == "stop")
             if proc.finish_reason == "stop" and not final:

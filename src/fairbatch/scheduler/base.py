@@ -118,6 +118,8 @@ class Scheduler(ABC):
         q = config.ttft_margin_quantile           # first tokens planned ahead of delivery
         self._delivery = DeliveryLead(q) if q is not None else None
         self._prefix = PrefixReuse(allocator, self._work_left_changed)   # prefix caching (prefix_reuse.py)
+        # finished by length when launched, their last token not yet settled (advance_in_flight)
+        self._finished_in_flight: dict[str, Request] = {}
         self._pinned = self._prefix.pinned        # waiting requests holding a cached prefix
 
     # --- interface -------------------------------------------------------------------------
@@ -160,7 +162,15 @@ class Scheduler(ABC):
         self.waiting.append(req)
 
     def abort(self, request_id: str, now: float) -> Request | None:
-        """Drop a request wherever it is and free its blocks at once."""
+        """Drop a request wherever it is and free its blocks at once. One that finished by
+        length in a step still in flight (one step ahead) is aborted too: its last token,
+        not yet out, is then dropped when the step settles."""
+        late = self._finished_in_flight.pop(request_id, None)
+        if late is not None:
+            late.state, late.finish_reason, late.finish_time = RequestState.ABORTED, "abort", now
+            self.stats.finished -= 1
+            self.stats.aborted += 1
+            return late
         return self._remove(request_id, now, RequestState.ABORTED, "abort")
 
     def finish(self, request_id: str, now: float, reason: str = "stop") -> Request | None:
@@ -359,6 +369,7 @@ class Scheduler(ABC):
             self._prefix.name_computed_blocks()
         for req in finished:
             self._finish(req, now)
+            self._finished_in_flight[req.request_id] = req    # an abort may still end it (abort)
         self.stats.steps += 1
         return finished
 
@@ -378,8 +389,12 @@ class Scheduler(ABC):
             rid = req.request_id
             tok = token_ids.get(rid)
             if tok is None or rid in seen or len(req.output_token_ids) >= req.generated:
-                continue   # sampled nothing, or aborted before its token was counted
+                continue   # sampled nothing, or ended before its token was counted
             seen.add(rid)
+            self._finished_in_flight.pop(rid, None)
+            if req.state is RequestState.ABORTED:
+                req.drop_unsettled_token()     # the host ended it while its token was in flight
+                continue
             req.settle_last_token(end, tok)
             if req.state is not running:
                 continue   # finished by length at launch, aborted or preempted meanwhile

@@ -13,6 +13,7 @@ import typer
 from fairbatch.engine.commands import (
     PREFIX_CACHING_FLAGS,
     PREFIX_CACHING_HELP,
+    AsyncScheduling,
     AttentionOverlap,
     PiecewiseGraphs,
     PrefillAttention,
@@ -176,11 +177,7 @@ def register(app: typer.Typer) -> None:
                                                    "before their TTFT deadline: room for what the server "
                                                    "adds after the step (IPC, detokenizing, streaming; "
                                                    "docs/ALGORITHM.md). At most half a request's TTFT.")] = 0.1,
-        async_scheduling: Annotated[bool, typer.Option(help="Plan each step while the last one runs (vLLM's "
-                                                       "--async-scheduling): the GPU no longer waits for "
-                                                       "scheduling and the hand-off of tokens; a request that "
-                                                       "stops computes one token nobody sees. Off until "
-                                                       "measured on a GPU (docs/PERFORMANCE.md).")] = False,
+        async_scheduling: AsyncScheduling = False,
         engine_thread: Annotated[bool, typer.Option(help="Run the engine on a thread of the server process "
                                                     "instead of its own process (slower under load).")] = False,
         metrics_prefix: Annotated[str, typer.Option(help="Prefix of the /metrics names: 'vllm' publishes them as "
@@ -238,14 +235,13 @@ def register(app: typer.Typer) -> None:
             gpu_memory_utilization=gpu_memory_utilization, seed=seed, cpu_threads=cpu_threads,
             refit_latency=refit_latency, enable_prefix_caching=enable_prefix_caching,
             piecewise_cuda_graphs=piecewise_cuda_graphs, attention_overlap=attention_overlap,
-            prefill_attention=prefill_attention)
+            prefill_attention=prefill_attention, async_scheduling=async_scheduling)
         logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                             format="%(levelname)s %(name)s: %(message)s")
         backend = None
         try:
             if engine_thread:
                 served = load_served_model(served_model_name=served_model_name, **load_kwargs)
-                served.async_scheduling = async_scheduling
                 # The engine thread shares the GIL with the event loop: a 1 ms switch interval
                 # (the default is 5 ms) bounds how long a torch call waits for the loop.
                 sys.setswitchinterval(0.001)
@@ -260,8 +256,7 @@ def register(app: typer.Typer) -> None:
                                      max_model_len=max_model_len, scheduler_options=options)
                 if cpu_threads is not None and cpu_threads < 1:
                     raise ValueError("--cpu-threads must be >= 1")
-                spawn_kwargs = dict(name=served_model_name, warmup=warmup, log_level=log_level,
-                                    async_scheduling=async_scheduling)
+                spawn_kwargs = dict(name=served_model_name, warmup=warmup, log_level=log_level)
                 info, backend = spawn_engine(load_kwargs, **spawn_kwargs)
                 if engine_restarts > 0:
                     from fairbatch.server.engine_restart import RestartingBackend

@@ -33,7 +33,8 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from fairbatch.server.engine_loop_overlap import make_engine_loop, require_overlap
+from fairbatch.server.engine_loop_overlap import make_engine_loop
+from fairbatch.step_ahead import require_overlap
 from fairbatch.server.engine_messages import Command, EngineFailed, EngineGone, EngineMessage, EngineReady, Stop
 from fairbatch.server.model import ModelInfo
 
@@ -77,14 +78,12 @@ def _socket_of(conn: Any) -> socket.socket:
 
 
 def spawn_engine(load_kwargs: dict[str, Any], *, name: str | None = None, warmup: bool = True,
-                 start_timeout: float = 3600.0, log_level: str = "INFO",
-                 async_scheduling: bool = False) -> tuple[ModelInfo, "ProcessBackend"]:
+                 start_timeout: float = 3600.0, log_level: str = "INFO") -> tuple[ModelInfo, "ProcessBackend"]:
     """Start an engine process that builds ``load_served_model(**load_kwargs)``, warms it up
-    (CUDA only) and serves (one step ahead with ``async_scheduling``:
-    ``engine_loop_overlap``). Returns once it is ready; raises ``EngineStartError`` if it fails."""
+    (CUDA only) and serves. Returns once it is ready; raises ``EngineStartError`` if it fails."""
     ctx = mp.get_context("spawn")          # never fork a process that may hold CUDA or threads
     parent, child = ctx.Pipe(duplex=True)
-    proc = ctx.Process(target=_engine_main, args=(child, load_kwargs, name, warmup, log_level, async_scheduling),
+    proc = ctx.Process(target=_engine_main, args=(child, load_kwargs, name, warmup, log_level),
                        name="fairbatch-engine", daemon=True)
     proc.start()
     child.close()
@@ -198,8 +197,7 @@ class ProcessBackend:
 
 
 # --- the engine process ----------------------------------------------------------------------------
-def _engine_main(conn: Any, load_kwargs: dict[str, Any], name: str | None, warmup: bool, log_level: str,
-                 async_scheduling: bool = False) -> None:
+def _engine_main(conn: Any, load_kwargs: dict[str, Any], name: str | None, warmup: bool, log_level: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(levelname)s %(name)s[engine]: %(message)s")
@@ -209,7 +207,8 @@ def _engine_main(conn: Any, load_kwargs: dict[str, Any], name: str | None, warmu
     try:
         served = load_served_model(served_model_name=name, **load_kwargs)
         served.thread_init()
-        if async_scheduling:
+        ahead = served.llm.engine.args.async_scheduling      # one step ahead (step_ahead.py)
+        if ahead:
             require_overlap(served.instance)
         if warmup and served.device.startswith("cuda"):
             from fairbatch.server.warmup import warm_up
@@ -248,7 +247,7 @@ def _engine_main(conn: Any, load_kwargs: dict[str, Any], name: str | None, warmu
         except OSError:
             stopping = True
 
-    loop = make_engine_loop(served.instance, post, async_scheduling=async_scheduling)
+    loop = make_engine_loop(served.instance, post, async_scheduling=ahead)
     code = 0
     try:
         loop.run(receive, lambda: stopping)

@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from fairbatch.server.engine_loop_overlap import make_engine_loop, require_overlap
+from fairbatch.server.engine_loop_overlap import make_engine_loop
 from fairbatch.server.engine_messages import Command, EngineGone, EngineMessage
 
 log = logging.getLogger("fairbatch.server")
@@ -27,13 +27,11 @@ class ThreadBackend:
     # The engine mutates the very Request objects the front end holds: nothing to mirror.
     mirrors = False
 
-    def __init__(self, model: Any, *, idle_wait: float = 0.5, async_scheduling: bool | None = None) -> None:
+    def __init__(self, model: Any, *, idle_wait: float = 0.5) -> None:
         self.model = model                       # an in-process ServedModel
         self._idle_wait = idle_wait
-        # one step ahead (engine_loop_overlap): as asked, else as the served model says
-        self._async = getattr(model, "async_scheduling", False) if async_scheduling is None else async_scheduling
-        if self._async:
-            require_overlap(model.instance)
+        llm = getattr(model, "llm", None)     # one step ahead (step_ahead.py) when the engine was built so
+        self._async = llm is not None and llm.engine.args.async_scheduling
         self._inbox: deque[Command] = deque()
         self._lock = threading.Lock()
         self._wake = threading.Event()

@@ -162,7 +162,6 @@ class ServedModel:
         self.chat_template = ChatTemplate.from_dir(info.tokenizer_dir)
         self.device = info.device
         self.prefix_caching = info.prefix_caching
-        self.async_scheduling = False       # the in-process engine loop plans one step ahead (serve sets it)
 
     @classmethod
     def of_llm(cls, llm: Any, name: str | None = None, *, aliases: Sequence[str] = ()) -> "ServedModel":

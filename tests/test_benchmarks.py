@@ -64,6 +64,14 @@ def _search(driver, att, scales: list[float], probes: int, target: float = 0.9) 
     return order
 
 
+def test_serve_bench_cells_carry_settings_and_serve_flags(driver) -> None:
+    assert driver.serve_args_of("qoserve") == ("qoserve", [])
+    assert driver.serve_args_of("fairbatching:ttft_margin_quantile=0.9@--async-scheduling") == (
+        "fairbatching", ["--set", "ttft_margin_quantile=0.9", "--async-scheduling"])
+    assert driver.serve_args_of("sarathi@--prefill-attention,sdpa") == ("sarathi", ["--prefill-attention", "sdpa"])
+    assert driver.file_label("fairbatching@--async-scheduling") == "fairbatching_--async-scheduling"
+
+
 def test_serve_bench_probes(driver) -> None:
     def cap(c):
         return lambda s: 1.0 if s <= c else 0.5

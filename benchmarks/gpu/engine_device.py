@@ -59,7 +59,7 @@ def main() -> None:
         with open(out / "gpu_tests.log", "w") as log:
             rc = subprocess.call([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
                                   "tests/test_engine_gpu.py", "tests/test_piecewise_graph_gpu.py",
-                                  "tests/test_engine_prefix_cache.py"],
+                                  "tests/test_engine_prefix_cache.py", "tests/test_async_scheduling.py"],
                                  stdout=log, stderr=subprocess.STDOUT, env=env)
         tail = (out / "gpu_tests.log").read_text().strip().splitlines()[-1:]
         summary.append(f"gpu tests rc={rc}: {tail[0] if tail else ''}  ({time.time() - t0:.0f}s)")

@@ -13,6 +13,7 @@ printed last. Stays inside --budget-s (a device call's limit).
         --num 1000 --scales 3.5 4.2 4.9 --probes 2 --budget-s 560
     # a policy with settings of its own: --policy fairbatching:ttft_margin_quantile=0.9
     # two runs per cell, the order alternated: --policy fairbatching --policy qoserve --rounds 2
+    # an engine flag's A/B: --policy fairbatching --policy fairbatching@--async-scheduling --rounds 2
 """
 
 from __future__ import annotations
@@ -91,10 +92,13 @@ def triton_kernels() -> int:
 def serve_args_of(spec: str) -> tuple[str, list[str]]:
     """A policy variant (``fairbatching:ttft_margin_quantile=0.9``) as `fairbatch serve`'s
     ``--policy NAME`` and its ``--set KEY=VALUE`` arguments, so that each policy of a call
-    can run with settings of its own."""
+    can run with settings of its own; after ``@``, comma-separated `fairbatch serve` flags
+    of this cell alone (``fairbatching@--async-scheduling``: an engine option's A/B in
+    one call, alternated with ``--rounds``)."""
+    spec, _, flags = spec.partition("@")
     v = parse_variant(spec)
     sets = [f"{k}={val if isinstance(val, str) else json.dumps(val)}" for k, val in v.overrides]
-    return v.name, [x for kv in sets for x in ("--set", kv)]
+    return v.name, [x for kv in sets for x in ("--set", kv)] + [f for f in flags.split(",") if f]
 
 
 def file_label(spec: str) -> str:

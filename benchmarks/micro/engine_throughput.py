@@ -4,7 +4,10 @@ lengths (ignore_eos), one policy. Reports output tokens/s against the roofline o
 same work: the sum, over the steps the engine actually ran, of each step's roofline time
 (weights + KV bytes over the copy rate vs FLOPs over the matmul rate; RooflineLatencyModel).
 
-    PYTHONPATH=src python benchmarks/micro/engine_throughput.py --num-requests 2000 [--policy vllm]
+    PYTHONPATH=src python benchmarks/micro/engine_throughput.py --num-requests 2000 [--policy vllm] [--async-scheduling]
+
+With ``--async-scheduling`` each step is planned while the last one runs (step_ahead.py);
+"steps s" then sums each step from its launch to its collection.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ def main() -> None:
     ap.add_argument("--gpu", default="h100")
     ap.add_argument("--policy", default="vllm")
     ap.add_argument("--num-requests", type=int, default=2000)
+    ap.add_argument("--async-scheduling", action="store_true", help="plan each step while the last one runs")
     args = ap.parse_args()
-    llm = LLM(args.model, load_format="dummy", policy=args.policy)
+    llm = LLM(args.model, load_format="dummy", policy=args.policy, async_scheduling=args.async_scheduling)
     entries, _ = truncate_to_context(load_trace("azure-conv", num_requests=args.num_requests),
                                      llm.scheduler_config.max_model_len)
     vocab = llm.engine.config.vocab_size
@@ -36,24 +40,28 @@ def main() -> None:
 
     roof = RooflineLatencyModel(get_model(args.model), get_gpu(args.gpu))
     ex = llm.engine.executor
-    run = ex.execute
+    prepare, collect = ex.prepare, ex.collect
     acc = {"roof": 0.0, "step": 0.0, "steps": 0}
 
-    def timed(plan):
+    def prepared(plan):   # every step is prepared once, planned ahead or not
         acc["roof"] += roof.predict(plan.features)
-        res = run(plan)
+        return prepare(plan)
+
+    def collected(launched):
+        res = collect(launched)
         acc["step"] += res.duration
         acc["steps"] += 1
         return res
 
-    ex.execute = timed   # the Instance calls executor.execute: count every step it runs
+    ex.prepare, ex.collect = prepared, collected
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params)
     wall = time.perf_counter() - t0
     out_tokens = sum(len(o.token_ids) for o in outs)
     in_tokens = sum(e.prompt_len for e in entries)
     assert all(len(o.token_ids) == e.output_len for o, e in zip(outs, entries))
-    print(f"{args.model} dummy, policy {args.policy}, {len(entries)} requests, {in_tokens} prompt + "
+    print(f"{args.model} dummy, policy {args.policy}{', async scheduling' if args.async_scheduling else ''}, "
+          f"{len(entries)} requests, {in_tokens} prompt + "
           f"{out_tokens} output tokens, {acc['steps']} steps")
     print(f"{'wall s':>8s} {'steps s':>8s} {'roofline s':>10s} {'out tok/s':>10s} {'roofline tok/s':>14s} {'ratio':>6s}")
     print(f"{wall:8.1f} {acc['step']:8.1f} {acc['roof']:10.1f} {out_tokens / wall:10.0f} "

@@ -396,8 +396,17 @@ class Scheduler(ABC):
                 req.drop_unsettled_token()     # the host ended it while its token was in flight
                 continue
             req.settle_last_token(end, tok)
-            if req.state is not running:
-                continue   # finished by length at launch, aborted or preempted meanwhile
+            if req.state is RequestState.WAITING:      # preempted by the step planned meanwhile
+                if stopped and rid in stopped:
+                    self._remove(rid, end, RequestState.FINISHED, "stop")
+                    finished.append(req)
+                else:
+                    self._work_left_changed(req)       # its deadline may have moved
+                continue
+            if req.state is not running:               # finished by length when launched
+                if stopped and rid in stopped:
+                    req.finish_reason = "stop"         # ... with a stop token: as on_step_end says
+                continue
             if stopped and rid in stopped:
                 req.finish_reason = "stop"
                 finished.append(req)
@@ -405,7 +414,8 @@ class Scheduler(ABC):
                 req.relegated = True      # its SLO is lost: best effort from here on
                 self.stats.relegated += 1
         for req in finished:
-            self._finish(req, end)
+            if req.state is running:
+                self._finish(req, end)
         return finished
 
     # --- for a host that owns the request list (vLLM) -------------------------------------

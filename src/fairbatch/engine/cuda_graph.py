@@ -150,10 +150,13 @@ class StepGraphs:
         else:
             self.replays += 1
         g.dev.copy_(g.hosts[step.buffer], non_blocking=True)
+        # the sampling rows from pinned memory, before the replay: a copy from pageable
+        # memory may wait for the stream, which would make the launch wait for the step
+        idx = (torch.from_numpy(np.asarray(step.rows, dtype=np.int64)).pin_memory().to(g.hidden.device, non_blocking=True)
+               if step.reqs else None)
         g.graph.replay()
-        if not step.reqs:
+        if idx is None:
             return g.hidden[:0, :0], step.reqs
-        idx = torch.from_numpy(np.asarray(step.rows, dtype=np.int64)).to(g.hidden.device, non_blocking=True)
         return self.ex.model.compute_logits(g.hidden.index_select(0, idx)), step.reqs
 
     # --- decode-only -----------------------------------------------------------------------

@@ -12,13 +12,18 @@
    backends, ``prefill_attention.json``), ``benchmarks/micro/gemm_shapes.py`` (a layer's
    GEMMs at 64-2,048 rows, ``gemm_shapes.json``), ``benchmarks/micro/split_kv.py`` (split-KV decode attention
    at each setting, ``split_kv.json``) and ``benchmarks/micro/step_kernels.py`` (each step
-   shape's GPU kernel time by kind and the host gap, ``step_kernels.json``), imported.
+   shape's GPU kernel time by kind and the host gap, ``step_kernels.json``), imported;
+6. with ``--throughput MODEL``: ``benchmarks/micro/engine_throughput.py`` (offline, the first
+   ``--throughput-requests`` conversation requests at once) with the plain loop and with
+   scheduling one step ahead, alternated over ``--throughput-rounds`` (subprocesses,
+   ``throughput_*.json``).
 
 Results go to ``$OUT`` (or ``--out``); a short table is printed last.
 
     OUT=/tmp/out PYTHONPATH=src python benchmarks/gpu/engine_device.py --models llama-3-8b qwen2.5-7b
     OUT=/tmp/out PYTHONPATH=src python benchmarks/gpu/engine_device.py --skip-bench --models --piecewise llama-3-8b
     OUT=/tmp/out PYTHONPATH=src python benchmarks/gpu/engine_device.py --skip-tests --skip-bench --models --kernels llama-3-8b
+    OUT=/tmp/out PYTHONPATH=src python benchmarks/gpu/engine_device.py --skip-tests --skip-bench --models --throughput llama-3-8b
 """
 
 from __future__ import annotations
@@ -48,6 +53,9 @@ def main() -> None:
     ap.add_argument("--quick-profile", action="store_true")
     ap.add_argument("--piecewise", metavar="MODEL", help="time piecewise CUDA graphs on vs off for MODEL")
     ap.add_argument("--kernels", metavar="MODEL", help="GPU kernel time by kind per step shape for MODEL")
+    ap.add_argument("--throughput", metavar="MODEL", help="offline throughput of MODEL, plain vs one step ahead")
+    ap.add_argument("--throughput-requests", type=int, default=600)
+    ap.add_argument("--throughput-rounds", type=int, default=1)
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -123,6 +131,9 @@ def main() -> None:
     if args.kernels:
         summary.extend(kernel_rows(args.kernels, out))
 
+    if args.throughput:
+        summary.extend(throughput_rows(args.throughput, out, args.throughput_requests, args.throughput_rounds))
+
     (out / "summary.txt").write_text("\n".join(summary) + "\n")
     print("\n===== summary =====")
     print("\n".join(summary))
@@ -173,6 +184,30 @@ def kernel_rows(model: str, out: Path) -> list[str]:
             lines.append(f"{name} FAILED: " + traceback.format_exc().strip().splitlines()[-1])
         gc.collect()
         torch.cuda.empty_cache()
+    return lines
+
+
+def throughput_rows(model: str, out: Path, requests: int, rounds: int) -> list[str]:
+    """engine_throughput.py with the plain loop and one step ahead, alternated, each in a
+    process of its own (a fresh CUDA context and graphs). Returns summary lines."""
+    script = Path(__file__).resolve().parents[1] / "micro" / "engine_throughput.py"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(["src", os.environ.get("PYTHONPATH", "")]))
+    lines = []
+    for rnd in range(rounds):
+        for ahead in (False, True) if rnd % 2 == 0 else (True, False):
+            tag = f"{'async' if ahead else 'plain'}_r{rnd}"
+            path = out / f"throughput_{tag}.json"
+            with open(out / f"throughput_{tag}.log", "w") as log:
+                rc = subprocess.call([sys.executable, str(script), "--model", model, "--num-requests", str(requests),
+                                      "--out", str(path), *(["--async-scheduling"] if ahead else [])],
+                                     stdout=log, stderr=subprocess.STDOUT, env=env)
+            if rc != 0 or not path.exists():
+                lines.append(f"throughput {tag} FAILED rc={rc} (throughput_{tag}.log)")
+                continue
+            r = json.loads(path.read_text())
+            lines.append(f"throughput {tag}: {r['output_tokens_per_s']:.0f} out tok/s, wall {r['wall_s']:.1f} s, "
+                         f"x{r['wall_over_roofline']:.2f} roofline, {r['steps']} steps")
+            print(lines[-1], flush=True)
     return lines
 
 

@@ -13,7 +13,9 @@ With ``--async-scheduling`` each step is planned while the last one runs (step_a
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 from fairbatch.engine.llm import LLM
 from fairbatch.engine.params import SamplingParams
@@ -29,6 +31,7 @@ def main() -> None:
     ap.add_argument("--policy", default="vllm")
     ap.add_argument("--num-requests", type=int, default=2000)
     ap.add_argument("--async-scheduling", action="store_true", help="plan each step while the last one runs")
+    ap.add_argument("--out", type=Path, help="also write the numbers here (JSON)")
     args = ap.parse_args()
     llm = LLM(args.model, load_format="dummy", policy=args.policy, async_scheduling=args.async_scheduling)
     entries, _ = truncate_to_context(load_trace("azure-conv", num_requests=args.num_requests),
@@ -66,6 +69,12 @@ def main() -> None:
     print(f"{'wall s':>8s} {'steps s':>8s} {'roofline s':>10s} {'out tok/s':>10s} {'roofline tok/s':>14s} {'ratio':>6s}")
     print(f"{wall:8.1f} {acc['step']:8.1f} {acc['roof']:10.1f} {out_tokens / wall:10.0f} "
           f"{out_tokens / acc['roof']:14.0f} {wall / acc['roof']:6.2f}")
+    if args.out is not None:
+        args.out.write_text(json.dumps({
+            "model": args.model, "policy": args.policy, "async_scheduling": args.async_scheduling,
+            "requests": len(entries), "prompt_tokens": in_tokens, "output_tokens": out_tokens, "steps": acc["steps"],
+            "wall_s": wall, "steps_s": acc["step"], "roofline_s": acc["roof"], "output_tokens_per_s": out_tokens / wall,
+            "wall_over_roofline": wall / acc["roof"]}, indent=1))
 
 
 if __name__ == "__main__":

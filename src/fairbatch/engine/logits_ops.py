@@ -19,6 +19,16 @@ import torch
 NEG_INF = float("-inf")
 
 
+def to_device(values: Sequence | torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host values on ``device`` without waiting for the work queued there: a plain
+    ``torch.tensor(..., device=cuda)`` copies synchronously, which would make a step
+    launched one step ahead (step_ahead.py) wait for the step before it."""
+    t = values.to(dtype) if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def allowed_only(logits: torch.Tensor, allowed: Sequence[Sequence[int] | None]) -> torch.Tensor:
     """Rows with an allow-list keep only those tokens (the rest to -inf)."""
     mask = torch.zeros_like(logits, dtype=torch.bool)
@@ -26,7 +36,7 @@ def allowed_only(logits: torch.Tensor, allowed: Sequence[Sequence[int] | None]) 
         if ids is None:
             continue
         mask[i] = True
-        mask[i, torch.as_tensor(list(ids), dtype=torch.long, device=logits.device)] = False
+        mask[i, to_device(list(ids), torch.long, logits.device)] = False
     return logits.masked_fill(mask, NEG_INF)
 
 
@@ -42,7 +52,7 @@ def block_tokens(logits: torch.Tensor, blocked: Sequence[Sequence[int]]) -> torc
         return logits
     out = logits.clone()
     dev = logits.device
-    out[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)] = NEG_INF
+    out[to_device(rows, torch.long, dev), to_device(cols, torch.long, dev)] = NEG_INF
     return out
 
 
@@ -60,8 +70,8 @@ def add_bias(logits: torch.Tensor, biases: Sequence[dict[int, float] | None]) ->
         return logits
     dev = logits.device
     out = logits.clone()
-    out.index_put_((torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)),
-                   torch.tensor(vals, dtype=logits.dtype, device=dev), accumulate=True)
+    out.index_put_((to_device(rows, torch.long, dev), to_device(cols, torch.long, dev)),
+                   to_device(vals, logits.dtype, dev), accumulate=True)
     return out
 
 
@@ -75,7 +85,7 @@ def token_counts(ids: Sequence[Sequence[int]], vocab: int, device: torch.device)
         for i, x in enumerate(ids):
             if x:
                 padded[i, :len(x)] = torch.as_tensor(list(x), dtype=torch.long)
-        padded = padded.to(device)
+        padded = to_device(padded, torch.long, device)
         counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=torch.float32))
     return counts[:, :vocab]
 
@@ -95,20 +105,20 @@ def apply_penalties(logits: torch.Tensor, prompt_ids: Sequence[Sequence[int]], o
     out_counts = token_counts(output_ids, V, dev)
     seen_out = out_counts > 0
     out = logits.clone()
-    rep = torch.tensor(repetition, dtype=logits.dtype, device=dev)[:, None]
-    if bool((rep != 1.0).any()):
+    rep = to_device(repetition, logits.dtype, dev)[:, None]
+    if any(r != 1.0 for r in repetition):
         seen = seen_out | (token_counts(prompt_ids, V, dev) > 0)
         penalised = torch.where(out > 0, out / rep, out * rep)
         out = torch.where(seen, penalised, out)
-    freq = torch.tensor(frequency, dtype=logits.dtype, device=dev)[:, None]
-    pres = torch.tensor(presence, dtype=logits.dtype, device=dev)[:, None]
+    freq = to_device(frequency, logits.dtype, dev)[:, None]
+    pres = to_device(presence, logits.dtype, dev)[:, None]
     return out - freq * out_counts - pres * seen_out.to(logits.dtype)
 
 
 def apply_min_p(logits: torch.Tensor, min_p: Sequence[float]) -> torch.Tensor:
     """min_p: drop tokens whose probability is below ``min_p`` times the top token's
     (after temperature, as vLLM applies it)."""
-    mp = torch.tensor(min_p, dtype=logits.dtype, device=logits.device)[:, None]
+    mp = to_device(min_p, logits.dtype, logits.device)[:, None]
     probs = torch.softmax(logits, dim=-1)
     threshold = probs.amax(dim=-1, keepdim=True) * mp
     return logits.masked_fill(probs < threshold, NEG_INF)

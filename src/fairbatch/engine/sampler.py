@@ -14,7 +14,7 @@ from collections.abc import Collection, Sequence
 
 import torch
 
-from fairbatch.engine.logits_ops import add_bias, allowed_only, apply_min_p, apply_penalties, block_tokens
+from fairbatch.engine.logits_ops import add_bias, allowed_only, apply_min_p, apply_penalties, block_tokens, to_device
 from fairbatch.engine.params import SamplingParams
 from fairbatch.request import Request
 
@@ -51,7 +51,7 @@ class Sampler:
             return logits.argmax(dim=-1)
         V = logits.shape[1]
         dev = logits.device
-        temps = _to_device([1.0 if g else p.temperature for p, g in zip(params, greedy)], torch.float32, dev)
+        temps = to_device([1.0 if g else p.temperature for p, g in zip(params, greedy)], torch.float32, dev)
         scaled = logits / temps[:, None]
         if not all(p.plain for p in params) and any(p.min_p > 0 and not g for p, g in zip(params, greedy)):
             scaled = apply_min_p(scaled, [0.0 if g else p.min_p for p, g in zip(params, greedy)])
@@ -64,12 +64,12 @@ class Sampler:
             return self._keep_greedy(tokens, logits, greedy)
         sorted_logits, order = scaled.sort(dim=-1, descending=True)
         if min(ks) < V:
-            k_t = _to_device(ks, torch.int64, dev)
+            k_t = to_device(ks, torch.int64, dev)
             rank = torch.arange(V, device=dev)
             sorted_logits = sorted_logits.masked_fill(rank[None, :] >= k_t[:, None], float("-inf"))
         probs = torch.softmax(sorted_logits, dim=-1)
         if min(tops) < 1.0:
-            p_t = _to_device(tops, torch.float32, dev)
+            p_t = to_device(tops, torch.float32, dev)
             before = probs.cumsum(dim=-1) - probs       # mass strictly ahead of each entry
             probs = probs.masked_fill(before >= p_t[:, None], 0.0)   # the top entry always stays
         pick = self._race(probs, reqs, params, greedy, order)
@@ -98,18 +98,9 @@ class Sampler:
     def _keep_greedy(tokens: torch.Tensor, logits: torch.Tensor, greedy: list[bool]) -> torch.Tensor:
         """Greedy rows of a mixed batch take their argmax."""
         if any(greedy):
-            g_rows = _to_device(greedy, torch.bool, logits.device)
+            g_rows = to_device(greedy, torch.bool, logits.device)
             tokens = torch.where(g_rows, logits.argmax(dim=-1), tokens)
         return tokens
-
-
-def _to_device(values: list, dtype: torch.dtype, dev: torch.device) -> torch.Tensor:
-    """A small host list on the device without waiting for the work queued there (a plain
-    ``torch.tensor(..., device=cuda)`` copies synchronously: it would wait for the step)."""
-    t = torch.tensor(values, dtype=dtype)
-    if dev.type != "cuda":
-        return t
-    return t.pin_memory().to(dev, non_blocking=True)
 
 
 def process(logits: torch.Tensor, reqs: Sequence[Request], params: Sequence[SamplingParams],

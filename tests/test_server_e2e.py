@@ -33,10 +33,11 @@ def wait_idle(app, timeout: float = 10.0) -> None:
                          f"{len(model.scheduler.waiting)} waiting")
 
 
-@pytest.fixture(scope="module")
-def server():
+@pytest.fixture(scope="module", params=[False, True], ids=["plain", "async-scheduling"])
+def server(request):
+    """The whole API over the plain engine loop and over the one that plans a step ahead."""
     model = load_served_model(MODEL, load_format="dummy", policy="fairbatching", cpu_threads=1,
-                              ttft_slo=2.0, tpot_slo=0.5)
+                              ttft_slo=2.0, tpot_slo=0.5, async_scheduling=request.param)
     app = build_app(model)
     with ServerThread(app) as s:
         s.app = app
@@ -274,20 +275,23 @@ def test_non_streaming_client_disconnect_frees_kv(server):
     assert engine.alive
 
 
-def test_engine_step_failure_fails_only_requests_in_flight():
-    model = load_served_model(MODEL, load_format="dummy", policy="fairbatching", cpu_threads=1)
+@pytest.mark.parametrize("ahead", [False, True], ids=["plain", "async-scheduling"])
+def test_engine_step_failure_fails_only_requests_in_flight(ahead):
+    model = load_served_model(MODEL, load_format="dummy", policy="fairbatching", cpu_threads=1,
+                              async_scheduling=ahead)
     app = build_app(model)
     executor = model.instance.executor
-    real = executor.execute
+    name = "launch" if ahead else "execute"          # what each loop calls once a step
+    real = getattr(executor, name)
     calls = {"n": 0}
 
-    def flaky(plan):
+    def flaky(arg):
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("injected fault")
-        return real(plan)
+        return real(arg)
 
-    executor.execute = flaky
+    setattr(executor, name, flaky)
     with ServerThread(app) as s, httpx.Client(base_url=s.url, timeout=60) as c:
         r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 10, "ignore_eos": True})
         assert r.status_code == 500 and "injected fault" in r.json()["error"]["message"]

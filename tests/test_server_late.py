@@ -113,10 +113,11 @@ def test_engine_loop_drops_relegated_requests_too() -> None:
 
 
 # --- the API server (engine on a thread) ---------------------------------------------------------
-@pytest.fixture(scope="module")
-def reject_server():
+@pytest.fixture(scope="module", params=[False, True], ids=["plain", "async-scheduling"])
+def reject_server(request):
     model = load_served_model(MODEL, load_format="dummy", policy="fairbatching", cpu_threads=1, ttft_slo=60.0,
-                              tpot_slo=5.0, max_model_len=512, scheduler_options={"late": "reject"})
+                              tpot_slo=5.0, max_model_len=512, scheduler_options={"late": "reject"},
+                              async_scheduling=request.param)
     app = build_app(model, retry_after=2)
     with ServerThread(app) as s:
         s.app = app
@@ -209,9 +210,11 @@ def test_a_stream_is_refused_before_its_headers_even_when_a_client_gives_up(reje
     wait_for(lambda: idle(reject_server.app), "the server to be idle")
 
 
-def test_relegated_requests_are_served_and_counted() -> None:
+@pytest.mark.parametrize("ahead", [False, True], ids=["plain", "async-scheduling"])
+def test_relegated_requests_are_served_and_counted(ahead) -> None:
     model = load_served_model(MODEL, load_format="dummy", policy="vllm", cpu_threads=1, ttft_slo=60.0,
-                              tpot_slo=5.0, max_model_len=512, scheduler_options={"late": "relegate"})
+                              tpot_slo=5.0, max_model_len=512, scheduler_options={"late": "relegate"},
+                              async_scheduling=ahead)
     app = build_app(model)
     with ServerThread(app) as s, httpx.Client(base_url=s.url, timeout=60) as c:
         for _ in range(3):

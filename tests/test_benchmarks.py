@@ -72,6 +72,15 @@ def test_serve_bench_cells_carry_settings_and_serve_flags(driver) -> None:
     assert driver.file_label("fairbatching@--async-scheduling") == "fairbatching_--async-scheduling"
 
 
+def test_served_fidelity_simulates_a_cells_policy_without_its_engine_flags() -> None:
+    spec = importlib.util.spec_from_file_location("served_fidelity", BENCH / "gpu" / "served_fidelity.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.variant_of("fairbatching:ttft_margin_quantile=0.9@--async-scheduling", []) == \
+        "fairbatching:ttft_margin_quantile=0.9"
+    assert mod.variant_of("qoserve@--async-scheduling", ["--set", "tpot_margin=0.1"]) == "qoserve:tpot_margin=0.1"
+
+
 def test_serve_bench_probes(driver) -> None:
     def cap(c):
         return lambda s: 1.0 if s <= c else 0.5

@@ -23,7 +23,10 @@ POLICY_ORDER = {"vllm": 0, "sarathi": 1, "qoserve": 2, "fairbatching": 3}
 
 def variant_of(policy: str, serve_args: list[str]) -> str:
     """The simulator's policy variant for a server started with ``serve_args``
-    (``--set KEY=VALUE`` pairs; others do not change the schedule)."""
+    (``--set KEY=VALUE`` pairs; others do not change the schedule). A cell's own serve
+    flags (``fairbatching@--async-scheduling``) are engine options: the simulator runs
+    the policy without them."""
+    policy = policy.partition("@")[0]
     sets = [serve_args[i + 1] for i, a in enumerate(serve_args[:-1]) if a == "--set"]
     if not sets:
         return policy
@@ -103,7 +106,7 @@ def main() -> None:
         real = r["result"]
         offset = (r.get("engine", {}).get("served_offset_ms", 0.0) / 1e3 if args.served_offset == "measured"
                   else float(args.served_offset))
-        base = preps.get(r["variant"], prep)
+        base = preps.get(r["policy"], preps.get(r["variant"], prep))
         sc_run = replace(base.scenario, served_offset=offset, served_offset_cv=args.served_offset_cv)
         sim = simulate_cell(replace(base, scenario=sc_run), r["variant"], r["scale"], args)
         cells = []
@@ -117,7 +120,8 @@ def main() -> None:
             cells.append(f"{s:{fmt}} / {x:{fmt}}{diff}")
         eng = r.get("engine", {}).get("measured_over_predicted")
         tail = f" | {eng:.2f} |" if eng else " | n/a |"
-        print(f"| {r['variant']} | {r['scale']:g} | {real['request_rate']:.2f} | {1e3 * offset:.0f} | "
+        label = r["variant"] + (f" ({r['policy'].partition('@')[2]})" if "@" in r["policy"] else "")
+        print(f"| {label} | {r['scale']:g} | {real['request_rate']:.2f} | {1e3 * offset:.0f} | "
               + " | ".join(cells) + tail)
     if args.capacity:
         print()

@@ -11,7 +11,7 @@ import torch
 
 from fairbatch.engine import logits_ops as ops
 from fairbatch.engine.params import SamplingParams
-from fairbatch.engine.sampler import Sampler
+from fairbatch.engine.sampler import Sampler, process
 from fairbatch.request import SLO, Request
 
 
@@ -235,3 +235,34 @@ def test_sampling_without_a_sort_draws_from_the_softmax():
     picks = torch.tensor(s.sample(logits, [req([0], temperature=1.0) for _ in range(4000)]))
     freq = torch.bincount(picks, minlength=4).float() / 4000
     assert torch.allclose(freq, probs, atol=0.025), freq
+
+
+# --- on a GPU: the host lists go to the device through pinned memory, without waiting --------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_logits_processing_on_a_gpu_matches_the_cpu():
+    """Every logits operation and the greedy/top-k/top-p sampler's choices on CUDA equal the
+    CPU's for the same logits: their small host lists (allow-lists, min_tokens blocks,
+    biases, penalties' token counts, min-p, temperatures, k, p) reach the device by
+    non-blocking copies from pinned memory (``logits_ops.to_device``)."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(6, 300, generator=g) * 3
+    stops = [{7}, {8}, set(), set(), {9}, set()]
+    reqs = [req([1, 2], output=[3, 3, 4], temperature=0, frequency_penalty=0.5, presence_penalty=0.25),
+            req([5], output=[6], temperature=0, repetition_penalty=1.7, min_tokens=4),
+            req([9], temperature=0, logit_bias={11: 5.0, 12: -3.0}),
+            req([9], temperature=0, allowed_token_ids=[13, 14, 15, 200]),
+            req([1], output=[2], temperature=0, min_p=0.3, min_tokens=3),
+            req([4], temperature=0)]
+    params = [r.sampling for r in reqs]
+    cpu = ops.apply_min_p(process(
+        logits, reqs, params, stops), [p.min_p for p in params])
+    dev = torch.device("cuda")
+    gpu = ops.apply_min_p(process(
+        logits.to(dev), reqs, params, stops), [p.min_p for p in params])
+    assert torch.allclose(cpu, gpu.cpu(), equal_nan=True)
+    assert Sampler(torch.device("cpu")).sample(logits, reqs, stops) == Sampler(dev).sample(logits.to(dev), reqs, stops)
+    trunc = [req([1], temperature=0.7, top_k=3, seed=i) for i in range(3)] + [req([1], temperature=0.5, top_p=0.01)]
+    got = Sampler(dev).sample(logits[:4].to(dev), trunc)
+    assert all(t in logits[i].topk(3).indices.tolist() for i, t in enumerate(got[:3]))
+    assert got[3] == int(logits[3].argmax())

@@ -1,6 +1,7 @@
 """Everything the engine needs from a GPU session, in one process-frugal run:
 
-1. the GPU tests (``pytest -m gpu``: engine, piecewise graphs, prefix cache) in a subprocess;
+1. the GPU tests (``pytest -m gpu``: engine, piecewise graphs, prefix cache, async scheduling,
+   sampling) in a subprocess;
 2. ``benchmarks/micro/engine_roofline.py`` (imported, in this process): ceilings, Triton
    attention tuning, step times vs roofline;
 3. ``fairbatch profile`` for each model (dummy bf16 weights), with the tuned attention
@@ -67,7 +68,8 @@ def main() -> None:
         with open(out / "gpu_tests.log", "w") as log:
             rc = subprocess.call([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
                                   "tests/test_engine_gpu.py", "tests/test_piecewise_graph_gpu.py",
-                                  "tests/test_engine_prefix_cache.py", "tests/test_async_scheduling.py"],
+                                  "tests/test_engine_prefix_cache.py", "tests/test_async_scheduling.py",
+                                  "tests/test_sampling.py"],
                                  stdout=log, stderr=subprocess.STDOUT, env=env)
         tail = (out / "gpu_tests.log").read_text().strip().splitlines()[-1:]
         summary.append(f"gpu tests rc={rc}: {tail[0] if tail else ''}  ({time.time() - t0:.0f}s)")

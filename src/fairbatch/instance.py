@@ -24,7 +24,7 @@ class Executor(Protocol):
 
 class OverlappingExecutor(Executor, Protocol):
     """An executor that can start a step before the last one's tokens are known
-    (``step_overlap.py``). ``prepare`` does the step's host work from the requests' state
+    (``step_ahead.py``). ``prepare`` does the step's host work from the requests' state
     at planning time (token ids not yet known are left as placeholders); ``launch``
     fills them in (the last step was settled by then) and starts the step without
     waiting for it; ``collect`` waits and returns its result. ``execute(plan)`` is
@@ -81,7 +81,7 @@ class Instance:
             self.executor.release(req)
         return finished
 
-    # --- one step ahead (step_overlap.py) -----------------------------------------------------
+    # --- one step ahead (step_ahead.py) -----------------------------------------------------
     def plan_step(self, now: float) -> tuple[StepPlan, Any]:
         """Schedule the step that starts at ``now`` and do its host work
         (``OverlappingExecutor.prepare``); nothing runs yet. None prepared when empty."""

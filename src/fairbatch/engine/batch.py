@@ -120,7 +120,7 @@ class BatchBuilder:
                     ) -> tuple[dict[str, np.ndarray], list[Request], int, int]:
         """Host int32 arrays of the step, the requests that sample, max query/seq len.
 
-        ``pending``: a step planned while the last one runs (``step_overlap.py``) may need
+        ``pending``: a step planned while the last one runs (``step_ahead.py``) may need
         a token whose id is still being sampled (its request's last, counted in
         ``generated`` but not yet in ``output_token_ids``). Its input id is left 0 and
         ``(index in input_ids, request, output index)`` appended here, for the caller to

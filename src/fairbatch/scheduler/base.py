@@ -70,7 +70,7 @@ class Scheduler(ABC):
     - ``latency_model_changed()`` after the step-time model was refitted.
 
     A host that plans the next step while the last one still runs (``--async-scheduling``:
-    ``fairbatch.step_overlap``) splits ``on_step_end`` in two: ``advance_in_flight(plan,
+    ``fairbatch.step_ahead``) splits ``on_step_end`` in two: ``advance_in_flight(plan,
     now)`` when the step is launched (counts, deadlines and length finishes as if it had
     ended at ``now``, its predicted end; token ids unknown), ``settle(plan, result, end)``
     when its tokens are back (ids, the real time, stop finishes, relegation).
@@ -347,7 +347,7 @@ class Scheduler(ABC):
         self.stats.steps += 1
         return finished
 
-    # --- for a host that plans one step ahead (step_overlap.py) ----------------------------
+    # --- for a host that plans one step ahead (step_ahead.py) ----------------------------
     def advance_in_flight(self, plan: StepPlan, now: float) -> list[Request]:
         """``plan`` was launched and is predicted to end at ``now``: advance its requests as
         ``on_step_end`` would, recording each new token at ``now`` without its id, so that

@@ -24,7 +24,10 @@ from fairbatch.step_ahead import require_overlap
 from fairbatch.server.engine_messages import AbortRequests, AddRequests, StepDeltas
 
 
-def _llm(num_kv_blocks: int = 64, policy: str = "fairbatching") -> LLM:
+def _llm(num_kv_blocks: int = 64, policy: str = "sarathi") -> LLM:
+    """Sarathi: its plans do not depend on the clock, so both loops form the same steps
+    (the same batches, hence the same float32 sums); FairBatching's plans follow the time
+    left to deadlines, and the scheduler-level tests below cover it on a manual clock."""
     return LLM("tiny-llama", load_format="dummy", dtype="float32", num_kv_blocks=num_kv_blocks, policy=policy,
                max_num_batched_tokens=64)
 
@@ -218,15 +221,15 @@ def test_a_length_finish_is_known_at_launch():
 @pytest.mark.gpu
 @pytest.mark.parametrize("graphs", [True, False])
 def test_on_a_gpu_the_outputs_match_the_plain_loop(graphs):
-    """bf16 on a GPU, float32 logits: greedy outputs of the two loops are the same steps on
-    the same kernels, so they agree exactly; with CUDA graphs the next step is filled into
+    """bf16 on a GPU: greedy outputs of the two loops are the same steps (a policy whose
+    plans do not depend on the clock, no stops) on the same kernels, so they agree exactly; with CUDA graphs the next step is filled into
     a graph's other host buffer while the last one's copy may still be in flight."""
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
 
     def make() -> LLM:
-        return LLM("tiny-llama", load_format="dummy", dtype="bfloat16", num_kv_blocks=256, policy="fairbatching",
+        return LLM("tiny-llama", load_format="dummy", dtype="bfloat16", num_kv_blocks=256, policy="sarathi",
                    max_num_batched_tokens=128, cuda_graphs=graphs)
 
     specs = [(p * 3, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)) for p in PROMPTS]

@@ -178,12 +178,17 @@ def test_refit_latency_learns_this_hosts_step_times():
         assert latency_model_from_dict(prof).predict(StepFeatures(1, 1, 10, 10)) > 0
 
 
-def test_async_scheduling_in_the_engine_process(server):
+def test_async_scheduling_in_the_engine_process():
     """`fairbatch serve --async-scheduling`: the engine process plans one step ahead; several
     concurrent streams (one ended by a stop string at the front end) answer as the plain
-    engine does, and every block comes back."""
-    info, backend = spawn_engine({**LOAD, "async_scheduling": True}, warmup=False, log_level="WARNING")
-    ahead = ServerThread(build_app(ServedModel(info), backend=backend)).start()
+    engine does, and every block comes back. (Sarathi: plans that do not follow the clock,
+    so both engines form the same batches.)"""
+    def start(ahead: bool) -> ServerThread:
+        info, backend = spawn_engine({**LOAD, "policy": "sarathi", "async_scheduling": ahead}, warmup=False,
+                                     log_level="WARNING")
+        return ServerThread(build_app(ServedModel(info), backend=backend)).start()
+
+    server, ahead = start(False), start(True)
     try:
         prompts = ["The quick brown fox", "Paged attention", "x", "one step ahead"]
 
@@ -211,3 +216,4 @@ def test_async_scheduling_in_the_engine_process(server):
         wait_engine_idle(httpx.Client(base_url=ahead.url))
     finally:
         ahead.stop()
+        server.stop()

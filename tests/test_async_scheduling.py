@@ -168,14 +168,20 @@ def _instance(late: str = "relegate") -> Instance:
     return Instance(sched, SimulatedExecutor(lat))
 
 
+def _launch_one(prompt_len: int, max_tokens: int, slo: SLO, predicted_end: float):   # noqa: ANN202
+    """One request on a fresh instance, its first step planned and launched."""
+    inst = _instance()
+    req = Request("a", 0.0, prompt_len, max_tokens, slo, prompt_token_ids=list(range(prompt_len)))
+    inst.add(req, 0.0)
+    plan, prepared = inst.plan_step(0.0)
+    launched, finished = inst.launch_step(plan, prepared, predicted_end)
+    return inst, req, plan, launched, finished
+
+
 def test_advance_then_settle_is_on_step_end_with_the_real_time():
     """Tokens counted at the predicted end get the real end once collected: the first
     token's time, the TTFT verdict and the deadlines follow it."""
-    inst = _instance()
-    req = Request("a", 0.0, 20, 3, SLO(0.5, 0.05), prompt_token_ids=list(range(20)))
-    inst.add(req, 0.0)
-    plan, prepared = inst.plan_step(0.0)
-    launched, finished = inst.launch_step(plan, prepared, predicted_end=0.2)
+    inst, req, plan, launched, finished = _launch_one(20, 3, SLO(0.5, 0.05), predicted_end=0.2)
     assert not finished and req.generated == 1 and list(req.token_times) == [0.2]
     assert req.output_token_ids == []                  # the id is not known yet
     result = inst.collect_step(launched)
@@ -187,11 +193,7 @@ def test_advance_then_settle_is_on_step_end_with_the_real_time():
 
 
 def test_a_stop_settled_after_the_next_step_was_planned():
-    inst = _instance()
-    req = Request("a", 0.0, 8, 10, SLO(5.0, 0.5), prompt_token_ids=list(range(8)))
-    inst.add(req, 0.0)
-    plan1, prep1 = inst.plan_step(0.0)
-    run1, _ = inst.launch_step(plan1, prep1, 0.01)
+    inst, req, plan1, run1, _ = _launch_one(8, 10, SLO(5.0, 0.5), 0.01)
     plan2, prep2 = inst.plan_step(0.01)                 # planned while step 1 runs
     assert [r for r, _ in plan2.chunks] == [req]
     result1 = inst.collect_step(run1)
@@ -206,11 +208,7 @@ def test_a_stop_settled_after_the_next_step_was_planned():
 
 
 def test_a_length_finish_is_known_at_launch():
-    inst = _instance()
-    req = Request("a", 0.0, 8, 1, SLO(5.0, 0.5), prompt_token_ids=list(range(8)))
-    inst.add(req, 0.0)
-    plan, prep = inst.plan_step(0.0)
-    run, finished = inst.launch_step(plan, prep, 0.01)
+    inst, req, plan, run, finished = _launch_one(8, 1, SLO(5.0, 0.5), 0.01)
     assert finished == [req] and req.finish_reason == "length" and not inst.has_work()
     inst.settle_step(plan, inst.collect_step(run), 0.03)
     assert req.finish_time == 0.03 and list(req.token_times) == [0.03] and len(req.output_token_ids) == 1
@@ -222,8 +220,9 @@ def test_a_length_finish_is_known_at_launch():
 @pytest.mark.parametrize("graphs", [True, False])
 def test_on_a_gpu_the_outputs_match_the_plain_loop(graphs):
     """bf16 on a GPU: greedy outputs of the two loops are the same steps (a policy whose
-    plans do not depend on the clock, no stops) on the same kernels, so they agree exactly; with CUDA graphs the next step is filled into
-    a graph's other host buffer while the last one's copy may still be in flight."""
+    plans do not depend on the clock, no stops) on the same kernels, so they agree
+    exactly; with CUDA graphs the next step is filled into a graph's other host buffer
+    while the last one's copy may still be in flight."""
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
@@ -263,11 +262,7 @@ def test_an_abort_after_a_length_finish_still_in_flight():
     """A request that finishes by length in a launched step can still be ended by its host
     before that step is back (a stop string met in the step before): it is aborted and
     its last token, never delivered, is dropped."""
-    inst = _instance()
-    req = Request("a", 0.0, 8, 1, SLO(5.0, 0.5), prompt_token_ids=list(range(8)))
-    inst.add(req, 0.0)
-    plan, prep = inst.plan_step(0.0)
-    run, finished = inst.launch_step(plan, prep, 0.01)
+    inst, req, plan, run, finished = _launch_one(8, 1, SLO(5.0, 0.5), 0.01)
     assert finished == [req] and inst.scheduler.stats.finished == 1
     assert inst.abort("a", 0.005) is req and req.state is RequestState.ABORTED
     assert inst.settle_step(plan, inst.collect_step(run), 0.02) == []

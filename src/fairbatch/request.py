@@ -190,17 +190,21 @@ class Request:
         ``base`` is ``arrival + ttft`` (envelope), or ``min(arrival + ttft,
         first_token_time)`` (TPOT-safe), fixed once the first token exists."""
         if self.generated == 0:
-            self.first_token_time = now
-            env0 = self.arrival + self.slo.ttft     # (the planned deadline may be earlier)
-            self.ttft_missed = now > env0
-            base = now if (self._safe and now < env0) else env0
-            self.deadline = base + self.pace
+            self._first_token_at(now)
         else:
             self.deadline += self.pace
         self.generated += 1
         self.token_times.append(now)
         if token_id is not None:
             self.output_token_ids.append(token_id)
+
+    def _first_token_at(self, now: float) -> None:
+        """The first token's time, its TTFT verdict and the deadline of the next token."""
+        self.first_token_time = now
+        env0 = self.arrival + self.slo.ttft     # (the planned deadline may be earlier)
+        self.ttft_missed = now > env0
+        base = now if (self._safe and now < env0) else env0
+        self.deadline = base + self.pace
 
     def settle_last_token(self, now: float, token_id: int) -> None:
         """The last recorded token (recorded before its id was known, at a predicted time)
@@ -209,11 +213,7 @@ class Request:
         self.output_token_ids.append(token_id)
         self.token_times[-1] = now
         if self.generated == 1:
-            self.first_token_time = now
-            env0 = self.arrival + self.slo.ttft
-            self.ttft_missed = now > env0
-            base = now if (self._safe and now < env0) else env0
-            self.deadline = base + self.pace
+            self._first_token_at(now)
         if self.finish_time is not None and self.state is RequestState.FINISHED:
             self.finish_time = now
 

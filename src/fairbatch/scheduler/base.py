@@ -313,11 +313,26 @@ class Scheduler(ABC):
         """Advance every scheduled request; returns those that finished (blocks freed)."""
         if not self.host_reports_steps:
             self.observe_step(plan.predicted_time, result.duration)
+        return self._advance(plan, now, result.token_ids, result.stopped, decide_late=True)
+
+    # --- for a host that plans one step ahead (step_ahead.py) ----------------------------
+    def advance_in_flight(self, plan: StepPlan, now: float) -> list[Request]:
+        """``plan`` was launched and is predicted to end at ``now``: advance its requests as
+        ``on_step_end`` would, recording each new token at ``now`` without its id, so that
+        the next step can be planned before this one's tokens are known. Requests that
+        reach ``max_tokens`` finish here; stops and relegation wait for ``settle``."""
+        finished = self._advance(plan, now, {}, set(), decide_late=False)
+        for req in finished:
+            self._finished_in_flight[req.request_id] = req    # an abort may still end it (abort)
+        return finished
+
+    def _advance(self, plan: StepPlan, now: float, token_ids: dict[str, int], stopped: set[str], *,
+                 decide_late: bool) -> list[Request]:
+        """The step's chunks computed and its tokens recorded at ``now`` (with their ids
+        and stops when known); ``decide_late``: relegate a first token past its TTFT."""
         finished: list[Request] = []
-        token_ids = result.token_ids
-        stopped = result.stopped
         running = RequestState.RUNNING
-        relegate = self.late is not Late.SERVE
+        relegate = decide_late and self.late is not Late.SERVE
         for req, k in plan.chunks:
             if req.state is not running:
                 continue  # aborted while the step ran
@@ -336,7 +351,7 @@ class Scheduler(ABC):
                 if req.generated >= req.max_new_tokens:
                     req.finish_reason = "length"
                     finished.append(req)
-                elif req.generated == 1 and req.ttft_missed and relegate and not req.relegated:
+                elif relegate and req.generated == 1 and req.ttft_missed and not req.relegated:
                     req.relegated = True      # its SLO is lost: best effort from here on
                     self.stats.relegated += 1
         if self._prefix.naming:
@@ -344,32 +359,6 @@ class Scheduler(ABC):
         if finished:
             for req in finished:
                 self._finish(req, now)
-        self.stats.steps += 1
-        return finished
-
-    # --- for a host that plans one step ahead (step_ahead.py) ----------------------------
-    def advance_in_flight(self, plan: StepPlan, now: float) -> list[Request]:
-        """``plan`` was launched and is predicted to end at ``now``: advance its requests as
-        ``on_step_end`` would, recording each new token at ``now`` without its id, so that
-        the next step can be planned before this one's tokens are known. Requests that
-        reach ``max_tokens`` finish here; stops and relegation wait for ``settle``."""
-        finished: list[Request] = []
-        running = RequestState.RUNNING
-        for req, k in plan.chunks:
-            if req.state is not running:
-                continue
-            c = req.num_computed + k
-            req.num_computed = c
-            if c == req.prompt_len + req.generated:
-                req.record_token(now)
-                if req.generated >= req.max_new_tokens:
-                    req.finish_reason = "length"
-                    finished.append(req)
-        if self._prefix.naming:
-            self._prefix.name_computed_blocks()
-        for req in finished:
-            self._finish(req, now)
-            self._finished_in_flight[req.request_id] = req    # an abort may still end it (abort)
         self.stats.steps += 1
         return finished
 
@@ -398,7 +387,7 @@ class Scheduler(ABC):
             req.settle_last_token(end, tok)
             if req.state is RequestState.WAITING:      # preempted by the step planned meanwhile
                 if stopped and rid in stopped:
-                    self._remove(rid, end, RequestState.FINISHED, "stop")
+                    self.finish(rid, end, "stop")
                     finished.append(req)
                 else:
                     self._work_left_changed(req)       # its deadline may have moved
